@@ -1,0 +1,188 @@
+//! The admin API under `/v1/admin`, for the operator holding the admin token: deploy and
+//! remove apps, add and remove models, node status. The CLI is its client.
+
+use super::ApiError;
+use crate::node::Node;
+use crate::runtime::AppSettings;
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use futures_util::StreamExt;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+use tokio::io::AsyncWriteExt;
+
+/// Largest component the admin API accepts.
+const MAX_COMPONENT_BYTES: usize = 256 << 20;
+
+/// The admin routes, all behind the admin-token check.
+pub fn router(node: Arc<Node>) -> Router<Arc<Node>> {
+    Router::new()
+        .route("/status", get(status))
+        .route("/apps", get(list_apps))
+        .route(
+            "/apps/{name}",
+            get(get_app)
+                .put(deploy)
+                .delete(remove_app)
+                .layer(DefaultBodyLimit::max(MAX_COMPONENT_BYTES)),
+        )
+        .route("/models", get(list_models))
+        .route(
+            "/models/{name}",
+            get(get_model).put(add_model).delete(remove_model).layer(DefaultBodyLimit::disable()),
+        )
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(node, require_admin))
+}
+
+async fn require_admin(State(node): State<Arc<Node>>, request: Request, next: Next) -> Response {
+    let authorization = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    if crate::tenancy::is_admin(authorization, &node.admin_token) {
+        next.run(request).await
+    } else {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "the admin API needs `Authorization: Bearer <admin token>`; the token is in the node's data dir (admin-token)",
+        )
+        .into_response()
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such admin route")
+}
+
+async fn status(State(node): State<Arc<Node>>) -> Json<Value> {
+    let backends: Vec<Value> = node
+        .models
+        .backends()
+        .describe()
+        .into_iter()
+        .map(|(name, encoding)| json!({ "name": name, "encoding": encoding, "available": true }))
+        .collect();
+    Json(json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "listen": node.config.listen.to_string(),
+        "tls_fingerprint": node.tls_fingerprint,
+        "uptime_secs": node.started.elapsed().as_secs(),
+        "apps": node.runtime.apps().len(),
+        "models": node.models.list().len(),
+        "running_instances": node.runtime.running_instances(),
+        "max_concurrent_instances": node.config.limits.max_concurrent_instances,
+        "backends": backends,
+    }))
+}
+
+async fn list_apps(State(node): State<Arc<Node>>) -> Json<Value> {
+    Json(json!({ "apps": node.runtime.apps() }))
+}
+
+fn app_not_found(name: &str) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "app_not_found", format!("no app named {name:?} is deployed on this node"))
+}
+
+async fn get_app(State(node): State<Arc<Node>>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+    let app = node.runtime.app(&name).ok_or_else(|| app_not_found(&name))?;
+    Ok(Json(json!({ "app": app.record })))
+}
+
+async fn deploy(
+    State(node): State<Arc<Node>>,
+    Path(name): Path<String>,
+    Query(settings): Query<AppSettings>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let record = node.runtime.deploy(&name, body, settings).await?;
+    tracing::info!(app = %record.name, digest = %record.digest, "deployed");
+    Ok((StatusCode::OK, Json(json!({ "app": record }))).into_response())
+}
+
+async fn remove_app(State(node): State<Arc<Node>>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+    let record = node.runtime.remove(&name).await?.ok_or_else(|| app_not_found(&name))?;
+    Ok(Json(json!({ "removed": record })))
+}
+
+async fn list_models(State(node): State<Arc<Node>>) -> Json<Value> {
+    Json(json!({ "models": node.models.list() }))
+}
+
+async fn get_model(State(node): State<Arc<Node>>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+    let record = node
+        .models
+        .list()
+        .into_iter()
+        .find(|m| m.name == name)
+        .ok_or_else(|| ApiError::from(crate::nn::ModelError::NotFound(name)))?;
+    Ok(Json(json!({ "model": record })))
+}
+
+#[derive(Deserialize)]
+struct ModelQuery {
+    encoding: Option<String>,
+}
+
+async fn add_model(
+    State(node): State<Arc<Node>>,
+    Path(name): Path<String>,
+    Query(query): Query<ModelQuery>,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let encoding = query.encoding.unwrap_or_else(|| "onnx".to_string());
+    let limit = node.config.nn.max_model_bytes;
+    let tmp_dir = node.config.data_dir.join("tmp");
+    tokio::fs::create_dir_all(&tmp_dir).await.map_err(io_error)?;
+    let staged = tmp_dir.join(format!("upload-{:016x}", rand::random::<u64>()));
+    // Stream the upload to disk while hashing it: models can be far larger than memory wants.
+    let streamed = async {
+        let mut file = tokio::fs::File::create(&staged).await.map_err(io_error)?;
+        let mut hasher = Sha256::new();
+        let mut size = 0u64;
+        let mut stream = body.into_data_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_body", format!("reading the upload failed: {e}")))?;
+            size += chunk.len() as u64;
+            if size > limit {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    format!("the model is larger than this node's max_model_bytes ({limit})"),
+                ));
+            }
+            hasher.update(&chunk);
+            file.write_all(&chunk).await.map_err(io_error)?;
+        }
+        file.sync_all().await.map_err(io_error)?;
+        if size == 0 {
+            return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_model", "the model file is empty"));
+        }
+        Ok((hex::encode(hasher.finalize()), size))
+    }
+    .await;
+    let (digest, size) = match streamed {
+        Ok(done) => done,
+        Err(error) => {
+            let _ = tokio::fs::remove_file(&staged).await;
+            return Err(error);
+        }
+    };
+    let record = node.models.add(&name, &encoding, staged, digest, size).await?;
+    tracing::info!(model = %record.name, digest = %record.digest, "model added");
+    Ok(Json(json!({ "model": record })))
+}
+
+async fn remove_model(State(node): State<Arc<Node>>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+    let record = node.models.remove(&name).await?;
+    Ok(Json(json!({ "removed": record })))
+}
+
+fn io_error(error: std::io::Error) -> ApiError {
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "io_error", error.to_string())
+}

@@ -1,0 +1,89 @@
+//! The one error type of the HTTP edge: every failure becomes a status and a JSON body
+//! `{ "error": { "code": "...", "message": "..." } }`.
+
+use crate::nn::ModelError;
+use crate::runtime::{DeployError, InvokeError};
+use crate::store::StoreError;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+
+/// An error answered to an HTTP client.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    /// An error with the given status, machine-readable code and human message.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::warn!(code = self.code, message = %self.message, "request failed");
+        }
+        let body = serde_json::json!({ "error": { "code": self.code, "message": self.message } });
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "store_error", error.to_string())
+    }
+}
+
+impl From<DeployError> for ApiError {
+    fn from(error: DeployError) -> Self {
+        let code = match &error {
+            DeployError::InvalidName(_) => "invalid_name",
+            DeployError::NotWasm => "not_wasm",
+            DeployError::CoreModule => "core_module",
+            DeployError::Invalid(_) => "invalid_component",
+            DeployError::WrongWorld(_) => "wrong_world",
+            DeployError::InvalidSetting(_) => "invalid_setting",
+            DeployError::Store(_) | DeployError::Io(_) => "store_error",
+        };
+        let status = match &error {
+            DeployError::Store(_) | DeployError::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        Self::new(status, code, error.to_string())
+    }
+}
+
+impl From<ModelError> for ApiError {
+    fn from(error: ModelError) -> Self {
+        let (status, code) = match &error {
+            ModelError::InvalidName(_) => (StatusCode::BAD_REQUEST, "invalid_name"),
+            ModelError::UnknownEncoding { .. } => (StatusCode::BAD_REQUEST, "unknown_encoding"),
+            ModelError::InvalidModel(_) => (StatusCode::BAD_REQUEST, "invalid_model"),
+            ModelError::NotFound(_) => (StatusCode::NOT_FOUND, "model_not_found"),
+            ModelError::Store(_) | ModelError::Io(_) => (StatusCode::INTERNAL_SERVER_ERROR, "store_error"),
+        };
+        Self::new(status, code, error.to_string())
+    }
+}
+
+impl From<InvokeError> for ApiError {
+    fn from(error: InvokeError) -> Self {
+        let (status, code) = match &error {
+            InvokeError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
+            InvokeError::MemoryLimit { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "memory_limit"),
+            InvokeError::Trap(_) => (StatusCode::INTERNAL_SERVER_ERROR, "trap"),
+            InvokeError::NoResponse => (StatusCode::INTERNAL_SERVER_ERROR, "no_response"),
+            InvokeError::AppError(_) => (StatusCode::INTERNAL_SERVER_ERROR, "app_error"),
+            InvokeError::Instantiate(_) => (StatusCode::SERVICE_UNAVAILABLE, "instantiate_failed"),
+        };
+        Self::new(status, code, error.to_string())
+    }
+}

@@ -1,0 +1,102 @@
+//! `/apps/<app>/<path…>`: hands the request to the app's component. The component sees the
+//! path below its mount point (`/apps/classify/v1/x?y` arrives as `/v1/x?y`), so the same
+//! component works wherever it is mounted.
+
+use super::ApiError;
+use crate::node::Node;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use std::sync::Arc;
+
+/// Runs the app named in the path on the request.
+pub async fn invoke(State(node): State<Arc<Node>>, request: Request) -> Response {
+    match run(&node, request).await {
+        Ok(response) => response,
+        Err(error) => error.into_response(),
+    }
+}
+
+/// Splits `/apps/<app>/<rest>?<query>` into the app name and the path the app sees.
+fn split_app_path(uri: &Uri) -> Option<(&str, String)> {
+    let below = uri.path().strip_prefix("/apps/")?;
+    let (app, rest) = match below.split_once('/') {
+        Some((app, rest)) => (app, format!("/{rest}")),
+        None => (below, "/".to_string()),
+    };
+    let path = match uri.query() {
+        Some(query) => format!("{rest}?{query}"),
+        None => rest,
+    };
+    Some((app, path))
+}
+
+async fn run(node: &Node, request: Request) -> Result<Response, ApiError> {
+    let (parts, body) = request.into_parts();
+    let (app_name, path) = split_app_path(&parts.uri)
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", "no app in the path"))?;
+    let app = node.runtime.app(app_name).ok_or_else(|| {
+        ApiError::new(StatusCode::NOT_FOUND, "app_not_found", format!("no app named {app_name:?} is deployed on this node"))
+    })?;
+
+    let limit = app.record.max_body_bytes;
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("the request body is larger than app {:?} accepts ({limit} bytes)", app.record.name),
+        )
+    };
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit) {
+        return Err(too_large());
+    }
+    // The body is read whole (bounded by the app's limit) before the instance starts, so a
+    // slow client never holds an instance.
+    let body = match Limited::new(body, limit as usize).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => return Err(too_large()),
+        Err(error) => {
+            return Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_body", format!("could not read the request body: {error}")));
+        }
+    };
+
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.to_string())
+        .or_else(|| parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string))
+        .unwrap_or_else(|| "localhost".to_string());
+    let scheme = if node.tls_fingerprint.is_some() { "https" } else { "http" };
+    let uri: Uri = format!("{scheme}://{authority}{path}")
+        .parse()
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_uri", format!("invalid request URI: {e}")))?;
+    let mut guest_request = http::Request::new(Full::new(body));
+    *guest_request.method_mut() = parts.method;
+    *guest_request.uri_mut() = uri;
+    *guest_request.headers_mut() = parts.headers;
+
+    let response = node.runtime.invoke(app, guest_request).await?;
+    Ok(response.map(Body::new))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_app_path;
+
+    #[test]
+    fn the_app_sees_the_path_below_its_mount_point() {
+        let uri = "/apps/classify/v1/x?y=1".parse().unwrap();
+        assert_eq!(split_app_path(&uri), Some(("classify", "/v1/x?y=1".to_string())));
+        let uri = "/apps/hello".parse().unwrap();
+        assert_eq!(split_app_path(&uri), Some(("hello", "/".to_string())));
+        let uri = "/apps/hello/".parse().unwrap();
+        assert_eq!(split_app_path(&uri), Some(("hello", "/".to_string())));
+    }
+}

@@ -1,0 +1,136 @@
+//! Node configuration: one typed struct per section, read from TOML, with defaults that work
+//! for a single node on a laptop. CLI flags and `TENSORLET_*` variables override the file.
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// The whole node configuration (`tensorlet serve --config FILE`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address the public and admin API listen on.
+    pub listen: SocketAddr,
+    /// Where the node keeps its database, components, models, certificate and admin token.
+    pub data_dir: PathBuf,
+    /// Serve plain HTTP instead of HTTPS. Only for trusted networks and benchmarks.
+    pub plain_http: bool,
+    /// TLS certificate and key; without them a self-signed certificate is generated.
+    pub tls: TlsConfig,
+    /// Limits that apply to apps unless a deployment sets its own.
+    pub limits: LimitsConfig,
+    /// Model and inference settings.
+    pub nn: NnConfig,
+}
+
+/// `[tls]`: the certificate the node presents.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain. Needs `key` too.
+    pub cert: Option<PathBuf>,
+    /// PEM private key for `cert`.
+    pub key: Option<PathBuf>,
+}
+
+/// `[limits]`: per-app defaults and node-wide ceilings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Default time an app has to answer a request, in seconds.
+    pub timeout_secs: u64,
+    /// Default linear-memory limit of one app instance, in MiB.
+    pub memory_mib: u64,
+    /// The largest memory limit a deployment may ask for, in MiB (sizes the instance pool).
+    pub max_memory_mib: u64,
+    /// Default largest request body an app accepts, in bytes.
+    pub max_body_bytes: u64,
+    /// Instances that may run at once on this node; further requests wait in a queue.
+    pub max_concurrent_instances: u32,
+}
+
+/// `[nn]`: models.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NnConfig {
+    /// Largest model a guest may pass as bytes to `wasi:nn/graph.load`, in bytes.
+    /// Larger models are registered with `tensorlet model add` and loaded by name.
+    pub max_guest_model_bytes: u64,
+    /// Largest model file `tensorlet model add` accepts, in bytes.
+    pub max_model_bytes: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8443".parse().expect("static address"),
+            data_dir: default_data_dir(),
+            plain_http: false,
+            tls: TlsConfig::default(),
+            limits: LimitsConfig::default(),
+            nn: NnConfig::default(),
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            timeout_secs: 30,
+            memory_mib: 128,
+            max_memory_mib: 1024,
+            max_body_bytes: 16 << 20,
+            max_concurrent_instances: 128,
+        }
+    }
+}
+
+impl Default for NnConfig {
+    fn default() -> Self {
+        Self {
+            max_guest_model_bytes: 64 << 20,
+            max_model_bytes: 16 << 30,
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML file; unknown keys are errors so that typos do not pass silently.
+    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
+        toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("invalid config {}: {e}", path.display()))
+    }
+}
+
+/// `$TENSORLET_DATA_DIR`, else `~/.tensorlet`, else `./tensorlet-data`.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("TENSORLET_DATA_DIR") {
+        return PathBuf::from(dir);
+    }
+    match std::env::var_os("HOME") {
+        Some(home) => PathBuf::from(home).join(".tensorlet"),
+        None => PathBuf::from("tensorlet-data"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partial_file_keeps_defaults_for_the_rest() {
+        let config: Config = toml::from_str("listen = \"0.0.0.0:9000\"\n[limits]\ntimeout_secs = 5\n")
+            .expect("valid config");
+        assert_eq!(config.listen.port(), 9000);
+        assert_eq!(config.limits.timeout_secs, 5);
+        assert_eq!(config.limits.memory_mib, 128);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let error = toml::from_str::<Config>("[limits]\ntimeout = 5\n").unwrap_err();
+        assert!(error.to_string().contains("timeout"), "{error}");
+    }
+}

@@ -1,0 +1,247 @@
+//! `wasi:keyvalue` (store + atomics, 0.2.0-draft2) on the node's sled database.
+//!
+//! Buckets are namespaced per app: bucket `b` of app `a` is the sled tree `kv/a/b`, so apps
+//! never see each other's data. Every write (`set`, `delete`, `increment`, a successful
+//! `swap`) returns to the guest only once it is on disk — acknowledged means durable — and
+//! concurrent writers share one flush (see [`Store::make_durable`]).
+
+use crate::store::Store;
+use std::ops::Bound;
+use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
+
+mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "wasi:keyvalue/imports",
+        imports: {
+            "wasi:keyvalue/store.[method]bucket.set": async | trappable,
+            "wasi:keyvalue/store.[method]bucket.delete": async | trappable,
+            "wasi:keyvalue/atomics.increment": async | trappable,
+            "wasi:keyvalue/atomics.swap": async | trappable,
+            default: trappable,
+        },
+        with: {
+            "wasi:keyvalue/store.bucket": super::Bucket,
+            "wasi:keyvalue/atomics.cas": super::Cas,
+        },
+        require_store_data_send: true,
+    });
+}
+
+use bindings::wasi::keyvalue::{atomics, store};
+
+/// Keys a `list-keys` page returns at most.
+const LIST_PAGE: usize = 1000;
+/// Largest value a guest may store.
+const MAX_VALUE_BYTES: usize = 16 << 20;
+
+/// Per-request key-value state: whose buckets this instance opens.
+pub struct KvCtx {
+    store: Store,
+    app: String,
+}
+
+impl KvCtx {
+    /// State for one instance of `app`.
+    pub fn new(store: Store, app: &str) -> Self {
+        Self { store, app: app.to_string() }
+    }
+}
+
+/// The value behind a `bucket` resource.
+pub struct Bucket {
+    tree: sled::Tree,
+}
+
+/// The value behind a `cas` resource: the key and the value it saw.
+pub struct Cas {
+    tree: sled::Tree,
+    key: String,
+    seen: Option<sled::IVec>,
+}
+
+/// The view of a store that the key-value host functions work on.
+pub struct KvView<'a> {
+    pub ctx: &'a mut KvCtx,
+    pub table: &'a mut ResourceTable,
+}
+
+struct HasKv;
+
+impl HasData for HasKv {
+    type Data<'a> = KvView<'a>;
+}
+
+/// Adds `wasi:keyvalue/store` and `wasi:keyvalue/atomics` to a linker.
+pub fn add_to_linker<T: Send + 'static>(linker: &mut Linker<T>, view: fn(&mut T) -> KvView<'_>) -> wasmtime::Result<()> {
+    bindings::Imports::add_to_linker::<T, HasKv>(linker, view)
+}
+
+/// The sled tree that holds bucket `bucket` of app `app`.
+pub fn tree_name(app: &str, bucket: &str) -> String {
+    format!("kv/{app}/{bucket}")
+}
+
+fn other(error: impl std::fmt::Display) -> store::Error {
+    store::Error::Other(error.to_string())
+}
+
+fn valid_bucket(identifier: &str) -> bool {
+    (1..=64).contains(&identifier.len())
+        && identifier.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+/// Waits until the writes made so far are on disk. Takes the store by value so that the
+/// future does not borrow the (non-`Sync`) view across the flush.
+async fn durable(store: Store) -> Result<(), store::Error> {
+    store.make_durable().await.map_err(other)
+}
+
+impl store::Host for KvView<'_> {
+    fn open(&mut self, identifier: String) -> wasmtime::Result<Result<Resource<Bucket>, store::Error>> {
+        if !valid_bucket(&identifier) {
+            return Ok(Err(store::Error::Other(format!(
+                "invalid bucket name {identifier:?}: use 1-64 letters, digits, '.', '_' or '-'"
+            ))));
+        }
+        match self.ctx.store.tree(&tree_name(&self.ctx.app, &identifier)) {
+            Ok(tree) => Ok(Ok(self.table.push(Bucket { tree })?)),
+            Err(error) => Ok(Err(other(error))),
+        }
+    }
+}
+
+impl store::HostBucket for KvView<'_> {
+    fn get(&mut self, bucket: Resource<Bucket>, key: String) -> wasmtime::Result<Result<Option<Vec<u8>>, store::Error>> {
+        let tree = &self.table.get(&bucket)?.tree;
+        Ok(tree.get(key.as_bytes()).map(|v| v.map(|v| v.to_vec())).map_err(other))
+    }
+
+    async fn set(&mut self, bucket: Resource<Bucket>, key: String, value: Vec<u8>) -> wasmtime::Result<Result<(), store::Error>> {
+        if value.len() > MAX_VALUE_BYTES {
+            return Ok(Err(store::Error::Other(format!("a value may be at most {MAX_VALUE_BYTES} bytes"))));
+        }
+        let tree = &self.table.get(&bucket)?.tree;
+        if let Err(error) = tree.insert(key.as_bytes(), value) {
+            return Ok(Err(other(error)));
+        }
+        Ok(durable(self.ctx.store.clone()).await)
+    }
+
+    async fn delete(&mut self, bucket: Resource<Bucket>, key: String) -> wasmtime::Result<Result<(), store::Error>> {
+        let tree = &self.table.get(&bucket)?.tree;
+        if let Err(error) = tree.remove(key.as_bytes()) {
+            return Ok(Err(other(error)));
+        }
+        Ok(durable(self.ctx.store.clone()).await)
+    }
+
+    fn exists(&mut self, bucket: Resource<Bucket>, key: String) -> wasmtime::Result<Result<bool, store::Error>> {
+        let tree = &self.table.get(&bucket)?.tree;
+        Ok(tree.contains_key(key.as_bytes()).map_err(other))
+    }
+
+    fn list_keys(&mut self, bucket: Resource<Bucket>, cursor: Option<String>) -> wasmtime::Result<Result<store::KeyResponse, store::Error>> {
+        let tree = &self.table.get(&bucket)?.tree;
+        let start = match &cursor {
+            Some(after) => Bound::Excluded(after.as_bytes().to_vec()),
+            None => Bound::Unbounded,
+        };
+        let mut keys = Vec::new();
+        for entry in tree.range::<Vec<u8>, _>((start, Bound::Unbounded)).keys() {
+            match entry {
+                Ok(key) => keys.push(String::from_utf8_lossy(&key).into_owned()),
+                Err(error) => return Ok(Err(other(error))),
+            }
+            if keys.len() == LIST_PAGE {
+                break;
+            }
+        }
+        let cursor = (keys.len() == LIST_PAGE).then(|| keys[LIST_PAGE - 1].clone());
+        Ok(Ok(store::KeyResponse { keys, cursor }))
+    }
+
+    fn drop(&mut self, bucket: Resource<Bucket>) -> wasmtime::Result<()> {
+        self.table.delete(bucket)?;
+        Ok(())
+    }
+}
+
+/// Adds `delta` to the decimal counter in `current` (absent counts as 0).
+fn incremented(current: Option<&[u8]>, delta: i64) -> Result<i64, String> {
+    let value = match current {
+        None => 0,
+        Some(bytes) => std::str::from_utf8(bytes)
+            .ok()
+            .and_then(|s| s.trim().parse::<i64>().ok())
+            .ok_or("the key holds a value that is not a decimal integer")?,
+    };
+    value.checked_add(delta).ok_or_else(|| "the counter would overflow".to_string())
+}
+
+impl atomics::Host for KvView<'_> {
+    async fn increment(&mut self, bucket: Resource<Bucket>, key: String, delta: i64) -> wasmtime::Result<Result<i64, store::Error>> {
+        let tree = &self.table.get(&bucket)?.tree;
+        let mut outcome = Err(String::new());
+        // sled may run the closure more than once under contention; the last run wins.
+        let updated = tree.update_and_fetch(key.as_bytes(), |current| {
+            outcome = incremented(current, delta);
+            match &outcome {
+                Ok(value) => Some(value.to_string().into_bytes()),
+                Err(_) => current.map(<[u8]>::to_vec),
+            }
+        });
+        if let Err(error) = updated {
+            return Ok(Err(other(error)));
+        }
+        match outcome {
+            Ok(value) => Ok(durable(self.ctx.store.clone()).await.map(|()| value)),
+            Err(message) => Ok(Err(store::Error::Other(message))),
+        }
+    }
+
+    async fn swap(&mut self, cas: Resource<Cas>, value: Vec<u8>) -> wasmtime::Result<Result<(), atomics::CasError>> {
+        let Cas { tree, key, seen } = self.table.delete(cas)?;
+        match tree.compare_and_swap(key.as_bytes(), seen, Some(value)) {
+            Err(error) => Ok(Err(atomics::CasError::StoreError(other(error)))),
+            Ok(Ok(())) => Ok(durable(self.ctx.store.clone()).await.map_err(atomics::CasError::StoreError)),
+            Ok(Err(conflict)) => {
+                let retry = self.table.push(Cas { tree, key, seen: conflict.current })?;
+                Ok(Err(atomics::CasError::CasFailed(retry)))
+            }
+        }
+    }
+}
+
+impl atomics::HostCas for KvView<'_> {
+    fn new(&mut self, bucket: Resource<Bucket>, key: String) -> wasmtime::Result<Result<Resource<Cas>, store::Error>> {
+        let tree = self.table.get(&bucket)?.tree.clone();
+        match tree.get(key.as_bytes()) {
+            Ok(seen) => Ok(Ok(self.table.push(Cas { tree, key, seen })?)),
+            Err(error) => Ok(Err(other(error))),
+        }
+    }
+
+    fn current(&mut self, cas: Resource<Cas>) -> wasmtime::Result<Result<Option<Vec<u8>>, store::Error>> {
+        Ok(Ok(self.table.get(&cas)?.seen.as_ref().map(|v| v.to_vec())))
+    }
+
+    fn drop(&mut self, cas: Resource<Cas>) -> wasmtime::Result<()> {
+        self.table.delete(cas)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::incremented;
+
+    #[test]
+    fn counters_are_decimal_text_and_refuse_other_values() {
+        assert_eq!(incremented(None, 5), Ok(5));
+        assert_eq!(incremented(Some(b"41"), 1), Ok(42));
+        assert_eq!(incremented(Some(b"-3"), -2), Ok(-5));
+        assert!(incremented(Some(b"hello"), 1).is_err());
+        assert!(incremented(Some(b"9223372036854775807"), 1).is_err());
+    }
+}

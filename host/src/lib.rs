@@ -1,0 +1,17 @@
+//! tensorlet: a serverless inference node for the edge.
+//!
+//! The modules follow the request path: [`api`] accepts HTTPS and routes, [`tenancy`]
+//! authenticates, [`runtime`] instantiates the app's component and runs it, which calls into
+//! [`nn`] (models) and [`kv`] (state), both kept by [`store`]. [`node`] wires them together and
+//! [`cli`] is the command line.
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod kv;
+pub mod nn;
+pub mod node;
+pub mod runtime;
+pub mod store;
+pub mod tenancy;
+pub mod tls;

@@ -1,0 +1,196 @@
+//! The host implementation of the `wasi:nn` WIT interfaces.
+
+use super::backend::{self, BackendError, ExecutionContext, Graph, Tensor};
+use super::bindings::wasi::nn::{errors, graph, inference, tensor};
+use super::NnView;
+use std::sync::{Arc, Mutex};
+use wasmtime::component::Resource;
+
+/// The value behind a `graph` resource: a loaded model, shared.
+pub struct GraphResource(pub(super) Arc<dyn Graph>);
+
+/// The value behind a `graph-execution-context` resource. The mutex is per context, never
+/// per graph: it only lets `compute` move the context to a blocking thread.
+pub struct ContextResource(Arc<Mutex<Box<dyn ExecutionContext>>>);
+
+/// The value behind an `error` resource.
+#[derive(Debug)]
+pub struct NnError {
+    code: errors::ErrorCode,
+    message: String,
+}
+
+type NnResult<T> = wasmtime::Result<Result<Resource<T>, Resource<NnError>>>;
+
+impl NnView<'_> {
+    fn fail<T>(&mut self, code: errors::ErrorCode, message: impl Into<String>) -> wasmtime::Result<Result<T, Resource<NnError>>> {
+        let message = message.into();
+        tracing::debug!(?code, %message, "wasi-nn error returned to guest");
+        Ok(Err(self.table.push(NnError { code, message })?))
+    }
+
+    fn fail_backend<T>(&mut self, error: BackendError) -> wasmtime::Result<Result<T, Resource<NnError>>> {
+        let code = match error {
+            BackendError::InvalidModel(_) => errors::ErrorCode::InvalidEncoding,
+            BackendError::InvalidArgument(_) => errors::ErrorCode::InvalidArgument,
+            BackendError::Unsupported(_) => errors::ErrorCode::UnsupportedOperation,
+            BackendError::Runtime(_) => errors::ErrorCode::RuntimeError,
+        };
+        self.fail(code, error.to_string())
+    }
+}
+
+fn encoding_name(encoding: graph::GraphEncoding) -> &'static str {
+    use graph::GraphEncoding::*;
+    match encoding {
+        Openvino => "openvino",
+        Onnx => "onnx",
+        Tensorflow => "tensorflow",
+        Pytorch => "pytorch",
+        Tensorflowlite => "tensorflowlite",
+        Ggml => "ggml",
+        Autodetect => "autodetect",
+    }
+}
+
+impl graph::Host for NnView<'_> {
+    async fn load(
+        &mut self,
+        builders: Vec<graph::GraphBuilder>,
+        encoding: graph::GraphEncoding,
+        target: graph::ExecutionTarget,
+    ) -> NnResult<GraphResource> {
+        let size: u64 = builders.iter().map(|b| b.len() as u64).sum();
+        if size > self.ctx.max_guest_model_bytes {
+            let limit = self.ctx.max_guest_model_bytes;
+            return self.fail(
+                errors::ErrorCode::TooLarge,
+                format!("a model passed as bytes may be at most {limit} bytes (this one is {size}); register it with `tensorlet model add` and use load-by-name"),
+            );
+        }
+        let name = encoding_name(encoding);
+        let Some(backend) = self.ctx.models.backends().for_encoding(name) else {
+            return self.fail(errors::ErrorCode::InvalidEncoding, format!("this node has no backend for encoding {name}"));
+        };
+        if builders.len() != 1 || builders[0].is_empty() {
+            return self.fail(errors::ErrorCode::InvalidArgument, format!("the {name} backend takes exactly one non-empty graph builder"));
+        }
+        let bytes = builders.into_iter().next().unwrap_or_default();
+        // Parsing and optimising a model is CPU work: keep it off the reactor.
+        let loaded = tokio::task::spawn_blocking(move || backend.load(&bytes, target)).await?;
+        match loaded {
+            Ok(graph) => Ok(Ok(self.table.push(GraphResource(graph))?)),
+            Err(error) => self.fail_backend(error),
+        }
+    }
+
+    fn load_by_name(&mut self, name: String) -> NnResult<GraphResource> {
+        match self.ctx.models.graph(&name) {
+            Some(graph) => Ok(Ok(self.table.push(GraphResource(graph))?)),
+            None => self.fail(
+                errors::ErrorCode::NotFound,
+                format!("no model named {name:?} is registered on this node (`tensorlet models` lists them)"),
+            ),
+        }
+    }
+}
+
+impl graph::HostGraph for NnView<'_> {
+    fn init_execution_context(&mut self, graph: Resource<GraphResource>) -> NnResult<ContextResource> {
+        let graph = self.table.get(&graph)?.0.clone();
+        match graph.init_execution_context() {
+            Ok(context) => Ok(Ok(self.table.push(ContextResource(Arc::new(Mutex::new(context))))?)),
+            Err(error) => self.fail_backend(error),
+        }
+    }
+
+    fn drop(&mut self, graph: Resource<GraphResource>) -> wasmtime::Result<()> {
+        self.table.delete(graph)?;
+        Ok(())
+    }
+}
+
+impl inference::Host for NnView<'_> {}
+
+impl inference::HostGraphExecutionContext for NnView<'_> {
+    async fn compute(
+        &mut self,
+        context: Resource<ContextResource>,
+        inputs: Vec<inference::NamedTensor>,
+    ) -> wasmtime::Result<Result<Vec<inference::NamedTensor>, Resource<NnError>>> {
+        let mut tensors = Vec::with_capacity(inputs.len());
+        for (name, tensor) in inputs {
+            tensors.push((name, self.table.delete(tensor)?));
+        }
+        let context = self.table.get(&context)?.0.clone();
+        // Inference blocks for as long as the model runs: it goes to the blocking pool so the
+        // reactor keeps serving other requests, other apps and /healthz meanwhile.
+        let outputs = tokio::task::spawn_blocking(move || {
+            let mut context = context.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            backend::catch_panic("compute", || context.compute(tensors))
+        })
+        .await?;
+        match outputs {
+            Ok(outputs) => {
+                let mut named = Vec::with_capacity(outputs.len());
+                for (name, tensor) in outputs {
+                    named.push((name, self.table.push(tensor)?));
+                }
+                Ok(Ok(named))
+            }
+            Err(error) => self.fail_backend(error),
+        }
+    }
+
+    fn drop(&mut self, context: Resource<ContextResource>) -> wasmtime::Result<()> {
+        self.table.delete(context)?;
+        Ok(())
+    }
+}
+
+impl tensor::Host for NnView<'_> {}
+
+impl tensor::HostTensor for NnView<'_> {
+    fn new(
+        &mut self,
+        dimensions: tensor::TensorDimensions,
+        ty: tensor::TensorType,
+        data: tensor::TensorData,
+    ) -> wasmtime::Result<Resource<Tensor>> {
+        Ok(self.table.push(Tensor { dimensions, ty, data })?)
+    }
+
+    fn dimensions(&mut self, tensor: Resource<Tensor>) -> wasmtime::Result<tensor::TensorDimensions> {
+        Ok(self.table.get(&tensor)?.dimensions.clone())
+    }
+
+    fn ty(&mut self, tensor: Resource<Tensor>) -> wasmtime::Result<tensor::TensorType> {
+        Ok(self.table.get(&tensor)?.ty)
+    }
+
+    fn data(&mut self, tensor: Resource<Tensor>) -> wasmtime::Result<tensor::TensorData> {
+        Ok(self.table.get(&tensor)?.data.clone())
+    }
+
+    fn drop(&mut self, tensor: Resource<Tensor>) -> wasmtime::Result<()> {
+        self.table.delete(tensor)?;
+        Ok(())
+    }
+}
+
+impl errors::Host for NnView<'_> {}
+
+impl errors::HostError for NnView<'_> {
+    fn code(&mut self, error: Resource<NnError>) -> wasmtime::Result<errors::ErrorCode> {
+        Ok(self.table.get(&error)?.code)
+    }
+
+    fn data(&mut self, error: Resource<NnError>) -> wasmtime::Result<String> {
+        Ok(self.table.get(&error)?.message.clone())
+    }
+
+    fn drop(&mut self, error: Resource<NnError>) -> wasmtime::Result<()> {
+        self.table.delete(error)?;
+        Ok(())
+    }
+}

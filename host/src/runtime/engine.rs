@@ -1,0 +1,112 @@
+//! The node's one wasmtime [`Engine`]: pooling allocator, epoch interruption driven by one
+//! ticker thread, and a disk cache of compiled components keyed by the component's digest and
+//! the engine's configuration, so that a restart does not recompile.
+
+use crate::config::LimitsConfig;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use wasmtime::component::Component;
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+/// How often the epoch advances. Guests yield to the reactor at every tick, so this bounds how
+/// long one busy guest holds a worker thread and how late a timeout can fire.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// Builds the engine. Pool sizes follow the node's instance limit; each memory slot is sized
+/// for the largest memory limit an app may ask for.
+pub fn build_engine(limits: &LimitsConfig) -> wasmtime::Result<Engine> {
+    let instances = limits.max_concurrent_instances.max(1);
+    let mut pool = PoolingAllocationConfig::default();
+    pool.total_component_instances(instances)
+        .total_core_instances(instances * 8)
+        .total_memories(instances * 2)
+        .total_tables(instances * 8)
+        .max_memory_size((limits.max_memory_mib as usize) << 20);
+    let mut config = Config::new();
+    config
+        .wasm_component_model(true)
+        .epoch_interruption(true)
+        .cranelift_opt_level(wasmtime::OptLevel::Speed)
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    Engine::new(&config)
+}
+
+/// The thread that advances the engine's epoch; one per engine, stopped on drop.
+pub struct EpochTicker {
+    stop: Arc<AtomicBool>,
+}
+
+impl EpochTicker {
+    /// Starts ticking `engine` every [`EPOCH_TICK`].
+    pub fn start(engine: &Engine) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (engine, flag) = (engine.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("tensorlet-epoch".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    engine.increment_epoch();
+                }
+            })
+            .expect("spawning the epoch thread");
+        Self { stop }
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Compiled components on disk, `<digest>-<engine hash>.cwasm`.
+pub struct ComponentCache {
+    dir: PathBuf,
+    engine_key: String,
+}
+
+impl ComponentCache {
+    /// A cache in `dir` for components compiled by `engine`.
+    pub fn new(engine: &Engine, dir: &Path) -> std::io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut hasher);
+        env!("CARGO_PKG_VERSION").hash(&mut hasher);
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            engine_key: format!("{:016x}", hasher.finish()),
+        })
+    }
+
+    fn path(&self, digest: &str) -> PathBuf {
+        self.dir.join(format!("{digest}-{}.cwasm", self.engine_key))
+    }
+
+    /// Whether a compiled artifact for `digest` is cached.
+    pub fn contains(&self, digest: &str) -> bool {
+        self.path(digest).exists()
+    }
+
+    /// The compiled component for `bytes`, from the cache or compiled now and cached.
+    /// Blocking (file I/O and, on a miss, compilation).
+    pub fn load_or_compile(&self, engine: &Engine, digest: &str, bytes: &[u8]) -> wasmtime::Result<Component> {
+        let path = self.path(digest);
+        if path.exists() {
+            // SAFETY: the file was written by `Component::serialize` of this engine
+            // configuration (the name carries its hash) into the node's private data dir.
+            match unsafe { Component::deserialize_file(engine, &path) } {
+                Ok(component) => return Ok(component),
+                Err(error) => tracing::warn!(path = %path.display(), %error, "cached component unusable; recompiling"),
+            }
+        }
+        let component = Component::new(engine, bytes)?;
+        let staged = path.with_extension("tmp");
+        std::fs::write(&staged, component.serialize()?)?;
+        std::fs::rename(&staged, &path)?;
+        Ok(component)
+    }
+}

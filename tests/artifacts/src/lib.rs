@@ -1,0 +1,26 @@
+//! Paths of the components built by this crate's build script, and of the models the setup
+//! script fetches, for tests and benchmarks. Guest programs are built once, never ad hoc.
+
+use std::path::PathBuf;
+
+/// `components/hello`: a plain HTTP handler.
+pub const HELLO: &str = env!("TENSORLET_COMPONENT_HELLO");
+/// `components/classify`: the text-orientation classifier through wasi-nn.
+pub const CLASSIFY: &str = env!("TENSORLET_COMPONENT_CLASSIFY");
+/// `components/kv-counter`: state through wasi:keyvalue.
+pub const KV_COUNTER: &str = env!("TENSORLET_COMPONENT_KV_COUNTER");
+/// `tests/components/misbehave`: traps, loops, memory bombs, long inferences.
+pub const MISBEHAVE: &str = env!("TENSORLET_COMPONENT_MISBEHAVE");
+/// `tests/components/not-http`: a command-world component, not an HTTP app.
+pub const NOT_HTTP: &str = env!("TENSORLET_COMPONENT_NOT_HTTP");
+
+/// The PP-OCR text-orientation classifier (rapidocr-onnxruntime 1.4.4), fetched by
+/// `.ci/setup` into `.cache/models` (or `$TENSORLET_MODELS_DIR`).
+pub fn text_orientation_model() -> PathBuf {
+    let dir = std::env::var_os("TENSORLET_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../.cache/models")));
+    let path = dir.join("ch_ppocr_mobile_v2.0_cls_infer.onnx");
+    assert!(path.exists(), "{} is missing: run `bash .ci/setup` first", path.display());
+    path
+}

@@ -1,0 +1,9 @@
+//! End-to-end tests: the real `tensorlet` binary on loopback, real TLS, real sled files, the
+//! real example components and a real model.
+
+mod support;
+
+mod deploy;
+mod failures;
+mod kv;
+mod nn;

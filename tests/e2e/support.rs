@@ -1,0 +1,185 @@
+//! Shared helpers of the end-to-end tests: start the real `tensorlet` binary on a free
+//! loopback port with a temporary data dir, and talk to it over HTTPS with a rustls client
+//! that trusts the certificate the node generated.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+pub use tensorlet_test_artifacts as artifacts;
+
+/// Path of the binary under test.
+pub const BINARY: &str = env!("CARGO_BIN_EXE_tensorlet");
+
+/// A running node process.
+pub struct TestNode {
+    child: Child,
+    pub data_dir: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+    /// `https://127.0.0.1:PORT`
+    pub url: String,
+    /// The fingerprint the node printed at start.
+    pub printed_fingerprint: Option<String>,
+    pub client: reqwest::Client,
+    pub token: String,
+}
+
+impl TestNode {
+    /// Starts a node with a fresh data dir.
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts a node with a fresh data dir and extra `serve` arguments.
+    pub fn start_with(extra: &[&str]) -> Self {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let dir = temp.path().to_path_buf();
+        let mut node = Self::start_in(&dir, extra);
+        node._temp = Some(temp);
+        node
+    }
+
+    /// Starts a node on an existing data dir (a restart).
+    pub fn start_in(data_dir: &Path, extra: &[&str]) -> Self {
+        let mut child = Command::new(BINARY)
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .args(extra)
+            .env("TENSORLET_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting tensorlet serve");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (sender, receiver) = std::sync::mpsc::channel();
+        // Read the start-up lines, then keep draining stdout so the node never blocks on it.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = sender.send(line);
+            }
+        });
+        let mut url = None;
+        let mut printed_fingerprint = None;
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        while url.is_none() || (printed_fingerprint.is_none() && !extra.contains(&"--plain-http")) {
+            let remaining = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = receiver.recv_timeout(remaining).unwrap_or_else(|_| {
+                let _ = child.kill();
+                panic!("the node did not start within 120 s")
+            });
+            if let Some(rest) = line.split("listening on ").nth(1) {
+                url = Some(rest.trim().to_string());
+            }
+            if let Some(rest) = line.strip_prefix("TLS certificate SHA-256 fingerprint: ") {
+                printed_fingerprint = Some(rest.trim().to_string());
+            }
+        }
+        let mut builder = reqwest::Client::builder().use_rustls_tls().timeout(Duration::from_secs(120));
+        if let Ok(pem) = std::fs::read(data_dir.join("tls/cert.pem")) {
+            builder = builder.add_root_certificate(reqwest::Certificate::from_pem(&pem).expect("PEM certificate"));
+        }
+        let token = std::fs::read_to_string(data_dir.join("admin-token")).expect("admin token written at start");
+        Self {
+            child,
+            data_dir: data_dir.to_path_buf(),
+            _temp: None,
+            url: url.expect("url"),
+            printed_fingerprint,
+            client: builder.build().expect("client"),
+            token: token.trim().to_string(),
+        }
+    }
+
+    /// Stops the node abruptly (SIGKILL), as a crash or power cut would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Stops the node with SIGTERM and waits for it to exit.
+    pub fn terminate(&mut self) {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let _ = self.child.wait();
+    }
+
+    /// Hands over the data dir (kept alive by the returned guard) so that the node can be
+    /// restarted on it after this handle is gone.
+    pub fn take_data_dir(&mut self) -> tempfile::TempDir {
+        self._temp.take().expect("node owns its temp dir")
+    }
+
+    /// `url` + `path`.
+    pub fn at(&self, path: &str) -> String {
+        format!("{}{path}", self.url)
+    }
+
+    /// Runs the CLI against this node, the way an operator on the node would.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BINARY)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(args)
+            .output()
+            .expect("running the CLI")
+    }
+
+    /// Runs the CLI and asserts that it succeeded; returns its stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let output = self.cli(args);
+        assert!(
+            output.status.success(),
+            "tensorlet {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// Deploys a component through the admin API with the given query settings.
+    pub async fn deploy(&self, app: &str, component: &str, query: &str) -> reqwest::Response {
+        let bytes = std::fs::read(component).expect("component built");
+        self.client
+            .put(self.at(&format!("/v1/admin/apps/{app}?{query}")))
+            .bearer_auth(&self.token)
+            .body(bytes)
+            .send()
+            .await
+            .expect("deploy request")
+    }
+
+    /// Deploys and asserts success.
+    pub async fn deploy_ok(&self, app: &str, component: &str, query: &str) {
+        let response = self.deploy(app, component, query).await;
+        let status = response.status();
+        assert_eq!(status, 200, "deploying {app}: {}", response.text().await.unwrap_or_default());
+    }
+
+    /// Registers the text-orientation model as `text-orientation` through the CLI.
+    pub fn add_text_orientation_model(&self) {
+        let model = artifacts::text_orientation_model();
+        self.cli_ok(&["model", "add", "text-orientation", model.to_str().expect("utf-8 path")]);
+    }
+
+    /// GET `path`, returning status and body text.
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        let response = self.client.get(self.at(path)).send().await.expect("GET");
+        (response.status().as_u16(), response.text().await.expect("body"))
+    }
+
+    /// Asserts the node still serves: `/healthz` answers ok.
+    pub async fn assert_healthy(&self) {
+        assert_eq!(self.get("/healthz").await, (200, "ok\n".to_string()));
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The `{ "error": { "code" } }` of a JSON error body.
+pub fn error_code(body: &str) -> String {
+    let value: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("not a JSON error: {body}"));
+    value["error"]["code"].as_str().unwrap_or_else(|| panic!("no error code in {body}")).to_string()
+}
