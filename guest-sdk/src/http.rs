@@ -24,11 +24,13 @@ impl Request {
     /// The value of query parameter `name` (not percent-decoded).
     pub fn query(&self, name: &str) -> Option<&str> {
         let query = self.path_with_query.split_once('?')?.1;
-        query.split('&').find_map(|pair| match pair.split_once('=') {
-            Some((key, value)) if key == name => Some(value),
-            None if pair == name => Some(""),
-            _ => None,
-        })
+        query
+            .split('&')
+            .find_map(|pair| match pair.split_once('=') {
+                Some((key, value)) if key == name => Some(value),
+                None if pair == name => Some(""),
+                _ => None,
+            })
     }
 
     /// The first value of header `name` (case-insensitive), as text.
@@ -41,8 +43,13 @@ impl Request {
 
     /// The body parsed as JSON, or a 400 response saying why it is not what was expected.
     pub fn json<T: DeserializeOwned>(&self) -> Result<T, Response> {
-        serde_json::from_slice(&self.body)
-            .map_err(|e| Response::error(400, "invalid_json", &format!("the request body is not the JSON expected: {e}")))
+        serde_json::from_slice(&self.body).map_err(|e| {
+            Response::error(
+                400,
+                "invalid_json",
+                &format!("the request body is not the JSON expected: {e}"),
+            )
+        })
     }
 }
 
@@ -57,7 +64,11 @@ pub struct Response {
 impl Response {
     /// A response with a body and no headers.
     pub fn new(status: u16, body: impl Into<Vec<u8>>) -> Self {
-        Self { status, headers: Vec::new(), body: body.into() }
+        Self {
+            status,
+            headers: Vec::new(),
+            body: body.into(),
+        }
     }
 
     /// A `text/plain` response.
@@ -73,12 +84,16 @@ impl Response {
 
     /// The platform's error shape: `{ "error": { "code": …, "message": … } }`.
     pub fn error(status: u16, code: &str, message: &str) -> Self {
-        Self::json(status, &serde_json::json!({ "error": { "code": code, "message": message } }))
+        Self::json(
+            status,
+            &serde_json::json!({ "error": { "code": code, "message": message } }),
+        )
     }
 
     /// Adds a header.
     pub fn with_header(mut self, name: &str, value: &str) -> Self {
-        self.headers.push((name.to_string(), value.as_bytes().to_vec()));
+        self.headers
+            .push((name.to_string(), value.as_bytes().to_vec()));
         self
     }
 }
@@ -121,25 +136,41 @@ fn read_request(request: IncomingRequest) -> Result<Request, String> {
     let method = method_name(request.method());
     let path_with_query = request.path_with_query().unwrap_or_else(|| "/".into());
     let headers = request.headers().entries();
-    let incoming = request.consume().map_err(|()| "the request body was already taken".to_string())?;
+    let incoming = request
+        .consume()
+        .map_err(|()| "the request body was already taken".to_string())?;
     let mut body = Vec::new();
     {
-        let stream = incoming.stream().map_err(|()| "the request body stream was already taken".to_string())?;
+        let stream = incoming
+            .stream()
+            .map_err(|()| "the request body stream was already taken".to_string())?;
         loop {
             match stream.blocking_read(64 * 1024) {
                 Ok(chunk) => body.extend_from_slice(&chunk),
                 Err(StreamError::Closed) => break,
                 Err(StreamError::LastOperationFailed(error)) => {
-                    return Err(format!("reading the request body failed: {}", error.to_debug_string()))
+                    return Err(format!(
+                        "reading the request body failed: {}",
+                        error.to_debug_string()
+                    ))
                 }
             }
         }
     }
-    Ok(Request { method, path_with_query, headers, body })
+    Ok(Request {
+        method,
+        path_with_query,
+        headers,
+        body,
+    })
 }
 
 /// Runs `handler` on an incoming request and sends its response; used by [`http_handler!`].
-pub fn serve(request: IncomingRequest, response_out: ResponseOutparam, handler: impl FnOnce(Request) -> Response) {
+pub fn serve(
+    request: IncomingRequest,
+    response_out: ResponseOutparam,
+    handler: impl FnOnce(Request) -> Response,
+) {
     let response = match read_request(request) {
         Ok(request) => handler(request),
         Err(message) => Response::error(400, "bad_request", &message),

@@ -72,7 +72,11 @@ impl Bucket {
 
     /// Atomically replaces the value at `key` with `update(current)`, retrying while other
     /// writers get in between (compare-and-swap). Returns the value written.
-    pub fn update(&self, key: &str, mut update: impl FnMut(Option<&[u8]>) -> Vec<u8>) -> Result<Vec<u8>, KvError> {
+    pub fn update(
+        &self,
+        key: &str,
+        mut update: impl FnMut(Option<&[u8]>) -> Vec<u8>,
+    ) -> Result<Vec<u8>, KvError> {
         let mut cas = atomics::Cas::new(&self.0, key)?;
         loop {
             let next = update(cas.current()?.as_deref());

@@ -24,7 +24,10 @@ impl std::error::Error for NnError {}
 
 impl From<errors::Error> for NnError {
     fn from(error: errors::Error) -> Self {
-        Self { code: error.code(), message: error.data() }
+        Self {
+            code: error.code(),
+            message: error.data(),
+        }
     }
 }
 
@@ -70,7 +73,11 @@ impl Tensor {
     }
 
     fn from_resource(resource: &tensor::Tensor) -> Self {
-        Self { dimensions: resource.dimensions(), ty: resource.ty(), data: resource.data() }
+        Self {
+            dimensions: resource.dimensions(),
+            ty: resource.ty(),
+            data: resource.data(),
+        }
     }
 }
 
@@ -84,7 +91,11 @@ impl Graph {
     }
 
     /// Loads a small model from bytes (the node caps the size; register large ones).
-    pub fn from_bytes(bytes: &[u8], encoding: GraphEncoding, target: ExecutionTarget) -> Result<Self, NnError> {
+    pub fn from_bytes(
+        bytes: &[u8],
+        encoding: GraphEncoding,
+        target: ExecutionTarget,
+    ) -> Result<Self, NnError> {
         Ok(Self(graph::load(&[bytes.to_vec()], encoding, target)?))
     }
 
@@ -105,8 +116,14 @@ pub struct Context(inference::GraphExecutionContext);
 impl Context {
     /// Runs the model on named inputs and returns every named output.
     pub fn compute(&self, inputs: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>, NnError> {
-        let inputs = inputs.into_iter().map(|(name, t)| (name, t.into_resource())).collect();
+        let inputs = inputs
+            .into_iter()
+            .map(|(name, t)| (name, t.into_resource()))
+            .collect();
         let outputs = self.0.compute(inputs)?;
-        Ok(outputs.iter().map(|(name, t)| (name.clone(), Tensor::from_resource(t))).collect())
+        Ok(outputs
+            .iter()
+            .map(|(name, t)| (name.clone(), Tensor::from_resource(t)))
+            .collect())
     }
 }

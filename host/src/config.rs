@@ -99,8 +99,7 @@ impl Config {
     pub fn from_file(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
-        toml::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("invalid config {}: {e}", path.display()))
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("invalid config {}: {e}", path.display()))
     }
 }
 
@@ -121,8 +120,9 @@ mod tests {
 
     #[test]
     fn partial_file_keeps_defaults_for_the_rest() {
-        let config: Config = toml::from_str("listen = \"0.0.0.0:9000\"\n[limits]\ntimeout_secs = 5\n")
-            .expect("valid config");
+        let config: Config =
+            toml::from_str("listen = \"0.0.0.0:9000\"\n[limits]\ntimeout_secs = 5\n")
+                .expect("valid config");
         assert_eq!(config.listen.port(), 9000);
         assert_eq!(config.limits.timeout_secs, 5);
         assert_eq!(config.limits.memory_mib, 128);

@@ -44,7 +44,10 @@ pub struct KvCtx {
 impl KvCtx {
     /// State for one instance of `app`.
     pub fn new(store: Store, app: &str) -> Self {
-        Self { store, app: app.to_string() }
+        Self {
+            store,
+            app: app.to_string(),
+        }
     }
 }
 
@@ -73,7 +76,10 @@ impl HasData for HasKv {
 }
 
 /// Adds `wasi:keyvalue/store` and `wasi:keyvalue/atomics` to a linker.
-pub fn add_to_linker<T: Send + 'static>(linker: &mut Linker<T>, view: fn(&mut T) -> KvView<'_>) -> wasmtime::Result<()> {
+pub fn add_to_linker<T: Send + 'static>(
+    linker: &mut Linker<T>,
+    view: fn(&mut T) -> KvView<'_>,
+) -> wasmtime::Result<()> {
     bindings::Imports::add_to_linker::<T, HasKv>(linker, view)
 }
 
@@ -88,7 +94,9 @@ fn other(error: impl std::fmt::Display) -> store::Error {
 
 fn valid_bucket(identifier: &str) -> bool {
     (1..=64).contains(&identifier.len())
-        && identifier.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        && identifier
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
 /// Waits until the writes made so far are on disk. Takes the store by value so that the
@@ -98,7 +106,10 @@ async fn durable(store: Store) -> Result<(), store::Error> {
 }
 
 impl store::Host for KvView<'_> {
-    fn open(&mut self, identifier: String) -> wasmtime::Result<Result<Resource<Bucket>, store::Error>> {
+    fn open(
+        &mut self,
+        identifier: String,
+    ) -> wasmtime::Result<Result<Resource<Bucket>, store::Error>> {
         if !valid_bucket(&identifier) {
             return Ok(Err(store::Error::Other(format!(
                 "invalid bucket name {identifier:?}: use 1-64 letters, digits, '.', '_' or '-'"
@@ -112,14 +123,28 @@ impl store::Host for KvView<'_> {
 }
 
 impl store::HostBucket for KvView<'_> {
-    fn get(&mut self, bucket: Resource<Bucket>, key: String) -> wasmtime::Result<Result<Option<Vec<u8>>, store::Error>> {
+    fn get(
+        &mut self,
+        bucket: Resource<Bucket>,
+        key: String,
+    ) -> wasmtime::Result<Result<Option<Vec<u8>>, store::Error>> {
         let tree = &self.table.get(&bucket)?.tree;
-        Ok(tree.get(key.as_bytes()).map(|v| v.map(|v| v.to_vec())).map_err(other))
+        Ok(tree
+            .get(key.as_bytes())
+            .map(|v| v.map(|v| v.to_vec()))
+            .map_err(other))
     }
 
-    async fn set(&mut self, bucket: Resource<Bucket>, key: String, value: Vec<u8>) -> wasmtime::Result<Result<(), store::Error>> {
+    async fn set(
+        &mut self,
+        bucket: Resource<Bucket>,
+        key: String,
+        value: Vec<u8>,
+    ) -> wasmtime::Result<Result<(), store::Error>> {
         if value.len() > MAX_VALUE_BYTES {
-            return Ok(Err(store::Error::Other(format!("a value may be at most {MAX_VALUE_BYTES} bytes"))));
+            return Ok(Err(store::Error::Other(format!(
+                "a value may be at most {MAX_VALUE_BYTES} bytes"
+            ))));
         }
         let tree = &self.table.get(&bucket)?.tree;
         if let Err(error) = tree.insert(key.as_bytes(), value) {
@@ -128,7 +153,11 @@ impl store::HostBucket for KvView<'_> {
         Ok(durable(self.ctx.store.clone()).await)
     }
 
-    async fn delete(&mut self, bucket: Resource<Bucket>, key: String) -> wasmtime::Result<Result<(), store::Error>> {
+    async fn delete(
+        &mut self,
+        bucket: Resource<Bucket>,
+        key: String,
+    ) -> wasmtime::Result<Result<(), store::Error>> {
         let tree = &self.table.get(&bucket)?.tree;
         if let Err(error) = tree.remove(key.as_bytes()) {
             return Ok(Err(other(error)));
@@ -136,12 +165,20 @@ impl store::HostBucket for KvView<'_> {
         Ok(durable(self.ctx.store.clone()).await)
     }
 
-    fn exists(&mut self, bucket: Resource<Bucket>, key: String) -> wasmtime::Result<Result<bool, store::Error>> {
+    fn exists(
+        &mut self,
+        bucket: Resource<Bucket>,
+        key: String,
+    ) -> wasmtime::Result<Result<bool, store::Error>> {
         let tree = &self.table.get(&bucket)?.tree;
         Ok(tree.contains_key(key.as_bytes()).map_err(other))
     }
 
-    fn list_keys(&mut self, bucket: Resource<Bucket>, cursor: Option<String>) -> wasmtime::Result<Result<store::KeyResponse, store::Error>> {
+    fn list_keys(
+        &mut self,
+        bucket: Resource<Bucket>,
+        cursor: Option<String>,
+    ) -> wasmtime::Result<Result<store::KeyResponse, store::Error>> {
         let tree = &self.table.get(&bucket)?.tree;
         let start = match &cursor {
             Some(after) => Bound::Excluded(after.as_bytes().to_vec()),
@@ -176,11 +213,18 @@ fn incremented(current: Option<&[u8]>, delta: i64) -> Result<i64, String> {
             .and_then(|s| s.trim().parse::<i64>().ok())
             .ok_or("the key holds a value that is not a decimal integer")?,
     };
-    value.checked_add(delta).ok_or_else(|| "the counter would overflow".to_string())
+    value
+        .checked_add(delta)
+        .ok_or_else(|| "the counter would overflow".to_string())
 }
 
 impl atomics::Host for KvView<'_> {
-    async fn increment(&mut self, bucket: Resource<Bucket>, key: String, delta: i64) -> wasmtime::Result<Result<i64, store::Error>> {
+    async fn increment(
+        &mut self,
+        bucket: Resource<Bucket>,
+        key: String,
+        delta: i64,
+    ) -> wasmtime::Result<Result<i64, store::Error>> {
         let tree = &self.table.get(&bucket)?.tree;
         let mut outcome = Err(String::new());
         // sled may run the closure more than once under contention; the last run wins.
@@ -200,13 +244,23 @@ impl atomics::Host for KvView<'_> {
         }
     }
 
-    async fn swap(&mut self, cas: Resource<Cas>, value: Vec<u8>) -> wasmtime::Result<Result<(), atomics::CasError>> {
+    async fn swap(
+        &mut self,
+        cas: Resource<Cas>,
+        value: Vec<u8>,
+    ) -> wasmtime::Result<Result<(), atomics::CasError>> {
         let Cas { tree, key, seen } = self.table.delete(cas)?;
         match tree.compare_and_swap(key.as_bytes(), seen, Some(value)) {
             Err(error) => Ok(Err(atomics::CasError::StoreError(other(error)))),
-            Ok(Ok(())) => Ok(durable(self.ctx.store.clone()).await.map_err(atomics::CasError::StoreError)),
+            Ok(Ok(())) => Ok(durable(self.ctx.store.clone())
+                .await
+                .map_err(atomics::CasError::StoreError)),
             Ok(Err(conflict)) => {
-                let retry = self.table.push(Cas { tree, key, seen: conflict.current })?;
+                let retry = self.table.push(Cas {
+                    tree,
+                    key,
+                    seen: conflict.current,
+                })?;
                 Ok(Err(atomics::CasError::CasFailed(retry)))
             }
         }
@@ -214,7 +268,11 @@ impl atomics::Host for KvView<'_> {
 }
 
 impl atomics::HostCas for KvView<'_> {
-    fn new(&mut self, bucket: Resource<Bucket>, key: String) -> wasmtime::Result<Result<Resource<Cas>, store::Error>> {
+    fn new(
+        &mut self,
+        bucket: Resource<Bucket>,
+        key: String,
+    ) -> wasmtime::Result<Result<Resource<Cas>, store::Error>> {
         let tree = self.table.get(&bucket)?.tree.clone();
         match tree.get(key.as_bytes()) {
             Ok(seen) => Ok(Ok(self.table.push(Cas { tree, key, seen })?)),
@@ -222,7 +280,10 @@ impl atomics::HostCas for KvView<'_> {
         }
     }
 
-    fn current(&mut self, cas: Resource<Cas>) -> wasmtime::Result<Result<Option<Vec<u8>>, store::Error>> {
+    fn current(
+        &mut self,
+        cas: Resource<Cas>,
+    ) -> wasmtime::Result<Result<Option<Vec<u8>>, store::Error>> {
         Ok(Ok(self.table.get(&cas)?.seen.as_ref().map(|v| v.to_vec())))
     }
 

@@ -28,10 +28,19 @@ pub const ENDPOINT_FILE: &str = "endpoint";
 pub fn open(config: Config, tls_fingerprint: Option<String>) -> anyhow::Result<Node> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
-    let admin_token = crate::tenancy::load_or_create_admin_token(&config.data_dir)
-        .with_context(|| format!("cannot read or create the admin token in {}", config.data_dir.display()))?;
+    let admin_token =
+        crate::tenancy::load_or_create_admin_token(&config.data_dir).with_context(|| {
+            format!(
+                "cannot read or create the admin token in {}",
+                config.data_dir.display()
+            )
+        })?;
     let store = Store::open(&config.data_dir.join("db"))?;
-    let models = Arc::new(ModelRegistry::open(store.clone(), &config.data_dir.join("models"), Backends::builtin())?);
+    let models = Arc::new(ModelRegistry::open(
+        store.clone(),
+        &config.data_dir.join("models"),
+        Backends::builtin(),
+    )?);
     let runtime = Arc::new(Runtime::open(&config, store.clone(), models.clone())?);
     Ok(Node {
         config,
@@ -54,7 +63,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Some(crate::tls::load_or_generate(&config.tls, &config.data_dir)?)
     };
     let fingerprint = tls.as_ref().map(|identity| identity.fingerprint());
-    let server_config = tls.as_ref().map(|identity| identity.server_config()).transpose()?;
+    let server_config = tls
+        .as_ref()
+        .map(|identity| identity.server_config())
+        .transpose()?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -62,7 +74,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let node = tokio::task::spawn_blocking(move || open(config, fingerprint)).await??;
     let node = Arc::new(node);
 
-    let scheme = if server_config.is_some() { "https" } else { "http" };
+    let scheme = if server_config.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let url = format!("{scheme}://{address}");
     std::fs::write(node.config.data_dir.join(ENDPOINT_FILE), &url)?;
     println!("tensorlet {} listening on {url}", env!("CARGO_PKG_VERSION"));
@@ -70,7 +86,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         println!("TLS certificate SHA-256 fingerprint: {fingerprint}");
     }
     println!("data dir: {}", node.config.data_dir.display());
-    println!("admin token: {}", crate::tenancy::admin_token_path(&node.config.data_dir).display());
+    println!(
+        "admin token: {}",
+        crate::tenancy::admin_token_path(&node.config.data_dir).display()
+    );
 
     let server = crate::api::serve(node.clone(), listener, server_config);
     tokio::select! {

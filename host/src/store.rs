@@ -111,15 +111,20 @@ impl Store {
 }
 
 /// Reads a JSON record.
-pub fn get_json<T: DeserializeOwned>(tree: &sled::Tree, key: &str) -> Result<Option<T>, StoreError> {
+pub fn get_json<T: DeserializeOwned>(
+    tree: &sled::Tree,
+    key: &str,
+) -> Result<Option<T>, StoreError> {
     match tree.get(key)? {
         None => Ok(None),
-        Some(bytes) => serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|source| StoreError::Corrupt {
-                key: key.to_string(),
-                source,
-            }),
+        Some(bytes) => {
+            serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|source| StoreError::Corrupt {
+                    key: key.to_string(),
+                    source,
+                })
+        }
     }
 }
 
@@ -176,7 +181,10 @@ mod tests {
         std::fs::write(dir.path().join("conf"), b"not a sled config").unwrap();
         std::fs::write(dir.path().join("db"), vec![0xffu8; 4096]).unwrap();
         match Store::open(dir.path()) {
-            Err(error) => assert!(error.to_string().contains("move that folder aside"), "{error}"),
+            Err(error) => assert!(
+                error.to_string().contains("move that folder aside"),
+                "{error}"
+            ),
             Ok(_) => panic!("a damaged store opened"),
         }
     }

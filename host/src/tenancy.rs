@@ -45,7 +45,10 @@ pub fn is_admin(authorization: Option<&str>, admin_token: &str) -> bool {
     // Comparing digests keeps the comparison's time independent of where the strings differ.
     let a = Sha256::digest(presented.trim().as_bytes());
     let b = Sha256::digest(admin_token.as_bytes());
-    a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 #[cfg(test)]
@@ -62,7 +65,10 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(admin_token_path(dir.path())).unwrap().permissions().mode();
+            let mode = std::fs::metadata(admin_token_path(dir.path()))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
     }

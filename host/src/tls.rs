@@ -68,7 +68,8 @@ pub fn load_or_generate(config: &TlsConfig, data_dir: &Path) -> anyhow::Result<I
 
 fn load(cert: &Path, key: &Path) -> anyhow::Result<Identity> {
     let chain = rustls_pemfile::certs(&mut std::io::BufReader::new(
-        std::fs::File::open(cert).with_context(|| format!("cannot open certificate {}", cert.display()))?,
+        std::fs::File::open(cert)
+            .with_context(|| format!("cannot open certificate {}", cert.display()))?,
     ))
     .collect::<Result<Vec<_>, _>>()
     .with_context(|| format!("{} is not a PEM certificate", cert.display()))?;
@@ -84,15 +85,23 @@ fn load(cert: &Path, key: &Path) -> anyhow::Result<Identity> {
 }
 
 fn generate(cert_path: &Path, key_path: &Path) -> anyhow::Result<()> {
-    let names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
-    let certified = rcgen::generate_simple_self_signed(names).context("generating a certificate")?;
+    let names = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ];
+    let certified =
+        rcgen::generate_simple_self_signed(names).context("generating a certificate")?;
     let dir = cert_path.parent().expect("cert path has a folder");
     std::fs::create_dir_all(dir)?;
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    std::io::Write::write_all(&mut options.open(key_path)?, certified.key_pair.serialize_pem().as_bytes())?;
+    std::io::Write::write_all(
+        &mut options.open(key_path)?,
+        certified.key_pair.serialize_pem().as_bytes(),
+    )?;
     std::fs::write(cert_path, certified.cert.pem())?;
     Ok(())
 }
@@ -114,7 +123,10 @@ mod tests {
     #[test]
     fn half_a_tls_config_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
-        let config = TlsConfig { cert: Some("c.pem".into()), key: None };
+        let config = TlsConfig {
+            cert: Some("c.pem".into()),
+            key: None,
+        };
         let error = load_or_generate(&config, dir.path()).err().unwrap();
         assert!(error.to_string().contains("both"), "{error}");
     }

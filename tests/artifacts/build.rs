@@ -15,9 +15,19 @@ const COMPONENTS: &[(&str, &str, &str)] = &[
 ];
 
 fn main() {
-    let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
-    let root = manifest_dir.join("../..").canonicalize().expect("workspace root");
-    for watched in ["guest-sdk", "wit", "components", "tests/components", "Cargo.lock"] {
+    let manifest_dir =
+        PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let root = manifest_dir
+        .join("../..")
+        .canonicalize()
+        .expect("workspace root");
+    for watched in [
+        "guest-sdk",
+        "wit",
+        "components",
+        "tests/components",
+        "Cargo.lock",
+    ] {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
     }
     let target_dir = root.join("target").join("wasm-components");
@@ -25,16 +35,31 @@ fn main() {
     let mut command = Command::new(cargo);
     command
         .current_dir(&root)
-        .args(["build", "--release", "--target", "wasm32-wasip2", "--target-dir"])
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "wasm32-wasip2",
+            "--target-dir",
+        ])
         .arg(&target_dir);
     for (package, _, _) in COMPONENTS {
         command.args(["--package", package]);
     }
     // Flags meant for the outer build (clippy's wrapper, host rustflags) must not leak in.
-    for variable in ["RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "RUSTC_WORKSPACE_WRAPPER", "RUSTC_WRAPPER", "CARGO_TARGET_DIR", "CARGO_BUILD_TARGET"] {
+    for variable in [
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "RUSTC_WRAPPER",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+    ] {
         command.env_remove(variable);
     }
-    let status = command.status().expect("running cargo to build the components");
+    let status = command
+        .status()
+        .expect("running cargo to build the components");
     assert!(
         status.success(),
         "building the components failed; is the target installed? (`rustup target add wasm32-wasip2`)"
@@ -42,6 +67,9 @@ fn main() {
     for (_, file, constant) in COMPONENTS {
         let path = target_dir.join("wasm32-wasip2").join("release").join(file);
         assert!(path.exists(), "{} was not built", path.display());
-        println!("cargo:rustc-env=TENSORLET_COMPONENT_{constant}={}", path.display());
+        println!(
+            "cargo:rustc-env=TENSORLET_COMPONENT_{constant}={}",
+            path.display()
+        );
     }
 }

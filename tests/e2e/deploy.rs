@@ -10,21 +10,42 @@ async fn hello_is_served_over_https_with_the_generated_certificate() {
     assert!(node.url.starts_with("https://127.0.0.1:"), "{}", node.url);
 
     let pem = std::fs::read(node.data_dir.join("tls/cert.pem")).unwrap();
-    let der = rustls_pemfile::certs(&mut pem.as_slice()).next().unwrap().unwrap();
-    let expected: Vec<String> = Sha256::digest(&der).iter().map(|b| format!("{b:02X}")).collect();
-    assert_eq!(node.printed_fingerprint.as_deref(), Some(expected.join(":").as_str()));
+    let der = rustls_pemfile::certs(&mut pem.as_slice())
+        .next()
+        .unwrap()
+        .unwrap();
+    let expected: Vec<String> = Sha256::digest(&der)
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect();
+    assert_eq!(
+        node.printed_fingerprint.as_deref(),
+        Some(expected.join(":").as_str())
+    );
 
     let deployed = node.cli_ok(&["deploy", "hello", artifacts::HELLO]);
     assert!(deployed.contains("deployed hello"), "{deployed}");
-    assert_eq!(node.get("/apps/hello/?name=edge").await, (200, "Hello, edge!\n".to_string()));
-    assert_eq!(node.get("/apps/hello").await, (200, "Hello, world!\n".to_string()));
+    assert_eq!(
+        node.get("/apps/hello/?name=edge").await,
+        (200, "Hello, edge!\n".to_string())
+    );
+    assert_eq!(
+        node.get("/apps/hello").await,
+        (200, "Hello, world!\n".to_string())
+    );
     node.assert_healthy().await;
 
     let listed = node.cli_ok(&["apps"]);
-    assert!(listed.lines().any(|line| line.starts_with("hello ")), "{listed}");
+    assert!(
+        listed.lines().any(|line| line.starts_with("hello ")),
+        "{listed}"
+    );
     let status: serde_json::Value = serde_json::from_str(&node.cli_ok(&["status"])).unwrap();
     assert_eq!(status["apps"], 1);
-    assert_eq!(status["tls_fingerprint"].as_str(), node.printed_fingerprint.as_deref());
+    assert_eq!(
+        status["tls_fingerprint"].as_str(),
+        node.printed_fingerprint.as_deref()
+    );
 
     node.cli_ok(&["remove", "hello"]);
     let (status, body) = node.get("/apps/hello/").await;
@@ -36,23 +57,40 @@ async fn plain_http_is_served_only_when_asked_for() {
     let node = TestNode::start_with(&["--plain-http"]);
     assert!(node.url.starts_with("http://"), "{}", node.url);
     node.deploy_ok("hello", artifacts::HELLO, "").await;
-    assert_eq!(node.get("/apps/hello/?name=plain").await, (200, "Hello, plain!\n".to_string()));
+    assert_eq!(
+        node.get("/apps/hello/?name=plain").await,
+        (200, "Hello, plain!\n".to_string())
+    );
 }
 
 #[tokio::test]
 async fn a_restart_reuses_the_compiled_component_and_keeps_apps() {
     let mut node = TestNode::start();
-    node.deploy_ok("hello", artifacts::HELLO, "timeout_secs=7").await;
+    node.deploy_ok("hello", artifacts::HELLO, "timeout_secs=7")
+        .await;
     let cache = node.data_dir.join("cache");
-    let compiled: Vec<_> = std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().path()).collect();
+    let compiled: Vec<_> = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     assert_eq!(compiled.len(), 1, "{compiled:?}");
     let written = std::fs::metadata(&compiled[0]).unwrap().modified().unwrap();
 
     node.terminate();
     let data_dir = node.take_data_dir();
     let restarted = TestNode::start_in(data_dir.path(), &[]);
-    assert_eq!(restarted.get("/apps/hello/?name=again").await, (200, "Hello, again!\n".to_string()));
-    assert_eq!(std::fs::metadata(&compiled[0]).unwrap().modified().unwrap(), written, "the component was recompiled");
+    assert_eq!(
+        restarted.get("/apps/hello/?name=again").await,
+        (200, "Hello, again!\n".to_string())
+    );
+    assert_eq!(
+        std::fs::metadata(&compiled[0]).unwrap().modified().unwrap(),
+        written,
+        "the component was recompiled"
+    );
     let apps = restarted.cli_ok(&["apps"]);
-    assert!(apps.contains("7s"), "deployment settings were not kept: {apps}");
+    assert!(
+        apps.contains("7s"),
+        "deployment settings were not kept: {apps}"
+    );
 }

@@ -8,9 +8,24 @@ use std::time::{Duration, Instant};
 async fn uploads_that_are_not_http_components_are_refused() {
     let node = TestNode::start();
     let cases: [(&str, Vec<u8>, &str, &str); 3] = [
-        ("junk", b"this is not wasm at all".to_vec(), "not_wasm", "not a WebAssembly binary"),
-        ("core", b"\0asm\x01\0\0\0".to_vec(), "core_module", "wasm32-wasip2"),
-        ("cmd", std::fs::read(artifacts::NOT_HTTP).unwrap(), "wrong_world", "wasi:http/incoming-handler"),
+        (
+            "junk",
+            b"this is not wasm at all".to_vec(),
+            "not_wasm",
+            "not a WebAssembly binary",
+        ),
+        (
+            "core",
+            b"\0asm\x01\0\0\0".to_vec(),
+            "core_module",
+            "wasm32-wasip2",
+        ),
+        (
+            "cmd",
+            std::fs::read(artifacts::NOT_HTTP).unwrap(),
+            "wrong_world",
+            "wasi:http/incoming-handler",
+        ),
     ];
     for (app, bytes, code, hint) in cases {
         let response = node
@@ -27,7 +42,11 @@ async fn uploads_that_are_not_http_components_are_refused() {
         assert!(body.contains(hint), "{app}: {body}");
     }
     let apps = node.cli_ok(&["apps"]);
-    assert_eq!(apps.lines().count(), 1, "a refused deployment was recorded: {apps}");
+    assert_eq!(
+        apps.lines().count(),
+        1,
+        "a refused deployment was recorded: {apps}"
+    );
     node.deploy_ok("hello", artifacts::HELLO, "").await;
     assert_eq!(node.get("/apps/hello/").await.0, 200);
 }
@@ -35,10 +54,21 @@ async fn uploads_that_are_not_http_components_are_refused() {
 #[tokio::test]
 async fn the_admin_api_needs_the_admin_token() {
     let node = TestNode::start();
-    let missing = node.client.get(node.at("/v1/admin/apps")).send().await.unwrap();
+    let missing = node
+        .client
+        .get(node.at("/v1/admin/apps"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(missing.status(), 401);
     assert_eq!(error_code(&missing.text().await.unwrap()), "unauthorized");
-    let wrong = node.client.get(node.at("/v1/admin/apps")).bearer_auth("tlt_guess").send().await.unwrap();
+    let wrong = node
+        .client
+        .get(node.at("/v1/admin/apps"))
+        .bearer_auth("tlt_guess")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(wrong.status(), 401);
     let refused = node
         .client
@@ -48,7 +78,11 @@ async fn the_admin_api_needs_the_admin_token() {
         .await
         .unwrap();
     assert_eq!(refused.status(), 401);
-    assert_eq!(node.get("/apps/hello/").await.0, 404, "an unauthorised deploy took effect");
+    assert_eq!(
+        node.get("/apps/hello/").await.0,
+        404,
+        "an unauthorised deploy took effect"
+    );
 }
 
 #[tokio::test]
@@ -57,12 +91,23 @@ async fn unknown_apps_and_oversized_bodies_are_refused() {
     let (status, body) = node.get("/apps/nothing-here/x").await;
     assert_eq!((status, error_code(&body).as_str()), (404, "app_not_found"));
 
-    node.deploy_ok("hello", artifacts::HELLO, "max_body_bytes=1024").await;
-    let response = node.client.post(node.at("/apps/hello/")).body(vec![b'x'; 4096]).send().await.unwrap();
+    node.deploy_ok("hello", artifacts::HELLO, "max_body_bytes=1024")
+        .await;
+    let response = node
+        .client
+        .post(node.at("/apps/hello/"))
+        .body(vec![b'x'; 4096])
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 413);
-    assert_eq!(error_code(&response.text().await.unwrap()), "body_too_large");
+    assert_eq!(
+        error_code(&response.text().await.unwrap()),
+        "body_too_large"
+    );
     // A chunked body (no Content-Length) over the limit is refused too.
-    let chunks = futures_util::stream::iter((0..8).map(|_| Ok::<_, std::io::Error>(vec![b'y'; 512])));
+    let chunks =
+        futures_util::stream::iter((0..8).map(|_| Ok::<_, std::io::Error>(vec![b'y'; 512])));
     let response = node
         .client
         .post(node.at("/apps/hello/"))
@@ -71,7 +116,13 @@ async fn unknown_apps_and_oversized_bodies_are_refused() {
         .await
         .unwrap();
     assert_eq!(response.status(), 413);
-    let small = node.client.post(node.at("/apps/hello/")).body(vec![b'x'; 512]).send().await.unwrap();
+    let small = node
+        .client
+        .post(node.at("/apps/hello/"))
+        .body(vec![b'x'; 512])
+        .send()
+        .await
+        .unwrap();
     assert_eq!(small.status(), 200);
 }
 
@@ -79,13 +130,26 @@ async fn unknown_apps_and_oversized_bodies_are_refused() {
 async fn traps_loops_and_memory_bombs_fail_only_their_own_request() {
     let node = TestNode::start();
     node.deploy_ok("hello", artifacts::HELLO, "").await;
-    node.deploy_ok("misbehave", artifacts::MISBEHAVE, "timeout_secs=2&memory_mib=32").await;
+    node.deploy_ok(
+        "misbehave",
+        artifacts::MISBEHAVE,
+        "timeout_secs=2&memory_mib=32",
+    )
+    .await;
 
     let (status, body) = node.get("/apps/misbehave/trap").await;
-    assert_eq!((status, error_code(&body).as_str()), (500, "trap"), "{body}");
+    assert_eq!(
+        (status, error_code(&body).as_str()),
+        (500, "trap"),
+        "{body}"
+    );
 
     let (status, body) = node.get("/apps/misbehave/membomb").await;
-    assert_eq!((status, error_code(&body).as_str()), (500, "memory_limit"), "{body}");
+    assert_eq!(
+        (status, error_code(&body).as_str()),
+        (500, "memory_limit"),
+        "{body}"
+    );
     assert!(body.contains("32 MiB"), "{body}");
 
     // While one request spins forever, the node and other apps keep answering.
@@ -94,18 +158,36 @@ async fn traps_loops_and_memory_bombs_fail_only_their_own_request() {
         tokio::spawn(async move {
             let started = Instant::now();
             let response = client.get(url).send().await.unwrap();
-            (started.elapsed(), response.status().as_u16(), response.text().await.unwrap())
+            (
+                started.elapsed(),
+                response.status().as_u16(),
+                response.text().await.unwrap(),
+            )
         })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     let started = Instant::now();
-    assert_eq!(node.get("/apps/hello/?name=alive").await, (200, "Hello, alive!\n".to_string()));
+    assert_eq!(
+        node.get("/apps/hello/?name=alive").await,
+        (200, "Hello, alive!\n".to_string())
+    );
     node.assert_healthy().await;
-    assert!(started.elapsed() < Duration::from_millis(500), "answering took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "answering took {:?}",
+        started.elapsed()
+    );
 
     let (elapsed, status, body) = spinning.await.unwrap();
-    assert_eq!((status, error_code(&body).as_str()), (504, "timeout"), "{body}");
-    assert!(elapsed >= Duration::from_secs(2) && elapsed < Duration::from_secs(3), "timed out after {elapsed:?}");
+    assert_eq!(
+        (status, error_code(&body).as_str()),
+        (504, "timeout"),
+        "{body}"
+    );
+    assert!(
+        elapsed >= Duration::from_secs(2) && elapsed < Duration::from_secs(3),
+        "timed out after {elapsed:?}"
+    );
 
     assert_eq!(node.get("/apps/hello/").await.0, 200);
 }

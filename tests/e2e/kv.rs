@@ -6,10 +6,16 @@ use crate::support::{artifacts, TestNode};
 #[tokio::test]
 async fn acknowledged_increments_survive_sigkill() {
     let mut node = TestNode::start();
-    node.deploy_ok("kv-counter", artifacts::KV_COUNTER, "").await;
+    node.deploy_ok("kv-counter", artifacts::KV_COUNTER, "")
+        .await;
     const N: i64 = 25;
     for expected in 1..=N {
-        let response = node.client.post(node.at("/apps/kv-counter/count")).send().await.unwrap();
+        let response = node
+            .client
+            .post(node.at("/apps/kv-counter/count"))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(response.status(), 200);
         let body: serde_json::Value = response.json().await.unwrap();
         assert_eq!(body["count"], expected);
@@ -19,37 +25,73 @@ async fn acknowledged_increments_survive_sigkill() {
     let restarted = TestNode::start_in(data_dir.path(), &[]);
     let (status, body) = restarted.get("/apps/kv-counter/count").await;
     assert_eq!(status, 200);
-    assert_eq!(serde_json::from_str::<serde_json::Value>(&body).unwrap()["count"], N);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["count"],
+        N
+    );
 }
 
 #[tokio::test]
 async fn items_can_be_stored_listed_and_deleted() {
     let node = TestNode::start();
-    node.deploy_ok("kv-counter", artifacts::KV_COUNTER, "").await;
+    node.deploy_ok("kv-counter", artifacts::KV_COUNTER, "")
+        .await;
     for (key, value) in [("b", "second"), ("a", "first")] {
-        let response = node.client.put(node.at(&format!("/apps/kv-counter/items/{key}"))).body(value).send().await.unwrap();
+        let response = node
+            .client
+            .put(node.at(&format!("/apps/kv-counter/items/{key}")))
+            .body(value)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(response.status(), 204);
     }
-    assert_eq!(node.get("/apps/kv-counter/items/a").await, (200, "first".to_string()));
+    assert_eq!(
+        node.get("/apps/kv-counter/items/a").await,
+        (200, "first".to_string())
+    );
     let (_, keys) = node.get("/apps/kv-counter/items").await;
-    assert_eq!(serde_json::from_str::<serde_json::Value>(&keys).unwrap()["keys"], serde_json::json!(["a", "b"]));
-    let response = node.client.delete(node.at("/apps/kv-counter/items/a")).send().await.unwrap();
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&keys).unwrap()["keys"],
+        serde_json::json!(["a", "b"])
+    );
+    let response = node
+        .client
+        .delete(node.at("/apps/kv-counter/items/a"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 204);
     assert_eq!(node.get("/apps/kv-counter/items/a").await.0, 404);
 
     // Another app has its own buckets: it cannot see kv-counter's items.
     node.deploy_ok("other", artifacts::KV_COUNTER, "").await;
     assert_eq!(node.get("/apps/other/items/b").await.0, 404);
-    assert_eq!(node.get("/apps/kv-counter/items/b").await, (200, "second".to_string()));
+    assert_eq!(
+        node.get("/apps/kv-counter/items/b").await,
+        (200, "second".to_string())
+    );
 }
 
 #[tokio::test]
 async fn concurrent_compare_and_swap_appends_all_land() {
     let node = TestNode::start();
-    node.deploy_ok("kv-counter", artifacts::KV_COUNTER, "").await;
+    node.deploy_ok("kv-counter", artifacts::KV_COUNTER, "")
+        .await;
     let appends = (0..8).map(|i| {
-        let (client, url) = (node.client.clone(), node.at("/apps/kv-counter/items/log/append"));
-        tokio::spawn(async move { client.post(url).body(format!("{i};")).send().await.unwrap().status() })
+        let (client, url) = (
+            node.client.clone(),
+            node.at("/apps/kv-counter/items/log/append"),
+        );
+        tokio::spawn(async move {
+            client
+                .post(url)
+                .body(format!("{i};"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        })
     });
     for append in appends.collect::<Vec<_>>() {
         assert_eq!(append.await.unwrap(), 200);

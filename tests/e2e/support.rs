@@ -75,11 +75,16 @@ impl TestNode {
                 printed_fingerprint = Some(rest.trim().to_string());
             }
         }
-        let mut builder = reqwest::Client::builder().use_rustls_tls().timeout(Duration::from_secs(120));
+        let mut builder = reqwest::Client::builder()
+            .use_rustls_tls()
+            .timeout(Duration::from_secs(120));
         if let Ok(pem) = std::fs::read(data_dir.join("tls/cert.pem")) {
-            builder = builder.add_root_certificate(reqwest::Certificate::from_pem(&pem).expect("PEM certificate"));
+            builder = builder.add_root_certificate(
+                reqwest::Certificate::from_pem(&pem).expect("PEM certificate"),
+            );
         }
-        let token = std::fs::read_to_string(data_dir.join("admin-token")).expect("admin token written at start");
+        let token = std::fs::read_to_string(data_dir.join("admin-token"))
+            .expect("admin token written at start");
         Self {
             child,
             data_dir: data_dir.to_path_buf(),
@@ -99,7 +104,10 @@ impl TestNode {
 
     /// Stops the node with SIGTERM and waits for it to exit.
     pub fn terminate(&mut self) {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
         let _ = self.child.wait();
     }
 
@@ -151,19 +159,32 @@ impl TestNode {
     pub async fn deploy_ok(&self, app: &str, component: &str, query: &str) {
         let response = self.deploy(app, component, query).await;
         let status = response.status();
-        assert_eq!(status, 200, "deploying {app}: {}", response.text().await.unwrap_or_default());
+        assert_eq!(
+            status,
+            200,
+            "deploying {app}: {}",
+            response.text().await.unwrap_or_default()
+        );
     }
 
     /// Registers the text-orientation model as `text-orientation` through the CLI.
     pub fn add_text_orientation_model(&self) {
         let model = artifacts::text_orientation_model();
-        self.cli_ok(&["model", "add", "text-orientation", model.to_str().expect("utf-8 path")]);
+        self.cli_ok(&[
+            "model",
+            "add",
+            "text-orientation",
+            model.to_str().expect("utf-8 path"),
+        ]);
     }
 
     /// GET `path`, returning status and body text.
     pub async fn get(&self, path: &str) -> (u16, String) {
         let response = self.client.get(self.at(path)).send().await.expect("GET");
-        (response.status().as_u16(), response.text().await.expect("body"))
+        (
+            response.status().as_u16(),
+            response.text().await.expect("body"),
+        )
     }
 
     /// Asserts the node still serves: `/healthz` answers ok.
@@ -180,6 +201,10 @@ impl Drop for TestNode {
 
 /// The `{ "error": { "code" } }` of a JSON error body.
 pub fn error_code(body: &str) -> String {
-    let value: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("not a JSON error: {body}"));
-    value["error"]["code"].as_str().unwrap_or_else(|| panic!("no error code in {body}")).to_string()
+    let value: serde_json::Value =
+        serde_json::from_str(body).unwrap_or_else(|_| panic!("not a JSON error: {body}"));
+    value["error"]["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error code in {body}"))
+        .to_string()
 }

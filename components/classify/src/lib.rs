@@ -36,23 +36,36 @@ fn to_input(pixels: &[u8]) -> Vec<f32> {
 
 fn handle(request: Request) -> Response {
     if request.method != "POST" {
-        return Response::error(405, "method_not_allowed", "POST {\"pixels\": [...]} with 48x192 RGB bytes");
+        return Response::error(
+            405,
+            "method_not_allowed",
+            "POST {\"pixels\": [...]} with 48x192 RGB bytes",
+        );
     }
     let body: ClassifyRequest = match request.json() {
         Ok(body) => body,
         Err(response) => return response,
     };
     if body.pixels.len() != HEIGHT * WIDTH * 3 {
-        let message = format!("pixels must hold {HEIGHT}x{WIDTH} RGB bytes ({}), not {}", HEIGHT * WIDTH * 3, body.pixels.len());
+        let message = format!(
+            "pixels must hold {HEIGHT}x{WIDTH} RGB bytes ({}), not {}",
+            HEIGHT * WIDTH * 3,
+            body.pixels.len()
+        );
         return Response::error(400, "bad_image", &message);
     }
     let model = request.query("model").unwrap_or("text-orientation");
     let graph = match Graph::by_name(model) {
         Ok(graph) => graph,
-        Err(error) if error.code == ErrorCode::NotFound => return Response::error(404, "model_not_found", &error.message),
+        Err(error) if error.code == ErrorCode::NotFound => {
+            return Response::error(404, "model_not_found", &error.message)
+        }
         Err(error) => return Response::error(500, "model_error", &error.to_string()),
     };
-    let input = Tensor::from_f32(&[1, 3, HEIGHT as u32, WIDTH as u32], &to_input(&body.pixels));
+    let input = Tensor::from_f32(
+        &[1, 3, HEIGHT as u32, WIDTH as u32],
+        &to_input(&body.pixels),
+    );
     let outputs = match graph.compute(vec![("x".to_string(), input)]) {
         Ok(outputs) => outputs,
         Err(error) => return Response::error(500, "inference_failed", &error.to_string()),

@@ -5,7 +5,10 @@
 use tensorlet_sdk::http::{Request, Response};
 
 fn handle(request: Request) -> Response {
-    let name = request.query("name").filter(|n| !n.is_empty()).unwrap_or("world");
+    let name = request
+        .query("name")
+        .filter(|n| !n.is_empty())
+        .unwrap_or("world");
     Response::text(200, format!("Hello, {name}!\n"))
 }
 

@@ -22,17 +22,34 @@ fn route(request: &Request) -> Result<Response, KvError> {
     let segments: Vec<&str> = request.path().trim_matches('/').split('/').collect();
     Ok(match (request.method.as_str(), segments.as_slice()) {
         ("GET", ["count"]) => {
-            let count = bucket.get("count")?.and_then(|v| String::from_utf8(v).ok()).unwrap_or_else(|| "0".into());
-            Response::json(200, &serde_json::json!({ "count": count.parse::<i64>().unwrap_or(0) }))
+            let count = bucket
+                .get("count")?
+                .and_then(|v| String::from_utf8(v).ok())
+                .unwrap_or_else(|| "0".into());
+            Response::json(
+                200,
+                &serde_json::json!({ "count": count.parse::<i64>().unwrap_or(0) }),
+            )
         }
         ("POST", ["count"]) => {
-            let Some(by) = request.query("by").map_or(Some(1), |by| by.parse::<i64>().ok()) else {
+            let Some(by) = request
+                .query("by")
+                .map_or(Some(1), |by| by.parse::<i64>().ok())
+            else {
                 return Ok(Response::error(400, "bad_delta", "`by` must be an integer"));
             };
-            Response::json(200, &serde_json::json!({ "count": bucket.increment("count", by)? }))
+            Response::json(
+                200,
+                &serde_json::json!({ "count": bucket.increment("count", by)? }),
+            )
         }
         ("GET", ["items"]) => {
-            let keys: Vec<String> = bucket.keys()?.iter().filter_map(|k| k.strip_prefix("item:")).map(str::to_string).collect();
+            let keys: Vec<String> = bucket
+                .keys()?
+                .iter()
+                .filter_map(|k| k.strip_prefix("item:"))
+                .map(str::to_string)
+                .collect();
             Response::json(200, &serde_json::json!({ "keys": keys }))
         }
         ("GET", ["items", key]) => match bucket.get(&item(key))? {
@@ -55,7 +72,11 @@ fn route(request: &Request) -> Result<Response, KvError> {
             })?;
             Response::new(200, value)
         }
-        _ => Response::error(404, "not_found", "routes: /count, /items, /items/KEY, /items/KEY/append"),
+        _ => Response::error(
+            404,
+            "not_found",
+            "routes: /count, /items, /items/KEY, /items/KEY/append",
+        ),
     })
 }
 

@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use futures_util::StreamExt;
+use http_body_util::{BodyExt, Limited};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -36,17 +37,27 @@ pub fn router(node: Arc<Node>) -> Router<Arc<Node>> {
         .route("/models", get(list_models))
         .route(
             "/models/{name}",
-            get(get_model).put(add_model).delete(remove_model).layer(DefaultBodyLimit::disable()),
+            get(get_model)
+                .put(add_model)
+                .delete(remove_model)
+                .layer(DefaultBodyLimit::disable()),
         )
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(node, require_admin))
 }
 
 async fn require_admin(State(node): State<Arc<Node>>, request: Request, next: Next) -> Response {
-    let authorization = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let authorization = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
     if crate::tenancy::is_admin(authorization, &node.admin_token) {
         next.run(request).await
     } else {
+        // Read (and drop) what the client is uploading before answering: an HTTP/1.1 client
+        // still writing its body would otherwise see the connection close instead of the 401.
+        let drain = Limited::new(request.into_body(), MAX_COMPONENT_BYTES).collect();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), drain).await;
         ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
@@ -86,11 +97,21 @@ async fn list_apps(State(node): State<Arc<Node>>) -> Json<Value> {
 }
 
 fn app_not_found(name: &str) -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "app_not_found", format!("no app named {name:?} is deployed on this node"))
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "app_not_found",
+        format!("no app named {name:?} is deployed on this node"),
+    )
 }
 
-async fn get_app(State(node): State<Arc<Node>>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
-    let app = node.runtime.app(&name).ok_or_else(|| app_not_found(&name))?;
+async fn get_app(
+    State(node): State<Arc<Node>>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let app = node
+        .runtime
+        .app(&name)
+        .ok_or_else(|| app_not_found(&name))?;
     Ok(Json(json!({ "app": app.record })))
 }
 
@@ -105,8 +126,15 @@ async fn deploy(
     Ok((StatusCode::OK, Json(json!({ "app": record }))).into_response())
 }
 
-async fn remove_app(State(node): State<Arc<Node>>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
-    let record = node.runtime.remove(&name).await?.ok_or_else(|| app_not_found(&name))?;
+async fn remove_app(
+    State(node): State<Arc<Node>>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let record = node
+        .runtime
+        .remove(&name)
+        .await?
+        .ok_or_else(|| app_not_found(&name))?;
     Ok(Json(json!({ "removed": record })))
 }
 
@@ -114,7 +142,10 @@ async fn list_models(State(node): State<Arc<Node>>) -> Json<Value> {
     Json(json!({ "models": node.models.list() }))
 }
 
-async fn get_model(State(node): State<Arc<Node>>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn get_model(
+    State(node): State<Arc<Node>>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     let record = node
         .models
         .list()
@@ -138,7 +169,9 @@ async fn add_model(
     let encoding = query.encoding.unwrap_or_else(|| "onnx".to_string());
     let limit = node.config.nn.max_model_bytes;
     let tmp_dir = node.config.data_dir.join("tmp");
-    tokio::fs::create_dir_all(&tmp_dir).await.map_err(io_error)?;
+    tokio::fs::create_dir_all(&tmp_dir)
+        .await
+        .map_err(io_error)?;
     let staged = tmp_dir.join(format!("upload-{:016x}", rand::random::<u64>()));
     // Stream the upload to disk while hashing it: models can be far larger than memory wants.
     let streamed = async {
@@ -147,7 +180,13 @@ async fn add_model(
         let mut size = 0u64;
         let mut stream = body.into_data_stream();
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_body", format!("reading the upload failed: {e}")))?;
+            let chunk = chunk.map_err(|e| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad_body",
+                    format!("reading the upload failed: {e}"),
+                )
+            })?;
             size += chunk.len() as u64;
             if size > limit {
                 return Err(ApiError::new(
@@ -161,7 +200,11 @@ async fn add_model(
         }
         file.sync_all().await.map_err(io_error)?;
         if size == 0 {
-            return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_model", "the model file is empty"));
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_model",
+                "the model file is empty",
+            ));
         }
         Ok((hex::encode(hasher.finalize()), size))
     }
@@ -173,16 +216,26 @@ async fn add_model(
             return Err(error);
         }
     };
-    let record = node.models.add(&name, &encoding, staged, digest, size).await?;
+    let record = node
+        .models
+        .add(&name, &encoding, staged, digest, size)
+        .await?;
     tracing::info!(model = %record.name, digest = %record.digest, "model added");
     Ok(Json(json!({ "model": record })))
 }
 
-async fn remove_model(State(node): State<Arc<Node>>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn remove_model(
+    State(node): State<Arc<Node>>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     let record = node.models.remove(&name).await?;
     Ok(Json(json!({ "removed": record })))
 }
 
 fn io_error(error: std::io::Error) -> ApiError {
-    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "io_error", error.to_string())
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "io_error",
+        error.to_string(),
+    )
 }

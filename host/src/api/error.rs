@@ -38,7 +38,11 @@ impl IntoResponse for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "store_error", error.to_string())
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "store_error",
+            error.to_string(),
+        )
     }
 }
 
@@ -68,7 +72,9 @@ impl From<ModelError> for ApiError {
             ModelError::UnknownEncoding { .. } => (StatusCode::BAD_REQUEST, "unknown_encoding"),
             ModelError::InvalidModel(_) => (StatusCode::BAD_REQUEST, "invalid_model"),
             ModelError::NotFound(_) => (StatusCode::NOT_FOUND, "model_not_found"),
-            ModelError::Store(_) | ModelError::Io(_) => (StatusCode::INTERNAL_SERVER_ERROR, "store_error"),
+            ModelError::Store(_) | ModelError::Io(_) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "store_error")
+            }
         };
         Self::new(status, code, error.to_string())
     }

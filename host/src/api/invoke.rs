@@ -38,7 +38,11 @@ async fn run(node: &Node, request: Request) -> Result<Response, ApiError> {
     let (app_name, path) = split_app_path(&parts.uri)
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", "no app in the path"))?;
     let app = node.runtime.app(app_name).ok_or_else(|| {
-        ApiError::new(StatusCode::NOT_FOUND, "app_not_found", format!("no app named {app_name:?} is deployed on this node"))
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "app_not_found",
+            format!("no app named {app_name:?} is deployed on this node"),
+        )
     })?;
 
     let limit = app.record.max_body_bytes;
@@ -46,7 +50,10 @@ async fn run(node: &Node, request: Request) -> Result<Response, ApiError> {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "body_too_large",
-            format!("the request body is larger than app {:?} accepts ({limit} bytes)", app.record.name),
+            format!(
+                "the request body is larger than app {:?} accepts ({limit} bytes)",
+                app.record.name
+            ),
         )
     };
     let declared = parts
@@ -63,7 +70,11 @@ async fn run(node: &Node, request: Request) -> Result<Response, ApiError> {
         Ok(collected) => collected.to_bytes(),
         Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => return Err(too_large()),
         Err(error) => {
-            return Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_body", format!("could not read the request body: {error}")));
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_body",
+                format!("could not read the request body: {error}"),
+            ));
         }
     };
 
@@ -71,12 +82,28 @@ async fn run(node: &Node, request: Request) -> Result<Response, ApiError> {
         .uri
         .authority()
         .map(|a| a.to_string())
-        .or_else(|| parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string))
+        .or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
         .unwrap_or_else(|| "localhost".to_string());
-    let scheme = if node.tls_fingerprint.is_some() { "https" } else { "http" };
+    let scheme = if node.tls_fingerprint.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let uri: Uri = format!("{scheme}://{authority}{path}")
         .parse()
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_uri", format!("invalid request URI: {e}")))?;
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_uri",
+                format!("invalid request URI: {e}"),
+            )
+        })?;
     let mut guest_request = http::Request::new(Full::new(body));
     *guest_request.method_mut() = parts.method;
     *guest_request.uri_mut() = uri;
@@ -93,7 +120,10 @@ mod tests {
     #[test]
     fn the_app_sees_the_path_below_its_mount_point() {
         let uri = "/apps/classify/v1/x?y=1".parse().unwrap();
-        assert_eq!(split_app_path(&uri), Some(("classify", "/v1/x?y=1".to_string())));
+        assert_eq!(
+            split_app_path(&uri),
+            Some(("classify", "/v1/x?y=1".to_string()))
+        );
         let uri = "/apps/hello".parse().unwrap();
         assert_eq!(split_app_path(&uri), Some(("hello", "/".to_string())));
         let uri = "/apps/hello/".parse().unwrap();

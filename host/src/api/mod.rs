@@ -34,12 +34,20 @@ async fn healthz() -> &'static str {
 }
 
 async fn not_found() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route: apps are under /apps/<app>/, the admin API under /v1/admin/")
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such route: apps are under /apps/<app>/, the admin API under /v1/admin/",
+    )
 }
 
 /// Accepts connections on `listener` until the task is dropped; HTTPS when `tls` is given.
 /// Each connection is served on its own task, HTTP/1.1 or HTTP/2.
-pub async fn serve(node: Arc<Node>, listener: TcpListener, tls: Option<Arc<rustls::ServerConfig>>) -> anyhow::Result<()> {
+pub async fn serve(
+    node: Arc<Node>,
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> anyhow::Result<()> {
     let service = TowerToHyperService::new(router(node));
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     loop {
@@ -59,7 +67,11 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, tls: Option<Arc<rustl
             let builder = auto::Builder::new(TokioExecutor::new());
             let served = match acceptor {
                 Some(acceptor) => match acceptor.accept(tcp).await {
-                    Ok(stream) => builder.serve_connection(TokioIo::new(stream), service).await,
+                    Ok(stream) => {
+                        builder
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await
+                    }
                     Err(error) => {
                         tracing::debug!(%peer, %error, "TLS handshake failed");
                         return;

@@ -14,7 +14,11 @@ pub struct AdminClient {
 
 impl AdminClient {
     /// A client for `server` (or the node running from `data_dir`).
-    pub fn connect(server: Option<&str>, token: Option<&str>, data_dir: &Path) -> anyhow::Result<Self> {
+    pub fn connect(
+        server: Option<&str>,
+        token: Option<&str>,
+        data_dir: &Path,
+    ) -> anyhow::Result<Self> {
         let base = match server {
             Some(server) => server.trim_end_matches('/').to_string(),
             None => std::fs::read_to_string(data_dir.join(crate::node::ENDPOINT_FILE))
@@ -30,7 +34,8 @@ impl AdminClient {
         let mut builder = reqwest::Client::builder().use_rustls_tls();
         let cert_path = crate::tls::generated_cert_path(data_dir);
         if let Ok(pem) = std::fs::read(&cert_path) {
-            let cert = reqwest::Certificate::from_pem(&pem).with_context(|| format!("reading {}", cert_path.display()))?;
+            let cert = reqwest::Certificate::from_pem(&pem)
+                .with_context(|| format!("reading {}", cert_path.display()))?;
             builder = builder.add_root_certificate(cert);
         }
         Ok(Self {
@@ -50,7 +55,12 @@ impl AdminClient {
             .bearer_auth(&self.token)
             .send()
             .await
-            .with_context(|| format!("cannot reach the node at {} (is `tensorlet serve` running?)", self.base))?;
+            .with_context(|| {
+                format!(
+                    "cannot reach the node at {} (is `tensorlet serve` running?)",
+                    self.base
+                )
+            })?;
         let status = response.status();
         let body: Value = response.json().await.unwrap_or(Value::Null);
         if !status.is_success() {
@@ -61,14 +71,21 @@ impl AdminClient {
     }
 
     pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
-        self.send(self.http.get(format!("{}{path}", self.base))).await
+        self.send(self.http.get(format!("{}{path}", self.base)))
+            .await
     }
 
     pub async fn delete(&self, path: &str) -> anyhow::Result<Value> {
-        self.send(self.http.delete(format!("{}{path}", self.base))).await
+        self.send(self.http.delete(format!("{}{path}", self.base)))
+            .await
     }
 
-    pub async fn deploy(&self, app: &str, component: &Path, settings: &AppSettings) -> anyhow::Result<Value> {
+    pub async fn deploy(
+        &self,
+        app: &str,
+        component: &Path,
+        settings: &AppSettings,
+    ) -> anyhow::Result<Value> {
         let bytes = tokio::fs::read(component)
             .await
             .with_context(|| format!("cannot read {}", component.display()))?;
@@ -78,10 +95,17 @@ impl AdminClient {
             .query(settings)
             .body(bytes);
         let body = self.send(request).await?;
-        body.get("app").cloned().ok_or_else(|| anyhow!("unexpected answer: {body}"))
+        body.get("app")
+            .cloned()
+            .ok_or_else(|| anyhow!("unexpected answer: {body}"))
     }
 
-    pub async fn add_model(&self, name: &str, file: &Path, encoding: &str) -> anyhow::Result<Value> {
+    pub async fn add_model(
+        &self,
+        name: &str,
+        file: &Path,
+        encoding: &str,
+    ) -> anyhow::Result<Value> {
         let handle = tokio::fs::File::open(file)
             .await
             .with_context(|| format!("cannot open {}", file.display()))?;
@@ -91,8 +115,12 @@ impl AdminClient {
             .put(format!("{}/v1/admin/models/{name}", self.base))
             .query(&[("encoding", encoding)])
             .header(reqwest::header::CONTENT_LENGTH, length)
-            .body(reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(handle)));
+            .body(reqwest::Body::wrap_stream(
+                tokio_util::io::ReaderStream::new(handle),
+            ));
         let body = self.send(request).await?;
-        body.get("model").cloned().ok_or_else(|| anyhow!("unexpected answer: {body}"))
+        body.get("model")
+            .cloned()
+            .ok_or_else(|| anyhow!("unexpected answer: {body}"))
     }
 }

@@ -10,7 +10,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "tensorlet", version, about = "A serverless inference node for the edge")]
+#[command(
+    name = "tensorlet",
+    version,
+    about = "A serverless inference node for the edge"
+)]
 struct Cli {
     /// The node's data dir: where `serve` keeps its state and where clients find the node's
     /// URL, certificate and admin token.
@@ -88,11 +92,15 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TENSORLET_LOG").unwrap_or_else(|_| "tensorlet=info,warn".into()),
+            tracing_subscriber::EnvFilter::try_from_env("TENSORLET_LOG")
+                .unwrap_or_else(|_| "tensorlet=info,warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("error: cannot start the async runtime: {error}");
@@ -110,7 +118,12 @@ pub fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let data_dir = cli.data_dir.clone().unwrap_or_else(default_data_dir);
-    if let Command::Serve { config, listen, plain_http } = cli.command {
+    if let Command::Serve {
+        config,
+        listen,
+        plain_http,
+    } = cli.command
+    {
         let mut node_config = match config {
             Some(path) => Config::from_file(&path)?,
             None => Config::default(),
@@ -140,7 +153,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 max_body_bytes,
             };
             let record = client.deploy(&app, &component, &settings).await?;
-            println!("deployed {} ({} bytes, sha256 {})", record["name"].as_str().unwrap_or(&app), record["size_bytes"], short(&record["digest"]));
+            println!(
+                "deployed {} ({} bytes, sha256 {})",
+                record["name"].as_str().unwrap_or(&app),
+                record["size_bytes"],
+                short(&record["digest"])
+            );
             println!("  {}/apps/{app}/", client.base_url());
         }
         Command::Apps => {
@@ -162,11 +180,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             client.delete(&format!("/v1/admin/apps/{app}")).await?;
             println!("removed {app}");
         }
-        Command::Model { command: ModelCommand::Add { name, file, encoding } } => {
+        Command::Model {
+            command:
+                ModelCommand::Add {
+                    name,
+                    file,
+                    encoding,
+                },
+        } => {
             let record = client.add_model(&name, &file, &encoding).await?;
-            println!("added model {} ({} bytes, {} on {}, sha256 {})", text(&record["name"]), record["size_bytes"], text(&record["encoding"]), text(&record["backend"]), short(&record["digest"]));
+            println!(
+                "added model {} ({} bytes, {} on {}, sha256 {})",
+                text(&record["name"]),
+                record["size_bytes"],
+                text(&record["encoding"]),
+                text(&record["backend"]),
+                short(&record["digest"])
+            );
         }
-        Command::Model { command: ModelCommand::Remove { name } } => {
+        Command::Model {
+            command: ModelCommand::Remove { name },
+        } => {
             client.delete(&format!("/v1/admin/models/{name}")).await?;
             println!("removed model {name}");
         }
@@ -175,7 +209,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print_table(
                 &["NAME", "ENCODING", "BACKEND", "SIZE", "DIGEST"],
                 models["models"].as_array().into_iter().flatten().map(|m| {
-                    vec![text(&m["name"]), text(&m["encoding"]), text(&m["backend"]), m["size_bytes"].to_string(), short(&m["digest"])]
+                    vec![
+                        text(&m["name"]),
+                        text(&m["encoding"]),
+                        text(&m["backend"]),
+                        m["size_bytes"].to_string(),
+                        short(&m["digest"]),
+                    ]
                 }),
             );
         }
@@ -200,10 +240,20 @@ fn print_table(headers: &[&str], rows: impl Iterator<Item = Vec<String>>) {
     let widths: Vec<usize> = headers
         .iter()
         .enumerate()
-        .map(|(i, h)| rows.iter().map(|r| r[i].len()).chain([h.len()]).max().unwrap_or(0))
+        .map(|(i, h)| {
+            rows.iter()
+                .map(|r| r[i].len())
+                .chain([h.len()])
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let line = |cells: Vec<String>| {
-        let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
         println!("{}", padded.join("  ").trim_end());
     };
     line(headers.iter().map(|h| h.to_string()).collect());

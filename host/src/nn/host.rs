@@ -23,13 +23,20 @@ pub struct NnError {
 type NnResult<T> = wasmtime::Result<Result<Resource<T>, Resource<NnError>>>;
 
 impl NnView<'_> {
-    fn fail<T>(&mut self, code: errors::ErrorCode, message: impl Into<String>) -> wasmtime::Result<Result<T, Resource<NnError>>> {
+    fn fail<T>(
+        &mut self,
+        code: errors::ErrorCode,
+        message: impl Into<String>,
+    ) -> wasmtime::Result<Result<T, Resource<NnError>>> {
         let message = message.into();
         tracing::debug!(?code, %message, "wasi-nn error returned to guest");
         Ok(Err(self.table.push(NnError { code, message })?))
     }
 
-    fn fail_backend<T>(&mut self, error: BackendError) -> wasmtime::Result<Result<T, Resource<NnError>>> {
+    fn fail_backend<T>(
+        &mut self,
+        error: BackendError,
+    ) -> wasmtime::Result<Result<T, Resource<NnError>>> {
         let code = match error {
             BackendError::InvalidModel(_) => errors::ErrorCode::InvalidEncoding,
             BackendError::InvalidArgument(_) => errors::ErrorCode::InvalidArgument,
@@ -70,10 +77,16 @@ impl graph::Host for NnView<'_> {
         }
         let name = encoding_name(encoding);
         let Some(backend) = self.ctx.models.backends().for_encoding(name) else {
-            return self.fail(errors::ErrorCode::InvalidEncoding, format!("this node has no backend for encoding {name}"));
+            return self.fail(
+                errors::ErrorCode::InvalidEncoding,
+                format!("this node has no backend for encoding {name}"),
+            );
         };
         if builders.len() != 1 || builders[0].is_empty() {
-            return self.fail(errors::ErrorCode::InvalidArgument, format!("the {name} backend takes exactly one non-empty graph builder"));
+            return self.fail(
+                errors::ErrorCode::InvalidArgument,
+                format!("the {name} backend takes exactly one non-empty graph builder"),
+            );
         }
         let bytes = builders.into_iter().next().unwrap_or_default();
         // Parsing and optimising a model is CPU work: keep it off the reactor.
@@ -96,10 +109,15 @@ impl graph::Host for NnView<'_> {
 }
 
 impl graph::HostGraph for NnView<'_> {
-    fn init_execution_context(&mut self, graph: Resource<GraphResource>) -> NnResult<ContextResource> {
+    fn init_execution_context(
+        &mut self,
+        graph: Resource<GraphResource>,
+    ) -> NnResult<ContextResource> {
         let graph = self.table.get(&graph)?.0.clone();
         match graph.init_execution_context() {
-            Ok(context) => Ok(Ok(self.table.push(ContextResource(Arc::new(Mutex::new(context))))?)),
+            Ok(context) => Ok(Ok(self
+                .table
+                .push(ContextResource(Arc::new(Mutex::new(context))))?)),
             Err(error) => self.fail_backend(error),
         }
     }
@@ -126,7 +144,9 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
         // Inference blocks for as long as the model runs: it goes to the blocking pool so the
         // reactor keeps serving other requests, other apps and /healthz meanwhile.
         let outputs = tokio::task::spawn_blocking(move || {
-            let mut context = context.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut context = context
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             backend::catch_panic("compute", || context.compute(tensors))
         })
         .await?;
@@ -157,10 +177,17 @@ impl tensor::HostTensor for NnView<'_> {
         ty: tensor::TensorType,
         data: tensor::TensorData,
     ) -> wasmtime::Result<Resource<Tensor>> {
-        Ok(self.table.push(Tensor { dimensions, ty, data })?)
+        Ok(self.table.push(Tensor {
+            dimensions,
+            ty,
+            data,
+        })?)
     }
 
-    fn dimensions(&mut self, tensor: Resource<Tensor>) -> wasmtime::Result<tensor::TensorDimensions> {
+    fn dimensions(
+        &mut self,
+        tensor: Resource<Tensor>,
+    ) -> wasmtime::Result<tensor::TensorDimensions> {
         Ok(self.table.get(&tensor)?.dimensions.clone())
     }
 

@@ -53,7 +53,10 @@ pub struct ModelRegistry {
 }
 
 fn valid_name(name: &str) -> bool {
-    (1..=128).contains(&name.len()) && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    (1..=128).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
 fn now_secs() -> u64 {
@@ -75,14 +78,19 @@ impl ModelRegistry {
                 .for_encoding(&record.encoding)
                 .ok_or_else(|| format!("no backend for encoding {}", record.encoding))
                 .and_then(|backend| {
-                    let bytes = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-                    backend.load(&bytes, ExecutionTarget::Cpu).map_err(|e| e.to_string())
+                    let bytes = std::fs::read(&path)
+                        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+                    backend
+                        .load(&bytes, ExecutionTarget::Cpu)
+                        .map_err(|e| e.to_string())
                 });
             match result {
                 Ok(graph) => {
                     loaded.insert(record.name.clone(), Loaded { record, graph });
                 }
-                Err(error) => tracing::error!(model = %record.name, %error, "registered model could not be loaded"),
+                Err(error) => {
+                    tracing::error!(model = %record.name, %error, "registered model could not be loaded")
+                }
             }
         }
         Ok(Self {
@@ -101,12 +109,22 @@ impl ModelRegistry {
 
     /// The loaded graph registered as `name`.
     pub fn graph(&self, name: &str) -> Option<Arc<dyn Graph>> {
-        self.loaded.read().expect("registry lock").get(name).map(|l| l.graph.clone())
+        self.loaded
+            .read()
+            .expect("registry lock")
+            .get(name)
+            .map(|l| l.graph.clone())
     }
 
     /// Every registered model, by name.
     pub fn list(&self) -> Vec<ModelRecord> {
-        let mut records: Vec<_> = self.loaded.read().expect("registry lock").values().map(|l| l.record.clone()).collect();
+        let mut records: Vec<_> = self
+            .loaded
+            .read()
+            .expect("registry lock")
+            .values()
+            .map(|l| l.record.clone())
+            .collect();
         records.sort_by(|a, b| a.name.cmp(&b.name));
         records
     }
@@ -114,7 +132,14 @@ impl ModelRegistry {
     /// Registers the model in `staged` (a file in the data dir) under `name`, replacing any
     /// model of that name. The file is loaded first: one that does not load is refused and
     /// deleted, and nothing changes.
-    pub async fn add(&self, name: &str, encoding: &str, staged: PathBuf, digest: String, size_bytes: u64) -> Result<ModelRecord, ModelError> {
+    pub async fn add(
+        &self,
+        name: &str,
+        encoding: &str,
+        staged: PathBuf,
+        digest: String,
+        size_bytes: u64,
+    ) -> Result<ModelRecord, ModelError> {
         let refuse = |error: ModelError, staged: &Path| {
             let _ = std::fs::remove_file(staged);
             Err(error)
@@ -123,8 +148,20 @@ impl ModelRegistry {
             return refuse(ModelError::InvalidName(name.to_string()), &staged);
         }
         let Some(backend) = self.backends.for_encoding(encoding) else {
-            let available = self.backends.describe().iter().map(|(_, e)| *e).collect::<Vec<_>>().join(", ");
-            return refuse(ModelError::UnknownEncoding { encoding: encoding.to_string(), available }, &staged);
+            let available = self
+                .backends
+                .describe()
+                .iter()
+                .map(|(_, e)| *e)
+                .collect::<Vec<_>>()
+                .join(", ");
+            return refuse(
+                ModelError::UnknownEncoding {
+                    encoding: encoding.to_string(),
+                    available,
+                },
+                &staged,
+            );
         };
         let final_path = self.dir.join(&digest);
         let backend_name = backend.name();
@@ -140,7 +177,9 @@ impl ModelRegistry {
                     let _ = std::fs::remove_file(&staged);
                     Err(match error {
                         BackendError::InvalidModel(message) => ModelError::InvalidModel(message),
-                        other => ModelError::InvalidModel(format!("the model does not load: {other}")),
+                        other => {
+                            ModelError::InvalidModel(format!("the model does not load: {other}"))
+                        }
                     })
                 }
             }
@@ -157,11 +196,13 @@ impl ModelRegistry {
         };
         store::put_json(&self.tree, name, &record)?;
         self.store.make_durable().await?;
-        let previous = self
-            .loaded
-            .write()
-            .expect("registry lock")
-            .insert(name.to_string(), Loaded { record: record.clone(), graph });
+        let previous = self.loaded.write().expect("registry lock").insert(
+            name.to_string(),
+            Loaded {
+                record: record.clone(),
+                graph,
+            },
+        );
         if let Some(previous) = previous {
             self.remove_file_if_unused(&previous.record.digest);
         }
@@ -170,7 +211,12 @@ impl ModelRegistry {
 
     /// Unregisters a model; instances that hold it keep it until they finish.
     pub async fn remove(&self, name: &str) -> Result<ModelRecord, ModelError> {
-        let record = self.loaded.read().expect("registry lock").get(name).map(|l| l.record.clone());
+        let record = self
+            .loaded
+            .read()
+            .expect("registry lock")
+            .get(name)
+            .map(|l| l.record.clone());
         let Some(record) = record else {
             return Err(ModelError::NotFound(name.to_string()));
         };
@@ -182,7 +228,12 @@ impl ModelRegistry {
     }
 
     fn remove_file_if_unused(&self, digest: &str) {
-        let used = self.loaded.read().expect("registry lock").values().any(|l| l.record.digest == digest);
+        let used = self
+            .loaded
+            .read()
+            .expect("registry lock")
+            .values()
+            .any(|l| l.record.digest == digest);
         if !used {
             let _ = std::fs::remove_file(self.dir.join(digest));
         }

@@ -93,14 +93,21 @@ impl ComponentCache {
 
     /// The compiled component for `bytes`, from the cache or compiled now and cached.
     /// Blocking (file I/O and, on a miss, compilation).
-    pub fn load_or_compile(&self, engine: &Engine, digest: &str, bytes: &[u8]) -> wasmtime::Result<Component> {
+    pub fn load_or_compile(
+        &self,
+        engine: &Engine,
+        digest: &str,
+        bytes: &[u8],
+    ) -> wasmtime::Result<Component> {
         let path = self.path(digest);
         if path.exists() {
             // SAFETY: the file was written by `Component::serialize` of this engine
             // configuration (the name carries its hash) into the node's private data dir.
             match unsafe { Component::deserialize_file(engine, &path) } {
                 Ok(component) => return Ok(component),
-                Err(error) => tracing::warn!(path = %path.display(), %error, "cached component unusable; recompiling"),
+                Err(error) => {
+                    tracing::warn!(path = %path.display(), %error, "cached component unusable; recompiling")
+                }
             }
         }
         let component = Component::new(engine, bytes)?;

@@ -5,8 +5,8 @@ use super::App;
 use crate::kv::{KvCtx, KvView};
 use crate::nn::{NnCtx, NnView};
 use bytes::Bytes;
-use std::future::Future;
 use http_body_util::Full;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -76,7 +76,12 @@ struct MemoryLimiter {
 }
 
 impl ResourceLimiter for MemoryLimiter {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         if desired > self.max_bytes {
             self.hit.store(true, Ordering::Relaxed);
             return Ok(false);
@@ -84,7 +89,12 @@ impl ResourceLimiter for MemoryLimiter {
         Ok(true)
     }
 
-    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         Ok(desired <= 1_000_000)
     }
 }
@@ -197,7 +207,11 @@ pub async fn invoke(
             Err(join) => InvokeError::Trap(join.to_string()),
             Ok(Err(_elapsed)) => InvokeError::Timeout(timeout_secs),
             Ok(Ok(Ok(()))) => InvokeError::NoResponse,
-            Ok(Ok(Err(error))) => classify(error, memory_hit.load(Ordering::Relaxed), app.record.memory_mib),
+            Ok(Ok(Err(error))) => classify(
+                error,
+                memory_hit.load(Ordering::Relaxed),
+                app.record.memory_mib,
+            ),
         }),
     }
 }
@@ -209,7 +223,11 @@ fn describe_error_code(code: &ErrorCode) -> String {
 fn classify(error: wasmtime::Error, memory_hit: bool, limit_mib: u64) -> InvokeError {
     let detail = match error.downcast_ref::<wasmtime::Trap>() {
         Some(trap) => trap.to_string(),
-        None => format!("{error:#}").lines().next().unwrap_or_default().to_string(),
+        None => format!("{error:#}")
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string(),
     };
     if memory_hit {
         InvokeError::MemoryLimit { limit_mib, detail }

@@ -89,7 +89,9 @@ fn valid_app_name(name: &str) -> bool {
     let bytes = name.as_bytes();
     (1..=63).contains(&bytes.len())
         && bytes[0].is_ascii_alphanumeric()
-        && bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
 }
 
 /// Checks the 8-byte preamble: `\0asm`, then version 1 for core modules or layer 1 for
@@ -101,7 +103,9 @@ fn check_preamble(bytes: &[u8]) -> Result<(), DeployError> {
     match bytes[4..8] {
         [1, 0, 0, 0] => Err(DeployError::CoreModule),
         [0x0d, 0, 1, 0] => Ok(()),
-        _ => Err(DeployError::Invalid("unknown WebAssembly version or layer".into())),
+        _ => Err(DeployError::Invalid(
+            "unknown WebAssembly version or layer".into(),
+        )),
     }
 }
 
@@ -114,16 +118,24 @@ fn now_secs() -> u64 {
 impl Runtime {
     /// Builds the runtime and prepares every deployed app. Blocking: compiling (or loading
     /// cached) components is CPU and file work; call it from a blocking context at start-up.
-    pub fn open(config: &Config, store: Store, models: Arc<crate::nn::ModelRegistry>) -> anyhow::Result<Self> {
-        let engine = engine::build_engine(&config.limits).map_err(|e| anyhow::anyhow!("cannot configure wasmtime: {e:#}"))?;
-        let linker = instance::build_linker(&engine).map_err(|e| anyhow::anyhow!("cannot link the host interfaces: {e:#}"))?;
+    pub fn open(
+        config: &Config,
+        store: Store,
+        models: Arc<crate::nn::ModelRegistry>,
+    ) -> anyhow::Result<Self> {
+        let engine = engine::build_engine(&config.limits)
+            .map_err(|e| anyhow::anyhow!("cannot configure wasmtime: {e:#}"))?;
+        let linker = instance::build_linker(&engine)
+            .map_err(|e| anyhow::anyhow!("cannot link the host interfaces: {e:#}"))?;
         let cache = engine::ComponentCache::new(&engine, &config.data_dir.join("cache"))?;
         let components_dir = config.data_dir.join("components");
         std::fs::create_dir_all(&components_dir)?;
         let apps_tree = store.tree("apps")?;
         let ticker = engine::EpochTicker::start(&engine);
         let runtime = Self {
-            admission: Arc::new(Semaphore::new(config.limits.max_concurrent_instances as usize)),
+            admission: Arc::new(Semaphore::new(
+                config.limits.max_concurrent_instances as usize,
+            )),
             resources: InstanceResources {
                 store: store.clone(),
                 models,
@@ -140,23 +152,35 @@ impl Runtime {
             _ticker: ticker,
         };
         for record in store::all_json::<AppRecord>(&runtime.apps_tree)? {
-            let path = runtime.components_dir.join(format!("{}.wasm", record.digest));
+            let path = runtime
+                .components_dir
+                .join(format!("{}.wasm", record.digest));
             let prepared = std::fs::read(&path)
                 .map_err(DeployError::from)
                 .and_then(|bytes| runtime.prepare(&record.digest, &bytes));
             match prepared {
                 Ok(pre) => {
                     let name = record.name.clone();
-                    runtime.apps.write().expect("apps lock").insert(name, Arc::new(App { record, pre }));
+                    runtime
+                        .apps
+                        .write()
+                        .expect("apps lock")
+                        .insert(name, Arc::new(App { record, pre }));
                 }
-                Err(error) => tracing::error!(app = %record.name, %error, "deployed app could not be prepared"),
+                Err(error) => {
+                    tracing::error!(app = %record.name, %error, "deployed app could not be prepared")
+                }
             }
         }
         Ok(runtime)
     }
 
     /// Compiles (or loads from the cache) and links a component. Blocking.
-    fn prepare(&self, digest: &str, bytes: &[u8]) -> Result<ProxyPre<instance::InstanceState>, DeployError> {
+    fn prepare(
+        &self,
+        digest: &str,
+        bytes: &[u8],
+    ) -> Result<ProxyPre<instance::InstanceState>, DeployError> {
         check_preamble(bytes)?;
         let component = self
             .cache
@@ -179,9 +203,13 @@ impl Runtime {
     fn settle(&self, settings: &AppSettings) -> Result<(u64, u64, u64), DeployError> {
         let timeout = settings.timeout_secs.unwrap_or(self.limits.timeout_secs);
         let memory = settings.memory_mib.unwrap_or(self.limits.memory_mib);
-        let body = settings.max_body_bytes.unwrap_or(self.limits.max_body_bytes);
+        let body = settings
+            .max_body_bytes
+            .unwrap_or(self.limits.max_body_bytes);
         if !(1..=3600).contains(&timeout) {
-            return Err(DeployError::InvalidSetting(format!("timeout_secs must be 1-3600, not {timeout}")));
+            return Err(DeployError::InvalidSetting(format!(
+                "timeout_secs must be 1-3600, not {timeout}"
+            )));
         }
         if !(1..=self.limits.max_memory_mib).contains(&memory) {
             return Err(DeployError::InvalidSetting(format!(
@@ -190,13 +218,20 @@ impl Runtime {
             )));
         }
         if body > 1 << 30 {
-            return Err(DeployError::InvalidSetting(format!("max_body_bytes must be at most 1 GiB, not {body}")));
+            return Err(DeployError::InvalidSetting(format!(
+                "max_body_bytes must be at most 1 GiB, not {body}"
+            )));
         }
         Ok((timeout, memory, body))
     }
 
     /// Deploys (or replaces) `name`. Requests already running finish on the old version.
-    pub async fn deploy(self: &Arc<Self>, name: &str, bytes: Bytes, settings: AppSettings) -> Result<AppRecord, DeployError> {
+    pub async fn deploy(
+        self: &Arc<Self>,
+        name: &str,
+        bytes: Bytes,
+        settings: AppSettings,
+    ) -> Result<AppRecord, DeployError> {
         if !valid_app_name(name) {
             return Err(DeployError::InvalidName(name.to_string()));
         }
@@ -208,7 +243,9 @@ impl Runtime {
         // Compiling is seconds of CPU work: it runs on the blocking pool.
         let pre = tokio::task::spawn_blocking(move || -> Result<_, DeployError> {
             let pre = runtime.prepare(&digest_for_prepare, &bytes)?;
-            let path = runtime.components_dir.join(format!("{digest_for_prepare}.wasm"));
+            let path = runtime
+                .components_dir
+                .join(format!("{digest_for_prepare}.wasm"));
             if !path.exists() {
                 let staged = path.with_extension("tmp");
                 std::fs::write(&staged, &bytes)?;
@@ -230,10 +267,13 @@ impl Runtime {
         };
         store::put_json(&self.apps_tree, name, &record)?;
         self.store.make_durable().await?;
-        self.apps
-            .write()
-            .expect("apps lock")
-            .insert(name.to_string(), Arc::new(App { record: record.clone(), pre }));
+        self.apps.write().expect("apps lock").insert(
+            name.to_string(),
+            Arc::new(App {
+                record: record.clone(),
+                pre,
+            }),
+        );
         Ok(record)
     }
 
@@ -255,7 +295,13 @@ impl Runtime {
 
     /// Every deployed app, by name.
     pub fn apps(&self) -> Vec<AppRecord> {
-        let mut records: Vec<_> = self.apps.read().expect("apps lock").values().map(|a| a.record.clone()).collect();
+        let mut records: Vec<_> = self
+            .apps
+            .read()
+            .expect("apps lock")
+            .values()
+            .map(|a| a.record.clone())
+            .collect();
         records.sort_by(|a, b| a.name.cmp(&b.name));
         records
     }
@@ -267,7 +313,11 @@ impl Runtime {
 
     /// Runs one request on `app`. Waits in the admission queue while the node is at its
     /// instance limit, instead of failing.
-    pub async fn invoke(&self, app: Arc<App>, request: http::Request<Full<Bytes>>) -> Result<http::Response<HyperOutgoingBody>, InvokeError> {
+    pub async fn invoke(
+        &self,
+        app: Arc<App>,
+        request: http::Request<Full<Bytes>>,
+    ) -> Result<http::Response<HyperOutgoingBody>, InvokeError> {
         let permit = self
             .admission
             .clone()
@@ -279,7 +329,11 @@ impl Runtime {
         response.map(|response| {
             response.map(|body| {
                 use http_body_util::BodyExt;
-                HoldWhileStreaming { body, _permit: permit }.boxed_unsync()
+                HoldWhileStreaming {
+                    body,
+                    _permit: permit,
+                }
+                .boxed_unsync()
             })
         })
     }
@@ -317,8 +371,14 @@ mod tests {
 
     #[test]
     fn preamble_tells_modules_components_and_junk_apart() {
-        assert!(matches!(check_preamble(b"hello world"), Err(DeployError::NotWasm)));
-        assert!(matches!(check_preamble(b"\0asm\x01\0\0\0"), Err(DeployError::CoreModule)));
+        assert!(matches!(
+            check_preamble(b"hello world"),
+            Err(DeployError::NotWasm)
+        ));
+        assert!(matches!(
+            check_preamble(b"\0asm\x01\0\0\0"),
+            Err(DeployError::CoreModule)
+        ));
         assert!(check_preamble(b"\0asm\x0d\0\x01\0").is_ok());
     }
 

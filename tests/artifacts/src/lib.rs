@@ -19,8 +19,14 @@ pub const NOT_HTTP: &str = env!("TENSORLET_COMPONENT_NOT_HTTP");
 pub fn text_orientation_model() -> PathBuf {
     let dir = std::env::var_os("TENSORLET_MODELS_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../.cache/models")));
+        .unwrap_or_else(|| {
+            PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../.cache/models"))
+        });
     let path = dir.join("ch_ppocr_mobile_v2.0_cls_infer.onnx");
-    assert!(path.exists(), "{} is missing: run `bash .ci/setup` first", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: run `bash .ci/setup` first",
+        path.display()
+    );
     path
 }

@@ -47,7 +47,12 @@ impl Tensor {
             .dimensions
             .iter()
             .try_fold(1usize, |acc, &d| acc.checked_mul(d as usize))
-            .ok_or_else(|| BackendError::InvalidArgument(format!("tensor dimensions {:?} overflow", self.dimensions)))?;
+            .ok_or_else(|| {
+                BackendError::InvalidArgument(format!(
+                    "tensor dimensions {:?} overflow",
+                    self.dimensions
+                ))
+            })?;
         let expected = elements.checked_mul(element_size(self.ty));
         if expected != Some(self.data.len()) {
             return Err(BackendError::InvalidArgument(format!(
@@ -127,13 +132,18 @@ impl Backends {
 
 /// Runs library code, turning a panic into an error so that a bad model or input fails one
 /// request instead of the node.
-pub fn catch_panic<T>(what: &str, f: impl FnOnce() -> Result<T, BackendError>) -> Result<T, BackendError> {
+pub fn catch_panic<T>(
+    what: &str,
+    f: impl FnOnce() -> Result<T, BackendError>,
+) -> Result<T, BackendError> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
         let message = panic
             .downcast_ref::<String>()
             .map(String::as_str)
             .or_else(|| panic.downcast_ref::<&str>().copied())
             .unwrap_or("unknown panic");
-        Err(BackendError::Runtime(format!("{what} failed inside the backend: {message}")))
+        Err(BackendError::Runtime(format!(
+            "{what} failed inside the backend: {message}"
+        )))
     })
 }

@@ -28,11 +28,17 @@ fn handle(request: Request) -> Response {
         }
         "/nn-missing" => match Graph::by_name("no-such-model") {
             Ok(_) => Response::error(500, "unexpected", "a missing model loaded"),
-            Err(error) => Response::json(200, &serde_json::json!({ "code": format!("{:?}", error.code), "message": error.message })),
+            Err(error) => Response::json(
+                200,
+                &serde_json::json!({ "code": format!("{:?}", error.code), "message": error.message }),
+            ),
         },
         "/infer" => {
             let model = request.query("model").unwrap_or("text-orientation");
-            let iterations: u32 = request.query("iterations").and_then(|n| n.parse().ok()).unwrap_or(1);
+            let iterations: u32 = request
+                .query("iterations")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(1);
             let graph = match Graph::by_name(model) {
                 Ok(graph) => graph,
                 Err(error) => return Response::error(500, "model_error", &error.to_string()),
@@ -49,7 +55,11 @@ fn handle(request: Request) -> Response {
             }
             Response::json(200, &serde_json::json!({ "iterations": iterations }))
         }
-        _ => Response::error(404, "not_found", "routes: /trap /loop /membomb /nn-missing /infer"),
+        _ => Response::error(
+            404,
+            "not_found",
+            "routes: /trap /loop /membomb /nn-missing /infer",
+        ),
     }
 }
 
