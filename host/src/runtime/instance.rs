@@ -140,14 +140,12 @@ pub struct InstanceResources {
     pub max_guest_model_bytes: u64,
 }
 
-/// Runs `app` on one request in a fresh instance and returns its response. The instance may
-/// keep running after the response head is returned, to stream the body, until its deadline.
-pub async fn invoke(
-    app: Arc<App>,
+/// A fresh store for one instance of `app`, with its limits and its yield-on-tick policy.
+fn new_store(
+    app: &App,
     resources: &InstanceResources,
-    request: http::Request<Full<Bytes>>,
-) -> Result<http::Response<HyperOutgoingBody>, InvokeError> {
-    let memory_hit = Arc::new(AtomicBool::new(false));
+    memory_hit: Arc<AtomicBool>,
+) -> Store<InstanceState> {
     let state = InstanceState {
         table: ResourceTable::new(),
         wasi: WasiCtx::builder()
@@ -163,21 +161,49 @@ pub async fn invoke(
         kv: KvCtx::new(resources.store.clone(), &app.record.name),
         limiter: MemoryLimiter {
             max_bytes: (app.record.memory_mib as usize) << 20,
-            hit: memory_hit.clone(),
+            hit: memory_hit,
         },
     };
     let mut store = Store::new(app.pre.engine(), state);
     store.limiter(|s| &mut s.limiter);
     // Yield to the reactor at every epoch tick so one busy guest cannot starve others; the
-    // deadline itself is enforced by the timeout below.
+    // deadline itself is enforced by the caller's timeout.
     store.set_epoch_deadline(1);
     store.epoch_deadline_callback(|_| Ok(UpdateDeadline::Yield(1)));
+    store
+}
+
+/// Creates an instance of `app` and drops it without calling it: the cost every request pays
+/// before its handler runs. Used by the benchmark.
+pub async fn instantiate_only(app: &App, resources: &InstanceResources) -> Result<(), InvokeError> {
+    let mut store = new_store(app, resources, Arc::new(AtomicBool::new(false)));
+    app.pre
+        .instantiate_async(&mut store)
+        .await
+        .map(drop)
+        .map_err(|e| InvokeError::Instantiate(format!("{e:#}")))
+}
+
+/// Runs `app` on one request in a fresh instance and returns its response. The instance may
+/// keep running after the response head is returned, to stream the body, until its deadline.
+pub async fn invoke(
+    app: Arc<App>,
+    resources: &InstanceResources,
+    request: http::Request<Full<Bytes>>,
+) -> Result<http::Response<HyperOutgoingBody>, InvokeError> {
+    let memory_hit = Arc::new(AtomicBool::new(false));
+    let mut store = new_store(&app, resources, memory_hit.clone());
 
     let (sender, receiver) = tokio::sync::oneshot::channel();
+    let scheme = if request.uri().scheme() == Some(&http::uri::Scheme::HTTP) {
+        Scheme::Http
+    } else {
+        Scheme::Https
+    };
     let incoming = store
         .data_mut()
         .http()
-        .new_incoming_request(Scheme::Https, request)
+        .new_incoming_request(scheme, request)
         .map_err(|e| InvokeError::Instantiate(e.to_string()))?;
     let outparam = store
         .data_mut()

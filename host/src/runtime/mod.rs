@@ -311,6 +311,16 @@ impl Runtime {
         self.limits.max_concurrent_instances as usize - self.admission.available_permits()
     }
 
+    /// Creates an instance of `app` and drops it unused (see [`instance::instantiate_only`]).
+    pub async fn instantiate_only(&self, app: &App) -> Result<(), InvokeError> {
+        let _permit = self
+            .admission
+            .acquire()
+            .await
+            .map_err(|e| InvokeError::Instantiate(e.to_string()))?;
+        instance::instantiate_only(app, &self.resources).await
+    }
+
     /// Runs one request on `app`. Waits in the admission queue while the node is at its
     /// instance limit, instead of failing.
     pub async fn invoke(

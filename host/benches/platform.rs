@@ -1,0 +1,377 @@
+//! `cargo bench -p tensorlet --bench platform`: the figures the README reports, each next to
+//! a baseline measured in the same run on the same machine.
+//!
+//! 1. Instantiation of the `hello` component (store + `InstancePre::instantiate`), p50/p99.
+//! 2. `hello` through a real `tensorlet serve` process over HTTPS and plain HTTP on loopback at
+//!    1 and 32 connections, against a native axum handler answering the same bytes over the
+//!    same TLS stack in another process-like runtime.
+//! 3. `classify` through the component (instantiate, JSON, wasi-nn, response) against the same
+//!    model and preprocessing run natively with tract.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tensorlet::config::Config;
+use tensorlet_test_artifacts as artifacts;
+use tract_onnx::prelude::*;
+
+const LOAD_SECONDS: u64 = 3;
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn micros(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+struct Load {
+    requests_per_sec: f64,
+    p50: Duration,
+    p99: Duration,
+}
+
+/// Drives `url` with `connections` clients (one connection each) for LOAD_SECONDS.
+async fn load(url: &str, connections: usize, cert: Option<&[u8]>) -> Load {
+    let deadline = Instant::now() + Duration::from_secs(LOAD_SECONDS);
+    let tasks: Vec<_> = (0..connections)
+        .map(|_| {
+            let mut builder = reqwest::Client::builder()
+                .use_rustls_tls()
+                .http1_only()
+                .pool_max_idle_per_host(1);
+            if let Some(pem) = cert {
+                builder =
+                    builder.add_root_certificate(reqwest::Certificate::from_pem(pem).unwrap());
+            }
+            let client = builder.build().unwrap();
+            let url = url.to_string();
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                while Instant::now() < deadline {
+                    let started = Instant::now();
+                    let response = client.get(&url).send().await.unwrap();
+                    assert!(response.status().is_success());
+                    response.bytes().await.unwrap();
+                    latencies.push(started.elapsed());
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.unwrap());
+    }
+    all.sort();
+    Load {
+        requests_per_sec: all.len() as f64 / LOAD_SECONDS as f64,
+        p50: percentile(&all, 0.5),
+        p99: percentile(&all, 0.99),
+    }
+}
+
+/// A running `tensorlet serve` with `hello` deployed.
+struct ServedNode {
+    child: std::process::Child,
+    url: String,
+    _dir: tempfile::TempDir,
+    cert: Option<Vec<u8>>,
+}
+
+impl Drop for ServedNode {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve_hello(plain_http: bool) -> ServedNode {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tensorlet"));
+    command
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path());
+    if plain_http {
+        command.arg("--plain-http");
+    }
+    let mut child = command
+        .env("TENSORLET_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let url = loop {
+        let line = lines.next().expect("node exited").unwrap();
+        if let Some(url) = line.split("listening on ").nth(1) {
+            break url.trim().to_string();
+        }
+    };
+    std::thread::spawn(move || lines.for_each(drop));
+    let deployed = Command::new(env!("CARGO_BIN_EXE_tensorlet"))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["deploy", "hello", artifacts::HELLO])
+        .output()
+        .unwrap();
+    assert!(
+        deployed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&deployed.stderr)
+    );
+    let cert = (!plain_http).then(|| std::fs::read(dir.path().join("tls/cert.pem")).unwrap());
+    ServedNode {
+        child,
+        url,
+        _dir: dir,
+        cert,
+    }
+}
+
+/// The simplest alternative: a native axum handler with the same answer, same TLS stack.
+fn serve_native(tls: Option<Arc<rustls::ServerConfig>>) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            let router = axum::Router::new().route(
+                "/apps/hello/",
+                axum::routing::get(|| async { "Hello, world!\n" }),
+            );
+            let service = hyper_util::service::TowerToHyperService::new(router);
+            let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                tcp.set_nodelay(true).unwrap();
+                let (service, acceptor) = (service.clone(), acceptor.clone());
+                tokio::spawn(async move {
+                    let builder = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    );
+                    let _ = match acceptor {
+                        Some(acceptor) => {
+                            let stream = acceptor.accept(tcp).await.unwrap();
+                            builder
+                                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                                .await
+                        }
+                        None => {
+                            builder
+                                .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                                .await
+                        }
+                    };
+                });
+            }
+        });
+    });
+    format!("{scheme}://{address}")
+}
+
+fn native_classifier(model: &std::path::Path) -> Arc<TypedRunnableModel> {
+    tract_onnx::onnx()
+        .model_for_path(model)
+        .unwrap()
+        .with_input_fact(0, f32::fact([1, 3, 48, 192]).into())
+        .unwrap()
+        .into_optimized()
+        .unwrap()
+        .into_runnable()
+        .unwrap()
+}
+
+fn preprocess(pixels: &[u8]) -> Vec<f32> {
+    let mut input = vec![0f32; 3 * 48 * 192];
+    for (i, rgb) in pixels.chunks_exact(3).enumerate() {
+        for (channel, value) in rgb.iter().enumerate() {
+            input[channel * 48 * 192 + i] = (f32::from(*value) / 255.0 - 0.5) / 0.5;
+        }
+    }
+    input
+}
+
+fn summary(mut samples: Vec<Duration>) -> (Duration, Duration) {
+    samples.sort();
+    (percentile(&samples, 0.5), percentile(&samples, 0.99))
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    println!("tensorlet platform benchmark");
+    println!(
+        "machine: {} cores, {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpu_model()
+    );
+    println!();
+
+    // In-process node for instantiation and classify.
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config {
+        data_dir: dir.path().to_path_buf(),
+        ..Config::default()
+    };
+    let node = tokio::task::spawn_blocking(move || tensorlet::node::open(config, None))
+        .await
+        .unwrap()
+        .unwrap();
+    let hello = std::fs::read(artifacts::HELLO).unwrap();
+    node.runtime
+        .deploy("hello", hello.into(), Default::default())
+        .await
+        .unwrap();
+    let app = node.runtime.app("hello").unwrap();
+    for _ in 0..200 {
+        node.runtime.instantiate_only(&app).await.unwrap();
+    }
+    let mut samples = Vec::new();
+    for _ in 0..5000 {
+        let started = Instant::now();
+        node.runtime.instantiate_only(&app).await.unwrap();
+        samples.push(started.elapsed());
+    }
+    let (p50, p99) = summary(samples);
+    println!(
+        "instantiate hello (store + InstancePre::instantiate): p50 {:.1} µs, p99 {:.1} µs",
+        micros(p50),
+        micros(p99)
+    );
+    println!();
+
+    // classify: component vs native.
+    let model = artifacts::text_orientation_model();
+    let staged = dir.path().join("staged-model");
+    std::fs::copy(&model, &staged).unwrap();
+    let digest = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(std::fs::read(&model).unwrap()))
+    };
+    let size = std::fs::metadata(&model).unwrap().len();
+    node.models
+        .add("text-orientation", "onnx", staged, digest, size)
+        .await
+        .unwrap();
+    node.runtime
+        .deploy(
+            "classify",
+            std::fs::read(artifacts::CLASSIFY).unwrap().into(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let classify = node.runtime.app("classify").unwrap();
+    let pixels: Vec<u8> = (0..48 * 192 * 3).map(|i| (i * 7 % 251) as u8).collect();
+    let body = Bytes::from(serde_json::to_vec(&serde_json::json!({ "pixels": pixels })).unwrap());
+    let request = || {
+        let mut request = http::Request::new(Full::new(body.clone()));
+        *request.method_mut() = http::Method::POST;
+        *request.uri_mut() = "https://localhost/".parse().unwrap();
+        request
+    };
+    let native = native_classifier(&model);
+    let run_native = || {
+        let input = tract_onnx::prelude::Tensor::from_shape(&[1, 3, 48, 192], &preprocess(&pixels))
+            .unwrap();
+        let output = native.run(tvec![input.into()]).unwrap();
+        std::hint::black_box(output);
+    };
+    for _ in 0..20 {
+        run_native();
+        let response = node
+            .runtime
+            .invoke(classify.clone(), request())
+            .await
+            .unwrap();
+        response.into_body().collect().await.unwrap();
+    }
+    let (mut component, mut native_samples) = (Vec::new(), Vec::new());
+    for _ in 0..300 {
+        let started = Instant::now();
+        let response = node
+            .runtime
+            .invoke(classify.clone(), request())
+            .await
+            .unwrap();
+        assert!(response.status().is_success());
+        response.into_body().collect().await.unwrap();
+        component.push(started.elapsed());
+        let started = Instant::now();
+        run_native();
+        native_samples.push(started.elapsed());
+    }
+    let (component_p50, component_p99) = summary(component);
+    let (native_p50, native_p99) = summary(native_samples);
+    println!("classify (PP-OCR text orientation, 1x3x48x192):");
+    println!(
+        "  component (instantiate + JSON + wasi-nn + response): p50 {:.0} µs, p99 {:.0} µs",
+        micros(component_p50),
+        micros(component_p99)
+    );
+    println!(
+        "  native tract (preprocess + run):                     p50 {:.0} µs, p99 {:.0} µs",
+        micros(native_p50),
+        micros(native_p99)
+    );
+    println!(
+        "  component / native (p50): {:.2}x",
+        component_p50.as_secs_f64() / native_p50.as_secs_f64()
+    );
+    println!();
+    drop(node);
+
+    // hello over loopback.
+    let https_node = serve_hello(false);
+    let http_node = serve_hello(true);
+    let identity =
+        tensorlet::tls::load_or_generate(&Default::default(), https_node._dir.path()).unwrap();
+    let native_https = serve_native(Some(identity.server_config().unwrap()));
+    let native_http = serve_native(None);
+    let cert = https_node.cert.clone();
+    println!(
+        "hello over loopback ({LOAD_SECONDS} s per row; client and server share the machine):"
+    );
+    println!(
+        "  {:<6} {:>5}  {:>22}  {:>22}  {:>9}",
+        "scheme", "conns", "tensorlet req/s p50 p99", "native req/s p50 p99", "ratio"
+    );
+    for (scheme, node_url, native_url, cert) in [
+        ("https", &https_node.url, &native_https, cert.as_deref()),
+        ("http", &http_node.url, &native_http, None),
+    ] {
+        for connections in [1, 32] {
+            let ours = load(&format!("{node_url}/apps/hello/"), connections, cert).await;
+            let theirs = load(&format!("{native_url}/apps/hello/"), connections, cert).await;
+            println!(
+                "  {scheme:<6} {connections:>5}  {:>8.0} {:>6.0}µs {:>6.0}µs  {:>8.0} {:>6.0}µs {:>6.0}µs  {:>8.2}x",
+                ours.requests_per_sec,
+                micros(ours.p50),
+                micros(ours.p99),
+                theirs.requests_per_sec,
+                micros(theirs.p50),
+                micros(theirs.p99),
+                ours.requests_per_sec / theirs.requests_per_sec,
+            );
+        }
+    }
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
