@@ -240,9 +240,31 @@ async fn main() {
         node.runtime.instantiate_only(&app).await.unwrap();
         samples.push(started.elapsed());
     }
-    let (p50, p99) = summary(samples);
+    let (instantiate_p50, p99) = summary(samples);
     println!(
         "instantiate hello (store + InstancePre::instantiate): p50 {:.1} µs, p99 {:.1} µs",
+        micros(instantiate_p50),
+        micros(p99)
+    );
+    let hello_request = || {
+        let mut request = http::Request::new(Full::new(Bytes::new()));
+        *request.uri_mut() = "https://localhost/".parse().unwrap();
+        request
+    };
+    let mut samples = Vec::new();
+    for _ in 0..5000 {
+        let started = Instant::now();
+        let response = node
+            .runtime
+            .invoke(app.clone(), hello_request())
+            .await
+            .unwrap();
+        response.into_body().collect().await.unwrap();
+        samples.push(started.elapsed());
+    }
+    let (p50, p99) = summary(samples);
+    println!(
+        "invoke hello in-process (instantiate + handler + response body): p50 {:.1} µs, p99 {:.1} µs",
         micros(p50),
         micros(p99)
     );

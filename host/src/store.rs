@@ -110,6 +110,13 @@ impl Store {
     }
 }
 
+/// Seconds since the Unix epoch, as records store times.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// Reads a JSON record.
 pub fn get_json<T: DeserializeOwned>(
     tree: &sled::Tree,

@@ -185,3 +185,49 @@ async fn a_long_inference_does_not_stall_the_node_or_other_apps() {
         "the inference ({took:?}) was too short to show anything; raise iterations"
     );
 }
+
+#[tokio::test]
+async fn guests_may_load_small_models_from_bytes_on_the_cpu_only() {
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(config.path(), "[nn]\nmax_guest_model_bytes = 600000\n").unwrap();
+    let node = TestNode::start_with(&["--config", config.path().to_str().unwrap()]);
+    node.deploy_ok("misbehave", artifacts::MISBEHAVE, "").await;
+    let model = std::fs::read(artifacts::text_orientation_model()).unwrap();
+    assert!(model.len() < 600_000);
+
+    let load = |query: &'static str, body: Vec<u8>| {
+        let request = node
+            .client
+            .post(node.at(&format!("/apps/misbehave/nn-load{query}")))
+            .body(body);
+        async move {
+            request
+                .send()
+                .await
+                .unwrap()
+                .json::<serde_json::Value>()
+                .await
+                .unwrap()
+        }
+    };
+    let loaded = load("", model.clone()).await;
+    assert_eq!(loaded["outputs"], 1, "{loaded}");
+
+    let gpu = load("?target=gpu", model.clone()).await;
+    assert!(
+        gpu["code"]
+            .as_str()
+            .unwrap()
+            .contains("UnsupportedOperation"),
+        "{gpu}"
+    );
+    assert!(gpu["message"].as_str().unwrap().contains("CPU"), "{gpu}");
+
+    let mut oversized = model;
+    oversized.resize(600_001, 0);
+    let refused = load("", oversized).await;
+    assert!(
+        refused["code"].as_str().unwrap().contains("TooLarge"),
+        "{refused}"
+    );
+}

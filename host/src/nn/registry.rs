@@ -59,12 +59,6 @@ fn valid_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
-fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 impl ModelRegistry {
     /// Opens the registry and loads every registered model. Blocking: call it from a blocking
     /// context at start-up. A model that no longer loads is logged and left out.
@@ -192,7 +186,7 @@ impl ModelRegistry {
             encoding: encoding.to_string(),
             backend: backend_name.to_string(),
             size_bytes,
-            added_at: now_secs(),
+            added_at: store::unix_now(),
         };
         store::put_json(&self.tree, name, &record)?;
         self.store.make_durable().await?;

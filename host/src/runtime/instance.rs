@@ -5,11 +5,15 @@ use super::App;
 use crate::kv::{KvCtx, KvView};
 use crate::nn::{NnCtx, NnView};
 use bytes::Bytes;
+use http_body_util::BodyExt;
 use http_body_util::Full;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio::sync::OwnedSemaphorePermit;
 use wasmtime::component::{Linker, ResourceTable};
 use wasmtime::{ResourceLimiter, Store, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
@@ -184,17 +188,26 @@ pub async fn instantiate_only(app: &App, resources: &InstanceResources) -> Resul
         .map_err(|e| InvokeError::Instantiate(format!("{e:#}")))
 }
 
-/// Runs `app` on one request in a fresh instance and returns its response. The instance may
-/// keep running after the response head is returned, to stream the body, until its deadline.
+/// What an instance's run ends with: `Err` if it ran past its deadline.
+type Outcome = Result<wasmtime::Result<()>, tokio::time::error::Elapsed>;
+
+/// Runs `app` on one request in a fresh instance and returns its response.
+///
+/// The instance runs on the caller's task, not a task of its own: until the response head is
+/// set it is polled here, and after that by the response body, so a streamed body is produced
+/// as the client reads it and no cross-thread wake-up sits between guest and connection. The
+/// instance lives until its body is complete or dropped (a client that goes away stops it);
+/// `permit` (its admission slot) lives as long.
 pub async fn invoke(
     app: Arc<App>,
     resources: &InstanceResources,
     request: http::Request<Full<Bytes>>,
+    permit: OwnedSemaphorePermit,
 ) -> Result<http::Response<HyperOutgoingBody>, InvokeError> {
     let memory_hit = Arc::new(AtomicBool::new(false));
     let mut store = new_store(&app, resources, memory_hit.clone());
 
-    let (sender, receiver) = tokio::sync::oneshot::channel();
+    let (sender, mut receiver) = tokio::sync::oneshot::channel();
     let scheme = if request.uri().scheme() == Some(&http::uri::Scheme::HTTP) {
         Scheme::Http
     } else {
@@ -213,7 +226,7 @@ pub async fn invoke(
 
     let timeout_secs = app.record.timeout_secs;
     let pre = app.pre.clone();
-    let task = tokio::spawn(async move {
+    let mut instance: Pin<Box<dyn Future<Output = Outcome> + Send>> = Box::pin(async move {
         let run = async {
             let proxy = pre.instantiate_async(&mut store).await?;
             proxy
@@ -226,19 +239,89 @@ pub async fn invoke(
         outcome
     });
 
-    match receiver.await {
-        Ok(Ok(response)) => Ok(response),
+    let head = std::future::poll_fn(|cx| {
+        if let Poll::Ready(head) = Pin::new(&mut receiver).poll(cx) {
+            return Poll::Ready(Ok(head));
+        }
+        instance.as_mut().poll(cx).map(Err)
+    })
+    .await;
+    let (head, instance) = match head {
+        Ok(head) => (head, Some(instance)),
+        // The instance finished; it may have set the response just before.
+        Err(outcome) => match receiver.try_recv() {
+            Ok(head) => (Ok(head), None),
+            Err(_) => {
+                return Err(match outcome {
+                    Err(_elapsed) => InvokeError::Timeout(timeout_secs),
+                    Ok(Ok(())) => InvokeError::NoResponse,
+                    Ok(Err(error)) => classify(
+                        error,
+                        memory_hit.load(Ordering::Relaxed),
+                        app.record.memory_mib,
+                    ),
+                })
+            }
+        },
+    };
+    match head {
+        Ok(Ok(response)) => Ok(response.map(|body| {
+            InstanceBody {
+                body,
+                instance,
+                _permit: permit,
+            }
+            .boxed_unsync()
+        })),
         Ok(Err(code)) => Err(InvokeError::AppError(describe_error_code(&code))),
-        Err(_) => Err(match task.await {
-            Err(join) => InvokeError::Trap(join.to_string()),
-            Ok(Err(_elapsed)) => InvokeError::Timeout(timeout_secs),
-            Ok(Ok(Ok(()))) => InvokeError::NoResponse,
-            Ok(Ok(Err(error))) => classify(
-                error,
-                memory_hit.load(Ordering::Relaxed),
-                app.record.memory_mib,
-            ),
-        }),
+        Err(_) => Err(InvokeError::NoResponse),
+    }
+}
+
+/// A response body that also drives the instance producing it.
+struct InstanceBody {
+    body: HyperOutgoingBody,
+    instance: Option<Pin<Box<dyn Future<Output = Outcome> + Send>>>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl hyper::body::Body for InstanceBody {
+    type Data = Bytes;
+    type Error = wasmtime_wasi_http::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        if let Some(instance) = self.instance.as_mut() {
+            if let Poll::Ready(outcome) = instance.as_mut().poll(cx) {
+                self.instance = None;
+                let failure = match outcome {
+                    Ok(Ok(())) => None,
+                    Ok(Err(error)) => Some(format!(
+                        "the app failed while sending its response: {error:#}"
+                    )),
+                    Err(_elapsed) => {
+                        Some("the app ran past its timeout while sending its response".to_string())
+                    }
+                };
+                if let Some(message) = failure {
+                    tracing::warn!(%message, "response body cut short");
+                    return Poll::Ready(Some(Err(wasmtime_wasi_http::Error::InternalError(Some(
+                        message,
+                    )))));
+                }
+            }
+        }
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.instance.is_none() && self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }
 

@@ -109,12 +109,6 @@ fn check_preamble(bytes: &[u8]) -> Result<(), DeployError> {
     }
 }
 
-fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 impl Runtime {
     /// Builds the runtime and prepares every deployed app. Blocking: compiling (or loading
     /// cached) components is CPU and file work; call it from a blocking context at start-up.
@@ -263,7 +257,7 @@ impl Runtime {
             timeout_secs,
             memory_mib,
             max_body_bytes,
-            deployed_at: now_secs(),
+            deployed_at: store::unix_now(),
         };
         store::put_json(&self.apps_tree, name, &record)?;
         self.store.make_durable().await?;
@@ -334,44 +328,7 @@ impl Runtime {
             .acquire_owned()
             .await
             .map_err(|e| InvokeError::Instantiate(e.to_string()))?;
-        let response = instance::invoke(app, &self.resources, request).await;
-        // The permit follows the response body, which the instance may still be streaming.
-        response.map(|response| {
-            response.map(|body| {
-                use http_body_util::BodyExt;
-                HoldWhileStreaming {
-                    body,
-                    _permit: permit,
-                }
-                .boxed_unsync()
-            })
-        })
-    }
-}
-
-/// A response body that keeps the instance's admission permit until the body is done.
-struct HoldWhileStreaming {
-    body: HyperOutgoingBody,
-    _permit: tokio::sync::OwnedSemaphorePermit,
-}
-
-impl hyper::body::Body for HoldWhileStreaming {
-    type Data = Bytes;
-    type Error = wasmtime_wasi_http::Error;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
-        std::pin::Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.body.size_hint()
+        instance::invoke(app, &self.resources, request, permit).await
     }
 }
 

@@ -6,9 +6,11 @@
 //! - `/membomb`: allocates until memory runs out.
 //! - `/nn-missing`: loads a model that does not exist and reports the wasi-nn error code.
 //! - `/infer?model=M&iterations=N`: runs model M (input `x`, zeros [1,3,48,192]) N times.
+//! - `POST /nn-load?target=cpu|gpu`: loads the ONNX model in the body through wasi-nn `load`
+//!   and runs it once on zeros; reports the output count or the wasi-nn error code.
 
 use tensorlet_sdk::http::{Request, Response};
-use tensorlet_sdk::nn::{Graph, Tensor};
+use tensorlet_sdk::nn::{ExecutionTarget, Graph, GraphEncoding, Tensor};
 
 fn handle(request: Request) -> Response {
     match request.path() {
@@ -55,10 +57,28 @@ fn handle(request: Request) -> Response {
             }
             Response::json(200, &serde_json::json!({ "iterations": iterations }))
         }
+        "/nn-load" => {
+            let target = match request.query("target") {
+                Some("gpu") => ExecutionTarget::Gpu,
+                _ => ExecutionTarget::Cpu,
+            };
+            let input = Tensor::from_f32(&[1, 3, 48, 192], &vec![0.0; 3 * 48 * 192]);
+            let outcome = Graph::from_bytes(&request.body, GraphEncoding::Onnx, target)
+                .and_then(|graph| graph.compute(vec![("x".into(), input)]));
+            match outcome {
+                Ok(outputs) => {
+                    Response::json(200, &serde_json::json!({ "outputs": outputs.len() }))
+                }
+                Err(error) => Response::json(
+                    200,
+                    &serde_json::json!({ "code": format!("{:?}", error.code), "message": error.message }),
+                ),
+            }
+        }
         _ => Response::error(
             404,
             "not_found",
-            "routes: /trap /loop /membomb /nn-missing /infer",
+            "routes: /trap /loop /membomb /nn-missing /infer /nn-load",
         ),
     }
 }
