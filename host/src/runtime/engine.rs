@@ -24,7 +24,11 @@ pub fn build_engine(limits: &LimitsConfig) -> wasmtime::Result<Engine> {
         .total_core_instances(instances * 8)
         .total_memories(instances * 2)
         .total_tables(instances * 8)
-        .max_memory_size((limits.max_memory_mib as usize) << 20);
+        .max_memory_size((limits.max_memory_mib as usize) << 20)
+        // Returning a finished instance's pages to the kernel costs TLB shoot-downs on every
+        // core; batching those decommits was worth +35% hello throughput at 32 connections
+        // here (memset-ing pages to keep them resident was worth less than it cost).
+        .decommit_batch_size((instances as usize / 2).clamp(1, 64));
     let mut config = Config::new();
     config
         .wasm_component_model(true)
