@@ -349,6 +349,55 @@ async fn main() {
         component_p50.as_secs_f64() / native_p50.as_secs_f64()
     );
     println!();
+    // The platform's own share: a component that runs the model 20 times on a prepared
+    // tensor (no JSON), against 20 native runs.
+    node.runtime
+        .deploy(
+            "infer",
+            std::fs::read(artifacts::MISBEHAVE).unwrap().into(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let infer = node.runtime.app("infer").unwrap();
+    let infer_request = || {
+        let mut request = http::Request::new(Full::new(Bytes::new()));
+        *request.uri_mut() = "https://localhost/infer?iterations=20".parse().unwrap();
+        request
+    };
+    let zeros =
+        tract_onnx::prelude::Tensor::from_shape(&[1, 3, 48, 192], &vec![0f32; 3 * 48 * 192])
+            .unwrap();
+    let (mut component, mut native_samples) = (Vec::new(), Vec::new());
+    for round in 0..60 {
+        let started = Instant::now();
+        let response = node
+            .runtime
+            .invoke(infer.clone(), infer_request())
+            .await
+            .unwrap();
+        assert!(response.status().is_success());
+        response.into_body().collect().await.unwrap();
+        let elapsed = started.elapsed();
+        let started = Instant::now();
+        for _ in 0..20 {
+            std::hint::black_box(native.run(tvec![zeros.clone().into()]).unwrap());
+        }
+        if round >= 10 {
+            component.push(elapsed);
+            native_samples.push(started.elapsed());
+        }
+    }
+    let (component_p50, _) = summary(component);
+    let (native_p50, _) = summary(native_samples);
+    println!("wasi-nn compute from a component, 20 runs of the same model on a prepared tensor:");
+    println!(
+        "  component {:.0} µs, native {:.0} µs per run (p50): {:.2}x",
+        micros(component_p50) / 20.0,
+        micros(native_p50) / 20.0,
+        component_p50.as_secs_f64() / native_p50.as_secs_f64()
+    );
+    println!();
     drop(node);
 
     // hello over loopback.

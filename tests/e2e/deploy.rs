@@ -94,3 +94,41 @@ async fn a_restart_reuses_the_compiled_component_and_keeps_apps() {
         "deployment settings were not kept: {apps}"
     );
 }
+
+/// The examples also build with `cargo component build` (wasm32-wasip1 + the preview1
+/// adapter). `.ci/test` builds them that way and runs this test with
+/// `TENSORLET_CARGO_COMPONENT_DIR` pointing at the output; it is ignored otherwise because it
+/// needs cargo-component installed.
+#[tokio::test]
+#[ignore = "needs cargo-component; run by .ci/test"]
+async fn examples_built_with_cargo_component_deploy_and_serve() {
+    let dir = std::env::var("TENSORLET_CARGO_COMPONENT_DIR")
+        .expect("TENSORLET_CARGO_COMPONENT_DIR names the cargo-component output");
+    let node = TestNode::start();
+    for (app, file) in [
+        ("hello", "hello.wasm"),
+        ("classify", "classify.wasm"),
+        ("kv-counter", "kv_counter.wasm"),
+    ] {
+        node.deploy_ok(app, &format!("{dir}/{file}"), "").await;
+    }
+    assert_eq!(
+        node.get("/apps/hello/?name=component").await,
+        (200, "Hello, component!\n".to_string())
+    );
+    let response = node
+        .client
+        .post(node.at("/apps/kv-counter/count"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.json::<serde_json::Value>().await.unwrap()["count"],
+        1
+    );
+    let (status, body) = node.get("/apps/classify/").await;
+    assert_eq!(
+        (status, error_code(&body).as_str()),
+        (405, "method_not_allowed")
+    );
+}
