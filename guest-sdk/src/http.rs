@@ -53,12 +53,24 @@ impl Request {
     }
 }
 
-/// A response to send back.
-#[derive(Debug, Clone)]
+/// A response to send back: a body sent whole, then optionally a stream of chunks, each sent
+/// to the client as soon as it is produced (server-sent events, token streaming).
 pub struct Response {
     pub status: u16,
     pub headers: Vec<(String, Vec<u8>)>,
     pub body: Vec<u8>,
+    stream: Option<Box<dyn Iterator<Item = Vec<u8>>>>,
+}
+
+impl std::fmt::Debug for Response {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Response")
+            .field("status", &self.status)
+            .field("headers", &self.headers)
+            .field("body", &self.body.len())
+            .field("streaming", &self.stream.is_some())
+            .finish()
+    }
 }
 
 impl Response {
@@ -68,7 +80,30 @@ impl Response {
             status,
             headers: Vec::new(),
             body: body.into(),
+            stream: None,
         }
+    }
+
+    /// A response whose body is sent chunk by chunk as `chunks` yields them. If the client
+    /// goes away, the iterator is dropped and the instance stops.
+    pub fn stream(status: u16, chunks: impl Iterator<Item = Vec<u8>> + 'static) -> Self {
+        Self {
+            status,
+            headers: Vec::new(),
+            body: Vec::new(),
+            stream: Some(Box::new(chunks)),
+        }
+    }
+
+    /// A `text/event-stream` response sending each item of `events` as one server-sent event
+    /// (`data: …`).
+    pub fn server_sent_events(events: impl Iterator<Item = String> + 'static) -> Self {
+        Self::stream(
+            200,
+            events.map(|event| format!("data: {event}\n\n").into_bytes()),
+        )
+        .with_header("content-type", "text/event-stream")
+        .with_header("cache-control", "no-cache")
     }
 
     /// A `text/plain` response.
@@ -187,8 +222,16 @@ pub fn serve(
     ResponseOutparam::set(response_out, Ok(outgoing));
     {
         let stream = body.write().expect("a new body has a stream");
-        for chunk in response.body.chunks(4096) {
-            if stream.blocking_write_and_flush(chunk).is_err() {
+        let write = |bytes: &[u8]| {
+            bytes
+                .chunks(4096)
+                .all(|chunk| stream.blocking_write_and_flush(chunk).is_ok())
+        };
+        if !write(&response.body) {
+            return;
+        }
+        for chunk in response.stream.into_iter().flatten() {
+            if !write(&chunk) {
                 return;
             }
         }

@@ -18,6 +18,7 @@
 
 pub mod http;
 pub mod kv;
+pub mod llm;
 pub mod nn;
 
 /// The raw bindings of the `tensorlet:platform/inference-app` world, for what the helpers do

@@ -287,7 +287,10 @@ async fn main() {
         .deploy(
             "classify",
             std::fs::read(artifacts::CLASSIFY).unwrap().into(),
-            Default::default(),
+            tensorlet::runtime::AppSettings {
+                models: Some("text-orientation".into()),
+                ..Default::default()
+            },
         )
         .await
         .unwrap();
@@ -355,7 +358,10 @@ async fn main() {
         .deploy(
             "infer",
             std::fs::read(artifacts::MISBEHAVE).unwrap().into(),
-            Default::default(),
+            tensorlet::runtime::AppSettings {
+                models: Some("text-orientation".into()),
+                ..Default::default()
+            },
         )
         .await
         .unwrap();

@@ -58,6 +58,20 @@ pub struct NnConfig {
     pub max_guest_model_bytes: u64,
     /// Largest model file `tensorlet model add` accepts, in bytes.
     pub max_model_bytes: u64,
+    /// Threads one inference (an LLM generation) uses; 0 means one per core.
+    pub threads: u32,
+    /// Largest context window (prompt + generated tokens) an LLM generation gets.
+    pub max_context_tokens: u32,
+}
+
+impl NnConfig {
+    /// `threads`, with 0 resolved to the number of cores.
+    pub fn inference_threads(&self) -> u32 {
+        match self.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+            n => n,
+        }
+    }
 }
 
 impl Default for Config {
@@ -90,6 +104,8 @@ impl Default for NnConfig {
         Self {
             max_guest_model_bytes: 64 << 20,
             max_model_bytes: 16 << 30,
+            threads: 0,
+            max_context_tokens: 2048,
         }
     }
 }

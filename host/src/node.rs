@@ -39,7 +39,7 @@ pub fn open(config: Config, tls_fingerprint: Option<String>) -> anyhow::Result<N
     let models = Arc::new(ModelRegistry::open(
         store.clone(),
         &config.data_dir.join("models"),
-        Backends::builtin(),
+        Backends::builtin(&config.nn),
     )?);
     let runtime = Arc::new(Runtime::open(&config, store.clone(), models.clone())?);
     Ok(Node {

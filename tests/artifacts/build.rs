@@ -12,6 +12,7 @@ const COMPONENTS: &[(&str, &str, &str)] = &[
     ("kv-counter", "kv_counter.wasm", "KV_COUNTER"),
     ("misbehave", "misbehave.wasm", "MISBEHAVE"),
     ("not-http", "not-http.wasm", "NOT_HTTP"),
+    ("openai", "openai.wasm", "OPENAI"),
 ];
 
 fn main() {

@@ -110,7 +110,8 @@ async fn examples_built_with_cargo_component_deploy_and_serve() {
         ("classify", "classify.wasm"),
         ("kv-counter", "kv_counter.wasm"),
     ] {
-        node.deploy_ok(app, &format!("{dir}/{file}"), "").await;
+        node.deploy_ok(app, &format!("{dir}/{file}"), "models=text-orientation")
+            .await;
     }
     assert_eq!(
         node.get("/apps/hello/?name=component").await,

@@ -6,4 +6,5 @@ mod support;
 mod deploy;
 mod failures;
 mod kv;
+mod llm;
 mod nn;

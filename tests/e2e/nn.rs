@@ -58,7 +58,8 @@ async fn classify_answers_what_the_model_computes_natively() {
             && l.contains("tract")),
         "{models}"
     );
-    node.deploy_ok("classify", artifacts::CLASSIFY, "").await;
+    node.deploy_ok("classify", artifacts::CLASSIFY, "models=text-orientation")
+        .await;
 
     let pixels = test_pixels();
     let response = node
@@ -128,7 +129,8 @@ async fn models_that_are_not_onnx_are_refused_and_unknown_models_are_not_found()
         "a refused model file was kept"
     );
 
-    node.deploy_ok("misbehave", artifacts::MISBEHAVE, "").await;
+    node.deploy_ok("misbehave", artifacts::MISBEHAVE, "models=no-such-model")
+        .await;
     let (status, body) = node.get("/apps/misbehave/nn-missing").await;
     assert_eq!(status, 200);
     let reported: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -149,8 +151,12 @@ async fn models_that_are_not_onnx_are_refused_and_unknown_models_are_not_found()
 async fn a_long_inference_does_not_stall_the_node_or_other_apps() {
     let node = TestNode::start();
     node.add_text_orientation_model();
-    node.deploy_ok("misbehave", artifacts::MISBEHAVE, "timeout_secs=120")
-        .await;
+    node.deploy_ok(
+        "misbehave",
+        artifacts::MISBEHAVE,
+        "timeout_secs=120&models=text-orientation",
+    )
+    .await;
     node.deploy_ok("hello", artifacts::HELLO, "").await;
 
     let long = {
@@ -229,5 +235,35 @@ async fn guests_may_load_small_models_from_bytes_on_the_cpu_only() {
     assert!(
         refused["code"].as_str().unwrap().contains("TooLarge"),
         "{refused}"
+    );
+}
+
+#[tokio::test]
+async fn apps_load_only_the_models_they_declared() {
+    let node = TestNode::start();
+    node.add_text_orientation_model();
+    node.deploy_ok("undeclared", artifacts::MISBEHAVE, "").await;
+    let (status, body) = node
+        .get("/apps/undeclared/infer?model=text-orientation")
+        .await;
+    assert_eq!(status, 500);
+    assert!(
+        body.contains("Security") && body.contains("--model text-orientation"),
+        "{body}"
+    );
+
+    let deployed = node.cli_ok(&[
+        "deploy",
+        "declared",
+        artifacts::MISBEHAVE,
+        "--model",
+        "text-orientation",
+    ]);
+    assert!(deployed.contains("deployed declared"), "{deployed}");
+    assert_eq!(
+        node.get("/apps/declared/infer?model=text-orientation")
+            .await
+            .0,
+        200
     );
 }

@@ -57,6 +57,9 @@ enum Command {
         /// Largest request body in bytes (default: the node's `limits.max_body_bytes`).
         #[arg(long)]
         max_body_bytes: Option<u64>,
+        /// A model the app may load by name (repeat for several); others are refused.
+        #[arg(long = "model")]
+        models: Vec<String>,
     },
     /// List deployed apps.
     Apps,
@@ -146,11 +149,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             timeout_secs,
             memory_mib,
             max_body_bytes,
+            models,
         } => {
             let settings = crate::runtime::AppSettings {
                 timeout_secs,
                 memory_mib,
                 max_body_bytes,
+                models: (!models.is_empty()).then(|| models.join(",")),
             };
             let record = client.deploy(&app, &component, &settings).await?;
             println!(

@@ -98,6 +98,12 @@ impl graph::Host for NnView<'_> {
     }
 
     fn load_by_name(&mut self, name: String) -> NnResult<GraphResource> {
+        if !self.ctx.allowed.contains(&name) {
+            return self.fail(
+                errors::ErrorCode::Security,
+                format!("this app did not declare model {name:?}: deploy it with `--model {name}`"),
+            );
+        }
         match self.ctx.models.graph(&name) {
             Some(graph) => Ok(Ok(self.table.push(GraphResource(graph))?)),
             None => self.fail(

@@ -36,14 +36,21 @@ pub(crate) mod bindings {
 pub struct NnCtx {
     models: Arc<ModelRegistry>,
     max_guest_model_bytes: u64,
+    /// Models this app declared; `load-by-name` refuses the rest.
+    allowed: Vec<String>,
 }
 
 impl NnCtx {
     /// State for one instance, sharing the node's loaded models.
-    pub fn new(models: Arc<ModelRegistry>, max_guest_model_bytes: u64) -> Self {
+    pub fn new(
+        models: Arc<ModelRegistry>,
+        max_guest_model_bytes: u64,
+        allowed: Vec<String>,
+    ) -> Self {
         Self {
             models,
             max_guest_model_bytes,
+            allowed,
         }
     }
 }

