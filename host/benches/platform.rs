@@ -404,6 +404,8 @@ async fn main() {
         component_p50.as_secs_f64() / native_p50.as_secs_f64()
     );
     println!();
+    llm(&node, dir.path()).await;
+
     drop(node);
 
     // hello over loopback.
@@ -440,6 +442,147 @@ async fn main() {
             );
         }
     }
+}
+
+/// SmolLM2-135M through the `openai` component against the same model driven natively with
+/// llama-cpp-2 (same library, same threads), greedy, 96 new tokens.
+async fn llm(node: &tensorlet::node::Node, scratch: &std::path::Path) {
+    const NEW_TOKENS: u32 = 96;
+    const PROMPT: &str = "Write a short story about a lighthouse keeper.";
+    let model_path = artifacts::smollm2_model();
+    let staged = scratch.join("staged-llm");
+    std::fs::copy(&model_path, &staged).unwrap();
+    let digest = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(std::fs::read(&model_path).unwrap()))
+    };
+    let size = std::fs::metadata(&model_path).unwrap().len();
+    node.models
+        .add("smollm2", "ggml", staged, digest, size)
+        .await
+        .unwrap();
+    node.runtime
+        .deploy(
+            "openai",
+            std::fs::read(artifacts::OPENAI).unwrap().into(),
+            tensorlet::runtime::AppSettings {
+                models: Some("smollm2".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let app = node.runtime.app("openai").unwrap();
+    let body = serde_json::json!({
+        "model": "smollm2", "prompt": PROMPT, "max_tokens": NEW_TOKENS, "temperature": 0, "stream": true,
+        "stop": [], "stream_options": { "include_usage": true },
+    });
+    let threads = node.config.nn.inference_threads();
+
+    let mut component_rates = Vec::new();
+    let mut component_first = Vec::new();
+    for _ in 0..3 {
+        let mut request = http::Request::new(Full::new(Bytes::from(body.to_string())));
+        *request.method_mut() = http::Method::POST;
+        *request.uri_mut() = "https://localhost/v1/completions".parse().unwrap();
+        let started = Instant::now();
+        let response = node.runtime.invoke(app.clone(), request).await.unwrap();
+        let mut body = response.into_body();
+        let mut first = None;
+        let mut text = Vec::new();
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame.unwrap().into_data() {
+                first.get_or_insert_with(|| started.elapsed());
+                text.extend_from_slice(&data);
+            }
+        }
+        let total = started.elapsed();
+        let text = String::from_utf8(text).unwrap();
+        let usage: serde_json::Value = text
+            .split("data: ")
+            .filter_map(|event| serde_json::from_str::<serde_json::Value>(event.trim()).ok())
+            .find(|event| event.get("usage").is_some())
+            .unwrap();
+        let generated = usage["usage"]["completion_tokens"].as_u64().unwrap() as f64;
+        let first = first.unwrap();
+        component_first.push(first);
+        component_rates.push((generated - 1.0) / (total - first).as_secs_f64());
+    }
+
+    let (native_rate, native_first) =
+        tokio::task::spawn_blocking(move || native_llm(&model_path, PROMPT, NEW_TOKENS, threads))
+            .await
+            .unwrap();
+    let component_rate = component_rates.iter().cloned().fold(0.0, f64::max);
+    let component_first = component_first.into_iter().min().unwrap();
+    println!(
+        "LLM: SmolLM2-135M-Instruct Q4_1, greedy, {NEW_TOKENS} new tokens, {threads} threads:"
+    );
+    println!(
+        "  openai component (streamed): {:.1} tok/s, first token {:.0} ms",
+        component_rate,
+        component_first.as_secs_f64() * 1e3
+    );
+    println!(
+        "  native llama.cpp (llama-cpp-2, same library): {:.1} tok/s, first token {:.0} ms",
+        native_rate,
+        native_first.as_secs_f64() * 1e3
+    );
+    println!(
+        "  component / native decode rate: {:.2}x",
+        component_rate / native_rate
+    );
+    println!();
+}
+
+/// Greedy generation straight on llama-cpp-2: (decode tokens/s, time to first token).
+fn native_llm(
+    path: &std::path::Path,
+    prompt: &str,
+    new_tokens: u32,
+    threads: u32,
+) -> (f64, Duration) {
+    use llama_cpp_2::context::params::LlamaContextParams;
+    use llama_cpp_2::llama_batch::LlamaBatch;
+    use llama_cpp_2::model::{params::LlamaModelParams, LlamaModel};
+    use llama_cpp_2::sampling::LlamaSampler;
+    // llama.cpp's state is process-wide: share the node's.
+    let backend = tensorlet::nn::backend::llama::llama_backend().unwrap();
+    let model = LlamaModel::load_from_file(backend, path, &LlamaModelParams::default()).unwrap();
+    let mut best = (0.0f64, Duration::MAX);
+    for _ in 0..3 {
+        let params = LlamaContextParams::default()
+            .with_n_ctx(std::num::NonZeroU32::new(2048))
+            .with_n_batch(512)
+            .with_n_threads(threads as i32)
+            .with_n_threads_batch(threads as i32);
+        let mut context = model.new_context(backend, params).unwrap();
+        let tokens = model.vocab().tokenize(prompt.as_bytes(), true, false);
+        let started = Instant::now();
+        let mut batch = LlamaBatch::new(512, 1);
+        for (i, token) in tokens.iter().enumerate() {
+            batch
+                .add(*token, i as i32, &[0], i + 1 == tokens.len())
+                .unwrap();
+        }
+        context.decode(&mut batch).unwrap();
+        let mut sampler = LlamaSampler::greedy();
+        let mut position = tokens.len() as i32;
+        let mut token = sampler.sample(&context, batch.n_tokens() - 1);
+        let first = started.elapsed();
+        let mut generated = 1;
+        while generated < new_tokens && !model.vocab().is_eog(token) {
+            batch.clear();
+            batch.add(token, position, &[0], true).unwrap();
+            position += 1;
+            context.decode(&mut batch).unwrap();
+            token = sampler.sample(&context, batch.n_tokens() - 1);
+            generated += 1;
+        }
+        let rate = f64::from(generated - 1) / (started.elapsed() - first).as_secs_f64();
+        best = (best.0.max(rate), best.1.min(first));
+    }
+    best
 }
 
 fn cpu_model() -> String {

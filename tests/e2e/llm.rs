@@ -154,3 +154,74 @@ async fn a_client_that_disconnects_mid_stream_stops_the_generation() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test]
+async fn generations_on_one_model_run_side_by_side() {
+    let node = TestNode::start();
+    with_smollm2_and_openai(&node);
+    // A long generation (counting goes on and on)…
+    let long = serde_json::json!({
+        "model": "smollm2", "prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 1500, "temperature": 0, "stream": true,
+    });
+    let started = Instant::now();
+    let response = node
+        .client
+        .post(node.at("/apps/openai/v1/completions"))
+        .json(&long)
+        .send()
+        .await
+        .unwrap();
+    let mut long_events = response.bytes_stream();
+    long_events.next().await.unwrap().unwrap();
+    // …does not hold up a second one on the same model: its first token comes at once.
+    let short = serde_json::json!({
+        "model": "smollm2", "messages": [{ "role": "user", "content": "Hi!" }], "max_tokens": 8, "stream": true,
+    });
+    let asked = Instant::now();
+    let response = node
+        .client
+        .post(node.at("/apps/openai/v1/chat/completions"))
+        .json(&short)
+        .send()
+        .await
+        .unwrap();
+    let mut short_events = response.bytes_stream();
+    short_events.next().await.unwrap().unwrap();
+    let waited = asked.elapsed();
+    let mut rest = Vec::new();
+    while let Some(chunk) = short_events.next().await {
+        rest.extend_from_slice(&chunk.unwrap());
+    }
+    assert!(String::from_utf8(rest)
+        .unwrap()
+        .trim_end()
+        .ends_with("data: [DONE]"));
+    let status: serde_json::Value = serde_json::from_str(&node.cli_ok(&["status"])).unwrap();
+    assert_eq!(
+        status["running_instances"],
+        1,
+        "the long generation should still be running ({:?} in)",
+        started.elapsed()
+    );
+    assert!(
+        waited < Duration::from_secs(3),
+        "the second generation waited {waited:?} for its first token"
+    );
+    drop(long_events);
+
+    let backends = node
+        .client
+        .get(node.at("/v1/admin/backends"))
+        .bearer_auth(&node.token)
+        .send()
+        .await
+        .unwrap();
+    let backends: serde_json::Value = backends.json().await.unwrap();
+    let names: Vec<&str> = backends["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["tract", "llama.cpp"]);
+}

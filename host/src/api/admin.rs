@@ -26,6 +26,7 @@ const MAX_COMPONENT_BYTES: usize = 256 << 20;
 pub fn router(node: Arc<Node>) -> Router<Arc<Node>> {
     Router::new()
         .route("/status", get(status))
+        .route("/backends", get(backends))
         .route("/apps", get(list_apps))
         .route(
             "/apps/{name}",
@@ -71,14 +72,21 @@ async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such admin route")
 }
 
-async fn status(State(node): State<Arc<Node>>) -> Json<Value> {
-    let backends: Vec<Value> = node
-        .models
+fn describe_backends(node: &Node) -> Vec<Value> {
+    node.models
         .backends()
         .describe()
         .into_iter()
         .map(|(name, encoding)| json!({ "name": name, "encoding": encoding, "available": true }))
-        .collect();
+        .collect()
+}
+
+async fn backends(State(node): State<Arc<Node>>) -> Json<Value> {
+    Json(json!({ "backends": describe_backends(&node) }))
+}
+
+async fn status(State(node): State<Arc<Node>>) -> Json<Value> {
+    let backends = describe_backends(&node);
     Json(json!({
         "version": env!("CARGO_PKG_VERSION"),
         "listen": node.config.listen.to_string(),

@@ -24,8 +24,9 @@ use std::num::NonZeroU32;
 use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
 
-/// llama.cpp's process-wide state, initialised once, logs silenced.
-fn llama_backend() -> Result<&'static LlamaBackend, BackendError> {
+/// llama.cpp's process-wide state, initialised once, logs silenced. Everything in the process
+/// that uses llama.cpp must go through this one.
+pub fn llama_backend() -> Result<&'static LlamaBackend, BackendError> {
     static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
     BACKEND
         .get_or_init(|| {
