@@ -267,3 +267,76 @@ async fn apps_load_only_the_models_they_declared() {
         200
     );
 }
+
+#[tokio::test]
+async fn models_can_come_from_a_url_or_a_pypi_package_with_their_digest_checked() {
+    use sha2::Digest;
+    let node = TestNode::start();
+    let model = artifacts::text_orientation_model();
+    let digest = hex::encode(sha2::Sha256::digest(std::fs::read(&model).unwrap()));
+
+    // A plain HTTP server on loopback serving the models folder.
+    let mut server = std::process::Command::new("python3")
+        .args([
+            "-m",
+            "http.server",
+            "0",
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+        ])
+        .arg(model.parent().unwrap())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(server.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let port = line
+        .split(" port ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let url = format!(
+        "http://127.0.0.1:{port}/{}",
+        model.file_name().unwrap().to_str().unwrap()
+    );
+
+    let refused = node.cli(&[
+        "model",
+        "add",
+        "from-url",
+        &url,
+        "--sha256",
+        &"0".repeat(64),
+    ]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("not the expected"));
+    let added = node.cli_ok(&["model", "add", "from-url", &url, "--sha256", &digest]);
+    assert!(added.contains(&digest[..12]), "{added}");
+    let _ = server.kill();
+    let _ = server.wait();
+
+    let member = "--member=rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx";
+    let added = node.cli_ok(&[
+        "model",
+        "add",
+        "from-pypi",
+        "pypi:rapidocr-onnxruntime==1.4.4",
+        member,
+        "--sha256",
+        &digest,
+    ]);
+    assert!(added.contains(&digest[..12]), "{added}");
+    let models = node.cli_ok(&["models"]);
+    assert!(
+        models.contains("from-url") && models.contains("from-pypi"),
+        "{models}"
+    );
+}

