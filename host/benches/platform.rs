@@ -272,29 +272,9 @@ async fn main() {
 
     // classify: component vs native.
     let model = artifacts::text_orientation_model();
-    let staged = dir.path().join("staged-model");
-    std::fs::copy(&model, &staged).unwrap();
-    let digest = {
-        use sha2::Digest;
-        hex::encode(sha2::Sha256::digest(std::fs::read(&model).unwrap()))
-    };
-    let size = std::fs::metadata(&model).unwrap().len();
-    node.models
-        .add("text-orientation", "onnx", staged, digest, size)
-        .await
-        .unwrap();
-    node.runtime
-        .deploy(
-            "classify",
-            std::fs::read(artifacts::CLASSIFY).unwrap().into(),
-            tensorlet::runtime::AppSettings {
-                models: Some("text-orientation".into()),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-    let classify = node.runtime.app("classify").unwrap();
+    register_model(&node, "text-orientation", "onnx", &model, dir.path()).await;
+    let classify =
+        deploy_with_model(&node, "classify", artifacts::CLASSIFY, "text-orientation").await;
     let pixels: Vec<u8> = (0..48 * 192 * 3).map(|i| (i * 7 % 251) as u8).collect();
     let body = Bytes::from(serde_json::to_vec(&serde_json::json!({ "pixels": pixels })).unwrap());
     let request = || {
@@ -354,18 +334,7 @@ async fn main() {
     println!();
     // The platform's own share: a component that runs the model 20 times on a prepared
     // tensor (no JSON), against 20 native runs.
-    node.runtime
-        .deploy(
-            "infer",
-            std::fs::read(artifacts::MISBEHAVE).unwrap().into(),
-            tensorlet::runtime::AppSettings {
-                models: Some("text-orientation".into()),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-    let infer = node.runtime.app("infer").unwrap();
+    let infer = deploy_with_model(&node, "infer", artifacts::MISBEHAVE, "text-orientation").await;
     let infer_request = || {
         let mut request = http::Request::new(Full::new(Bytes::new()));
         *request.uri_mut() = "https://localhost/infer?iterations=20".parse().unwrap();
@@ -444,6 +413,43 @@ async fn main() {
     }
 }
 
+/// Registers the model file at `path` on `node` as `name`, as `tensorlet model add` would.
+async fn register_model(
+    node: &tensorlet::node::Node,
+    name: &str,
+    encoding: &str,
+    path: &std::path::Path,
+    scratch: &std::path::Path,
+) {
+    use sha2::Digest;
+    let staged = scratch.join(format!("staged-{name}"));
+    std::fs::copy(path, &staged).unwrap();
+    let digest = hex::encode(sha2::Sha256::digest(std::fs::read(path).unwrap()));
+    let size = std::fs::metadata(path).unwrap().len();
+    node.models
+        .add(name, encoding, staged, digest, size)
+        .await
+        .unwrap();
+}
+
+/// Deploys `component` as `app`, allowed to load `model`.
+async fn deploy_with_model(
+    node: &tensorlet::node::Node,
+    app: &str,
+    component: &str,
+    model: &str,
+) -> Arc<tensorlet::runtime::App> {
+    let settings = tensorlet::runtime::AppSettings {
+        models: Some(model.into()),
+        ..Default::default()
+    };
+    node.runtime
+        .deploy(app, std::fs::read(component).unwrap().into(), settings)
+        .await
+        .unwrap();
+    node.runtime.app(app).unwrap()
+}
+
 /// SmolLM2-135M through the `openai` component against the same model driven natively with
 /// llama-cpp-2 (same library, same threads), greedy, 96 new tokens.
 async fn llm(node: &tensorlet::node::Node, scratch: &std::path::Path) {
@@ -451,29 +457,8 @@ async fn llm(node: &tensorlet::node::Node, scratch: &std::path::Path) {
     // A prompt the model continues for long, so that every run generates all the tokens.
     const PROMPT: &str = "1, 2, 3, 4, 5, 6,";
     let model_path = artifacts::smollm2_model();
-    let staged = scratch.join("staged-llm");
-    std::fs::copy(&model_path, &staged).unwrap();
-    let digest = {
-        use sha2::Digest;
-        hex::encode(sha2::Sha256::digest(std::fs::read(&model_path).unwrap()))
-    };
-    let size = std::fs::metadata(&model_path).unwrap().len();
-    node.models
-        .add("smollm2", "ggml", staged, digest, size)
-        .await
-        .unwrap();
-    node.runtime
-        .deploy(
-            "openai",
-            std::fs::read(artifacts::OPENAI).unwrap().into(),
-            tensorlet::runtime::AppSettings {
-                models: Some("smollm2".into()),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-    let app = node.runtime.app("openai").unwrap();
+    register_model(node, "smollm2", "ggml", &model_path, scratch).await;
+    let app = deploy_with_model(node, "openai", artifacts::OPENAI, "smollm2").await;
     let body = serde_json::json!({
         "model": "smollm2", "prompt": PROMPT, "max_tokens": NEW_TOKENS, "temperature": 0, "stream": true,
         "stop": [], "stream_options": { "include_usage": true },

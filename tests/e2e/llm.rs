@@ -124,12 +124,8 @@ async fn a_client_that_disconnects_mid_stream_stops_the_generation() {
         "stream": true,
     });
     let response = node
-        .client
-        .post(node.at("/apps/openai/v1/chat/completions"))
-        .json(&request)
-        .send()
-        .await
-        .unwrap();
+        .post_json("/apps/openai/v1/chat/completions", &request)
+        .await;
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["content-type"], "text/event-stream");
     let mut events = response.bytes_stream();
@@ -164,13 +160,7 @@ async fn generations_on_one_model_run_side_by_side() {
         "model": "smollm2", "prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 1500, "temperature": 0, "stream": true,
     });
     let started = Instant::now();
-    let response = node
-        .client
-        .post(node.at("/apps/openai/v1/completions"))
-        .json(&long)
-        .send()
-        .await
-        .unwrap();
+    let response = node.post_json("/apps/openai/v1/completions", &long).await;
     let mut long_events = response.bytes_stream();
     long_events.next().await.unwrap().unwrap();
     // …does not hold up a second one on the same model: its first token comes at once.
@@ -179,12 +169,8 @@ async fn generations_on_one_model_run_side_by_side() {
     });
     let asked = Instant::now();
     let response = node
-        .client
-        .post(node.at("/apps/openai/v1/chat/completions"))
-        .json(&short)
-        .send()
-        .await
-        .unwrap();
+        .post_json("/apps/openai/v1/chat/completions", &short)
+        .await;
     let mut short_events = response.bytes_stream();
     short_events.next().await.unwrap().unwrap();
     let waited = asked.elapsed();

@@ -187,6 +187,16 @@ impl TestNode {
         )
     }
 
+    /// POSTs `body` as JSON to `path`.
+    pub async fn post_json(&self, path: &str, body: &serde_json::Value) -> reqwest::Response {
+        self.client
+            .post(self.at(path))
+            .json(body)
+            .send()
+            .await
+            .expect("POST")
+    }
+
     /// Asserts the node still serves: `/healthz` answers ok.
     pub async fn assert_healthy(&self) {
         assert_eq!(self.get("/healthz").await, (200, "ok\n".to_string()));
