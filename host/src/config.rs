@@ -68,10 +68,21 @@ impl NnConfig {
     /// `threads`, with 0 resolved to the number of cores.
     pub fn inference_threads(&self) -> u32 {
         match self.threads {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+            0 => cores(),
             n => n,
         }
     }
+
+    /// How many inferences may compute at once: as many as the cores hold at `threads` each
+    /// (at least one). Generations interleave step by step beyond that instead of
+    /// oversubscribing the CPU.
+    pub fn compute_slots(&self) -> usize {
+        (cores() / self.inference_threads()).max(1) as usize
+    }
+}
+
+fn cores() -> u32 {
+    std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
 }
 
 impl Default for Config {
@@ -142,6 +153,24 @@ mod tests {
         assert_eq!(config.listen.port(), 9000);
         assert_eq!(config.limits.timeout_secs, 5);
         assert_eq!(config.limits.memory_mib, 128);
+    }
+
+    #[test]
+    fn inferences_never_oversubscribe_the_cores() {
+        let cores = std::thread::available_parallelism().unwrap().get();
+        let one_thread = NnConfig {
+            threads: 1,
+            ..NnConfig::default()
+        };
+        assert_eq!(one_thread.compute_slots(), cores);
+        let all_cores = NnConfig::default();
+        assert_eq!(all_cores.inference_threads() as usize, cores);
+        assert_eq!(all_cores.compute_slots(), 1);
+        let more_than_cores = NnConfig {
+            threads: 1000,
+            ..NnConfig::default()
+        };
+        assert_eq!(more_than_cores.compute_slots(), 1);
     }
 
     #[test]

@@ -147,9 +147,14 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
             tensors.push((name, self.table.delete(tensor)?));
         }
         let context = self.table.get(&context)?.0.clone();
+        // Each inference uses `nn.threads` threads; running more at once than the cores can
+        // hold makes all of them crawl (spinning thread pools), so computes take turns.
+        let slot = self.ctx.compute_slots.clone().acquire_owned().await?;
         // Inference blocks for as long as the model runs: it goes to the blocking pool so the
         // reactor keeps serving other requests, other apps and /healthz meanwhile.
         let outputs = tokio::task::spawn_blocking(move || {
+            // The slot is held until the computation ends, even if the guest is gone.
+            let _slot = slot;
             let mut context = context
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());

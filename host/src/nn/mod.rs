@@ -38,6 +38,8 @@ pub struct NnCtx {
     max_guest_model_bytes: u64,
     /// Models this app declared; `load-by-name` refuses the rest.
     allowed: Vec<String>,
+    /// Node-wide: a `compute` runs only while it holds one.
+    compute_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl NnCtx {
@@ -46,11 +48,13 @@ impl NnCtx {
         models: Arc<ModelRegistry>,
         max_guest_model_bytes: u64,
         allowed: Vec<String>,
+        compute_slots: Arc<tokio::sync::Semaphore>,
     ) -> Self {
         Self {
             models,
             max_guest_model_bytes,
             allowed,
+            compute_slots,
         }
     }
 }
