@@ -17,7 +17,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use wasmtime::component::{Linker, ResourceTable};
 use wasmtime::{ResourceLimiter, Store, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
-use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
+use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
@@ -282,7 +282,7 @@ pub async fn invoke(
             }
             .boxed_unsync()
         })),
-        Ok(Err(code)) => Err(InvokeError::AppError(describe_error_code(&code))),
+        Ok(Err(code)) => Err(InvokeError::AppError(format!("{code:?}"))),
         Err(_) => Err(InvokeError::NoResponse),
     }
 }
@@ -332,10 +332,6 @@ impl hyper::body::Body for InstanceBody {
     fn size_hint(&self) -> hyper::body::SizeHint {
         self.body.size_hint()
     }
-}
-
-fn describe_error_code(code: &ErrorCode) -> String {
-    format!("{code:?}")
 }
 
 fn classify(error: wasmtime::Error, memory_hit: bool, limit_mib: u64) -> InvokeError {
