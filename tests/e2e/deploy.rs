@@ -117,12 +117,7 @@ async fn examples_built_with_cargo_component_deploy_and_serve() {
         node.get("/apps/hello/?name=component").await,
         (200, "Hello, component!\n".to_string())
     );
-    let response = node
-        .client
-        .post(node.at("/apps/kv-counter/count"))
-        .send()
-        .await
-        .unwrap();
+    let response = node.post("/apps/kv-counter/count").await;
     assert_eq!(
         response.json::<serde_json::Value>().await.unwrap()["count"],
         1

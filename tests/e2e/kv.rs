@@ -10,12 +10,7 @@ async fn acknowledged_increments_survive_sigkill() {
         .await;
     const N: i64 = 25;
     for expected in 1..=N {
-        let response = node
-            .client
-            .post(node.at("/apps/kv-counter/count"))
-            .send()
-            .await
-            .unwrap();
+        let response = node.post("/apps/kv-counter/count").await;
         assert_eq!(response.status(), 200);
         let body: serde_json::Value = response.json().await.unwrap();
         assert_eq!(body["count"], expected);

@@ -78,34 +78,25 @@ async fn a_file_that_is_not_gguf_is_refused() {
     let node = TestNode::start();
     let bogus = node.data_dir.join("bogus.gguf");
     std::fs::write(&bogus, b"GGUF but not really a model at all").unwrap();
-    let output = node.cli(&[
-        "model",
-        "add",
-        "bogus",
-        bogus.to_str().unwrap(),
-        "--encoding",
-        "ggml",
-    ]);
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let add_bogus = || {
+        let output = node.cli(&[
+            "model",
+            "add",
+            "bogus",
+            bogus.to_str().unwrap(),
+            "--encoding",
+            "ggml",
+        ]);
+        assert!(!output.status.success());
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let stderr = add_bogus();
     assert!(
         stderr.contains("400") && stderr.contains("GGUF"),
         "{stderr}"
     );
     std::fs::write(&bogus, b"plain text").unwrap();
-    let stderr = String::from_utf8_lossy(
-        &node
-            .cli(&[
-                "model",
-                "add",
-                "bogus",
-                bogus.to_str().unwrap(),
-                "--encoding",
-                "ggml",
-            ])
-            .stderr,
-    )
-    .into_owned();
+    let stderr = add_bogus();
     assert!(
         stderr.contains("400") && stderr.contains("not a GGUF model"),
         "{stderr}"

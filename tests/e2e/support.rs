@@ -187,6 +187,11 @@ impl TestNode {
         )
     }
 
+    /// POSTs an empty body to `path`.
+    pub async fn post(&self, path: &str) -> reqwest::Response {
+        self.client.post(self.at(path)).send().await.expect("POST")
+    }
+
     /// POSTs `body` as JSON to `path`.
     pub async fn post_json(&self, path: &str, body: &serde_json::Value) -> reqwest::Response {
         self.client
