@@ -1,7 +1,8 @@
 //! Text generation through wasi-nn, following the convention in `wit/README.md`: the first
 //! `compute` of an execution context carries the prompt (or chat messages) and options and
 //! returns the first chunk; each further `compute` returns the next chunk, until the host sets
-//! `finish_reason`. [`generate`] and [`chat`] wrap that as an iterator of text chunks.
+//! `finish_reason`. [`generate`] and [`chat`] wrap that as an iterator of text chunks;
+//! [`embed`] turns texts into vectors with an embedding model.
 //!
 //! ```ignore
 //! let mut generation = tensorlet_sdk::llm::chat("smollm2", &[Message::user("Hi!")], &Options::default())?;
@@ -160,4 +161,48 @@ impl Iterator for Generation {
             }
         }
     }
+}
+
+/// Sentence embeddings of several texts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Embeddings {
+    /// One vector per text, in the order given.
+    pub vectors: Vec<Vec<f32>>,
+    /// Tokens read from the texts.
+    pub prompt_tokens: u32,
+}
+
+/// Embeds `texts` with the embedding model registered as `model` (convention in
+/// `wit/README.md`: JSON texts in, `embeddings [n, dim]` f32 and `usage` out).
+pub fn embed(model: &str, texts: &[&str]) -> Result<Embeddings, NnError> {
+    let texts = serde_json::to_string(texts).expect("texts serialise");
+    let outputs =
+        Graph::by_name(model)?.compute(vec![("texts".to_string(), text_tensor(&texts))])?;
+    let mut embeddings = Embeddings {
+        vectors: Vec::new(),
+        prompt_tokens: 0,
+    };
+    for (name, tensor) in outputs {
+        match name.as_str() {
+            "embeddings" => {
+                let width = tensor.dimensions.get(1).copied().unwrap_or(0).max(1) as usize;
+                let values = tensor.to_f32().ok_or_else(|| NnError {
+                    code: crate::nn::ErrorCode::InvalidArgument,
+                    message: format!("model {model:?} is not an embedding model: its `embeddings` output is not f32"),
+                })?;
+                embeddings.vectors = values.chunks(width).map(<[f32]>::to_vec).collect();
+            }
+            "usage" => {
+                #[derive(Deserialize)]
+                struct EmbeddingUsage {
+                    prompt_tokens: u32,
+                }
+                if let Ok(usage) = serde_json::from_slice::<EmbeddingUsage>(&tensor.data) {
+                    embeddings.prompt_tokens = usage.prompt_tokens;
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(embeddings)
 }

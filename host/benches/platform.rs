@@ -272,7 +272,15 @@ async fn main() {
 
     // classify: component vs native.
     let model = artifacts::text_orientation_model();
-    register_model(&node, "text-orientation", "onnx", &model, dir.path()).await;
+    register_model(
+        &node,
+        "text-orientation",
+        "onnx",
+        Some("tract"),
+        &model,
+        dir.path(),
+    )
+    .await;
     let classify =
         deploy_with_model(&node, "classify", artifacts::CLASSIFY, "text-orientation").await;
     let pixels: Vec<u8> = (0..48 * 192 * 3).map(|i| (i * 7 % 251) as u8).collect();
@@ -373,7 +381,10 @@ async fn main() {
         component_p50.as_secs_f64() / native_p50.as_secs_f64()
     );
     println!();
+    onnx_backends(&node, dir.path()).await;
+    embeddings(&node, dir.path()).await;
     llm(&node, dir.path()).await;
+    llm_concurrency(&node).await;
 
     drop(node);
 
@@ -413,11 +424,13 @@ async fn main() {
     }
 }
 
-/// Registers the model file at `path` on `node` as `name`, as `tensorlet model add` would.
+/// Registers the model file at `path` on `node` as `name` with `backend` (or the node's
+/// choice), as `tensorlet model add` would.
 async fn register_model(
     node: &tensorlet::node::Node,
     name: &str,
     encoding: &str,
+    backend: Option<&str>,
     path: &std::path::Path,
     scratch: &std::path::Path,
 ) {
@@ -425,11 +438,14 @@ async fn register_model(
     let staged = scratch.join(format!("staged-{name}"));
     std::fs::copy(path, &staged).unwrap();
     let digest = hex::encode(sha2::Sha256::digest(std::fs::read(path).unwrap()));
-    let size = std::fs::metadata(path).unwrap().len();
-    node.models
-        .add(name, encoding, staged, digest, size)
-        .await
-        .unwrap();
+    let upload = tensorlet::nn::Upload {
+        encoding: encoding.to_string(),
+        backend: backend.map(str::to_string),
+        target: "cpu".to_string(),
+        digest,
+        size_bytes: std::fs::metadata(path).unwrap().len(),
+    };
+    node.models.add(name, staged, upload).await.unwrap();
 }
 
 /// Deploys `component` as `app`, allowed to load `model`.
@@ -457,7 +473,7 @@ async fn llm(node: &tensorlet::node::Node, scratch: &std::path::Path) {
     // A prompt the model continues for long, so that every run generates all the tokens.
     const PROMPT: &str = "1, 2, 3, 4, 5, 6,";
     let model_path = artifacts::smollm2_model();
-    register_model(node, "smollm2", "ggml", &model_path, scratch).await;
+    register_model(node, "smollm2", "ggml", None, &model_path, scratch).await;
     let app = deploy_with_model(node, "openai", artifacts::OPENAI, "smollm2").await;
     let body = serde_json::json!({
         "model": "smollm2", "prompt": PROMPT, "max_tokens": NEW_TOKENS, "temperature": 0, "stream": true,
@@ -518,6 +534,250 @@ async fn llm(node: &tensorlet::node::Node, scratch: &std::path::Path) {
         "  component / native decode rate: {:.2}x",
         component_rate / native_rate
     );
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/llama_cpp_python.py");
+    let python = Command::new("python3")
+        .arg(script)
+        .arg(artifacts::smollm2_model())
+        .args([PROMPT, &NEW_TOKENS.to_string(), &threads.to_string()])
+        .stderr(Stdio::null())
+        .output();
+    match python.ok().filter(|o| o.status.success()) {
+        Some(output) => {
+            let baseline: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+            let rate = baseline["tokens_per_sec"].as_f64().unwrap();
+            println!(
+                "  llama-cpp-python {}: {:.1} tok/s, first token {:.0} ms; component / llama-cpp-python: {:.2}x",
+                baseline["version"].as_str().unwrap_or("?"),
+                rate,
+                baseline["first_token_ms"].as_f64().unwrap(),
+                component_rate / rate
+            );
+        }
+        None => println!(
+            "  llama-cpp-python: not installed (pip install llama-cpp-python==0.3.36 for this baseline)"
+        ),
+    }
+    println!();
+}
+
+/// The PP-OCR classifier on every ONNX backend, through the backend interface (what a
+/// component's `compute` reaches), same input, 200 runs each.
+async fn onnx_backends(node: &tensorlet::node::Node, scratch: &std::path::Path) {
+    use tensorlet::nn::backend::{Tensor, TensorType};
+    let model = artifacts::text_orientation_model();
+    let input = Tensor {
+        dimensions: vec![1, 3, 48, 192],
+        ty: TensorType::Fp32,
+        data: vec![0u8; 4 * 3 * 48 * 192],
+    };
+    println!("ONNX backends, PP-OCR text orientation 1x3x48x192, compute p50 over 200 runs:");
+    let mut tract_p50 = None;
+    for backend in ["tract", "onnxruntime", "openvino"] {
+        let name = format!("on-{backend}");
+        register_model(node, &name, "onnx", Some(backend), &model, scratch).await;
+        let graph = node.models.graph(&name).unwrap();
+        let input = input.clone();
+        let samples = tokio::task::spawn_blocking(move || {
+            let mut context = graph.init_execution_context().unwrap();
+            let mut samples = Vec::new();
+            for round in 0..220 {
+                let started = Instant::now();
+                std::hint::black_box(context.compute(vec![("x".into(), input.clone())]).unwrap());
+                if round >= 20 {
+                    samples.push(started.elapsed());
+                }
+            }
+            samples
+        })
+        .await
+        .unwrap();
+        let (p50, p99) = summary(samples);
+        let baseline = *tract_p50.get_or_insert(p50);
+        println!(
+            "  {backend:<12} p50 {:.0} µs, p99 {:.0} µs, {:.2}x tract",
+            micros(p50),
+            micros(p99),
+            p50.as_secs_f64() / baseline.as_secs_f64()
+        );
+    }
+    println!();
+}
+
+/// all-MiniLM-L6-v2 through the `openai` component's /v1/embeddings against the same candle
+/// graph called directly (no wasm, no HTTP, no JSON).
+async fn embeddings(node: &tensorlet::node::Node, scratch: &std::path::Path) {
+    let bundle = scratch.join("minilm.tar");
+    tensorlet::cli::bundle::bundle_dir(&artifacts::minilm_model(), &bundle).unwrap();
+    register_model(node, "minilm", "safetensors", None, &bundle, scratch).await;
+    let app = deploy_with_model(node, "openai-embed", artifacts::OPENAI, "minilm").await;
+    let graph = node.models.graph("minilm").unwrap();
+    println!("Embeddings, all-MiniLM-L6-v2 (candle), p50 over 50 requests:");
+    for texts in [1usize, 8] {
+        let inputs: Vec<String> = (0..texts)
+            .map(|i| format!("Edge node {i} serves sentence embeddings to nearby clients."))
+            .collect();
+        let body =
+            serde_json::json!({ "model": "minilm", "input": inputs, "encoding_format": "float" })
+                .to_string();
+        let texts_json = serde_json::to_vec(&inputs).unwrap();
+        let (mut component, mut native) = (Vec::new(), Vec::new());
+        for round in 0..60 {
+            let mut request = http::Request::new(Full::new(Bytes::from(body.clone())));
+            *request.method_mut() = http::Method::POST;
+            *request.uri_mut() = "https://localhost/v1/embeddings".parse().unwrap();
+            let started = Instant::now();
+            let response = node.runtime.invoke(app.clone(), request).await.unwrap();
+            assert!(response.status().is_success());
+            response.into_body().collect().await.unwrap();
+            let component_elapsed = started.elapsed();
+            let graph = graph.clone();
+            let texts_json = texts_json.clone();
+            let native_elapsed = tokio::task::spawn_blocking(move || {
+                let tensor = tensorlet::nn::backend::Tensor {
+                    dimensions: vec![texts_json.len() as u32],
+                    ty: tensorlet::nn::backend::TensorType::U8,
+                    data: texts_json,
+                };
+                let started = Instant::now();
+                let mut context = graph.init_execution_context().unwrap();
+                std::hint::black_box(context.compute(vec![("texts".into(), tensor)]).unwrap());
+                started.elapsed()
+            })
+            .await
+            .unwrap();
+            if round >= 10 {
+                component.push(component_elapsed);
+                native.push(native_elapsed);
+            }
+        }
+        let (component_p50, _) = summary(component);
+        let (native_p50, _) = summary(native);
+        println!(
+            "  {texts} text(s): component {:.2} ms, native candle {:.2} ms: {:.2}x",
+            component_p50.as_secs_f64() * 1e3,
+            native_p50.as_secs_f64() * 1e3,
+            component_p50.as_secs_f64() / native_p50.as_secs_f64()
+        );
+    }
+    println!();
+}
+
+/// Streams one completion through the `openai` app: (text, completion tokens, first-chunk
+/// latency, total time).
+async fn stream_completion(
+    node: &tensorlet::node::Node,
+    app: &Arc<tensorlet::runtime::App>,
+    body: serde_json::Value,
+) -> (String, u64, Duration, Duration) {
+    let mut request = http::Request::new(Full::new(Bytes::from(body.to_string())));
+    *request.method_mut() = http::Method::POST;
+    *request.uri_mut() = "https://localhost/v1/completions".parse().unwrap();
+    let started = Instant::now();
+    let response = node.runtime.invoke(app.clone(), request).await.unwrap();
+    let mut body = response.into_body();
+    let (mut first, mut raw) = (None, Vec::new());
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.unwrap().into_data() {
+            first.get_or_insert_with(|| started.elapsed());
+            raw.extend_from_slice(&data);
+        }
+    }
+    let total = started.elapsed();
+    let (mut text, mut tokens) = (String::new(), 0);
+    for event in String::from_utf8(raw).unwrap().split("data: ") {
+        if let Ok(event) = serde_json::from_str::<serde_json::Value>(event.trim()) {
+            if let Some(chunk) = event["choices"][0]["text"].as_str() {
+                text.push_str(chunk);
+            }
+            if let Some(generated) = event["usage"]["completion_tokens"].as_u64() {
+                tokens = generated;
+            }
+        }
+    }
+    (text, tokens, first.unwrap(), total)
+}
+
+fn resident_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kib: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kib / 1024.0
+}
+
+/// Generations side by side on one loaded model: aggregate tokens/s of 4 concurrent against
+/// the same 4 one after another (greedy, so the texts must be identical), and resident
+/// memory with 1 and 8 generations running.
+async fn llm_concurrency(node: &tensorlet::node::Node) {
+    const NEW_TOKENS: u32 = 64;
+    let app = node.runtime.app("openai").unwrap();
+    let prompts = [
+        "1, 2, 3, 4,",
+        "The sea is",
+        "Edge computing means",
+        "A recipe for bread:",
+    ];
+    let body = |prompt: &str| {
+        serde_json::json!({
+            "model": "smollm2", "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0,
+            "stream": true, "stop": [], "stream_options": { "include_usage": true },
+        })
+    };
+    let started = Instant::now();
+    let mut sequential = Vec::new();
+    let mut tokens = 0;
+    for prompt in prompts {
+        let (text, generated, _, _) = stream_completion(node, &app, body(prompt)).await;
+        tokens += generated;
+        sequential.push(text);
+    }
+    let sequential_rate = tokens as f64 / started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    let runs = futures_util::future::join_all(
+        prompts
+            .iter()
+            .map(|prompt| stream_completion(node, &app, body(prompt))),
+    )
+    .await;
+    let concurrent_rate =
+        runs.iter().map(|r| r.1).sum::<u64>() as f64 / started.elapsed().as_secs_f64();
+    let identical = runs
+        .iter()
+        .zip(&sequential)
+        .all(|(run, text)| run.0 == *text);
+    println!(
+        "LLM, 4 generations of {NEW_TOKENS} tokens, {} threads each, {} compute slot(s):",
+        node.config.nn.inference_threads(),
+        node.config.nn.compute_slots()
+    );
+    println!(
+        "  one after another {sequential_rate:.1} tok/s, 4 at once {concurrent_rate:.1} tok/s: {:.2}x; greedy texts identical: {identical}",
+        concurrent_rate / sequential_rate
+    );
+
+    // Resident memory while generations run: hold each response after its first chunk.
+    let idle = resident_mib();
+    for running in [1usize, 8] {
+        let mut bodies = Vec::new();
+        for _ in 0..running {
+            let mut request =
+                http::Request::new(Full::new(Bytes::from(body(prompts[0]).to_string())));
+            *request.method_mut() = http::Method::POST;
+            *request.uri_mut() = "https://localhost/v1/completions".parse().unwrap();
+            let response = node.runtime.invoke(app.clone(), request).await.unwrap();
+            let mut response_body = response.into_body();
+            response_body.frame().await.unwrap().unwrap();
+            bodies.push(response_body);
+        }
+        println!(
+            "  resident memory with {running} generation(s) running: {:.0} MiB (node idle with models loaded: {idle:.0} MiB)",
+            resident_mib()
+        );
+        drop(bodies);
+    }
     println!();
 }
 

@@ -2,6 +2,7 @@
 //! for a single node on a laptop. CLI flags and `TENSORLET_*` variables override the file.
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -62,6 +63,27 @@ pub struct NnConfig {
     pub threads: u32,
     /// Largest context window (prompt + generated tokens) an LLM generation gets.
     pub max_context_tokens: u32,
+    /// What a model asked to run on the GPU gets when no backend here can: `fail` (the
+    /// default) refuses it; `cpu` runs it on the CPU and records that it fell back.
+    pub gpu_fallback: GpuFallback,
+    /// The backend for an encoding when `model add` names none, e.g. `onnx = "onnxruntime"`.
+    /// Otherwise the first available backend of the encoding is used.
+    pub default_backends: BTreeMap<String, String>,
+    /// The ONNX Runtime library (`libonnxruntime.so.*`). Unset: `$ORT_DYLIB_PATH`, then the
+    /// pip-installed `onnxruntime` package.
+    pub onnxruntime_library: Option<PathBuf>,
+    /// The OpenVINO C library (`libopenvino_c.so*`). Unset: `$OPENVINO_LIBRARY`, then the
+    /// pip-installed `openvino` package.
+    pub openvino_library: Option<PathBuf>,
+}
+
+/// See [`NnConfig::gpu_fallback`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GpuFallback {
+    #[default]
+    Fail,
+    Cpu,
 }
 
 impl NnConfig {
@@ -117,6 +139,10 @@ impl Default for NnConfig {
             max_model_bytes: 16 << 30,
             threads: 0,
             max_context_tokens: 2048,
+            gpu_fallback: GpuFallback::Fail,
+            default_backends: BTreeMap::new(),
+            onnxruntime_library: None,
+            openvino_library: None,
         }
     }
 }

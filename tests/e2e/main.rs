@@ -3,7 +3,9 @@
 
 mod support;
 
+mod backends;
 mod deploy;
+mod embeddings;
 mod failures;
 mod kv;
 mod llm;

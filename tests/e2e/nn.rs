@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use tract_onnx::prelude::*;
 
 /// A deterministic 48x192 RGB test image.
-fn test_pixels() -> Vec<u8> {
+pub(crate) fn test_pixels() -> Vec<u8> {
     let mut state = 0x2545_f491_u32;
     (0..48 * 192 * 3)
         .map(|_| {
@@ -19,7 +19,7 @@ fn test_pixels() -> Vec<u8> {
 }
 
 /// The classifier run natively with tract on the same input the component builds.
-fn native_scores(pixels: &[u8]) -> Vec<f32> {
+pub(crate) fn native_scores(pixels: &[u8]) -> Vec<f32> {
     let plan = tract_onnx::onnx()
         .model_for_path(artifacts::text_orientation_model())
         .unwrap()
@@ -47,6 +47,30 @@ fn native_scores(pixels: &[u8]) -> Vec<f32> {
         .collect()
 }
 
+/// The `classify` app's answer for `pixels`; `query` may pick the model (`?model=NAME`).
+pub(crate) async fn classify(node: &TestNode, query: &str, pixels: &[u8]) -> serde_json::Value {
+    let response = node
+        .post_json(
+            &format!("/apps/classify/{query}"),
+            &serde_json::json!({ "pixels": pixels }),
+        )
+        .await;
+    let status = response.status();
+    let answer: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(status, 200, "{answer}");
+    answer
+}
+
+/// The class scores in a `classify` answer.
+pub(crate) fn scores_of(answer: &serde_json::Value) -> Vec<f32> {
+    answer["scores"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_f64().unwrap() as f32)
+        .collect()
+}
+
 #[tokio::test]
 async fn classify_answers_what_the_model_computes_natively() {
     let node = TestNode::start();
@@ -62,21 +86,8 @@ async fn classify_answers_what_the_model_computes_natively() {
         .await;
 
     let pixels = test_pixels();
-    let response = node
-        .client
-        .post(node.at("/apps/classify/"))
-        .json(&serde_json::json!({ "pixels": pixels }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let answer: serde_json::Value = response.json().await.unwrap();
-    let scores: Vec<f32> = answer["scores"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s.as_f64().unwrap() as f32)
-        .collect();
+    let answer = classify(&node, "", &pixels).await;
+    let scores = scores_of(&answer);
     let expected = native_scores(&pixels);
     assert_eq!(scores.len(), 2);
     for (got, want) in scores.iter().zip(&expected) {

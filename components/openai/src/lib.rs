@@ -5,9 +5,11 @@
 //! - `POST /v1/chat/completions`: chat through the model's own chat template; `"stream": true`
 //!   answers with server-sent events, token by token.
 //! - `POST /v1/completions`: plain continuation of a prompt, streaming too.
+//! - `POST /v1/embeddings`: vectors from an embedding model, as floats or base64.
 //!
 //! Errors use OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
 
+use base64::Engine;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tensorlet_sdk::http::{Request, Response};
@@ -359,11 +361,89 @@ impl Iterator for Events {
     }
 }
 
+/// Texts given to `/v1/embeddings` as `input`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum EmbeddingInput {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+struct EmbeddingRequest {
+    model: String,
+    input: EmbeddingInput,
+    #[serde(default)]
+    encoding_format: Option<String>,
+}
+
+fn embeddings(request: &Request) -> Response {
+    let body: EmbeddingRequest = match serde_json::from_slice(&request.body) {
+        Ok(body) => body,
+        Err(e) => {
+            return openai_error(
+                400,
+                "invalid_request_error",
+                "invalid_json",
+                Some("input"),
+                &format!(
+                    "Invalid request body (input must be a string or an array of strings): {e}"
+                ),
+            )
+        }
+    };
+    let texts = match &body.input {
+        EmbeddingInput::One(text) => vec![text.as_str()],
+        EmbeddingInput::Many(texts) => texts.iter().map(String::as_str).collect(),
+    };
+    let base64 = match body.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => {
+            return openai_error(
+                400,
+                "invalid_request_error",
+                "invalid_value",
+                Some("encoding_format"),
+                &format!("encoding_format must be float or base64, not {other:?}"),
+            )
+        }
+    };
+    let embeddings = match llm::embed(&body.model, &texts) {
+        Ok(embeddings) => embeddings,
+        Err(error) => return nn_error(&error, &body.model),
+    };
+    let data: Vec<Value> = embeddings
+        .vectors
+        .iter()
+        .enumerate()
+        .map(|(index, vector)| {
+            let embedding = if base64 {
+                let bytes: Vec<u8> = vector.iter().flat_map(|v| v.to_le_bytes()).collect();
+                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(vector)
+            };
+            json!({ "object": "embedding", "index": index, "embedding": embedding })
+        })
+        .collect();
+    Response::json(
+        200,
+        &json!({
+            "object": "list",
+            "data": data,
+            "model": body.model,
+            "usage": { "prompt_tokens": embeddings.prompt_tokens, "total_tokens": embeddings.prompt_tokens },
+        }),
+    )
+}
+
 fn handle(request: Request) -> Response {
     match (request.method.as_str(), request.path()) {
         ("GET", "/v1/models") => list_models(),
         ("POST", "/v1/chat/completions") => complete(&request, true),
         ("POST", "/v1/completions") => complete(&request, false),
+        ("POST", "/v1/embeddings") => embeddings(&request),
         _ => openai_error(
             404,
             "invalid_request_error",

@@ -2,6 +2,7 @@
 //! remove apps, add and remove models, node status. The CLI is its client.
 
 use super::ApiError;
+use crate::nn::Upload;
 use crate::node::Node;
 use crate::runtime::AppSettings;
 use axum::body::{Body, Bytes};
@@ -72,13 +73,8 @@ async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such admin route")
 }
 
-fn describe_backends(node: &Node) -> Vec<Value> {
-    node.models
-        .backends()
-        .describe()
-        .into_iter()
-        .map(|(name, encoding)| json!({ "name": name, "encoding": encoding, "available": true }))
-        .collect()
+fn describe_backends(node: &Node) -> Vec<crate::nn::backend::BackendInfo> {
+    node.models.backends().describe()
 }
 
 async fn backends(State(node): State<Arc<Node>>) -> Json<Value> {
@@ -158,7 +154,7 @@ async fn get_model(
         .models
         .list()
         .into_iter()
-        .find(|m| m.name == name)
+        .find(|m| m.record.name == name)
         .ok_or_else(|| ApiError::from(crate::nn::ModelError::NotFound(name)))?;
     Ok(Json(json!({ "model": record })))
 }
@@ -166,6 +162,8 @@ async fn get_model(
 #[derive(Deserialize)]
 struct ModelQuery {
     encoding: Option<String>,
+    backend: Option<String>,
+    target: Option<String>,
 }
 
 async fn add_model(
@@ -174,7 +172,6 @@ async fn add_model(
     Query(query): Query<ModelQuery>,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    let encoding = query.encoding.unwrap_or_else(|| "onnx".to_string());
     let limit = node.config.nn.max_model_bytes;
     let tmp_dir = node.config.data_dir.join("tmp");
     tokio::fs::create_dir_all(&tmp_dir)
@@ -224,10 +221,14 @@ async fn add_model(
             return Err(error);
         }
     };
-    let record = node
-        .models
-        .add(&name, &encoding, staged, digest, size)
-        .await?;
+    let upload = Upload {
+        encoding: query.encoding.unwrap_or_else(|| "onnx".to_string()),
+        backend: query.backend,
+        target: query.target.unwrap_or_else(|| "cpu".to_string()),
+        digest,
+        size_bytes: size,
+    };
+    let record = node.models.add(&name, staged, upload).await?;
     tracing::info!(model = %record.name, digest = %record.digest, "model added");
     Ok(Json(json!({ "model": record })))
 }

@@ -1,6 +1,7 @@
 //! The one error type of the HTTP edge: every failure becomes a status and a JSON body
 //! `{ "error": { "code": "...", "message": "..." } }`.
 
+use crate::nn::backend::ChoiceError;
 use crate::nn::ModelError;
 use crate::runtime::{DeployError, InvokeError};
 use crate::store::StoreError;
@@ -69,7 +70,17 @@ impl From<ModelError> for ApiError {
     fn from(error: ModelError) -> Self {
         let (status, code) = match &error {
             ModelError::InvalidName(_) => (StatusCode::BAD_REQUEST, "invalid_name"),
-            ModelError::UnknownEncoding { .. } => (StatusCode::BAD_REQUEST, "unknown_encoding"),
+            ModelError::InvalidTarget(_) => (StatusCode::BAD_REQUEST, "invalid_target"),
+            ModelError::NoBackend(ChoiceError::UnknownEncoding { .. }) => {
+                (StatusCode::BAD_REQUEST, "unknown_encoding")
+            }
+            ModelError::NoBackend(ChoiceError::UnknownBackend { .. }) => {
+                (StatusCode::BAD_REQUEST, "unknown_backend")
+            }
+            ModelError::NoBackend(ChoiceError::Unavailable(_)) => {
+                (StatusCode::BAD_REQUEST, "backend_unavailable")
+            }
+            ModelError::NotLoaded { .. } => (StatusCode::SERVICE_UNAVAILABLE, "model_not_loaded"),
             ModelError::InvalidModel(_) => (StatusCode::BAD_REQUEST, "invalid_model"),
             ModelError::NotFound(_) => (StatusCode::NOT_FOUND, "model_not_found"),
             ModelError::Store(_) | ModelError::Io(_) => {

