@@ -758,6 +758,48 @@ async fn llm_concurrency(node: &tensorlet::node::Node) {
         concurrent_rate / sequential_rate
     );
 
+    // One generation while another app keeps a core busy (an infinite loop until its timeout).
+    let settings = tensorlet::runtime::AppSettings {
+        timeout_secs: Some(20),
+        ..Default::default()
+    };
+    node.runtime
+        .deploy(
+            "busy",
+            std::fs::read(artifacts::MISBEHAVE).unwrap().into(),
+            settings,
+        )
+        .await
+        .unwrap();
+    let busy_app = node.runtime.app("busy").unwrap();
+    let (_, alone_tokens, alone_first, alone_total) =
+        stream_completion(node, &app, body(prompts[1])).await;
+    let busy = tokio::spawn({
+        let runtime = node.runtime.clone();
+        async move {
+            let mut request = http::Request::new(Full::new(Bytes::new()));
+            *request.uri_mut() = "https://localhost/loop".parse().unwrap();
+            if let Ok(response) = runtime.invoke(busy_app, request).await {
+                let _ = response.into_body().collect().await;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (_, busy_tokens, busy_first, busy_total) =
+        stream_completion(node, &app, body(prompts[1])).await;
+    busy.abort();
+    let rate = |tokens: u64, first: Duration, total: Duration| {
+        (tokens - 1) as f64 / (total - first).as_secs_f64()
+    };
+    let (alone, contended) = (
+        rate(alone_tokens, alone_first, alone_total),
+        rate(busy_tokens, busy_first, busy_total),
+    );
+    println!(
+        "  one generation alone {alone:.1} tok/s; while another app busy-loops on a core {contended:.1} tok/s: {:.2}x",
+        contended / alone
+    );
+
     // Resident memory while generations run: hold each response after its first chunk.
     let idle = resident_mib();
     for running in [1usize, 8] {

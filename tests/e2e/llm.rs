@@ -185,20 +185,4 @@ async fn generations_on_one_model_run_side_by_side() {
         "the second generation waited {waited:?} for its first token"
     );
     drop(long_events);
-
-    let backends = node
-        .client
-        .get(node.at("/v1/admin/backends"))
-        .bearer_auth(&node.token)
-        .send()
-        .await
-        .unwrap();
-    let backends: serde_json::Value = backends.json().await.unwrap();
-    let names: Vec<&str> = backends["backends"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|b| b["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(names, ["tract", "llama.cpp"]);
 }
