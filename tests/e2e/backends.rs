@@ -27,16 +27,28 @@ async fn one_onnx_model_gives_the_native_answer_on_tract_onnxruntime_and_openvin
     assert_eq!(status, 401, "{body}");
     let backends = node.cli_ok(&["status"]);
     let status: serde_json::Value = serde_json::from_str(&backends).unwrap();
-    for backend in ["tract", "onnxruntime", "openvino", "llama.cpp", "candle"] {
-        let listed = status["backends"]
+    let listed = |name: &str| {
+        status["backends"]
             .as_array()
             .unwrap()
             .iter()
-            .find(|b| b["name"] == backend)
-            .unwrap_or_else(|| panic!("{backend} missing: {status}"));
+            .find(|b| b["name"] == name)
+            .unwrap_or_else(|| panic!("{name} missing: {status}"))
+            .clone()
+    };
+    for backend in ["tract", "onnxruntime", "openvino", "llama.cpp", "candle"] {
+        let listed = listed(backend);
         assert_eq!(listed["available"], true, "{listed}");
         assert_eq!(listed["targets"], serde_json::json!(["cpu"]), "{listed}");
     }
+    let version = |name: &str| {
+        listed(name)["version"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(version("onnxruntime"), "1.22.1");
+    assert!(version("openvino").starts_with("2025.2"), "{status}");
     let pixels = test_pixels();
     let expected = native_scores(&pixels);
     let names = ["on-tract", "on-onnxruntime", "on-openvino"];
@@ -81,14 +93,7 @@ async fn one_onnx_model_gives_the_native_answer_on_tract_onnxruntime_and_openvin
 async fn a_backend_without_its_library_is_unavailable_with_the_reason() {
     let config = config_file("[nn]\nonnxruntime_library = \"/nonexistent/libonnxruntime.so.1\"\n");
     let node = TestNode::start_with(&["--config", config.path().to_str().unwrap()]);
-    let response = node
-        .client
-        .get(node.at("/v1/admin/backends"))
-        .bearer_auth(&node.token)
-        .send()
-        .await
-        .unwrap();
-    let backends: serde_json::Value = response.json().await.unwrap();
+    let backends = node.admin_json("/v1/admin/backends").await;
     let onnxruntime = backends["backends"]
         .as_array()
         .unwrap()
@@ -158,14 +163,7 @@ async fn gpu_models_fail_clearly_unless_the_node_allows_a_cpu_fallback() {
         stderr.contains("warning: gpu requested") && stderr.contains("running on the CPU"),
         "{stderr}"
     );
-    let response = node
-        .client
-        .get(node.at("/v1/admin/models/m"))
-        .bearer_auth(&node.token)
-        .send()
-        .await
-        .unwrap();
-    let record: serde_json::Value = response.json().await.unwrap();
+    let record = node.admin_json("/v1/admin/models/m").await;
     assert_eq!(record["model"]["target"], "cpu", "{record}");
     assert!(record["model"]["fallback"]
         .as_str()

@@ -41,23 +41,7 @@ async fn the_openai_client_gets_normalised_embeddings_that_rank_meaning() {
     );
     node.cli_ok(&["deploy", "openai", artifacts::OPENAI, "--model", "minilm"]);
 
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../tests/e2e/openai_embeddings.py"
-    );
-    let output = std::process::Command::new("python3")
-        .arg(script)
-        .arg(node.at("/apps/openai/v1"))
-        .arg(node.data_dir.join("tls/cert.pem"))
-        .arg("minilm")
-        .output()
-        .expect("python3 runs");
-    assert!(
-        output.status.success(),
-        "the OpenAI client failed:\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let seen: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let seen = node.run_openai_script("openai_embeddings.py", "minilm");
     let floats = vectors(&seen["float"]);
     let decoded = vectors(&seen["base64"]);
     assert_eq!(floats.len(), 3);

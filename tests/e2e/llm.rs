@@ -31,20 +31,7 @@ async fn the_official_openai_client_chats_streams_and_gets_openai_errors() {
         "{models}"
     );
 
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/e2e/openai_client.py");
-    let output = std::process::Command::new("python3")
-        .arg(script)
-        .arg(node.at("/apps/openai/v1"))
-        .arg(node.data_dir.join("tls/cert.pem"))
-        .arg("smollm2")
-        .output()
-        .expect("python3 runs");
-    assert!(
-        output.status.success(),
-        "the OpenAI client failed:\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let seen: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let seen = node.run_openai_script("openai_client.py", "smollm2");
     assert!(
         seen["answer"]
             .as_str()

@@ -202,6 +202,41 @@ impl TestNode {
             .expect("POST")
     }
 
+    /// GETs an admin API path with the admin token; returns the JSON answer.
+    pub async fn admin_json(&self, path: &str) -> serde_json::Value {
+        self.client
+            .get(self.at(path))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .expect("admin GET")
+            .json()
+            .await
+            .expect("JSON answer")
+    }
+
+    /// Runs one of the Python scripts in tests/e2e (official `openai` client) against this
+    /// node's `openai` app with `model`; returns the JSON it printed.
+    pub fn run_openai_script(&self, script: &str, model: &str) -> serde_json::Value {
+        let output = Command::new("python3")
+            .arg(
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("../tests/e2e")
+                    .join(script),
+            )
+            .arg(self.at("/apps/openai/v1"))
+            .arg(self.data_dir.join("tls/cert.pem"))
+            .arg(model)
+            .output()
+            .expect("python3 runs");
+        assert!(
+            output.status.success(),
+            "the OpenAI client failed:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).expect("the script prints JSON")
+    }
+
     /// Asserts the node still serves: `/healthz` answers ok.
     pub async fn assert_healthy(&self) {
         assert_eq!(self.get("/healthz").await, (200, "ok\n".to_string()));

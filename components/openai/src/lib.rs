@@ -121,19 +121,24 @@ fn list_models() -> Response {
     Response::json(200, &json!({ "object": "list", "data": data }))
 }
 
+/// The request's JSON body, or OpenAI's 400 answer saying why it is not one.
+fn parse_body<T: serde::de::DeserializeOwned>(request: &Request) -> Result<T, Response> {
+    serde_json::from_slice(&request.body).map_err(|e| {
+        openai_error(
+            400,
+            "invalid_request_error",
+            "invalid_json",
+            None,
+            &format!("Invalid request body: {e}"),
+        )
+    })
+}
+
 /// Chat or text completion: `chat` picks the request and answer shapes.
 fn complete(request: &Request, chat: bool) -> Response {
-    let body: CompletionRequest = match serde_json::from_slice(&request.body) {
+    let body: CompletionRequest = match parse_body(request) {
         Ok(body) => body,
-        Err(e) => {
-            return openai_error(
-                400,
-                "invalid_request_error",
-                "invalid_json",
-                None,
-                &format!("Invalid request body: {e}"),
-            )
-        }
+        Err(response) => return response,
     };
     if !declared_models().contains(&body.model) {
         let message = format!(
@@ -378,19 +383,9 @@ struct EmbeddingRequest {
 }
 
 fn embeddings(request: &Request) -> Response {
-    let body: EmbeddingRequest = match serde_json::from_slice(&request.body) {
+    let body: EmbeddingRequest = match parse_body(request) {
         Ok(body) => body,
-        Err(e) => {
-            return openai_error(
-                400,
-                "invalid_request_error",
-                "invalid_json",
-                Some("input"),
-                &format!(
-                    "Invalid request body (input must be a string or an array of strings): {e}"
-                ),
-            )
-        }
+        Err(response) => return response,
     };
     let texts = match &body.input {
         EmbeddingInput::One(text) => vec![text.as_str()],

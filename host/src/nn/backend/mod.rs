@@ -128,6 +128,10 @@ pub trait Backend: Send + Sync {
     fn unavailable_reason(&self) -> Option<String> {
         None
     }
+    /// The version of a runtime-linked library, once loaded.
+    fn library_version(&self) -> Option<String> {
+        None
+    }
     /// Why this backend cannot run models on `target` here, if it cannot.
     fn target_unsupported(&self, target: ExecutionTarget) -> Option<String> {
         (target != ExecutionTarget::Cpu).then(|| "runs on the CPU only".to_string())
@@ -167,6 +171,9 @@ pub struct BackendInfo {
     pub name: &'static str,
     pub encoding: &'static str,
     pub available: bool,
+    /// The runtime library's version, for runtime-linked backends.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
     /// Why it is unavailable.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -341,6 +348,7 @@ impl Backends {
                     name: b.name(),
                     encoding: b.encoding(),
                     available: reason.is_none(),
+                    version: b.library_version(),
                     targets: [
                         ExecutionTarget::Cpu,
                         ExecutionTarget::Gpu,
@@ -410,6 +418,22 @@ pub fn match_inputs(
         )));
     }
     Ok(matched)
+}
+
+/// One of `slots` (sessions, infer requests) for a computation: a free one, or — all busy —
+/// the next in turn, waited for. `next` spreads the turns.
+pub fn take_slot<'a, T>(
+    slots: &'a [std::sync::Mutex<T>],
+    next: &std::sync::atomic::AtomicUsize,
+) -> std::sync::MutexGuard<'a, T> {
+    let start = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    (0..slots.len())
+        .find_map(|i| slots[(start + i) % slots.len()].try_lock().ok())
+        .unwrap_or_else(|| {
+            slots[start % slots.len()]
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        })
 }
 
 /// Little-endian element bytes of `tensor` decoded into values.

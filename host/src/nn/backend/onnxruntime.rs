@@ -17,7 +17,7 @@ use ort::session::{Session, SessionInputValue};
 use ort::tensor::TensorElementType;
 use ort::value::{DynValue, ValueType};
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// ONNX models on ONNX Runtime.
@@ -108,11 +108,6 @@ impl OnnxRuntimeBackend {
             sessions_per_graph: config.compute_slots(),
         }
     }
-
-    /// The ONNX Runtime version in use, if it started.
-    pub fn version(&self) -> Option<&str> {
-        self.runtime.as_deref().ok()
-    }
 }
 
 fn tensor_type(ty: TensorElementType) -> Option<TensorType> {
@@ -151,6 +146,10 @@ impl Backend for OnnxRuntimeBackend {
 
     fn unavailable_reason(&self) -> Option<String> {
         self.runtime.as_ref().err().cloned()
+    }
+
+    fn library_version(&self) -> Option<String> {
+        self.runtime.as_ref().ok().cloned()
     }
 
     fn target_unsupported(&self, target: ExecutionTarget) -> Option<String> {
@@ -288,21 +287,6 @@ fn host_tensor(name: &str, value: &DynValue) -> Result<Tensor, BackendError> {
     })
 }
 
-impl OrtGraph {
-    /// A free session, or (all busy) the next one in turn.
-    fn session(&self) -> std::sync::MutexGuard<'_, Session> {
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let count = self.sessions.len();
-        (0..count)
-            .find_map(|i| self.sessions[(start + i) % count].try_lock().ok())
-            .unwrap_or_else(|| {
-                self.sessions[start % count]
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-            })
-    }
-}
-
 impl ExecutionContext for OrtContext {
     fn compute(&mut self, inputs: Vec<NamedTensor>) -> Result<Vec<NamedTensor>, BackendError> {
         let inputs = match_inputs(inputs, &self.graph.inputs)?;
@@ -314,7 +298,7 @@ impl ExecutionContext for OrtContext {
         }
         let graph = self.graph.clone();
         super::catch_panic("running the ONNX model", move || {
-            let mut session = graph.session();
+            let mut session = super::take_slot(&graph.sessions, &graph.next);
             let outputs = session
                 .run(values)
                 .map_err(|e| BackendError::Runtime(e.to_string()))?;

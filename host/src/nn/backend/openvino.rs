@@ -14,13 +14,15 @@ use super::{
 };
 use crate::config::NnConfig;
 use openvino::{CompiledModel, Core, DeviceType, ElementType, InferRequest, RwPropertyKey, Shape};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 
 /// ONNX models on OpenVINO.
 pub struct OpenVinoBackend {
     /// The runtime, or why it cannot be used.
     core: Result<Mutex<Core>, String>,
+    /// OpenVINO's build number, once loaded.
+    version: Option<String>,
     has_gpu: bool,
     requests_per_graph: usize,
 }
@@ -60,8 +62,11 @@ impl OpenVinoBackend {
             core.available_devices()
                 .is_ok_and(|devices| devices.iter().any(|d| d.as_ref().starts_with("GPU")))
         });
+        // The library is loaded once the core exists, so asking for its version cannot panic.
+        let version = core.is_ok().then(|| openvino::version().build_number);
         Self {
             core: core.map(Mutex::new),
+            version,
             has_gpu,
             requests_per_graph: config.compute_slots(),
         }
@@ -123,6 +128,10 @@ impl Backend for OpenVinoBackend {
 
     fn unavailable_reason(&self) -> Option<String> {
         self.core.as_ref().err().cloned()
+    }
+
+    fn library_version(&self) -> Option<String> {
+        self.version.clone()
     }
 
     fn target_unsupported(&self, target: ExecutionTarget) -> Option<String> {
@@ -197,21 +206,8 @@ impl Graph for Arc<OpenVinoGraph> {
 }
 
 impl OpenVinoGraph {
-    /// A free request, or (all busy) the next one in turn.
-    fn request(&self) -> std::sync::MutexGuard<'_, InferRequest> {
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let count = self.requests.len();
-        (0..count)
-            .find_map(|i| self.requests[(start + i) % count].try_lock().ok())
-            .unwrap_or_else(|| {
-                self.requests[start % count]
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-            })
-    }
-
     fn run(&self, inputs: Vec<NamedTensor>) -> Result<Vec<NamedTensor>, BackendError> {
-        let mut request = self.request();
+        let mut request = super::take_slot(&self.requests, &self.next);
         for (name, tensor) in inputs {
             let dimensions: Vec<i64> = tensor.dimensions.iter().map(|&d| d as i64).collect();
             let shape = Shape::new(&dimensions).map_err(runtime)?;
