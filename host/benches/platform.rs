@@ -19,6 +19,13 @@ use tract_onnx::prelude::*;
 
 const LOAD_SECONDS: u64 = 3;
 
+/// Whether a section runs: all do unless `TENSORLET_BENCH_ONLY` lists some (`onnx`,
+/// `embeddings`, `llm`, `http`, comma-separated); instantiation and classify always run.
+fn wanted(section: &str) -> bool {
+    std::env::var("TENSORLET_BENCH_ONLY")
+        .map_or(true, |only| only.split(',').any(|s| s.trim() == section))
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
@@ -381,12 +388,20 @@ async fn main() {
         component_p50.as_secs_f64() / native_p50.as_secs_f64()
     );
     println!();
-    onnx_backends(&node, dir.path()).await;
-    embeddings(&node, dir.path()).await;
-    llm(&node, dir.path()).await;
-    llm_concurrency(&node).await;
-
+    if wanted("onnx") {
+        onnx_backends(&node, dir.path()).await;
+    }
+    if wanted("embeddings") {
+        embeddings(&node, dir.path()).await;
+    }
+    if wanted("llm") {
+        llm(&node, dir.path()).await;
+        llm_concurrency(&node).await;
+    }
     drop(node);
+    if !wanted("http") {
+        return;
+    }
 
     // hello over loopback.
     let https_node = serve_hello(false);

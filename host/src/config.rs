@@ -59,7 +59,7 @@ pub struct NnConfig {
     pub max_guest_model_bytes: u64,
     /// Largest model file `tensorlet model add` accepts, in bytes.
     pub max_model_bytes: u64,
-    /// Threads one inference (an LLM generation) uses; 0 means one per core.
+    /// Threads one inference (an LLM generation) uses; 0 means all cores but one.
     pub threads: u32,
     /// Largest context window (prompt + generated tokens) an LLM generation gets.
     pub max_context_tokens: u32,
@@ -87,10 +87,13 @@ pub enum GpuFallback {
 }
 
 impl NnConfig {
-    /// `threads`, with 0 resolved to the number of cores.
+    /// `threads`, with 0 resolved to all cores but one (at least one). The core left over
+    /// serves HTTP and runs guests: llama.cpp's threads wait for each other by spinning, so a
+    /// generation that spans every core slows to a crawl as soon as anything else runs
+    /// (measured: 74 → 5 tok/s with another app busy on one of 2 cores).
     pub fn inference_threads(&self) -> u32 {
         match self.threads {
-            0 => cores(),
+            0 => cores().saturating_sub(1).max(1),
             n => n,
         }
     }
@@ -189,9 +192,12 @@ mod tests {
             ..NnConfig::default()
         };
         assert_eq!(one_thread.compute_slots(), cores);
-        let all_cores = NnConfig::default();
-        assert_eq!(all_cores.inference_threads() as usize, cores);
-        assert_eq!(all_cores.compute_slots(), 1);
+        let default = NnConfig::default();
+        assert_eq!(default.inference_threads() as usize, (cores - 1).max(1));
+        assert_eq!(
+            default.compute_slots(),
+            cores / default.inference_threads() as usize
+        );
         let more_than_cores = NnConfig {
             threads: 1000,
             ..NnConfig::default()

@@ -177,6 +177,9 @@ impl Backend for OnnxRuntimeBackend {
             let mut builder = Session::builder()
                 .and_then(|b| b.with_intra_threads(self.threads))
                 .and_then(|b| b.with_inter_threads(1))
+                // Idle workers spinning for work would take CPU from other apps and models.
+                .and_then(|b| b.with_intra_op_spinning(false))
+                .and_then(|b| b.with_inter_op_spinning(false))
                 .map_err(|e| BackendError::Runtime(e.to_string()))?;
             if target == ExecutionTarget::Gpu {
                 builder = builder
