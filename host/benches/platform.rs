@@ -499,31 +499,9 @@ async fn llm(node: &tensorlet::node::Node, scratch: &std::path::Path) {
     let mut component_rates = Vec::new();
     let mut component_first = Vec::new();
     for _ in 0..3 {
-        let mut request = http::Request::new(Full::new(Bytes::from(body.to_string())));
-        *request.method_mut() = http::Method::POST;
-        *request.uri_mut() = "https://localhost/v1/completions".parse().unwrap();
-        let started = Instant::now();
-        let response = node.runtime.invoke(app.clone(), request).await.unwrap();
-        let mut body = response.into_body();
-        let mut first = None;
-        let mut text = Vec::new();
-        while let Some(frame) = body.frame().await {
-            if let Ok(data) = frame.unwrap().into_data() {
-                first.get_or_insert_with(|| started.elapsed());
-                text.extend_from_slice(&data);
-            }
-        }
-        let total = started.elapsed();
-        let text = String::from_utf8(text).unwrap();
-        let usage: serde_json::Value = text
-            .split("data: ")
-            .filter_map(|event| serde_json::from_str::<serde_json::Value>(event.trim()).ok())
-            .find(|event| event.get("usage").is_some())
-            .unwrap();
-        let generated = usage["usage"]["completion_tokens"].as_u64().unwrap() as f64;
-        let first = first.unwrap();
+        let (_, generated, first, total) = stream_completion(node, &app, body.clone()).await;
         component_first.push(first);
-        component_rates.push((generated - 1.0) / (total - first).as_secs_f64());
+        component_rates.push((generated - 1) as f64 / (total - first).as_secs_f64());
     }
 
     let (native_rate, native_first) =
@@ -677,6 +655,14 @@ async fn embeddings(node: &tensorlet::node::Node, scratch: &std::path::Path) {
     println!();
 }
 
+/// A POST of `body` to the `openai` app's `/v1/completions`.
+fn completion_request(body: &serde_json::Value) -> http::Request<Full<Bytes>> {
+    let mut request = http::Request::new(Full::new(Bytes::from(body.to_string())));
+    *request.method_mut() = http::Method::POST;
+    *request.uri_mut() = "https://localhost/v1/completions".parse().unwrap();
+    request
+}
+
 /// Streams one completion through the `openai` app: (text, completion tokens, first-chunk
 /// latency, total time).
 async fn stream_completion(
@@ -684,9 +670,7 @@ async fn stream_completion(
     app: &Arc<tensorlet::runtime::App>,
     body: serde_json::Value,
 ) -> (String, u64, Duration, Duration) {
-    let mut request = http::Request::new(Full::new(Bytes::from(body.to_string())));
-    *request.method_mut() = http::Method::POST;
-    *request.uri_mut() = "https://localhost/v1/completions".parse().unwrap();
+    let request = completion_request(&body);
     let started = Instant::now();
     let response = node.runtime.invoke(app.clone(), request).await.unwrap();
     let mut body = response.into_body();
@@ -820,10 +804,7 @@ async fn llm_concurrency(node: &tensorlet::node::Node) {
     for running in [1usize, 8] {
         let mut bodies = Vec::new();
         for _ in 0..running {
-            let mut request =
-                http::Request::new(Full::new(Bytes::from(body(prompts[0]).to_string())));
-            *request.method_mut() = http::Method::POST;
-            *request.uri_mut() = "https://localhost/v1/completions".parse().unwrap();
+            let request = completion_request(&body(prompts[0]));
             let response = node.runtime.invoke(app.clone(), request).await.unwrap();
             let mut response_body = response.into_body();
             response_body.frame().await.unwrap().unwrap();

@@ -16,7 +16,6 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config};
 use serde::Deserialize;
 use std::collections::HashMap;
-use std::io::Read;
 use std::sync::Arc;
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
@@ -63,8 +62,9 @@ struct BertContext {
     graph: Arc<BertGraph>,
 }
 
-/// The files of a bundle, by path relative to the model directory.
-fn unpack(bytes: &[u8]) -> Result<HashMap<String, Vec<u8>>, BackendError> {
+/// The files of a bundle, by path relative to the model directory: slices of `bytes` (an
+/// uncompressed tar stores each file contiguously), so nothing is copied.
+fn unpack(bytes: &[u8]) -> Result<HashMap<String, &[u8]>, BackendError> {
     let not_a_bundle = |detail: String| {
         BackendError::InvalidModel(format!(
             "a safetensors model is a directory (model.safetensors, config.json, tokenizer.json) \
@@ -75,7 +75,7 @@ fn unpack(bytes: &[u8]) -> Result<HashMap<String, Vec<u8>>, BackendError> {
     let mut files = HashMap::new();
     let mut archive = tar::Archive::new(bytes);
     for entry in archive.entries().map_err(|e| not_a_bundle(e.to_string()))? {
-        let mut entry = entry.map_err(|e| not_a_bundle(e.to_string()))?;
+        let entry = entry.map_err(|e| not_a_bundle(e.to_string()))?;
         if !entry.header().entry_type().is_file() {
             continue;
         }
@@ -85,10 +85,11 @@ fn unpack(bytes: &[u8]) -> Result<HashMap<String, Vec<u8>>, BackendError> {
             .to_string_lossy()
             .trim_start_matches("./")
             .to_string();
-        let mut content = Vec::with_capacity(entry.size() as usize);
-        entry
-            .read_to_end(&mut content)
-            .map_err(|e| not_a_bundle(e.to_string()))?;
+        let start = entry.raw_file_position() as usize;
+        let content = start
+            .checked_add(entry.size() as usize)
+            .and_then(|end| bytes.get(start..end))
+            .ok_or_else(|| not_a_bundle(format!("{path} is cut short")))?;
         files.insert(path, content);
     }
     if files.is_empty() {
@@ -97,8 +98,8 @@ fn unpack(bytes: &[u8]) -> Result<HashMap<String, Vec<u8>>, BackendError> {
     Ok(files)
 }
 
-fn required<'a>(files: &'a HashMap<String, Vec<u8>>, name: &str) -> Result<&'a [u8], BackendError> {
-    files.get(name).map(Vec::as_slice).ok_or_else(|| {
+fn required<'a>(files: &HashMap<String, &'a [u8]>, name: &str) -> Result<&'a [u8], BackendError> {
+    files.get(name).copied().ok_or_else(|| {
         let mut present: Vec<_> = files.keys().map(String::as_str).collect();
         present.sort_unstable();
         BackendError::InvalidModel(format!(
