@@ -395,8 +395,8 @@ async fn main() {
         embeddings(&node, dir.path()).await;
     }
     if wanted("llm") {
-        llm(&node, dir.path()).await;
-        llm_concurrency(&node).await;
+        let idle = llm(&node, dir.path()).await;
+        llm_concurrency(&node, idle).await;
     }
     drop(node);
     if !wanted("http") {
@@ -483,13 +483,16 @@ async fn deploy_with_model(
 
 /// SmolLM2-135M through the `openai` component against the same model driven natively with
 /// llama-cpp-2 (same library, same threads), greedy, 96 new tokens.
-async fn llm(node: &tensorlet::node::Node, scratch: &std::path::Path) {
+/// Single-stream LLM figures; returns the node's resident memory (MiB) with the model loaded,
+/// before its first generation.
+async fn llm(node: &tensorlet::node::Node, scratch: &std::path::Path) -> f64 {
     const NEW_TOKENS: u32 = 96;
     // A prompt the model continues for long, so that every run generates all the tokens.
     const PROMPT: &str = "1, 2, 3, 4, 5, 6,";
     let model_path = artifacts::smollm2_model();
     register_model(node, "smollm2", "ggml", None, &model_path, scratch).await;
     let app = deploy_with_model(node, "openai", artifacts::OPENAI, "smollm2").await;
+    let idle = resident_mib();
     let body = serde_json::json!({
         "model": "smollm2", "prompt": PROMPT, "max_tokens": NEW_TOKENS, "temperature": 0, "stream": true,
         "stop": [], "stream_options": { "include_usage": true },
@@ -551,6 +554,7 @@ async fn llm(node: &tensorlet::node::Node, scratch: &std::path::Path) {
         ),
     }
     println!();
+    idle
 }
 
 /// The PP-OCR classifier on every ONNX backend, through the backend interface (what a
@@ -710,7 +714,10 @@ fn resident_mib() -> f64 {
 /// Generations side by side on one loaded model: aggregate tokens/s of 4 concurrent against
 /// the same 4 one after another (greedy, so the texts must be identical), and resident
 /// memory with 1 and 8 generations running.
-async fn llm_concurrency(node: &tensorlet::node::Node) {
+/// Concurrent generations vs one after another, a generation beside a busy app, and resident
+/// memory; `idle` is the node's resident memory with the model loaded, before its first
+/// generation.
+async fn llm_concurrency(node: &tensorlet::node::Node, idle: f64) {
     const NEW_TOKENS: u32 = 64;
     let app = node.runtime.app("openai").unwrap();
     let prompts = [
@@ -718,6 +725,10 @@ async fn llm_concurrency(node: &tensorlet::node::Node) {
         "The sea is",
         "Edge computing means",
         "A recipe for bread:",
+        "Once upon a time",
+        "The best way to learn Rust is",
+        "Mountains are",
+        "Dear diary, today",
     ];
     let body = |prompt: &str| {
         serde_json::json!({
@@ -725,6 +736,23 @@ async fn llm_concurrency(node: &tensorlet::node::Node) {
             "stream": true, "stop": [], "stream_options": { "include_usage": true },
         })
     };
+    // Resident memory while generations run: hold each response after its first chunk.
+    let resident_while_running = |running: usize| {
+        let app = app.clone();
+        async move {
+            let mut bodies = Vec::new();
+            for _ in 0..running {
+                let request = completion_request(&body(prompts[0]));
+                let response = node.runtime.invoke(app.clone(), request).await.unwrap();
+                let mut response_body = response.into_body();
+                response_body.frame().await.unwrap().unwrap();
+                bodies.push(response_body);
+            }
+            resident_mib()
+        }
+    };
+    let one_running = resident_while_running(1).await;
+
     let started = Instant::now();
     let mut sequential = Vec::new();
     let mut tokens = 0;
@@ -734,27 +762,48 @@ async fn llm_concurrency(node: &tensorlet::node::Node) {
         sequential.push(text);
     }
     let sequential_rate = tokens as f64 / started.elapsed().as_secs_f64();
-    let started = Instant::now();
-    let runs = futures_util::future::join_all(
-        prompts
-            .iter()
-            .map(|prompt| stream_completion(node, &app, body(prompt))),
-    )
-    .await;
-    let concurrent_rate =
-        runs.iter().map(|r| r.1).sum::<u64>() as f64 / started.elapsed().as_secs_f64();
-    let identical = runs
-        .iter()
-        .zip(&sequential)
-        .all(|(run, text)| run.0 == *text);
     println!(
-        "LLM, 4 generations of {NEW_TOKENS} tokens, {} threads each, {} compute slot(s):",
+        "LLM, generations of {NEW_TOKENS} tokens, {} thread(s) per lane, {} lane(s) of up to {} sequences decoded in one batch:",
         node.config.nn.inference_threads(),
-        node.config.nn.compute_slots()
+        node.config.nn.compute_slots(),
+        node.config.nn.llm_batch_sequences,
     );
+    println!("  one after another {sequential_rate:.1} tok/s");
+    // (decode steps, decoded tokens) of the model so far.
+    let decoded = || {
+        let models = node.models.list();
+        let activity = models
+            .iter()
+            .find(|m| m.record.name == "smollm2")
+            .and_then(|m| m.generation.clone())
+            .unwrap();
+        (activity.decode_steps, activity.decoded_tokens)
+    };
+    for at_once in [4, 8] {
+        let (steps_before, tokens_before) = decoded();
+        let started = Instant::now();
+        let runs = futures_util::future::join_all(
+            prompts[..at_once]
+                .iter()
+                .map(|prompt| stream_completion(node, &app, body(prompt))),
+        )
+        .await;
+        let concurrent_rate =
+            runs.iter().map(|r| r.1).sum::<u64>() as f64 / started.elapsed().as_secs_f64();
+        let identical = runs
+            .iter()
+            .zip(&sequential)
+            .all(|(run, text)| run.0 == *text);
+        let (steps, tokens) = decoded();
+        println!(
+            "  {at_once} at once {concurrent_rate:.1} tok/s: {:.2}x; mean batch {:.2} sequences; greedy texts identical to one after another: {identical}",
+            concurrent_rate / sequential_rate,
+            (tokens - tokens_before) as f64 / (steps - steps_before) as f64
+        );
+    }
+    let eight_running = resident_while_running(8).await;
     println!(
-        "  one after another {sequential_rate:.1} tok/s, 4 at once {concurrent_rate:.1} tok/s: {:.2}x; greedy texts identical: {identical}",
-        concurrent_rate / sequential_rate
+        "  resident memory: model loaded, before any generation {idle:.0} MiB; 1 generation running {one_running:.0} MiB; 8 running {eight_running:.0} MiB"
     );
 
     // One generation while another app keeps a core busy (an infinite loop until its timeout).
@@ -799,23 +848,6 @@ async fn llm_concurrency(node: &tensorlet::node::Node) {
         contended / alone
     );
 
-    // Resident memory while generations run: hold each response after its first chunk.
-    let idle = resident_mib();
-    for running in [1usize, 8] {
-        let mut bodies = Vec::new();
-        for _ in 0..running {
-            let request = completion_request(&body(prompts[0]));
-            let response = node.runtime.invoke(app.clone(), request).await.unwrap();
-            let mut response_body = response.into_body();
-            response_body.frame().await.unwrap().unwrap();
-            bodies.push(response_body);
-        }
-        println!(
-            "  resident memory with {running} generation(s) running: {:.0} MiB (node idle with models loaded: {idle:.0} MiB)",
-            resident_mib()
-        );
-        drop(bodies);
-    }
     println!();
 }
 

@@ -63,6 +63,10 @@ pub struct NnConfig {
     pub threads: u32,
     /// Largest context window (prompt + generated tokens) an LLM generation gets.
     pub max_context_tokens: u32,
+    /// LLM generations of one model that are decoded together in one llama.cpp batch, per
+    /// lane (a model has a lane per compute slot). Each lane that has run keeps a KV cache of
+    /// this many × `max_context_tokens`; generations beyond lanes × this wait. 1 to 64.
+    pub llm_batch_sequences: u32,
     /// What a model asked to run on the GPU gets when no backend here can: `fail` (the
     /// default) refuses it; `cpu` runs it on the CPU and records that it fell back.
     pub gpu_fallback: GpuFallback,
@@ -142,6 +146,7 @@ impl Default for NnConfig {
             max_model_bytes: 16 << 30,
             threads: 0,
             max_context_tokens: 2048,
+            llm_batch_sequences: 4,
             gpu_fallback: GpuFallback::Fail,
             default_backends: BTreeMap::new(),
             onnxruntime_library: None,
@@ -155,7 +160,24 @@ impl Config {
     pub fn from_file(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
-        toml::from_str(&text).map_err(|e| anyhow::anyhow!("invalid config {}: {e}", path.display()))
+        let config: Self = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("invalid config {}: {e}", path.display()))?;
+        config
+            .validate()
+            .map_err(|e| anyhow::anyhow!("invalid config {}: {e}", path.display()))?;
+        Ok(config)
+    }
+
+    /// Checks the values that parse but make no sense.
+    pub fn validate(&self) -> Result<(), String> {
+        let batch = self.nn.llm_batch_sequences;
+        if !(1..=crate::nn::backend::llama::MAX_BATCH_SEQUENCES).contains(&batch) {
+            return Err(format!(
+                "nn.llm_batch_sequences must be between 1 and {}, not {batch}",
+                crate::nn::backend::llama::MAX_BATCH_SEQUENCES
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -203,6 +225,17 @@ mod tests {
             ..NnConfig::default()
         };
         assert_eq!(more_than_cores.compute_slots(), 1);
+    }
+
+    #[test]
+    fn batch_sizes_llama_cpp_cannot_take_are_rejected() {
+        for batch in [0, 65] {
+            let config: Config =
+                toml::from_str(&format!("[nn]\nllm_batch_sequences = {batch}\n")).unwrap();
+            let error = config.validate().unwrap_err();
+            assert!(error.contains("llm_batch_sequences"), "{error}");
+        }
+        assert!(Config::default().validate().is_ok());
     }
 
     #[test]

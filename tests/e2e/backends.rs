@@ -5,19 +5,13 @@
 //! listed as not loaded.
 
 use crate::nn::{classify, native_scores, scores_of, test_pixels};
-use crate::support::{artifacts, error_code, TestNode};
+use crate::support::{artifacts, config_file, error_code, TestNode};
 
 fn add_text_orientation(node: &TestNode, name: &str, extra: &[&str]) -> std::process::Output {
     let model = artifacts::text_orientation_model();
     let mut args = vec!["model", "add", name, model.to_str().unwrap()];
     args.extend_from_slice(extra);
     node.cli(&args)
-}
-
-fn config_file(text: &str) -> tempfile::NamedTempFile {
-    let config = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(config.path(), text).unwrap();
-    config
 }
 
 #[tokio::test]

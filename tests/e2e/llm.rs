@@ -1,8 +1,8 @@
 //! LLMs on llama.cpp through wasi-nn: the `openai` component driven by the official OpenAI
-//! Python client (streaming included), malformed models, and a client that disconnects
-//! mid-stream.
+//! Python client (streaming included), malformed models, a client that disconnects mid-stream,
+//! and concurrent generations decoded together in batches.
 
-use crate::support::{artifacts, TestNode};
+use crate::support::{artifacts, config_file, TestNode};
 use futures_util::StreamExt;
 use std::time::{Duration, Instant};
 
@@ -118,12 +118,20 @@ async fn a_client_that_disconnects_mid_stream_stops_the_generation() {
             .unwrap()
     };
     assert_eq!(status(&node), 1, "the generation should be running");
+    let sequences = || async {
+        node.admin_json("/v1/admin/models").await["models"][0]["generation"]["running"].clone()
+    };
+    assert_eq!(
+        sequences().await,
+        1,
+        "the generation should hold a sequence"
+    );
     drop(events);
     let deadline = Instant::now() + Duration::from_secs(3);
-    while status(&node) != 0 {
+    while status(&node) != 0 || sequences().await != 0 {
         assert!(
             Instant::now() < deadline,
-            "the generation kept running after the client left"
+            "the generation kept running (or its sequence) after the client left"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -172,4 +180,70 @@ async fn generations_on_one_model_run_side_by_side() {
         "the second generation waited {waited:?} for its first token"
     );
     drop(long_events);
+}
+
+#[tokio::test]
+async fn concurrent_generations_share_batches_and_match_sequential_ones() {
+    // One lane (its threads span every core) batching up to three sequences: four generations
+    // at once are decoded three together, the fourth waits for a free sequence.
+    let cores = std::thread::available_parallelism().unwrap().get();
+    let config = config_file(&format!(
+        "[nn]\nthreads = {cores}\nllm_batch_sequences = 3\n"
+    ));
+    let node = TestNode::start_with(&["--config", config.path().to_str().unwrap()]);
+    with_smollm2_and_openai(&node);
+    let prompts = [
+        "1, 2, 3, 4,",
+        "The sea is",
+        "Edge computing means",
+        "A recipe for bread:",
+    ];
+    let complete = |prompt: &str| {
+        let body = serde_json::json!({
+            "model": "smollm2", "prompt": prompt, "max_tokens": 24, "temperature": 0, "stop": [],
+        });
+        let node = &node;
+        async move {
+            let response = node.post_json("/apps/openai/v1/completions", &body).await;
+            assert_eq!(response.status(), 200);
+            let body: serde_json::Value = response.json().await.unwrap();
+            body["choices"][0]["text"].as_str().unwrap().to_string()
+        }
+    };
+    let activity = || async {
+        let models = node.admin_json("/v1/admin/models").await;
+        models["models"][0]["generation"].clone()
+    };
+
+    let mut sequential = Vec::new();
+    for prompt in prompts {
+        sequential.push(complete(prompt).await);
+    }
+    let before = activity().await;
+    assert_eq!(before["lanes"], 1);
+    assert_eq!(before["sequences_per_lane"], 3);
+    assert_eq!(
+        before["decode_steps"], before["decoded_tokens"],
+        "one generation at a time decodes one token per step"
+    );
+
+    let concurrent = futures_util::future::join_all(prompts.map(complete)).await;
+    assert_eq!(concurrent, sequential, "greedy texts differ when batched");
+    let after = activity().await;
+    let steps = after["decode_steps"].as_u64().unwrap() - before["decode_steps"].as_u64().unwrap();
+    let tokens =
+        after["decoded_tokens"].as_u64().unwrap() - before["decoded_tokens"].as_u64().unwrap();
+    assert!(
+        tokens as f64 / steps as f64 >= 1.5,
+        "{tokens} tokens in {steps} steps: the generations were not batched"
+    );
+    assert_eq!(after["waiting"], 0);
+    // Finished generations give their sequences back as their instances go.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while activity().await["running"] != 0 {
+        assert!(Instant::now() < deadline, "sequences were not freed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let models = node.cli_ok(&["models"]);
+    assert!(models.contains("0/3 running"), "{models}");
 }

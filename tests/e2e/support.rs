@@ -249,6 +249,13 @@ impl Drop for TestNode {
     }
 }
 
+/// A node configuration file holding `text` (TOML); it lasts as long as the handle.
+pub fn config_file(text: &str) -> tempfile::NamedTempFile {
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(config.path(), text).unwrap();
+    config
+}
+
 /// The `{ "error": { "code" } }` of a JSON error body.
 pub fn error_code(body: &str) -> String {
     let value: serde_json::Value =

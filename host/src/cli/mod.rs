@@ -250,7 +250,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let models = client.get("/v1/admin/models").await?;
             print_table(
                 &[
-                    "NAME", "ENCODING", "BACKEND", "TARGET", "LOADED", "SIZE", "DIGEST",
+                    "NAME",
+                    "ENCODING",
+                    "BACKEND",
+                    "TARGET",
+                    "LOADED",
+                    "SIZE",
+                    "DIGEST",
+                    "GENERATIONS",
                 ],
                 models["models"].as_array().into_iter().flatten().map(|m| {
                     vec![
@@ -264,6 +271,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         },
                         m["size_bytes"].to_string(),
                         short(&m["digest"]),
+                        generations(&m["generation"]),
                     ]
                 }),
             );
@@ -278,6 +286,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn text(value: &serde_json::Value) -> String {
     value.as_str().unwrap_or_default().to_string()
+}
+
+/// An LLM's running generations out of its capacity (lanes × sequences), and any waiting.
+fn generations(activity: &serde_json::Value) -> String {
+    let number = |key: &str| activity[key].as_u64().unwrap_or(0);
+    if activity.is_null() {
+        return "-".to_string();
+    }
+    let mut cell = format!(
+        "{}/{} running",
+        number("running"),
+        number("lanes") * number("sequences_per_lane")
+    );
+    if number("waiting") > 0 {
+        cell.push_str(&format!(", {} waiting", number("waiting")));
+    }
+    cell
 }
 
 fn short(digest: &serde_json::Value) -> String {

@@ -12,7 +12,10 @@ pub struct GraphResource(pub(super) Arc<dyn Graph>);
 
 /// The value behind a `graph-execution-context` resource. The mutex is per context, never
 /// per graph: it only lets `compute` move the context to a blocking thread.
-pub struct ContextResource(Arc<Mutex<Box<dyn ExecutionContext>>>);
+pub struct ContextResource {
+    context: Arc<Mutex<Box<dyn ExecutionContext>>>,
+    takes_compute_slots_itself: bool,
+}
 
 /// The value behind an `error` resource.
 #[derive(Debug)]
@@ -125,9 +128,10 @@ impl graph::HostGraph for NnView<'_> {
     ) -> NnResult<ContextResource> {
         let graph = self.table.get(&graph)?.0.clone();
         match graph.init_execution_context() {
-            Ok(context) => Ok(Ok(self
-                .table
-                .push(ContextResource(Arc::new(Mutex::new(context))))?)),
+            Ok(context) => Ok(Ok(self.table.push(ContextResource {
+                takes_compute_slots_itself: context.takes_compute_slots_itself(),
+                context: Arc::new(Mutex::new(context)),
+            })?)),
             Err(error) => self.fail_backend(error),
         }
     }
@@ -150,10 +154,15 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
         for (name, tensor) in inputs {
             tensors.push((name, self.table.delete(tensor)?));
         }
-        let context = self.table.get(&context)?.0.clone();
+        let resource = self.table.get(&context)?;
+        let context = resource.context.clone();
         // Each inference uses `nn.threads` threads; running more at once than the cores can
         // hold makes all of them crawl (spinning thread pools), so computes take turns.
-        let slot = self.ctx.compute_slots.clone().acquire_owned().await?;
+        let slot = if resource.takes_compute_slots_itself {
+            None
+        } else {
+            Some(self.ctx.models.backends().compute_slots().acquire().await)
+        };
         // Inference blocks for as long as the model runs: it goes to the blocking pool so the
         // reactor keeps serving other requests, other apps and /healthz meanwhile.
         let outputs = tokio::task::spawn_blocking(move || {

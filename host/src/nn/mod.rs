@@ -38,8 +38,6 @@ pub struct NnCtx {
     max_guest_model_bytes: u64,
     /// Models this app declared; `load-by-name` refuses the rest.
     allowed: Vec<String>,
-    /// Node-wide: a `compute` runs only while it holds one.
-    compute_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl NnCtx {
@@ -48,13 +46,11 @@ impl NnCtx {
         models: Arc<ModelRegistry>,
         max_guest_model_bytes: u64,
         allowed: Vec<String>,
-        compute_slots: Arc<tokio::sync::Semaphore>,
     ) -> Self {
         Self {
             models,
             max_guest_model_bytes,
             allowed,
-            compute_slots,
         }
     }
 }

@@ -3,7 +3,9 @@
 //! A registered model that no longer loads (its backend's library went away) stays listed,
 //! with the reason, until it loads again at the next start or is replaced.
 
-use super::backend::{self, BackendError, Backends, ChoiceError, ExecutionTarget, Graph};
+use super::backend::{
+    self, BackendError, Backends, ChoiceError, ExecutionTarget, GenerationActivity, Graph,
+};
 use crate::store::{self, Store, StoreError};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -41,6 +43,9 @@ pub struct ModelStatus {
     pub loaded: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub load_error: Option<String>,
+    /// For LLMs: lanes, running generations and batch sizes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub generation: Option<GenerationActivity>,
 }
 
 /// Why a model operation failed.
@@ -175,6 +180,11 @@ impl ModelRegistry {
                 record: entry.record.clone(),
                 loaded: entry.graph.is_ok(),
                 load_error: entry.graph.as_ref().err().cloned(),
+                generation: entry
+                    .graph
+                    .as_ref()
+                    .ok()
+                    .and_then(|graph| graph.generation_activity()),
             })
             .collect();
         models.sort_by(|a, b| a.record.name.cmp(&b.record.name));

@@ -142,8 +142,6 @@ pub struct InstanceResources {
     pub store: crate::store::Store,
     pub models: Arc<crate::nn::ModelRegistry>,
     pub max_guest_model_bytes: u64,
-    /// Inferences that may run at once (see [`crate::config::NnConfig::compute_slots`]).
-    pub compute_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// A fresh store for one instance of `app`, with its limits and its yield-on-tick policy.
@@ -169,7 +167,6 @@ fn new_store(
             resources.models.clone(),
             resources.max_guest_model_bytes,
             app.record.models.clone(),
-            resources.compute_slots.clone(),
         ),
         kv: KvCtx::new(resources.store.clone(), &app.record.name),
         limiter: MemoryLimiter {

@@ -153,7 +153,6 @@ impl Runtime {
                 store: store.clone(),
                 models,
                 max_guest_model_bytes: config.nn.max_guest_model_bytes,
-                compute_slots: Arc::new(Semaphore::new(config.nn.compute_slots())),
             },
             engine,
             linker,

@@ -3,14 +3,19 @@
 //! `messages`) and JSON `options` and returns the first chunk of text; each further `compute`
 //! with no inputs returns the next chunk, until `finish_reason` is set.
 //!
-//! The weights are loaded once per model (`Arc<LlamaModel>`); every execution context has its
-//! own llama.cpp context (its own KV cache), so generations run side by side with no lock
-//! around the model. Models are registered by file (`tensorlet model add`); a guest cannot
+//! The weights are loaded once per model. Generations run in *lanes*: a lane is one llama.cpp
+//! context whose KV cache holds several sequences, one per generation, and each of its steps
+//! decodes the next token of all of them in one batch. A model has one lane per compute slot,
+//! so generations first spread over the cores and then share batches. There is no decoder
+//! thread: a generation that needs its next token while no step runs on its lane takes a
+//! compute slot and runs the step for everyone (its neighbours find their tokens ready), and
+//! sequences may run a few tokens ahead of their readers so that a step is not missed by one
+//! who is busy sending. Models are registered by file (`tensorlet model add`); a guest cannot
 //! pass LLM weights through its memory.
 
 use super::{
-    Backend, BackendError, ExecutionContext, ExecutionTarget, Graph, NamedTensor, Tensor,
-    TensorType,
+    Backend, BackendError, ComputeSlots, ExecutionContext, ExecutionTarget, GenerationActivity,
+    Graph, NamedTensor, Tensor, TensorType,
 };
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::context::LlamaContext;
@@ -19,10 +24,12 @@ use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
 use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
 use serde::Deserialize;
 use std::num::NonZeroU32;
 use std::path::Path;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 
 /// llama.cpp's process-wide state, initialised once, logs silenced. Everything in the process
 /// that uses llama.cpp must go through this one.
@@ -42,12 +49,23 @@ pub fn llama_backend() -> Result<&'static LlamaBackend, BackendError> {
 /// (generations themselves are not).
 static CONTEXT_CREATION: Mutex<()> = Mutex::new(());
 
+/// Tokens a sequence may run ahead of its reader (more when its reader asks for bigger chunks):
+/// a step decodes every sequence of a lane that is not this far ahead, whether or not its
+/// reader is waiting at that moment.
+const LOOKAHEAD_TOKENS: u32 = 4;
+
 /// Loads GGUF models with llama.cpp.
 pub struct LlamaCppBackend {
-    /// Threads each generation decodes with.
+    /// Threads each lane decodes with.
     pub threads: u32,
     /// Largest context window a generation gets (capped by the model's training context).
     pub max_context_tokens: u32,
+    /// Lanes per model: llama.cpp contexts that decode side by side (one per compute slot).
+    pub lanes: usize,
+    /// Sequences (generations) one lane decodes together in one batch.
+    pub batch_sequences: u32,
+    /// A lane holds one of these while it decodes.
+    pub compute_slots: ComputeSlots,
 }
 
 impl Backend for LlamaCppBackend {
@@ -101,41 +119,111 @@ impl Backend for LlamaCppBackend {
                 ))
             })
         })?;
-        let context_tokens = model
-            .n_ctx_train()
-            .clamp(256, self.max_context_tokens.max(256));
-        Ok(Arc::new(LlamaGraph {
-            model: Arc::new(model),
+        // llama.cpp gives each sequence of a context a multiple of 256 tokens.
+        let context_tokens = model.n_ctx_train().min(self.max_context_tokens).max(256) / 256 * 256;
+        let batch_sequences = self.batch_sequences;
+        Ok(Arc::new(LlamaGraph(Arc::new(SharedModel {
+            lanes: (0..self.lanes.max(1))
+                .map(|_| Lane {
+                    state: Mutex::new(LaneState {
+                        context: None,
+                        batch: LlamaBatch::new(512.max(batch_sequences as usize), 1),
+                        sequences: (0..batch_sequences).map(|_| None).collect(),
+                        stepping: false,
+                    }),
+                    turn_over: Condvar::new(),
+                })
+                .collect(),
+            occupancy: Mutex::new(vec![0; self.lanes.max(1)]),
+            sequence_freed: Condvar::new(),
+            waiting: AtomicU32::new(0),
+            decode_steps: AtomicU64::new(0),
+            decoded_tokens: AtomicU64::new(0),
+            model,
             threads: self.threads.max(1) as i32,
             context_tokens,
-        }))
+            batch_sequences,
+            compute_slots: self.compute_slots.clone(),
+        }))))
     }
 }
 
-struct LlamaGraph {
-    model: Arc<LlamaModel>,
+/// The most sequences one lane may batch (the largest `[nn] llm_batch_sequences`).
+pub const MAX_BATCH_SEQUENCES: u32 = 64;
+
+struct LlamaGraph(Arc<SharedModel>);
+
+/// A loaded model and its lanes. The weights are loaded once; each lane is one llama.cpp
+/// context (made when a generation first needs it, kept while the model stays loaded) whose KV
+/// cache holds `batch_sequences` sequences of `context_tokens` each. A lane decodes the next
+/// token of all its sequences in one batch; lanes decode side by side.
+struct SharedModel {
+    // Declared before `model`: lane contexts borrow the model and must be dropped first.
+    lanes: Vec<Lane>,
+    /// Sequences in use per lane; a new generation waits while every lane is full.
+    occupancy: Mutex<Vec<u32>>,
+    sequence_freed: Condvar,
+    /// Generations waiting for a sequence.
+    waiting: AtomicU32,
+    /// Batched steps decoded and the tokens in them.
+    decode_steps: AtomicU64,
+    decoded_tokens: AtomicU64,
+    model: LlamaModel,
     threads: i32,
     context_tokens: u32,
+    batch_sequences: u32,
+    compute_slots: ComputeSlots,
+}
+
+struct Lane {
+    state: Mutex<LaneState>,
+    /// Signalled when a step (or a prompt's decoding) ends.
+    turn_over: Condvar,
+}
+
+struct LaneState {
+    // Declared first: dropped before anything the context could refer to.
+    context: Option<LlamaContext<'static>>,
+    batch: LlamaBatch<'static>,
+    /// Indexed by llama.cpp sequence id.
+    sequences: Vec<Option<Sequence>>,
+    /// A generation is decoding on this lane's context (the others wait for its step).
+    stepping: bool,
+}
+
+/// Where a generation lives: its lane and its sequence id there.
+#[derive(Clone, Copy)]
+struct SequenceSlot {
+    lane: usize,
+    sequence: usize,
 }
 
 impl Graph for LlamaGraph {
     fn init_execution_context(&self) -> Result<Box<dyn ExecutionContext>, BackendError> {
         Ok(Box::new(LlamaExecution {
-            generation: None,
-            model: self.model.clone(),
-            threads: self.threads,
-            context_tokens: self.context_tokens,
+            shared: self.0.clone(),
+            slot: None,
         }))
+    }
+
+    fn generation_activity(&self) -> Option<GenerationActivity> {
+        let shared = &self.0;
+        Some(GenerationActivity {
+            lanes: shared.lanes.len(),
+            sequences_per_lane: shared.batch_sequences,
+            context_tokens: shared.context_tokens,
+            running: lock(&shared.occupancy).iter().sum(),
+            waiting: shared.waiting.load(Ordering::Relaxed),
+            decode_steps: shared.decode_steps.load(Ordering::Relaxed),
+            decoded_tokens: shared.decoded_tokens.load(Ordering::Relaxed),
+        })
     }
 }
 
 /// One guest context: at most one generation at a time.
 struct LlamaExecution {
-    // Declared before `model`: a generation borrows the model and must be dropped first.
-    generation: Option<Generation>,
-    model: Arc<LlamaModel>,
-    threads: i32,
-    context_tokens: u32,
+    shared: Arc<SharedModel>,
+    slot: Option<SequenceSlot>,
 }
 
 /// Generation settings (the JSON `options` tensor).
@@ -175,14 +263,17 @@ struct Message {
     content: String,
 }
 
-struct Generation {
-    // Declared first: dropped before anything it borrows.
-    context: LlamaContext<'static>,
-    batch: LlamaBatch<'static>,
+/// One generation's state on its lane.
+struct Sequence {
     sampler: LlamaSampler,
+    /// The sampled token that the next step decodes; `None` once finished.
+    pending: Option<LlamaToken>,
+    /// Tokens in this sequence's KV cache.
     position: i32,
     prompt_tokens: usize,
     generated: u32,
+    /// Tokens generated since the reader last took a chunk.
+    unread: u32,
     options: Options,
     /// Bytes of a character split across tokens.
     partial_utf8: Vec<u8>,
@@ -190,6 +281,8 @@ struct Generation {
     text: String,
     emitted: usize,
     finish_reason: Option<&'static str>,
+    /// Why decoding failed, reported to the reader instead of a chunk.
+    failure: Option<String>,
 }
 
 fn utf8(tensor: &Tensor, name: &str) -> Result<String, BackendError> {
@@ -211,7 +304,9 @@ fn text_tensor(text: &str) -> Tensor {
 }
 
 impl LlamaExecution {
+    /// Parses a generation request, takes a sequence on a lane and decodes the prompt into it.
     fn start(&mut self, inputs: Vec<NamedTensor>) -> Result<(), BackendError> {
+        let shared = self.shared.clone();
         let (mut prompt, mut messages, mut options) = (None, None, Options::default());
         for (name, tensor) in &inputs {
             match name.as_str() {
@@ -236,17 +331,17 @@ impl LlamaExecution {
         }
         let (text, parse_special) = match (prompt, messages) {
             (Some(prompt), None) => (prompt, false),
-            (None, Some(messages)) => (self.apply_chat_template(&messages)?, true),
+            (None, Some(messages)) => (shared.apply_chat_template(&messages)?, true),
             _ => {
                 return Err(BackendError::InvalidArgument(
                     "pass exactly one of `prompt` and `messages`".into(),
                 ))
             }
         };
-        if !(1..self.context_tokens).contains(&options.max_tokens) {
+        if !(1..shared.context_tokens).contains(&options.max_tokens) {
             return Err(BackendError::InvalidArgument(format!(
                 "max_tokens must be between 1 and {}, not {}",
-                self.context_tokens - 1,
+                shared.context_tokens - 1,
                 options.max_tokens
             )));
         }
@@ -255,71 +350,301 @@ impl LlamaExecution {
                 "chunk_tokens must be at least 1".into(),
             ));
         }
-        let tokens = self
+        let tokens = shared
             .model
             .vocab()
             .tokenize(text.as_bytes(), true, parse_special);
         if tokens.is_empty() {
             return Err(BackendError::InvalidArgument("the prompt is empty".into()));
         }
-        if tokens.len() >= self.context_tokens as usize {
+        if tokens.len() >= shared.context_tokens as usize {
             return Err(BackendError::InvalidArgument(format!(
                 "the prompt is {} tokens but the context window holds {}",
                 tokens.len(),
-                self.context_tokens
+                shared.context_tokens
             )));
         }
 
-        // Drop any previous generation before making a new context.
-        self.generation = None;
-        let params = LlamaContextParams::default()
-            .with_n_ctx(NonZeroU32::new(self.context_tokens))
-            .with_n_batch(512)
-            .with_n_threads(self.threads)
-            .with_n_threads_batch(self.threads);
-        let context = {
-            let _serialised = CONTEXT_CREATION.lock().unwrap_or_else(|p| p.into_inner());
-            self.model
-                .new_context(llama_backend()?, params)
-                .map_err(|e| {
-                    BackendError::Runtime(format!("llama.cpp could not make a context: {e}"))
-                })?
-        };
-        // SAFETY: the context borrows the model behind `self.model`, an `Arc` whose target
-        // never moves and which `LlamaExecution` keeps alive for as long as the generation
-        // (the `generation` field is declared, and so dropped, before `model`).
-        let context: LlamaContext<'static> = unsafe { std::mem::transmute(context) };
-
-        let mut generation = Generation {
-            context,
-            batch: LlamaBatch::new(512, 1),
-            sampler: sampler(&self.model, &options),
+        self.release();
+        let sequence = Sequence {
+            sampler: sampler(&shared.model, &options),
+            pending: None,
             position: 0,
             prompt_tokens: tokens.len(),
             generated: 0,
+            unread: 0,
             options,
             partial_utf8: Vec::new(),
             text: String::new(),
             emitted: 0,
             finish_reason: None,
+            failure: None,
         };
-        let chunks = tokens.chunks(512).count();
-        for (index, chunk) in tokens.chunks(512).enumerate() {
-            generation.batch.clear();
-            for (offset, token) in chunk.iter().enumerate() {
-                let wants_logits = index + 1 == chunks && offset + 1 == chunk.len();
-                generation
-                    .batch
-                    .add(*token, generation.position, &[0], wants_logits)
-                    .map_err(|e| BackendError::Runtime(e.to_string()))?;
-                generation.position += 1;
+        let lane = shared.occupy_lane();
+        match shared.prefill(lane, sequence, &tokens) {
+            Ok(sequence) => {
+                self.slot = Some(SequenceSlot { lane, sequence });
+                Ok(())
             }
-            generation
-                .context
-                .decode(&mut generation.batch)
-                .map_err(|e| BackendError::Runtime(format!("decoding the prompt failed: {e}")))?;
+            Err(error) => {
+                shared.vacate(lane);
+                Err(error)
+            }
         }
-        self.generation = Some(generation);
+    }
+
+    /// Gives this context's sequence back to its lane.
+    fn release(&mut self) {
+        if let Some(slot) = self.slot.take() {
+            self.shared.release(slot);
+        }
+    }
+
+    /// Waits until this context's sequence has a chunk ready (decoding the lane's next step
+    /// when no one else is) and takes it.
+    fn next_chunk(&mut self) -> Result<Chunk, BackendError> {
+        let Some(slot) = self.slot else {
+            return Err(BackendError::InvalidArgument(
+                "no generation in progress: the first compute takes `prompt` or `messages`".into(),
+            ));
+        };
+        let shared = &*self.shared;
+        let lane = &shared.lanes[slot.lane];
+        loop {
+            {
+                let mut state = lane.lock_when_idle();
+                if let Some(chunk) = sequence_of(&mut state, slot).take_ready()? {
+                    return Ok(chunk);
+                }
+            }
+            let mut turn = lane.turn(&shared.compute_slots);
+            // Another generation's step may have made the chunk while this one waited.
+            if sequence_of(&mut turn.state, slot).is_ready() {
+                continue;
+            }
+            shared.step(&mut turn.state)?;
+        }
+    }
+}
+
+fn sequence_of(state: &mut LaneState, slot: SequenceSlot) -> &mut Sequence {
+    state.sequences[slot.sequence]
+        .as_mut()
+        .expect("a context's sequence stays on its lane until released")
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Lane {
+    /// The lane's state once no step is running on it.
+    fn lock_when_idle(&self) -> MutexGuard<'_, LaneState> {
+        let mut state = lock(&self.state);
+        while state.stepping {
+            state = self
+                .turn_over
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        state
+    }
+
+    /// The lane to decode on, alone, holding a compute slot. The slot is waited for without
+    /// holding the lane, so that readers with tokens ready are not held up meanwhile.
+    fn turn<'a>(&'a self, compute_slots: &ComputeSlots) -> Turn<'a> {
+        let mut state = self.lock_when_idle();
+        state.stepping = true;
+        drop(state);
+        let permit = compute_slots.acquire_blocking();
+        Turn {
+            lane: self,
+            state: lock(&self.state),
+            _permit: permit,
+        }
+    }
+}
+
+/// Exclusive use of a lane for one step; others wait until it is dropped.
+struct Turn<'a> {
+    lane: &'a Lane,
+    state: MutexGuard<'a, LaneState>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        self.state.stepping = false;
+        self.lane.turn_over.notify_all();
+    }
+}
+
+impl SharedModel {
+    /// Picks the lane for a new generation: the least busy one, so that generations spread
+    /// over the cores before they share batches; waits while all are full.
+    fn occupy_lane(&self) -> usize {
+        let mut occupancy = lock(&self.occupancy);
+        loop {
+            let least_busy = (0..occupancy.len())
+                .min_by_key(|&lane| occupancy[lane])
+                .expect("at least one lane");
+            if occupancy[least_busy] < self.batch_sequences {
+                occupancy[least_busy] += 1;
+                return least_busy;
+            }
+            self.waiting.fetch_add(1, Ordering::Relaxed);
+            occupancy = self
+                .sequence_freed
+                .wait(occupancy)
+                .unwrap_or_else(PoisonError::into_inner);
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Frees a generation's sequence (its KV cache cleared) once no step runs on its lane.
+    fn release(&self, slot: SequenceSlot) {
+        {
+            let mut state = self.lanes[slot.lane].lock_when_idle();
+            if let Some(context) = state.context.as_mut() {
+                context
+                    .clear_kv_cache_seq(Some(slot.sequence as u32), None, None)
+                    .ok();
+            }
+            state.sequences[slot.sequence] = None;
+        }
+        self.vacate(slot.lane);
+    }
+
+    /// Gives back a place `occupy_lane` took, waking a generation waiting for one.
+    fn vacate(&self, lane: usize) {
+        lock(&self.occupancy)[lane] -= 1;
+        self.sequence_freed.notify_one();
+    }
+
+    /// Decodes a prompt into a free sequence of `lane` and samples its first token; returns
+    /// the sequence id.
+    fn prefill(
+        &self,
+        lane: usize,
+        mut sequence: Sequence,
+        tokens: &[LlamaToken],
+    ) -> Result<usize, BackendError> {
+        let mut turn = self.lanes[lane].turn(&self.compute_slots);
+        let state = &mut *turn.state;
+        let id = state
+            .sequences
+            .iter()
+            .position(Option::is_none)
+            .ok_or_else(|| BackendError::Runtime("the lane has no free sequence".into()))?;
+        let context = self.lane_context(&mut state.context)?;
+        let batch = &mut state.batch;
+        let chunks = tokens.chunks(512).count();
+        let mut decode_prompt = || -> Result<(), String> {
+            for (index, chunk) in tokens.chunks(512).enumerate() {
+                batch.clear();
+                for (offset, token) in chunk.iter().enumerate() {
+                    let wants_logits = index + 1 == chunks && offset + 1 == chunk.len();
+                    batch
+                        .add(*token, sequence.position, &[id as i32], wants_logits)
+                        .map_err(|e| e.to_string())?;
+                    sequence.position += 1;
+                }
+                context.decode(batch).map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        };
+        if let Err(error) = decode_prompt() {
+            context.clear_kv_cache_seq(Some(id as u32), None, None).ok();
+            return Err(BackendError::Runtime(format!(
+                "decoding the prompt failed: {error}"
+            )));
+        }
+        let token = sequence.sampler.sample(context, batch.n_tokens() - 1);
+        sequence.accept(token, &self.model, self.context_tokens);
+        state.sequences[id] = Some(sequence);
+        Ok(id)
+    }
+
+    /// The lane's llama.cpp context, made on first use.
+    fn lane_context<'a>(
+        &self,
+        slot: &'a mut Option<LlamaContext<'static>>,
+    ) -> Result<&'a mut LlamaContext<'static>, BackendError> {
+        if slot.is_none() {
+            let params = LlamaContextParams::default()
+                .with_n_ctx(NonZeroU32::new(self.context_tokens * self.batch_sequences))
+                .with_n_seq_max(self.batch_sequences)
+                // A KV cache per sequence: attention looks at its own sequence only.
+                .with_kv_unified(false)
+                .with_n_batch(512)
+                .with_n_threads(self.threads)
+                .with_n_threads_batch(self.threads);
+            let context = {
+                let _serialised = lock(&CONTEXT_CREATION);
+                self.model
+                    .new_context(llama_backend()?, params)
+                    .map_err(|e| {
+                        BackendError::Runtime(format!("llama.cpp could not make a context: {e}"))
+                    })?
+            };
+            // SAFETY: the context borrows `self.model`, which lives in the same `Arc`ed
+            // `SharedModel` (it never moves) and is declared after `lanes`, so every lane
+            // context is dropped before the model.
+            *slot = Some(unsafe {
+                std::mem::transmute::<LlamaContext<'_>, LlamaContext<'static>>(context)
+            });
+        }
+        Ok(slot.as_mut().expect("made above"))
+    }
+
+    /// Decodes the next token of every sequence of the lane that has one pending and is not
+    /// too far ahead of its reader, in one batch, and samples each one's next token.
+    fn step(&self, state: &mut LaneState) -> Result<(), BackendError> {
+        let LaneState {
+            context,
+            batch,
+            sequences,
+            ..
+        } = state;
+        let context = context
+            .as_mut()
+            .expect("a lane with sequences has a context");
+        batch.clear();
+        let mut members = Vec::new();
+        for (id, sequence) in sequences.iter_mut().enumerate() {
+            let Some(sequence) = sequence else { continue };
+            let Some(token) = sequence.pending else {
+                continue;
+            };
+            if sequence.unread >= sequence.options.chunk_tokens.max(LOOKAHEAD_TOKENS) {
+                continue;
+            }
+            batch
+                .add(token, sequence.position, &[id as i32], true)
+                .map_err(|e| BackendError::Runtime(e.to_string()))?;
+            members.push(id);
+        }
+        if let Err(error) = context.decode(batch) {
+            let failure = format!("decoding failed: {error}");
+            for &id in &members {
+                if let Some(sequence) = sequences[id].as_mut() {
+                    sequence.pending = None;
+                    sequence.failure = Some(failure.clone());
+                }
+            }
+            return Err(BackendError::Runtime(failure));
+        }
+        self.decode_steps.fetch_add(1, Ordering::Relaxed);
+        self.decoded_tokens
+            .fetch_add(members.len() as u64, Ordering::Relaxed);
+        for (index, &id) in members.iter().enumerate() {
+            let Some(sequence) = sequences[id].as_mut() else {
+                continue;
+            };
+            sequence.position += 1;
+            let token = sequence.sampler.sample(context, index as i32);
+            sequence.accept(token, &self.model, self.context_tokens);
+        }
         Ok(())
     }
 
@@ -374,50 +699,62 @@ fn sampler(model: &LlamaModel, options: &Options) -> LlamaSampler {
     LlamaSampler::chain_simple(chain)
 }
 
-impl Generation {
-    /// Generates up to `chunk_tokens` tokens and returns the text that became final.
-    fn next_chunk(&mut self, model: &LlamaModel) -> Result<String, BackendError> {
+/// What one `compute` hands back.
+struct Chunk {
+    text: String,
+    finish_reason: Option<&'static str>,
+    prompt_tokens: usize,
+    generated: u32,
+}
+
+impl Sequence {
+    /// Takes a freshly sampled token: ends the generation (end of sequence, a stop string,
+    /// max_tokens, a full context window) or queues the token for the next step.
+    fn accept(&mut self, token: LlamaToken, model: &LlamaModel, context_tokens: u32) {
+        self.pending = None;
         let vocab = model.vocab();
-        for _ in 0..self.options.chunk_tokens {
-            if self.finish_reason.is_some() {
-                break;
-            }
-            let token = self
-                .sampler
-                .sample(&self.context, self.batch.n_tokens() - 1);
-            if vocab.is_eog(token) {
-                self.finish_reason = Some("stop");
-                break;
-            }
-            self.generated += 1;
-            vocab.token_to_piece_into(token, &mut self.partial_utf8, false, None);
-            self.take_complete_utf8();
-            if let Some(stop) = self
-                .options
-                .stop
-                .iter()
-                .filter_map(|s| self.text.find(s.as_str()))
-                .min()
-            {
-                self.text.truncate(stop);
-                self.finish_reason = Some("stop");
-                break;
-            }
-            if self.generated >= self.options.max_tokens
-                || self.position as u32 + 1 >= self.context.n_ctx()
-            {
-                self.finish_reason = Some("length");
-                break;
-            }
-            self.batch.clear();
-            self.batch
-                .add(token, self.position, &[0], true)
-                .map_err(|e| BackendError::Runtime(e.to_string()))?;
-            self.position += 1;
-            self.context
-                .decode(&mut self.batch)
-                .map_err(|e| BackendError::Runtime(format!("decoding failed: {e}")))?;
+        if vocab.is_eog(token) {
+            self.finish_reason = Some("stop");
+            return;
         }
+        self.generated += 1;
+        self.unread += 1;
+        vocab.token_to_piece_into(token, &mut self.partial_utf8, false, None);
+        self.take_complete_utf8();
+        if let Some(stop) = self
+            .options
+            .stop
+            .iter()
+            .filter_map(|s| self.text.find(s.as_str()))
+            .min()
+        {
+            self.text.truncate(stop);
+            self.finish_reason = Some("stop");
+        } else if self.generated >= self.options.max_tokens
+            || self.position as u32 + 1 >= context_tokens
+        {
+            self.finish_reason = Some("length");
+        } else {
+            self.pending = Some(token);
+        }
+    }
+
+    /// Whether a reader would get a chunk now: `chunk_tokens` new tokens, or the end.
+    fn is_ready(&self) -> bool {
+        self.finish_reason.is_some()
+            || self.failure.is_some()
+            || self.unread >= self.options.chunk_tokens
+    }
+
+    /// The text that became final since the last chunk, if a chunk is ready.
+    fn take_ready(&mut self) -> Result<Option<Chunk>, BackendError> {
+        if let Some(failure) = &self.failure {
+            return Err(BackendError::Runtime(failure.clone()));
+        }
+        if !self.is_ready() {
+            return Ok(None);
+        }
+        self.unread = 0;
         // Hold back what could still turn out to be the start of a stop sequence.
         let mut end = self.text.len();
         if self.finish_reason.is_none() {
@@ -433,9 +770,14 @@ impl Generation {
                 end -= 1;
             }
         }
-        let chunk = self.text[self.emitted..end].to_string();
+        let text = self.text[self.emitted..end].to_string();
         self.emitted = end;
-        Ok(chunk)
+        Ok(Some(Chunk {
+            text,
+            finish_reason: self.finish_reason,
+            prompt_tokens: self.prompt_tokens,
+            generated: self.generated,
+        }))
     }
 
     /// Moves the complete characters of `partial_utf8` into `text`.
@@ -462,29 +804,37 @@ impl ExecutionContext for LlamaExecution {
         if !inputs.is_empty() {
             self.start(inputs)?;
         }
-        let model = self.model.clone();
-        let Some(generation) = self.generation.as_mut() else {
-            return Err(BackendError::InvalidArgument(
-                "no generation in progress: the first compute takes `prompt` or `messages`".into(),
-            ));
-        };
-        let text =
-            if generation.finish_reason.is_some() && generation.emitted == generation.text.len() {
-                String::new()
-            } else {
-                generation.next_chunk(&model)?
-            };
+        let chunk = self.next_chunk()?;
         let usage = serde_json::json!({
-            "prompt_tokens": generation.prompt_tokens,
-            "completion_tokens": generation.generated,
+            "prompt_tokens": chunk.prompt_tokens,
+            "completion_tokens": chunk.generated,
         });
         Ok(vec![
-            ("text".to_string(), text_tensor(&text)),
+            ("text".to_string(), text_tensor(&chunk.text)),
             (
                 "finish_reason".to_string(),
-                text_tensor(generation.finish_reason.unwrap_or("")),
+                text_tensor(chunk.finish_reason.unwrap_or("")),
             ),
             ("usage".to_string(), text_tensor(&usage.to_string())),
         ])
+    }
+
+    fn takes_compute_slots_itself(&self) -> bool {
+        true
+    }
+}
+
+impl Drop for LlamaExecution {
+    /// Contexts are dropped with their instance, on the async reactor: the release, which may
+    /// wait for the lane's current step, goes to the blocking pool.
+    fn drop(&mut self) {
+        let Some(slot) = self.slot.take() else {
+            return;
+        };
+        let shared = self.shared.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(move || shared.release(slot))),
+            Err(_) => shared.release(slot),
+        }
     }
 }

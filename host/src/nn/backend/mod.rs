@@ -157,12 +157,68 @@ pub trait Backend: Send + Sync {
 pub trait Graph: Send + Sync {
     /// Creates a context to run the model in; cheap.
     fn init_execution_context(&self) -> Result<Box<dyn ExecutionContext>, BackendError>;
+
+    /// For models that generate text: their lanes and batches, as operators see them.
+    fn generation_activity(&self) -> Option<GenerationActivity> {
+        None
+    }
 }
 
-/// One guest's use of a graph. `compute` blocks: callers run it on the blocking pool.
+/// How an LLM is serving its generations (`tensorlet models --json`, `/v1/admin/models`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct GenerationActivity {
+    /// llama.cpp contexts that decode side by side, and the sequences each decodes together.
+    pub lanes: usize,
+    pub sequences_per_lane: u32,
+    /// Context window of each generation, in tokens.
+    pub context_tokens: u32,
+    /// Generations running now, and those waiting for a free sequence.
+    pub running: u32,
+    pub waiting: u32,
+    /// Batched decode steps since the model was loaded and the tokens they decoded: their
+    /// ratio is the mean batch size.
+    pub decode_steps: u64,
+    pub decoded_tokens: u64,
+}
+
+/// One guest's use of a graph. `compute` blocks: callers run it on tokio's blocking pool.
 pub trait ExecutionContext: Send {
     /// Runs the model on `inputs` (by input name) and returns every output by name.
     fn compute(&mut self, inputs: Vec<NamedTensor>) -> Result<Vec<NamedTensor>, BackendError>;
+
+    /// Whether `compute` holds a [`ComputeSlots`] slot only while it really computes, taking
+    /// it itself. Otherwise the caller holds one for the whole call. (llama.cpp generations
+    /// wait for each other's batched steps, which must not tie up slots.)
+    fn takes_compute_slots_itself(&self) -> bool {
+        false
+    }
+}
+
+/// The node's compute slots: an inference computes only while it holds one, so that no more
+/// run at once than the cores hold at `[nn] threads` each
+/// ([`crate::config::NnConfig::compute_slots`]). Waiters get slots in turn.
+#[derive(Clone)]
+pub struct ComputeSlots(Arc<tokio::sync::Semaphore>);
+
+impl ComputeSlots {
+    pub fn new(slots: usize) -> Self {
+        Self(Arc::new(tokio::sync::Semaphore::new(slots.max(1))))
+    }
+
+    /// Waits for a slot.
+    pub async fn acquire(&self) -> tokio::sync::OwnedSemaphorePermit {
+        loop {
+            // The semaphore is never closed, so acquiring only ever waits.
+            if let Ok(permit) = self.0.clone().acquire_owned().await {
+                return permit;
+            }
+        }
+    }
+
+    /// Waits for a slot from a thread of tokio's blocking pool.
+    pub fn acquire_blocking(&self) -> tokio::sync::OwnedSemaphorePermit {
+        tokio::runtime::Handle::current().block_on(self.acquire())
+    }
 }
 
 /// What an operator sees of a backend.
@@ -211,6 +267,7 @@ pub struct Backends {
     all: Vec<Arc<dyn Backend>>,
     gpu_fallback: GpuFallback,
     default_backends: BTreeMap<String, String>,
+    compute_slots: ComputeSlots,
 }
 
 impl Backends {
@@ -218,7 +275,8 @@ impl Backends {
     /// Backends whose runtime library is missing are kept, and report why they are unavailable.
     pub fn builtin(config: &NnConfig) -> Self {
         let threads = config.inference_threads() as usize;
-        Self::new(
+        let compute_slots = ComputeSlots::new(config.compute_slots());
+        Self::with_compute_slots(
             vec![
                 Arc::new(tract::TractBackend),
                 Arc::new(onnxruntime::OnnxRuntimeBackend::new(config, threads)),
@@ -226,20 +284,38 @@ impl Backends {
                 Arc::new(llama::LlamaCppBackend {
                     threads: threads as u32,
                     max_context_tokens: config.max_context_tokens,
+                    lanes: config.compute_slots(),
+                    batch_sequences: config.llm_batch_sequences,
+                    compute_slots: compute_slots.clone(),
                 }),
                 Arc::new(candle::CandleBertBackend::new(threads)),
             ],
             config,
+            compute_slots,
         )
     }
 
     /// Backends in order of preference, with the node's selection rules.
     pub fn new(all: Vec<Arc<dyn Backend>>, config: &NnConfig) -> Self {
+        Self::with_compute_slots(all, config, ComputeSlots::new(config.compute_slots()))
+    }
+
+    fn with_compute_slots(
+        all: Vec<Arc<dyn Backend>>,
+        config: &NnConfig,
+        compute_slots: ComputeSlots,
+    ) -> Self {
         Self {
             all,
             gpu_fallback: config.gpu_fallback,
             default_backends: config.default_backends.clone(),
+            compute_slots,
         }
+    }
+
+    /// The slots every computation on this node's models takes turns for.
+    pub fn compute_slots(&self) -> &ComputeSlots {
+        &self.compute_slots
     }
 
     /// Picks the backend for a model of `encoding` on `target`: the one named, else the node's
