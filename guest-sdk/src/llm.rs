@@ -33,7 +33,8 @@ pub struct Options {
     pub seed: Option<u32>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub stop: Vec<String>,
-    /// Tokens per chunk (default 1: stream token by token).
+    /// Tokens per chunk at least (default 1: stream token by token; a chunk also carries
+    /// tokens that were already generated).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub chunk_tokens: Option<u32>,
 }

@@ -121,9 +121,9 @@ impl Backend for LlamaCppBackend {
         })?;
         // llama.cpp gives each sequence of a context a multiple of 256 tokens.
         let context_tokens = model.n_ctx_train().min(self.max_context_tokens).max(256) / 256 * 256;
-        let batch_sequences = self.batch_sequences;
+        let (lanes, batch_sequences) = (self.lanes.max(1), self.batch_sequences);
         Ok(Arc::new(LlamaGraph(Arc::new(SharedModel {
-            lanes: (0..self.lanes.max(1))
+            lanes: (0..lanes)
                 .map(|_| Lane {
                     state: Mutex::new(LaneState {
                         context: None,
@@ -134,7 +134,7 @@ impl Backend for LlamaCppBackend {
                     turn_over: Condvar::new(),
                 })
                 .collect(),
-            occupancy: Mutex::new(vec![0; self.lanes.max(1)]),
+            occupancy: Mutex::new(vec![0; lanes]),
             sequence_freed: Condvar::new(),
             waiting: AtomicU32::new(0),
             decode_steps: AtomicU64::new(0),
@@ -203,6 +203,7 @@ impl Graph for LlamaGraph {
         Ok(Box::new(LlamaExecution {
             shared: self.0.clone(),
             slot: None,
+            finished: None,
         }))
     }
 
@@ -223,7 +224,11 @@ impl Graph for LlamaGraph {
 /// One guest context: at most one generation at a time.
 struct LlamaExecution {
     shared: Arc<SharedModel>,
+    /// The running generation's sequence.
     slot: Option<SequenceSlot>,
+    /// The last chunk of the generation that ended (its sequence already given back), which
+    /// further `compute` calls repeat without text.
+    finished: Option<Chunk>,
 }
 
 /// Generation settings (the JSON `options` tensor).
@@ -237,8 +242,8 @@ struct Options {
     repeat_penalty: f32,
     seed: Option<u32>,
     stop: Vec<String>,
-    /// Tokens per `compute` call: 1 streams token by token; a large value returns everything
-    /// at once.
+    /// Tokens a `compute` call waits for (it returns all that are ready): 1 streams token by
+    /// token; a large value returns everything at once.
     chunk_tokens: u32,
 }
 
@@ -366,6 +371,7 @@ impl LlamaExecution {
         }
 
         self.release();
+        self.finished = None;
         let sequence = Sequence {
             sampler: sampler(&shared.model, &options),
             pending: None,
@@ -400,14 +406,36 @@ impl LlamaExecution {
         }
     }
 
-    /// Waits until this context's sequence has a chunk ready (decoding the lane's next step
-    /// when no one else is) and takes it.
+    /// The next chunk of the generation. Once it ends (or fails) its sequence goes back to the
+    /// lane at once, so a guest that keeps its context does not hold a sequence.
     fn next_chunk(&mut self) -> Result<Chunk, BackendError> {
         let Some(slot) = self.slot else {
-            return Err(BackendError::InvalidArgument(
-                "no generation in progress: the first compute takes `prompt` or `messages`".into(),
-            ));
+            return match &self.finished {
+                Some(last) => Ok(Chunk {
+                    text: String::new(),
+                    ..last.clone()
+                }),
+                None => Err(BackendError::InvalidArgument(
+                    "no generation in progress: the first compute takes `prompt` or `messages`"
+                        .into(),
+                )),
+            };
         };
+        let chunk = self.wait_for_chunk(slot);
+        match &chunk {
+            Ok(chunk) if chunk.finish_reason.is_none() => {}
+            Ok(chunk) => {
+                self.release();
+                self.finished = Some(chunk.clone());
+            }
+            Err(_) => self.release(),
+        }
+        chunk
+    }
+
+    /// Waits until the sequence has a chunk ready (decoding the lane's next step when no one
+    /// else is) and takes it.
+    fn wait_for_chunk(&self, slot: SequenceSlot) -> Result<Chunk, BackendError> {
         let shared = &*self.shared;
         let lane = &shared.lanes[slot.lane];
         loop {
@@ -700,6 +728,7 @@ fn sampler(model: &LlamaModel, options: &Options) -> LlamaSampler {
 }
 
 /// What one `compute` hands back.
+#[derive(Clone)]
 struct Chunk {
     text: String,
     finish_reason: Option<&'static str>,
