@@ -164,7 +164,8 @@ pub trait Graph: Send + Sync {
     }
 }
 
-/// How an LLM is serving its generations (`tensorlet models --json`, `/v1/admin/models`).
+/// How an LLM is serving its generations (`/v1/admin/models`; `tensorlet models` shows the
+/// running and waiting ones).
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct GenerationActivity {
     /// llama.cpp contexts that decode side by side, and the sequences each decodes together.
@@ -207,12 +208,11 @@ impl ComputeSlots {
 
     /// Waits for a slot.
     pub async fn acquire(&self) -> tokio::sync::OwnedSemaphorePermit {
-        loop {
-            // The semaphore is never closed, so acquiring only ever waits.
-            if let Ok(permit) = self.0.clone().acquire_owned().await {
-                return permit;
-            }
-        }
+        self.0
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the compute slots are never closed")
     }
 
     /// Waits for a slot from a thread of tokio's blocking pool.
