@@ -769,7 +769,7 @@ async fn llm_concurrency(node: &tensorlet::node::Node, idle: f64) {
         node.config.nn.llm_batch_sequences,
     );
     println!("  one after another {sequential_rate:.1} tok/s");
-    // (decode steps, decoded tokens) of the model so far.
+    // (forward passes, decoded tokens) of the model so far.
     let decoded = || {
         let models = node.models.list();
         let activity = models
@@ -777,10 +777,10 @@ async fn llm_concurrency(node: &tensorlet::node::Node, idle: f64) {
             .find(|m| m.record.name == "smollm2")
             .and_then(|m| m.generation.clone())
             .unwrap();
-        (activity.decode_steps, activity.decoded_tokens)
+        (activity.decode_passes, activity.decoded_tokens)
     };
     for at_once in [4, 8] {
-        let (steps_before, tokens_before) = decoded();
+        let (passes_before, tokens_before) = decoded();
         let started = Instant::now();
         let runs = futures_util::future::join_all(
             prompts[..at_once]
@@ -794,11 +794,11 @@ async fn llm_concurrency(node: &tensorlet::node::Node, idle: f64) {
             .iter()
             .zip(&sequential)
             .all(|(run, text)| run.0 == *text);
-        let (steps, tokens) = decoded();
+        let (passes, tokens) = decoded();
         println!(
             "  {at_once} at once {concurrent_rate:.1} tok/s: {:.2}x; mean batch {:.2} sequences; greedy texts identical to one after another: {identical}",
             concurrent_rate / sequential_rate,
-            (tokens - tokens_before) as f64 / (steps - steps_before) as f64
+            (tokens - tokens_before) as f64 / (passes - passes_before) as f64
         );
     }
     let eight_running = resident_while_running(8).await;

@@ -116,6 +116,8 @@ async fn unknown_apps_and_oversized_bodies_are_refused() {
         .await
         .unwrap();
     assert_eq!(response.status(), 413);
+    assert_eq!(response.headers()["connection"], "close");
+    // The client opens a new connection for the next request.
     let small = node
         .client
         .post(node.at("/apps/hello/"))

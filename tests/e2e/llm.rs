@@ -223,19 +223,20 @@ async fn concurrent_generations_share_batches_and_match_sequential_ones() {
     assert_eq!(before["lanes"], 1);
     assert_eq!(before["sequences_per_lane"], 3);
     assert_eq!(
-        before["decode_steps"], before["decoded_tokens"],
-        "one generation at a time decodes one token per step"
+        before["decode_passes"], before["decoded_tokens"],
+        "one generation at a time decodes one token per forward pass"
     );
 
     let concurrent = futures_util::future::join_all(prompts.map(complete)).await;
     assert_eq!(concurrent, sequential, "greedy texts differ when batched");
     let after = activity().await;
-    let steps = after["decode_steps"].as_u64().unwrap() - before["decode_steps"].as_u64().unwrap();
+    let passes =
+        after["decode_passes"].as_u64().unwrap() - before["decode_passes"].as_u64().unwrap();
     let tokens =
         after["decoded_tokens"].as_u64().unwrap() - before["decoded_tokens"].as_u64().unwrap();
     assert!(
-        tokens as f64 / steps as f64 >= 1.5,
-        "{tokens} tokens in {steps} steps: the generations were not batched"
+        tokens as f64 / passes as f64 >= 1.5,
+        "{tokens} tokens in {passes} forward passes: the generations were not batched"
     );
     assert_eq!(after["waiting"], 0);
     // Finished generations give their sequences back as their instances go.
@@ -246,4 +247,22 @@ async fn concurrent_generations_share_batches_and_match_sequential_ones() {
     }
     let models = node.cli_ok(&["models"]);
     assert!(models.contains("0/3 running"), "{models}");
+}
+
+#[tokio::test]
+async fn a_prompt_longer_than_one_batch_is_decoded_whole() {
+    let node = TestNode::start();
+    with_smollm2_and_openai(&node);
+    // About 1 500 tokens: three 512-token pieces. The model can only continue the count if it
+    // saw the end of the prompt in place.
+    let prompt: String = (1..=400).map(|n| format!("{n}, ")).collect();
+    let body = serde_json::json!({
+        "model": "smollm2", "prompt": prompt.trim_end(), "max_tokens": 12, "temperature": 0, "stop": [],
+    });
+    let response = node.post_json("/apps/openai/v1/completions", &body).await;
+    assert_eq!(response.status(), 200);
+    let body: serde_json::Value = response.json().await.unwrap();
+    let text = body["choices"][0]["text"].as_str().unwrap();
+    assert!(text.trim_start().starts_with("401, 402"), "{text:?}");
+    assert!(body["usage"]["prompt_tokens"].as_u64().unwrap() > 1024);
 }

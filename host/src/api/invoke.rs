@@ -46,8 +46,10 @@ async fn run(node: &Node, request: Request) -> Result<Response, ApiError> {
     })?;
 
     let limit = app.record.max_body_bytes;
+    // The rest of the body is left unread, so the connection cannot carry another request:
+    // the client is told to close it rather than finding out on its next request.
     let too_large = || {
-        ApiError::new(
+        let mut response = ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "body_too_large",
             format!(
@@ -55,6 +57,12 @@ async fn run(node: &Node, request: Request) -> Result<Response, ApiError> {
                 app.record.name
             ),
         )
+        .into_response();
+        response.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
+        response
     };
     let declared = parts
         .headers
@@ -62,13 +70,13 @@ async fn run(node: &Node, request: Request) -> Result<Response, ApiError> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|length| length > limit) {
-        return Err(too_large());
+        return Ok(too_large());
     }
     // The body is read whole (bounded by the app's limit) before the instance starts, so a
     // slow client never holds an instance.
     let body = match Limited::new(body, limit as usize).collect().await {
         Ok(collected) => collected.to_bytes(),
-        Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => return Err(too_large()),
+        Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => return Ok(too_large()),
         Err(error) => {
             return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,

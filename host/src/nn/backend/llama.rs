@@ -10,7 +10,8 @@
 //! thread: a generation that needs its next token while no step runs on its lane takes a
 //! compute slot and runs the step for everyone (its neighbours find their tokens ready), and
 //! sequences may run a few tokens ahead of their readers so that a step is not missed by one
-//! who is busy sending. Models are registered by file (`tensorlet model add`); a guest cannot
+//! who is busy sending. A prompt goes in by 512-token pieces, a turn each, so a long prompt
+//! holds up its lane's other generations only a piece at a time. Models are registered by file (`tensorlet model add`); a guest cannot
 //! pass LLM weights through its memory.
 
 use super::{
@@ -52,7 +53,7 @@ static CONTEXT_CREATION: Mutex<()> = Mutex::new(());
 /// Tokens a sequence may run ahead of its reader (more when its reader asks for bigger chunks):
 /// a step decodes every sequence of a lane that is not this far ahead, whether or not its
 /// reader is waiting at that moment.
-const LOOKAHEAD_TOKENS: u32 = 4;
+const LOOKAHEAD_TOKENS: u32 = 8;
 
 /// Loads GGUF models with llama.cpp.
 pub struct LlamaCppBackend {
@@ -121,7 +122,10 @@ impl Backend for LlamaCppBackend {
         })?;
         // llama.cpp gives each sequence of a context a multiple of 256 tokens.
         let context_tokens = model.n_ctx_train().min(self.max_context_tokens).max(256) / 256 * 256;
-        let (lanes, batch_sequences) = (self.lanes.max(1), self.batch_sequences);
+        let (lanes, batch_sequences) = (
+            self.lanes.max(1),
+            self.batch_sequences.clamp(1, MAX_BATCH_SEQUENCES),
+        );
         Ok(Arc::new(LlamaGraph(Arc::new(SharedModel {
             lanes: (0..lanes)
                 .map(|_| Lane {
@@ -130,6 +134,7 @@ impl Backend for LlamaCppBackend {
                         batch: LlamaBatch::new(512.max(batch_sequences as usize), 1),
                         sequences: (0..batch_sequences).map(|_| None).collect(),
                         stepping: false,
+                        failed: false,
                     }),
                     turn_over: Condvar::new(),
                 })
@@ -137,7 +142,7 @@ impl Backend for LlamaCppBackend {
             occupancy: Mutex::new(vec![0; lanes]),
             sequence_freed: Condvar::new(),
             waiting: AtomicU32::new(0),
-            decode_steps: AtomicU64::new(0),
+            decode_passes: AtomicU64::new(0),
             decoded_tokens: AtomicU64::new(0),
             model,
             threads: self.threads.max(1) as i32,
@@ -165,8 +170,8 @@ struct SharedModel {
     sequence_freed: Condvar,
     /// Generations waiting for a sequence.
     waiting: AtomicU32,
-    /// Batched steps decoded and the tokens in them.
-    decode_steps: AtomicU64,
+    /// llama.cpp forward passes of generation steps, and the tokens they decoded.
+    decode_passes: AtomicU64,
     decoded_tokens: AtomicU64,
     model: LlamaModel,
     threads: i32,
@@ -189,6 +194,8 @@ struct LaneState {
     sequences: Vec<Option<Sequence>>,
     /// A generation is decoding on this lane's context (the others wait for its step).
     stepping: bool,
+    /// llama.cpp failed to decode on this context; it is replaced once the lane is empty.
+    failed: bool,
 }
 
 /// Where a generation lives: its lane and its sequence id there.
@@ -215,7 +222,7 @@ impl Graph for LlamaGraph {
             context_tokens: shared.context_tokens,
             running: lock(&shared.occupancy).iter().sum(),
             waiting: shared.waiting.load(Ordering::Relaxed),
-            decode_steps: shared.decode_steps.load(Ordering::Relaxed),
+            decode_passes: shared.decode_passes.load(Ordering::Relaxed),
             decoded_tokens: shared.decoded_tokens.load(Ordering::Relaxed),
         })
     }
@@ -386,17 +393,13 @@ impl LlamaExecution {
             finish_reason: None,
             failure: None,
         };
-        let lane = shared.occupy_lane();
-        match shared.prefill(lane, sequence, &tokens) {
-            Ok(sequence) => {
-                self.slot = Some(SequenceSlot { lane, sequence });
-                Ok(())
-            }
-            Err(error) => {
-                shared.vacate(lane);
-                Err(error)
-            }
-        }
+        let reservation = shared.occupy_lane();
+        let sequence = shared.prefill(reservation.lane, sequence, &tokens)?;
+        self.slot = Some(SequenceSlot {
+            lane: reservation.keep(),
+            sequence,
+        });
+        Ok(())
     }
 
     /// Gives this context's sequence back to its lane.
@@ -439,11 +442,9 @@ impl LlamaExecution {
         let shared = &*self.shared;
         let lane = &shared.lanes[slot.lane];
         loop {
-            {
-                let mut state = lane.lock_when_idle();
-                if let Some(chunk) = sequence_of(&mut state, slot).take_ready()? {
-                    return Ok(chunk);
-                }
+            // Tokens already made are taken even while another generation waits for its turn.
+            if let Some(chunk) = sequence_of(&mut lock(&lane.state), slot).take_ready()? {
+                return Ok(chunk);
             }
             let mut turn = lane.turn(&shared.compute_slots);
             // Another generation's step may have made the chunk while this one waited.
@@ -484,33 +485,61 @@ impl Lane {
         let mut state = self.lock_when_idle();
         state.stepping = true;
         drop(state);
+        let claim = Claim(self);
         let permit = compute_slots.acquire_blocking();
         Turn {
-            lane: self,
             state: lock(&self.state),
             _permit: permit,
+            _claim: claim,
         }
     }
 }
 
-/// Exclusive use of a lane for one step; others wait until it is dropped.
+/// Exclusive use of a lane for one step; others wait until it is dropped. Fields drop in
+/// order: the lane is unlocked, the compute slot freed, then the claim ends.
 struct Turn<'a> {
-    lane: &'a Lane,
     state: MutexGuard<'a, LaneState>,
     _permit: tokio::sync::OwnedSemaphorePermit,
+    _claim: Claim<'a>,
 }
 
-impl Drop for Turn<'_> {
+/// A lane's `stepping` flag, set while this value lives (cleared on unwind too).
+struct Claim<'a>(&'a Lane);
+
+impl Drop for Claim<'_> {
     fn drop(&mut self) {
-        self.state.stepping = false;
-        self.lane.turn_over.notify_all();
+        lock(&self.0.state).stepping = false;
+        self.0.turn_over.notify_all();
+    }
+}
+
+/// A place on a lane taken for a new generation; given back when dropped unless kept.
+struct Reservation<'a> {
+    shared: &'a SharedModel,
+    lane: usize,
+    kept: bool,
+}
+
+impl Reservation<'_> {
+    /// Keeps the place (the generation's sequence now holds it); returns the lane.
+    fn keep(mut self) -> usize {
+        self.kept = true;
+        self.lane
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if !self.kept {
+            self.shared.vacate(self.lane);
+        }
     }
 }
 
 impl SharedModel {
     /// Picks the lane for a new generation: the least busy one, so that generations spread
     /// over the cores before they share batches; waits while all are full.
-    fn occupy_lane(&self) -> usize {
+    fn occupy_lane(&self) -> Reservation<'_> {
         let mut occupancy = lock(&self.occupancy);
         loop {
             let least_busy = (0..occupancy.len())
@@ -518,7 +547,11 @@ impl SharedModel {
                 .expect("at least one lane");
             if occupancy[least_busy] < self.batch_sequences {
                 occupancy[least_busy] += 1;
-                return least_busy;
+                return Reservation {
+                    shared: self,
+                    lane: least_busy,
+                    kept: false,
+                };
             }
             self.waiting.fetch_add(1, Ordering::Relaxed);
             occupancy = self
@@ -529,18 +562,26 @@ impl SharedModel {
         }
     }
 
-    /// Frees a generation's sequence (its KV cache cleared) once no step runs on its lane.
+    /// Gives a generation's sequence and its place on the lane back.
     fn release(&self, slot: SequenceSlot) {
-        {
-            let mut state = self.lanes[slot.lane].lock_when_idle();
-            if let Some(context) = state.context.as_mut() {
-                context
-                    .clear_kv_cache_seq(Some(slot.sequence as u32), None, None)
-                    .ok();
-            }
-            state.sequences[slot.sequence] = None;
-        }
+        self.free_sequence(slot);
         self.vacate(slot.lane);
+    }
+
+    /// Clears a sequence from its lane's KV cache and frees its id. A lane whose context
+    /// failed to decode gets a fresh context once its last sequence is gone.
+    fn free_sequence(&self, slot: SequenceSlot) {
+        let mut state = lock(&self.lanes[slot.lane].state);
+        if let Some(context) = state.context.as_mut() {
+            context
+                .clear_kv_cache_seq(Some(slot.sequence as u32), None, None)
+                .ok();
+        }
+        state.sequences[slot.sequence] = None;
+        if state.failed && state.sequences.iter().all(Option::is_none) {
+            state.context = None;
+            state.failed = false;
+        }
     }
 
     /// Gives back a place `occupy_lane` took, waking a generation waiting for one.
@@ -550,47 +591,77 @@ impl SharedModel {
     }
 
     /// Decodes a prompt into a free sequence of `lane` and samples its first token; returns
-    /// the sequence id.
+    /// the sequence id. Each 512-token piece of the prompt is a turn of its own, so the lane's
+    /// other generations go on between the pieces of a long prompt.
     fn prefill(
         &self,
         lane: usize,
-        mut sequence: Sequence,
+        sequence: Sequence,
         tokens: &[LlamaToken],
     ) -> Result<usize, BackendError> {
-        let mut turn = self.lanes[lane].turn(&self.compute_slots);
-        let state = &mut *turn.state;
-        let id = state
-            .sequences
-            .iter()
-            .position(Option::is_none)
-            .ok_or_else(|| BackendError::Runtime("the lane has no free sequence".into()))?;
-        let context = self.lane_context(&mut state.context)?;
-        let batch = &mut state.batch;
-        let chunks = tokens.chunks(512).count();
-        let mut decode_prompt = || -> Result<(), String> {
-            for (index, chunk) in tokens.chunks(512).enumerate() {
-                batch.clear();
-                for (offset, token) in chunk.iter().enumerate() {
-                    let wants_logits = index + 1 == chunks && offset + 1 == chunk.len();
-                    batch
-                        .add(*token, sequence.position, &[id as i32], wants_logits)
-                        .map_err(|e| e.to_string())?;
-                    sequence.position += 1;
-                }
-                context.decode(batch).map_err(|e| e.to_string())?;
-            }
-            Ok(())
+        let id = {
+            let mut state = lock(&self.lanes[lane].state);
+            let id = state
+                .sequences
+                .iter()
+                .position(Option::is_none)
+                .ok_or_else(|| BackendError::Runtime("the lane has no free sequence".into()))?;
+            // Not pending yet: steps pass it by until its prompt is in.
+            state.sequences[id] = Some(sequence);
+            id
         };
-        if let Err(error) = decode_prompt() {
-            context.clear_kv_cache_seq(Some(id as u32), None, None).ok();
+        let pieces = tokens.chunks(512).count();
+        for (index, piece) in tokens.chunks(512).enumerate() {
+            let last = index + 1 == pieces;
+            let mut turn = self.lanes[lane].turn(&self.compute_slots);
+            if let Err(error) = self.decode_prompt_piece(&mut turn.state, id, piece, last) {
+                drop(turn);
+                self.free_sequence(SequenceSlot { lane, sequence: id });
+                return Err(error);
+            }
+        }
+        Ok(id)
+    }
+
+    /// Decodes `piece` of sequence `id`'s prompt; after the `last` piece, samples its first
+    /// token.
+    fn decode_prompt_piece(
+        &self,
+        state: &mut LaneState,
+        id: usize,
+        piece: &[LlamaToken],
+        last: bool,
+    ) -> Result<(), BackendError> {
+        let LaneState {
+            context,
+            batch,
+            sequences,
+            failed,
+            ..
+        } = state;
+        let context = self.lane_context(context)?;
+        let sequence = sequences[id]
+            .as_mut()
+            .ok_or_else(|| BackendError::Runtime("the sequence was freed".into()))?;
+        batch.clear();
+        for (offset, token) in piece.iter().enumerate() {
+            let wants_logits = last && offset + 1 == piece.len();
+            batch
+                .add(*token, sequence.position, &[id as i32], wants_logits)
+                .map_err(|e| BackendError::Runtime(e.to_string()))?;
+            sequence.position += 1;
+        }
+        if let Err(error) = context.decode(batch) {
+            *failed = true;
             return Err(BackendError::Runtime(format!(
                 "decoding the prompt failed: {error}"
             )));
         }
-        let token = sequence.sampler.sample(context, batch.n_tokens() - 1);
-        sequence.accept(token, &self.model, self.context_tokens);
-        state.sequences[id] = Some(sequence);
-        Ok(id)
+        if last {
+            let token = sequence.sampler.sample(context, batch.n_tokens() - 1);
+            sequence.accept(token, &self.model, self.context_tokens);
+        }
+        Ok(())
     }
 
     /// The lane's llama.cpp context, made on first use.
@@ -632,6 +703,7 @@ impl SharedModel {
             context,
             batch,
             sequences,
+            failed,
             ..
         } = state;
         let context = context
@@ -653,6 +725,7 @@ impl SharedModel {
             members.push(id);
         }
         if let Err(error) = context.decode(batch) {
+            *failed = true;
             let failure = format!("decoding failed: {error}");
             for &id in &members {
                 if let Some(sequence) = sequences[id].as_mut() {
@@ -662,7 +735,11 @@ impl SharedModel {
             }
             return Err(BackendError::Runtime(failure));
         }
-        self.decode_steps.fetch_add(1, Ordering::Relaxed);
+        // llama.cpp decodes sequences with separate KV caches together only when their ids
+        // are consecutive: each run of consecutive ids is one forward pass.
+        let passes = 1 + members.windows(2).filter(|w| w[1] != w[0] + 1).count();
+        self.decode_passes
+            .fetch_add(passes as u64, Ordering::Relaxed);
         self.decoded_tokens
             .fetch_add(members.len() as u64, Ordering::Relaxed);
         for (index, &id) in members.iter().enumerate() {

@@ -176,9 +176,9 @@ pub struct GenerationActivity {
     /// Generations running now, and those waiting for a free sequence.
     pub running: u32,
     pub waiting: u32,
-    /// Batched decode steps since the model was loaded and the tokens they decoded: their
-    /// ratio is the mean batch size.
-    pub decode_steps: u64,
+    /// llama.cpp forward passes that decoded generated tokens since the model was loaded, and
+    /// those tokens: their ratio is the mean batch size.
+    pub decode_passes: u64,
     pub decoded_tokens: u64,
 }
 
