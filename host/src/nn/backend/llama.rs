@@ -133,7 +133,8 @@ impl Backend for LlamaCppBackend {
                         context: None,
                         batch: LlamaBatch::new(512.max(batch_sequences as usize), 1),
                         sequences: (0..batch_sequences).map(|_| None).collect(),
-                        stepping: false,
+                        next_ticket: 0,
+                        serving: 0,
                         failed: false,
                     }),
                     turn_over: Condvar::new(),
@@ -192,8 +193,10 @@ struct LaneState {
     batch: LlamaBatch<'static>,
     /// Indexed by llama.cpp sequence id.
     sequences: Vec<Option<Sequence>>,
-    /// A generation is decoding on this lane's context (the others wait for its step).
-    stepping: bool,
+    /// Turns on this lane's context: the next ticket to hand out, and the one whose turn it
+    /// is (a turn decodes one step or one piece of a prompt; the others wait for it).
+    next_ticket: u64,
+    serving: u64,
     /// llama.cpp failed to decode on this context; it is replaced once the lane is empty.
     failed: bool,
 }
@@ -467,23 +470,20 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Lane {
-    /// The lane's state once no step is running on it.
-    fn lock_when_idle(&self) -> MutexGuard<'_, LaneState> {
+    /// The lane to decode on, alone, holding a compute slot. Turns are taken in the order
+    /// they are asked for, so a generation that steps on and on cannot starve a new one's
+    /// prompt. The slot is waited for without holding the lane, so that readers with tokens
+    /// ready are not held up meanwhile.
+    fn turn<'a>(&'a self, compute_slots: &ComputeSlots) -> Turn<'a> {
         let mut state = lock(&self.state);
-        while state.stepping {
+        let ticket = state.next_ticket;
+        state.next_ticket += 1;
+        while state.serving != ticket {
             state = self
                 .turn_over
                 .wait(state)
                 .unwrap_or_else(PoisonError::into_inner);
         }
-        state
-    }
-
-    /// The lane to decode on, alone, holding a compute slot. The slot is waited for without
-    /// holding the lane, so that readers with tokens ready are not held up meanwhile.
-    fn turn<'a>(&'a self, compute_slots: &ComputeSlots) -> Turn<'a> {
-        let mut state = self.lock_when_idle();
-        state.stepping = true;
         drop(state);
         let claim = Claim(self);
         let permit = compute_slots.acquire_blocking();
@@ -503,12 +503,12 @@ struct Turn<'a> {
     _claim: Claim<'a>,
 }
 
-/// A lane's `stepping` flag, set while this value lives (cleared on unwind too).
+/// The lane's current turn, passed to the next ticket when this value goes (on unwind too).
 struct Claim<'a>(&'a Lane);
 
 impl Drop for Claim<'_> {
     fn drop(&mut self) {
-        lock(&self.0.state).stepping = false;
+        lock(&self.0.state).serving += 1;
         self.0.turn_over.notify_all();
     }
 }
