@@ -290,10 +290,10 @@ fn text(value: &serde_json::Value) -> String {
 
 /// An LLM's running generations out of its capacity (lanes × sequences), and any waiting.
 fn generations(activity: &serde_json::Value) -> String {
-    let number = |key: &str| activity[key].as_u64().unwrap_or(0);
     if activity.is_null() {
         return "-".to_string();
     }
+    let number = |key: &str| activity[key].as_u64().unwrap_or(0);
     let mut cell = format!(
         "{}/{} running",
         number("running"),

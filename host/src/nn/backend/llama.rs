@@ -706,9 +706,7 @@ impl SharedModel {
             failed,
             ..
         } = state;
-        let context = context
-            .as_mut()
-            .expect("a lane with sequences has a context");
+        let context = self.lane_context(context)?;
         batch.clear();
         let mut members = Vec::new();
         for (id, sequence) in sequences.iter_mut().enumerate() {
