@@ -14,13 +14,15 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tensorlet::config::Config;
+use tensorlet::nn::backend::Cancellation;
 use tensorlet_test_artifacts as artifacts;
 use tract_onnx::prelude::*;
 
 const LOAD_SECONDS: u64 = 3;
 
 /// Whether a section runs: all do unless `TENSORLET_BENCH_ONLY` lists some (`onnx`,
-/// `embeddings`, `llm`, `http`, comma-separated); instantiation and classify always run.
+/// `embeddings`, `llm`, `edge`, `http`, comma-separated); instantiation and classify always
+/// run.
 fn wanted(section: &str) -> bool {
     std::env::var("TENSORLET_BENCH_ONLY")
         .map_or(true, |only| only.split(',').any(|s| s.trim() == section))
@@ -80,6 +82,107 @@ async fn load(url: &str, connections: usize, cert: Option<&[u8]>) -> Load {
     }
 }
 
+/// Starts `tensorlet serve` on `data_dir` (with `extra` arguments); returns the process and its URL once it listens.
+fn spawn_node(data_dir: &std::path::Path, extra: &[&str]) -> (std::process::Child, String) {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tensorlet"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .args(extra)
+        .env("TENSORLET_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let url = loop {
+        let line = lines.next().expect("node exited").unwrap();
+        if let Some(url) = line.split("listening on ").nth(1) {
+            break url.trim().to_string();
+        }
+    };
+    std::thread::spawn(move || lines.for_each(drop));
+    (child, url)
+}
+
+/// A figure of a process from /proc/PID/status, in KiB.
+fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("{field}:")))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Edge fitness: the size of this binary stripped, and a node restarted with 10 apps
+/// deployed and no models: time from spawn until an app answers, and resident memory once
+/// idle, next to the same node with no apps.
+async fn edge_fitness() {
+    println!("edge fitness (this build's features; see the README for the tract-only build):");
+    let stripped = tempfile::tempdir().unwrap();
+    let binary = stripped.path().join("tensorlet");
+    std::fs::copy(env!("CARGO_BIN_EXE_tensorlet"), &binary).unwrap();
+    let strip = Command::new("strip").arg(&binary).status();
+    match strip {
+        Ok(status) if status.success() => println!(
+            "  binary, stripped: {:.1} MB",
+            std::fs::metadata(&binary).unwrap().len() as f64 / 1e6
+        ),
+        _ => println!("  binary: `strip` is not installed here"),
+    }
+    let mut figures = Vec::new();
+    for apps in [0usize, 10] {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut child, _) = spawn_node(dir.path(), &[]);
+        for n in 0..apps {
+            let deployed = Command::new(env!("CARGO_BIN_EXE_tensorlet"))
+                .arg("--data-dir")
+                .arg(dir.path())
+                .args(["deploy", &format!("app-{n}"), artifacts::HELLO])
+                .output()
+                .unwrap();
+            assert!(deployed.status.success());
+        }
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        child.wait().unwrap();
+        let pem = std::fs::read(dir.path().join("tls/cert.pem")).unwrap();
+        let client = reqwest::Client::builder()
+            .use_rustls_tls()
+            .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
+            .build()
+            .unwrap();
+        let started = Instant::now();
+        let (mut child, url) = spawn_node(dir.path(), &[]);
+        let path = if apps > 0 { "/apps/app-0/" } else { "/healthz" };
+        loop {
+            if let Ok(response) = client.get(format!("{url}{path}")).send().await {
+                if response.status().is_success() {
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let ready = started.elapsed();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let rss_mib = proc_status_kib(child.id(), "VmRSS") as f64 / 1024.0;
+        let _ = child.kill();
+        let _ = child.wait();
+        figures.push((ready, rss_mib));
+        println!(
+            "  {apps:>2} apps: start to first answer {:.0} ms, idle resident memory {rss_mib:.1} MiB",
+            ready.as_secs_f64() * 1e3
+        );
+    }
+    println!(
+        "  10 apps vs none: ready {:.2}x, memory {:.2}x",
+        figures[1].0.as_secs_f64() / figures[0].0.as_secs_f64(),
+        figures[1].1 / figures[0].1
+    );
+    println!();
+}
+
 /// A running `tensorlet serve` with `hello` deployed.
 struct ServedNode {
     child: std::process::Child,
@@ -96,28 +199,9 @@ impl Drop for ServedNode {
 }
 
 fn serve_hello(plain_http: bool) -> ServedNode {
-    use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
-    let mut command = Command::new(env!("CARGO_BIN_EXE_tensorlet"));
-    command
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path());
-    if plain_http {
-        command.arg("--plain-http");
-    }
-    let mut child = command
-        .env("TENSORLET_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let url = loop {
-        let line = lines.next().expect("node exited").unwrap();
-        if let Some(url) = line.split("listening on ").nth(1) {
-            break url.trim().to_string();
-        }
-    };
-    std::thread::spawn(move || lines.for_each(drop));
+    let extra: &[&str] = if plain_http { &["--plain-http"] } else { &[] };
+    let (child, url) = spawn_node(dir.path(), extra);
     let deployed = Command::new(env!("CARGO_BIN_EXE_tensorlet"))
         .arg("--data-dir")
         .arg(dir.path())
@@ -399,6 +483,9 @@ async fn main() {
         llm_concurrency(&node, idle).await;
     }
     drop(node);
+    if wanted("edge") {
+        edge_fitness().await;
+    }
     if !wanted("http") {
         return;
     }
@@ -470,7 +557,7 @@ async fn deploy_with_model(
     component: &str,
     model: &str,
 ) -> Arc<tensorlet::runtime::App> {
-    let settings = tensorlet::runtime::AppSettings {
+    let settings = tensorlet::apps::AppSettings {
         models: Some(model.into()),
         ..Default::default()
     };
@@ -579,7 +666,11 @@ async fn onnx_backends(node: &tensorlet::node::Node, scratch: &std::path::Path) 
             let mut samples = Vec::new();
             for round in 0..220 {
                 let started = Instant::now();
-                std::hint::black_box(context.compute(vec![("x".into(), input.clone())]).unwrap());
+                std::hint::black_box(
+                    context
+                        .compute(vec![("x".into(), input.clone())], &Cancellation::default())
+                        .unwrap(),
+                );
                 if round >= 20 {
                     samples.push(started.elapsed());
                 }
@@ -637,7 +728,11 @@ async fn embeddings(node: &tensorlet::node::Node, scratch: &std::path::Path) {
                 };
                 let started = Instant::now();
                 let mut context = graph.init_execution_context().unwrap();
-                std::hint::black_box(context.compute(vec![("texts".into(), tensor)]).unwrap());
+                std::hint::black_box(
+                    context
+                        .compute(vec![("texts".into(), tensor)], &Cancellation::default())
+                        .unwrap(),
+                );
                 started.elapsed()
             })
             .await
@@ -807,7 +902,7 @@ async fn llm_concurrency(node: &tensorlet::node::Node, idle: f64) {
     );
 
     // One generation while another app keeps a core busy (an infinite loop until its timeout).
-    let settings = tensorlet::runtime::AppSettings {
+    let settings = tensorlet::apps::AppSettings {
         timeout_secs: Some(20),
         ..Default::default()
     };

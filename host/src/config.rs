@@ -18,6 +18,8 @@ pub struct Config {
     pub plain_http: bool,
     /// TLS certificate and key; without them a self-signed certificate is generated.
     pub tls: TlsConfig,
+    /// Connection limits and timeouts of the HTTP edge.
+    pub server: ServerConfig,
     /// Limits that apply to apps unless a deployment sets its own.
     pub limits: LimitsConfig,
     /// Model and inference settings.
@@ -34,6 +36,41 @@ pub struct TlsConfig {
     pub key: Option<PathBuf>,
 }
 
+/// `[server]`: what one client connection may hold and for how long. Every wait a client can
+/// cause has a timeout here, and the connections themselves a cap.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Connections open at once. Beyond it a new connection is closed as soon as it is
+    /// accepted. Unset: 4096, or less where the open-file limit cannot hold that many.
+    pub max_connections: Option<u32>,
+    /// Time a client has to complete the TLS handshake, in seconds.
+    pub tls_handshake_timeout_secs: u64,
+    /// Time a client has to send a request's headers once it starts one (and, between
+    /// requests, an HTTP/1 keep-alive connection may wait for the next), in seconds.
+    pub header_read_timeout_secs: u64,
+    /// A connection with no request in flight for this long is closed (HTTP/1 keep-alive and
+    /// HTTP/2 alike), in seconds.
+    pub idle_timeout_secs: u64,
+    /// A response the client does not read for this long (the socket stays full) ends the
+    /// connection, in seconds.
+    pub write_timeout_secs: u64,
+    /// Time a client has to send a request body to an app once its headers are in, in
+    /// seconds (408 after it).
+    pub body_read_timeout_secs: u64,
+    /// Largest request head (request line and headers; HTTP/2: header list), in bytes.
+    pub max_header_bytes: u32,
+    /// Requests one HTTP/2 connection may have in flight at once.
+    pub http2_max_concurrent_streams: u32,
+    /// HTTP/2 flow-control windows: bytes a client may send per stream and per connection
+    /// before the node has read them.
+    pub http2_stream_window_bytes: u32,
+    pub http2_connection_window_bytes: u32,
+    /// HTTP/2 keep-alive: the node pings an idle-looking peer this often and drops it when a
+    /// ping goes unanswered as long, in seconds.
+    pub http2_keep_alive_secs: u64,
+}
+
 /// `[limits]`: per-app defaults and node-wide ceilings.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -48,6 +85,19 @@ pub struct LimitsConfig {
     pub max_body_bytes: u64,
     /// Instances that may run at once on this node; further requests wait in a queue.
     pub max_concurrent_instances: u32,
+    /// Requests that may wait for an instance at once; beyond it 503 with `Retry-After`.
+    pub max_queued_requests: u32,
+    /// How long a request may wait for an instance, in seconds (503 with `Retry-After` after).
+    pub queue_timeout_secs: u64,
+    /// Request bodies held in memory at once, node-wide, in bytes: a body that does not fit
+    /// in what is left is answered 503 with `Retry-After` instead of being read.
+    pub max_buffered_body_bytes: u64,
+    /// Key-value data one app may keep (keys and values), in bytes.
+    pub kv_max_bytes_per_app: u64,
+    /// Keys one app may keep, over all its buckets.
+    pub kv_max_keys_per_app: u64,
+    /// Buckets one app may have.
+    pub kv_max_buckets_per_app: u32,
 }
 
 /// `[nn]`: models.
@@ -90,6 +140,9 @@ pub enum GpuFallback {
     Cpu,
 }
 
+/// The most LLM generations a lane may decode together (`[nn] llm_batch_sequences`).
+pub const MAX_LLM_BATCH_SEQUENCES: u32 = 64;
+
 impl NnConfig {
     /// `threads`, with 0 resolved to all cores but one (at least one). The core left over
     /// serves HTTP and runs guests: llama.cpp's threads wait for each other by spinning, so a
@@ -121,8 +174,49 @@ impl Default for Config {
             data_dir: default_data_dir(),
             plain_http: false,
             tls: TlsConfig::default(),
+            server: ServerConfig::default(),
             limits: LimitsConfig::default(),
             nn: NnConfig::default(),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// The connection cap: `max_connections`, or 4096 held to what the open-file limit
+    /// `open_files` leaves once [`RESERVED_FILES`] are set aside.
+    pub fn connection_cap(&self, open_files: u64) -> Result<u32, String> {
+        let room = open_files.saturating_sub(RESERVED_FILES);
+        match self.max_connections {
+            Some(0) => Err("server.max_connections must be at least 1".into()),
+            Some(cap) if u64::from(cap) > room => Err(format!(
+                "server.max_connections = {cap} cannot be held: the open-file limit is {open_files} and the node keeps {RESERVED_FILES} for itself; raise `ulimit -n` or lower max_connections"
+            )),
+            Some(cap) => Ok(cap),
+            None if room == 0 => Err(format!(
+                "the open-file limit ({open_files}) leaves no room for connections; raise `ulimit -n`"
+            )),
+            None => Ok(room.min(4096) as u32),
+        }
+    }
+}
+
+/// Files the node keeps open for itself (database, models, logs) beside its connections.
+pub const RESERVED_FILES: u64 = 256;
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: None,
+            tls_handshake_timeout_secs: 10,
+            header_read_timeout_secs: 10,
+            idle_timeout_secs: 60,
+            write_timeout_secs: 30,
+            body_read_timeout_secs: 60,
+            max_header_bytes: 64 << 10,
+            http2_max_concurrent_streams: 128,
+            http2_stream_window_bytes: 1 << 20,
+            http2_connection_window_bytes: 4 << 20,
+            http2_keep_alive_secs: 30,
         }
     }
 }
@@ -135,6 +229,12 @@ impl Default for LimitsConfig {
             max_memory_mib: 1024,
             max_body_bytes: 16 << 20,
             max_concurrent_instances: 128,
+            max_queued_requests: 1024,
+            queue_timeout_secs: 10,
+            max_buffered_body_bytes: 256 << 20,
+            kv_max_bytes_per_app: 256 << 20,
+            kv_max_keys_per_app: 1_000_000,
+            kv_max_buckets_per_app: 64,
         }
     }
 }
@@ -168,15 +268,111 @@ impl Config {
         Ok(config)
     }
 
-    /// Checks the values that parse but make no sense.
+    /// Checks the values that parse but cannot work, naming the key and the range it takes.
     pub fn validate(&self) -> Result<(), String> {
-        let batch = self.nn.llm_batch_sequences;
-        if !(1..=crate::nn::backend::llama::MAX_BATCH_SEQUENCES).contains(&batch) {
+        let in_range = |key: &str, value: u64, range: std::ops::RangeInclusive<u64>| {
+            if range.contains(&value) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{key} must be between {} and {}, not {value}",
+                    range.start(),
+                    range.end()
+                ))
+            }
+        };
+        let (limits, server, nn) = (&self.limits, &self.server, &self.nn);
+        in_range("limits.timeout_secs", limits.timeout_secs, 1..=3600)?;
+        in_range("limits.max_memory_mib", limits.max_memory_mib, 1..=65536)?;
+        in_range(
+            "limits.memory_mib",
+            limits.memory_mib,
+            1..=limits.max_memory_mib,
+        )?;
+        in_range(
+            "limits.max_concurrent_instances",
+            limits.max_concurrent_instances.into(),
+            1..=100_000,
+        )?;
+        in_range(
+            "limits.queue_timeout_secs",
+            limits.queue_timeout_secs,
+            1..=3600,
+        )?;
+        in_range(
+            "limits.max_buffered_body_bytes",
+            limits.max_buffered_body_bytes,
+            1..=1 << 40,
+        )?;
+        in_range(
+            "limits.max_body_bytes",
+            limits.max_body_bytes,
+            0..=limits.max_buffered_body_bytes.min(1 << 30),
+        )?;
+        in_range(
+            "limits.kv_max_buckets_per_app",
+            limits.kv_max_buckets_per_app.into(),
+            1..=100_000,
+        )?;
+        for (key, value) in [
+            (
+                "server.tls_handshake_timeout_secs",
+                server.tls_handshake_timeout_secs,
+            ),
+            (
+                "server.header_read_timeout_secs",
+                server.header_read_timeout_secs,
+            ),
+            ("server.idle_timeout_secs", server.idle_timeout_secs),
+            ("server.write_timeout_secs", server.write_timeout_secs),
+            (
+                "server.body_read_timeout_secs",
+                server.body_read_timeout_secs,
+            ),
+            ("server.http2_keep_alive_secs", server.http2_keep_alive_secs),
+        ] {
+            in_range(key, value, 1..=86_400)?;
+        }
+        in_range(
+            "server.max_header_bytes",
+            server.max_header_bytes.into(),
+            8192..=1 << 20,
+        )?;
+        in_range(
+            "server.http2_max_concurrent_streams",
+            server.http2_max_concurrent_streams.into(),
+            1..=10_000,
+        )?;
+        // HTTP/2 allows windows of 2^31 - 1 bytes at most.
+        in_range(
+            "server.http2_stream_window_bytes",
+            server.http2_stream_window_bytes.into(),
+            65_535..=(1 << 31) - 1,
+        )?;
+        in_range(
+            "server.http2_connection_window_bytes",
+            server.http2_connection_window_bytes.into(),
+            65_535..=(1 << 31) - 1,
+        )?;
+        in_range(
+            "nn.llm_batch_sequences",
+            nn.llm_batch_sequences.into(),
+            1..=MAX_LLM_BATCH_SEQUENCES.into(),
+        )?;
+        // llama.cpp gives each sequence a multiple of 256 tokens, and a lane's context holds
+        // every sequence's window: their product must stay a 32-bit count.
+        in_range(
+            "nn.max_context_tokens",
+            nn.max_context_tokens.into(),
+            256..=1 << 20,
+        )?;
+        if nn.max_context_tokens % 256 != 0 {
             return Err(format!(
-                "nn.llm_batch_sequences must be between 1 and {}, not {batch}",
-                crate::nn::backend::llama::MAX_BATCH_SEQUENCES
+                "nn.max_context_tokens must be a multiple of 256, not {}",
+                nn.max_context_tokens
             ));
         }
+        in_range("nn.threads", nn.threads.into(), 0..=1024)?;
         Ok(())
     }
 }
@@ -236,6 +432,91 @@ mod tests {
             assert!(error.contains("llm_batch_sequences"), "{error}");
         }
         assert!(Config::default().validate().is_ok());
+    }
+
+    #[test]
+    fn values_that_cannot_work_are_refused_with_their_key() {
+        for (text, key) in [
+            (
+                "[limits]\nmax_concurrent_instances = 0\n",
+                "limits.max_concurrent_instances",
+            ),
+            ("[limits]\ntimeout_secs = 0\n", "limits.timeout_secs"),
+            ("[limits]\nmemory_mib = 4096\n", "limits.memory_mib"),
+            (
+                "[limits]\nmax_buffered_body_bytes = 1000\n",
+                "limits.max_body_bytes",
+            ),
+            (
+                "[server]\nidle_timeout_secs = 0\n",
+                "server.idle_timeout_secs",
+            ),
+            (
+                "[server]\nhttp2_stream_window_bytes = 4294967295\n",
+                "server.http2_stream_window_bytes",
+            ),
+            (
+                "[nn]\nmax_context_tokens = 4294967040\n",
+                "nn.max_context_tokens",
+            ),
+            ("[nn]\nmax_context_tokens = 1000\n", "nn.max_context_tokens"),
+        ] {
+            let config: Config = toml::from_str(text).unwrap();
+            let error = config.validate().unwrap_err();
+            assert!(error.contains(key), "{text}: {error}");
+        }
+    }
+
+    #[test]
+    fn the_connection_cap_fits_the_open_file_limit() {
+        let auto = ServerConfig::default();
+        assert_eq!(auto.connection_cap(1 << 20), Ok(4096));
+        assert_eq!(auto.connection_cap(1024), Ok(1024 - RESERVED_FILES as u32));
+        assert!(auto.connection_cap(RESERVED_FILES).is_err());
+        let explicit = ServerConfig {
+            max_connections: Some(5000),
+            ..ServerConfig::default()
+        };
+        assert_eq!(explicit.connection_cap(1 << 20), Ok(5000));
+        let error = explicit.connection_cap(1024).unwrap_err();
+        assert!(error.contains("ulimit"), "{error}");
+        let zero = ServerConfig {
+            max_connections: Some(0),
+            ..ServerConfig::default()
+        };
+        assert!(zero.connection_cap(1 << 20).is_err());
+    }
+
+    proptest::proptest! {
+        /// Any value in any key of a config file is read and checked without panicking.
+        #[test]
+        fn any_config_value_is_judged_without_panicking(
+            entries in proptest::collection::vec(
+                (
+                    proptest::sample::select(vec![
+                        "limits.timeout_secs", "limits.memory_mib", "limits.max_memory_mib",
+                        "limits.max_body_bytes", "limits.max_concurrent_instances",
+                        "limits.max_queued_requests", "limits.queue_timeout_secs",
+                        "limits.max_buffered_body_bytes", "limits.kv_max_buckets_per_app",
+                        "server.max_connections", "server.idle_timeout_secs",
+                        "server.max_header_bytes", "server.http2_stream_window_bytes",
+                        "nn.threads", "nn.max_context_tokens", "nn.llm_batch_sequences",
+                    ]),
+                    proptest::prelude::any::<i64>(),
+                ),
+                0..6,
+            ),
+        ) {
+            let mut text = String::new();
+            for (key, value) in entries {
+                let (section, name) = key.split_once('.').unwrap();
+                text.push_str(&format!("[{section}]\n{name} = {value}\n"));
+            }
+            if let Ok(config) = toml::from_str::<Config>(&text) {
+                let _ = config.validate();
+                let _ = config.server.connection_cap(1024);
+            }
+        }
     }
 
     #[test]

@@ -1,11 +1,13 @@
 //! tensorlet: a serverless inference node for the edge.
 //!
 //! The modules follow the request path: [`api`] accepts HTTPS and routes, [`tenancy`]
-//! authenticates, [`runtime`] instantiates the app's component and runs it, which calls into
+//! authenticates, [`apps`] holds what is deployed, [`runtime`] admits the request,
+//! instantiates the app's component and runs it, which calls into
 //! [`nn`] (models) and [`kv`] (state), both kept by [`store`]. [`node`] wires them together and
 //! [`cli`] is the command line.
 
 pub mod api;
+pub mod apps;
 pub mod cli;
 pub mod config;
 pub mod kv;

@@ -4,7 +4,6 @@
 
 use rand::RngCore;
 use sha2::{Digest, Sha256};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// File name of the admin token inside the data dir.
@@ -19,7 +18,10 @@ pub fn admin_token_path(data_dir: &Path) -> PathBuf {
 pub fn load_or_create_admin_token(data_dir: &Path) -> std::io::Result<String> {
     let path = admin_token_path(data_dir);
     match std::fs::read_to_string(&path) {
-        Ok(token) if !token.trim().is_empty() => return Ok(token.trim().to_string()),
+        Ok(token) if !token.trim().is_empty() => {
+            crate::store::files::check_secret_mode(&path)?;
+            return Ok(token.trim().to_string());
+        }
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
@@ -27,13 +29,7 @@ pub fn load_or_create_admin_token(data_dir: &Path) -> std::io::Result<String> {
     let mut bytes = [0u8; 32];
     rand::thread_rng().fill_bytes(&mut bytes);
     let token = format!("tlt_{}", hex::encode(bytes));
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options.open(&path)?;
-    file.write_all(token.as_bytes())?;
-    file.sync_all()?;
+    crate::store::files::write_durably(&path, token.as_bytes(), 0o600)?;
     Ok(token)
 }
 

@@ -60,6 +60,7 @@ pub fn load_or_generate(config: &TlsConfig, data_dir: &Path) -> anyhow::Result<I
             if !cert.exists() || !key.exists() {
                 generate(&cert, &key)?;
             }
+            crate::store::files::check_secret_mode(&key)?;
             load(&cert, &key)
         }
         _ => Err(anyhow!("[tls] needs both `cert` and `key`, or neither (then a self-signed certificate is generated)")),
@@ -94,15 +95,9 @@ fn generate(cert_path: &Path, key_path: &Path) -> anyhow::Result<()> {
         rcgen::generate_simple_self_signed(names).context("generating a certificate")?;
     let dir = cert_path.parent().expect("cert path has a folder");
     std::fs::create_dir_all(dir)?;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    std::io::Write::write_all(
-        &mut options.open(key_path)?,
-        certified.key_pair.serialize_pem().as_bytes(),
-    )?;
-    std::fs::write(cert_path, certified.cert.pem())?;
+    let key = certified.key_pair.serialize_pem();
+    crate::store::files::write_durably(key_path, key.as_bytes(), 0o600)?;
+    crate::store::files::write_durably(cert_path, certified.cert.pem().as_bytes(), 0o644)?;
     Ok(())
 }
 

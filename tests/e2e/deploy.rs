@@ -95,6 +95,38 @@ async fn a_restart_reuses_the_compiled_component_and_keeps_apps() {
     );
 }
 
+#[tokio::test]
+async fn replaced_and_removed_components_leave_no_files_behind() {
+    let node = TestNode::start();
+    let files = |folder: &str| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(node.data_dir.join(folder))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    // Two apps share one component: one file, one compiled artifact.
+    node.deploy_ok("first", artifacts::HELLO, "").await;
+    node.deploy_ok("second", artifacts::HELLO, "").await;
+    let hello = files("components");
+    assert_eq!((hello.len(), files("cache").len()), (1, 1), "{hello:?}");
+    // Replacing one keeps the shared file; replacing both lets it go.
+    node.deploy_ok("first", artifacts::KV_COUNTER, "").await;
+    assert!(files("components").contains(&hello[0]));
+    node.deploy_ok("second", artifacts::KV_COUNTER, "").await;
+    assert!(!files("components").contains(&hello[0]));
+    assert_eq!((files("components").len(), files("cache").len()), (1, 1));
+    // Removing the last app that uses a component deletes it and its compiled artifact.
+    node.cli_ok(&["remove", "first"]);
+    assert_eq!(files("components").len(), 1);
+    node.cli_ok(&["remove", "second"]);
+    assert_eq!(
+        (files("components"), files("cache")),
+        (Vec::new(), Vec::new())
+    );
+}
+
 /// The examples also build with `cargo component build` (wasm32-wasip1 + the preview1
 /// adapter). `.ci/test` builds them that way and runs this test with
 /// `TENSORLET_CARGO_COMPONENT_DIR` pointing at the output; it is ignored otherwise because it

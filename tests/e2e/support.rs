@@ -102,6 +102,53 @@ impl TestNode {
         let _ = self.child.wait();
     }
 
+    /// The node's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Files the node process has open now (sockets included).
+    pub fn open_files(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .expect("the node's /proc entry")
+            .count()
+    }
+
+    /// A figure of the node process from /proc/PID/status, e.g. `VmHWM` (peak resident
+    /// memory), in KiB.
+    pub fn proc_status_kib(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("the node's /proc entry");
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("{field}:")))
+            .and_then(|value| value.trim().trim_end_matches(" kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in /proc status"))
+    }
+
+    /// A rustls client configuration that trusts the node's certificate, for tests that speak
+    /// TLS by hand.
+    pub fn tls_client_config(&self) -> std::sync::Arc<rustls::ClientConfig> {
+        let pem = std::fs::read(self.data_dir.join("tls/cert.pem")).expect("node certificate");
+        let mut roots = rustls::RootCertStore::empty();
+        for certificate in rustls_pemfile::certs(&mut pem.as_slice()) {
+            roots.add(certificate.expect("PEM certificate")).unwrap();
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        std::sync::Arc::new(
+            rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        )
+    }
+
+    /// The node's `/v1/admin/status`.
+    pub async fn status(&self) -> serde_json::Value {
+        self.admin_json("/v1/admin/status").await
+    }
+
     /// Stops the node with SIGTERM and waits for it to exit.
     pub fn terminate(&mut self) {
         let _ = Command::new("kill")
@@ -124,10 +171,16 @@ impl TestNode {
 
     /// Runs the CLI against this node, the way an operator on the node would.
     pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_with_env(args, &[])
+    }
+
+    /// Runs the CLI with extra environment variables.
+    pub fn cli_with_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
         Command::new(BINARY)
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args(args)
+            .envs(env.iter().copied())
             .output()
             .expect("running the CLI")
     }
@@ -247,6 +300,13 @@ impl Drop for TestNode {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Tests that load the machine (LLM generations, floods, crash loops) run one at a time: each
+/// holds this while it runs, so none of them measures another's load. Others run beside them.
+pub async fn heavy() -> tokio::sync::MutexGuard<'static, ()> {
+    static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    HEAVY.lock().await
 }
 
 /// A node configuration file holding `text` (TOML); it lasts as long as the handle.

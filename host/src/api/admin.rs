@@ -2,9 +2,9 @@
 //! remove apps, add and remove models, node status. The CLI is its client.
 
 use super::ApiError;
+use crate::apps::AppSettings;
 use crate::nn::Upload;
 use crate::node::Node;
-use crate::runtime::AppSettings;
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{header, StatusCode};
@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use futures_util::StreamExt;
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -58,7 +58,17 @@ async fn require_admin(State(node): State<Arc<Node>>, request: Request, next: Ne
     } else {
         // Read (and drop) what the client is uploading before answering: an HTTP/1.1 client
         // still writing its body would otherwise see the connection close instead of the 401.
-        let drain = Limited::new(request.into_body(), MAX_COMPONENT_BYTES).collect();
+        // Each chunk is dropped as it comes: nothing is buffered for an unauthenticated client.
+        let mut body = request.into_body();
+        let drain = async {
+            let mut drained = 0usize;
+            while let Some(Ok(frame)) = body.frame().await {
+                drained += frame.data_ref().map_or(0, |data| data.len());
+                if drained > MAX_COMPONENT_BYTES {
+                    break;
+                }
+            }
+        };
         let _ = tokio::time::timeout(std::time::Duration::from_secs(10), drain).await;
         ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -81,7 +91,10 @@ async fn backends(State(node): State<Arc<Node>>) -> Json<Value> {
     Json(json!({ "backends": describe_backends(&node) }))
 }
 
-async fn status(State(node): State<Arc<Node>>) -> Json<Value> {
+async fn status(
+    State(node): State<Arc<Node>>,
+    axum::Extension(connections): axum::Extension<Arc<super::ConnectionStats>>,
+) -> Json<Value> {
     let backends = describe_backends(&node);
     Json(json!({
         "version": env!("CARGO_PKG_VERSION"),
@@ -92,6 +105,9 @@ async fn status(State(node): State<Arc<Node>>) -> Json<Value> {
         "models": node.models.list().len(),
         "running_instances": node.runtime.running_instances(),
         "max_concurrent_instances": node.config.limits.max_concurrent_instances,
+        "queued_requests": node.runtime.queued_requests(),
+        "connections": connections.to_json(),
+        "computes_running": node.models.backends().running_computes().count(),
         "backends": backends,
     }))
 }

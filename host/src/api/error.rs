@@ -14,6 +14,8 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// Seconds the client should wait before it retries (`Retry-After`), for 503s.
+    pub retry_after_secs: Option<u64>,
 }
 
 impl ApiError {
@@ -23,6 +25,7 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after_secs: None,
         }
     }
 }
@@ -33,7 +36,13 @@ impl IntoResponse for ApiError {
             tracing::warn!(code = self.code, message = %self.message, "request failed");
         }
         let body = serde_json::json!({ "error": { "code": self.code, "message": self.message } });
-        (self.status, axum::Json(body)).into_response()
+        let mut response = (self.status, axum::Json(body)).into_response();
+        if let Some(seconds) = self.retry_after_secs {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, seconds.into());
+        }
+        response
     }
 }
 
@@ -100,7 +109,17 @@ impl From<InvokeError> for ApiError {
             InvokeError::NoResponse => (StatusCode::INTERNAL_SERVER_ERROR, "no_response"),
             InvokeError::AppError(_) => (StatusCode::INTERNAL_SERVER_ERROR, "app_error"),
             InvokeError::Instantiate(_) => (StatusCode::SERVICE_UNAVAILABLE, "instantiate_failed"),
+            InvokeError::Overloaded { .. } => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
         };
-        Self::new(status, code, error.to_string())
+        let retry_after_secs = match &error {
+            InvokeError::Overloaded {
+                retry_after_secs, ..
+            } => Some(*retry_after_secs),
+            _ => None,
+        };
+        Self {
+            retry_after_secs,
+            ..Self::new(status, code, error.to_string())
+        }
     }
 }

@@ -4,12 +4,15 @@
 
 use super::ApiError;
 use crate::node::Node;
+use crate::runtime::{BodyReservation, InvokeError};
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use bytes::{Bytes, BytesMut};
+use http_body_util::{BodyExt, Full};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Runs the app named in the path on the request.
 pub async fn invoke(State(node): State<Arc<Node>>, request: Request) -> Response {
@@ -72,17 +75,37 @@ async fn run(node: &Node, request: Request) -> Result<Response, ApiError> {
     if declared.is_some_and(|length| length > limit) {
         return Ok(too_large());
     }
-    // The body is read whole (bounded by the app's limit) before the instance starts, so a
-    // slow client never holds an instance.
-    let body = match Limited::new(body, limit as usize).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => return Ok(too_large()),
-        Err(error) => {
+    // The body is read whole (bounded by the app's limit, the node's body budget and the body
+    // timeout) before the instance starts, so a slow client never holds an instance.
+    let mut reservation = node.runtime.body_reservation();
+    let read_timeout = Duration::from_secs(node.config.server.body_read_timeout_secs);
+    let read = read_body(body, limit, declared.unwrap_or(0), &mut reservation);
+    let body = match tokio::time::timeout(read_timeout, read).await {
+        Ok(Ok(body)) => body,
+        Ok(Err(BodyError::TooLarge)) => return Ok(too_large()),
+        Ok(Err(BodyError::Refused(error))) => return Err(error.into()),
+        Ok(Err(BodyError::Broken(error))) => {
             return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "bad_body",
                 format!("could not read the request body: {error}"),
             ));
+        }
+        Err(_) => {
+            let mut response = ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                format!(
+                    "the request body did not arrive within {} s",
+                    read_timeout.as_secs()
+                ),
+            )
+            .into_response();
+            response.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+            return Ok(response);
         }
     };
 
@@ -118,12 +141,57 @@ async fn run(node: &Node, request: Request) -> Result<Response, ApiError> {
     *guest_request.headers_mut() = parts.headers;
 
     let response = node.runtime.invoke(app, guest_request).await?;
+    drop(reservation);
     Ok(response.map(Body::new))
+}
+
+/// Why a request body could not be read.
+enum BodyError {
+    TooLarge,
+    Refused(InvokeError),
+    Broken(axum::Error),
+}
+
+/// Reads a body of at most `limit` bytes, claiming its bytes from the node's budget as they
+/// arrive (a declared length only sizes the buffer).
+async fn read_body(
+    mut body: Body,
+    limit: u64,
+    declared: u64,
+    reservation: &mut BodyReservation,
+) -> Result<Bytes, BodyError> {
+    let mut collected = BytesMut::with_capacity(declared.min(limit) as usize);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(BodyError::Broken)?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        let total = collected.len() + data.len();
+        if total as u64 > limit {
+            return Err(BodyError::TooLarge);
+        }
+        reservation.grow(data.len()).map_err(BodyError::Refused)?;
+        collected.extend_from_slice(&data);
+    }
+    Ok(collected.freeze())
 }
 
 #[cfg(test)]
 mod tests {
     use super::split_app_path;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever path a client sends under /apps/, the app name is one path segment and
+        /// the app sees the rest.
+        #[test]
+        fn any_app_path_splits_into_one_segment_and_the_rest(path in "/apps/[a-zA-Z0-9._~%-]{0,20}(/[a-zA-Z0-9._~%/-]{0,30})?") {
+            let uri: axum::http::Uri = path.parse().unwrap();
+            let (app, rest) = split_app_path(&uri).unwrap();
+            prop_assert!(!app.contains('/'));
+            prop_assert!(rest.starts_with('/'));
+        }
+    }
 
     #[test]
     fn the_app_sees_the_path_below_its_mount_point() {

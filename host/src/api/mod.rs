@@ -1,24 +1,23 @@
-//! The HTTP edge: TLS accept, the router, `/healthz`, the admin API under `/v1/admin` and app
+//! The HTTP edge: connections and their limits, the router, `/healthz`, the admin API under `/v1/admin` and app
 //! invocation under `/apps/<app>/…`.
 
 mod admin;
+mod connection;
 mod error;
 mod invoke;
 
+pub use connection::{raise_open_file_limit, ConnectionStats};
 pub use error::ApiError;
 
 use crate::node::Node;
 use axum::http::StatusCode;
 use axum::routing::{any, get};
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::service::TowerToHyperService;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 
 /// The whole router of a node.
-pub fn router(node: Arc<Node>) -> Router {
+fn router(node: Arc<Node>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .nest("/v1/admin", admin::router(node.clone()))
@@ -41,47 +40,15 @@ async fn not_found() -> ApiError {
     )
 }
 
-/// Accepts connections on `listener` until the task is dropped; HTTPS when `tls` is given.
-/// Each connection is served on its own task, HTTP/1.1 or HTTP/2.
+/// Serves the node's API on `listener` until the task is dropped; HTTPS when `tls` is given,
+/// under the connection limits of `[server]`, counting connections in `connections`.
 pub async fn serve(
     node: Arc<Node>,
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
-) -> anyhow::Result<()> {
-    let service = TowerToHyperService::new(router(node));
-    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
-    loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(error) => {
-                // Running out of file descriptors is transient: back off instead of exiting.
-                tracing::warn!(%error, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
-        let service = service.clone();
-        let acceptor = acceptor.clone();
-        tokio::spawn(async move {
-            let builder = auto::Builder::new(TokioExecutor::new());
-            let served = match acceptor {
-                Some(acceptor) => match acceptor.accept(tcp).await {
-                    Ok(stream) => {
-                        builder
-                            .serve_connection(TokioIo::new(stream), service)
-                            .await
-                    }
-                    Err(error) => {
-                        tracing::debug!(%peer, %error, "TLS handshake failed");
-                        return;
-                    }
-                },
-                None => builder.serve_connection(TokioIo::new(tcp), service).await,
-            };
-            if let Err(error) = served {
-                tracing::debug!(%peer, %error, "connection ended with an error");
-            }
-        });
-    }
+    connections: Arc<ConnectionStats>,
+) {
+    let limits = node.config.server.clone();
+    let router = router(node).layer(axum::Extension(connections.clone()));
+    connection::accept_loop(router, listener, tls, limits, connections).await;
 }

@@ -1,7 +1,7 @@
 //! The admin API client behind the CLI. On the node's own machine it needs no flags: it reads
 //! the node's URL, certificate and admin token from the data dir.
 
-use crate::runtime::AppSettings;
+use crate::apps::AppSettings;
 use anyhow::{anyhow, bail, Context};
 use futures_util::StreamExt;
 use serde_json::Value;

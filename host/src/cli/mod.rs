@@ -4,6 +4,7 @@
 pub mod bundle;
 mod client;
 mod fetch;
+mod serve;
 
 use crate::config::{default_data_dir, Config};
 use clap::{Parser, Subcommand};
@@ -62,6 +63,10 @@ enum Command {
         /// A model the app may load by name (repeat for several); others are refused.
         #[arg(long = "model")]
         models: Vec<String>,
+        /// Let models the app passes to wasi-nn as bytes go to native backends (ONNX Runtime,
+        /// OpenVINO); without it they go to tract, the pure-Rust backend, only.
+        #[arg(long)]
+        native_guest_models: bool,
     },
     /// List deployed apps.
     Apps,
@@ -155,7 +160,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             node_config.listen = listen;
         }
         node_config.plain_http |= plain_http;
-        return crate::node::run(node_config).await;
+        return serve::run(node_config).await;
     }
     let client = AdminClient::connect(cli.server.as_deref(), cli.token.as_deref(), &data_dir)?;
     match cli.command {
@@ -167,12 +172,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             memory_mib,
             max_body_bytes,
             models,
+            native_guest_models,
         } => {
-            let settings = crate::runtime::AppSettings {
+            let settings = crate::apps::AppSettings {
                 timeout_secs,
                 memory_mib,
                 max_body_bytes,
                 models: (!models.is_empty()).then(|| models.join(",")),
+                native_guest_models: native_guest_models.then_some(true),
             };
             let record = client.deploy(&app, &component, &settings).await?;
             println!(

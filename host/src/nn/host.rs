@@ -1,14 +1,20 @@
 //! The host implementation of the `wasi:nn` WIT interfaces.
 
-use super::backend::{self, BackendError, ChoiceError, ExecutionContext, Graph, Tensor};
+use super::backend::{
+    self, BackendError, CancelOnDrop, Cancellation, ChoiceError, ExecutionContext, Graph, Tensor,
+};
 use super::bindings::wasi::nn::{errors, graph, inference, tensor};
 use super::registry::ModelError;
 use super::NnView;
 use std::sync::{Arc, Mutex};
 use wasmtime::component::Resource;
 
-/// The value behind a `graph` resource: a loaded model, shared.
-pub struct GraphResource(pub(super) Arc<dyn Graph>);
+/// The value behind a `graph` resource: a loaded model, shared, and the bytes it holds for
+/// its instance (a model the guest loaded from bytes; 0 for registered models).
+pub struct GraphResource {
+    graph: Arc<dyn Graph>,
+    held_bytes: usize,
+}
 
 /// The value behind a `graph-execution-context` resource. The mutex is per context, never
 /// per graph: it only lets `compute` move the context to a blocking thread.
@@ -51,6 +57,9 @@ impl NnView<'_> {
     }
 }
 
+/// The backend that takes models passed as bytes unless the app may use native ones.
+const PURE_RUST_BACKEND: &str = "tract";
+
 fn encoding_name(encoding: graph::GraphEncoding) -> &'static str {
     use graph::GraphEncoding::*;
     match encoding {
@@ -72,18 +81,27 @@ impl graph::Host for NnView<'_> {
         target: graph::ExecutionTarget,
     ) -> NnResult<GraphResource> {
         let size: u64 = builders.iter().map(|b| b.len() as u64).sum();
-        if size > self.ctx.max_guest_model_bytes {
-            let limit = self.ctx.max_guest_model_bytes;
+        if size > self.ctx.grant.max_guest_model_bytes {
+            let limit = self.ctx.grant.max_guest_model_bytes;
             return self.fail(
                 errors::ErrorCode::TooLarge,
                 format!("a model passed as bytes may be at most {limit} bytes (this one is {size}); register it with `tensorlet model add` and use load-by-name"),
             );
         }
         let name = encoding_name(encoding);
-        let choice = match self.ctx.models.backends().choose(name, None, target) {
+        // Guest bytes reach a native library only with the app's permission: the pure-Rust
+        // backend is the one whose parser a hostile model cannot turn into memory corruption.
+        let backend = (!self.ctx.grant.native_guest_models).then_some(PURE_RUST_BACKEND);
+        let choice = match self.ctx.models.backends().choose(name, backend, target) {
             Ok(choice) => choice,
             Err(error @ ChoiceError::Unavailable(_)) => {
                 return self.fail(errors::ErrorCode::UnsupportedOperation, error.to_string())
+            }
+            Err(error @ ChoiceError::UnknownBackend { .. }) => {
+                return self.fail(
+                    errors::ErrorCode::Security,
+                    format!("{error}: a model passed as bytes goes to {PURE_RUST_BACKEND} unless the app is deployed with --native-guest-models"),
+                )
             }
             Err(error) => return self.fail(errors::ErrorCode::InvalidEncoding, error.to_string()),
         };
@@ -95,23 +113,37 @@ impl graph::Host for NnView<'_> {
             );
         }
         let bytes = builders.into_iter().next().unwrap_or_default();
-        // Parsing and optimising a model is CPU work: keep it off the reactor.
-        let loaded = tokio::task::spawn_blocking(move || backend.load(&bytes, target)).await?;
+        let held_bytes = bytes.len();
+        self.ctx.hold(held_bytes)?;
+        // Parsing and optimising a model is CPU work: keep it off the reactor, and take a
+        // compute slot for it like any inference.
+        let slot = self.ctx.models.backends().compute_slots().acquire().await;
+        let loaded = tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            backend::catch_panic("load", || backend.load(&bytes, target))
+        })
+        .await?;
         match loaded {
-            Ok(graph) => Ok(Ok(self.table.push(GraphResource(graph))?)),
-            Err(error) => self.fail_backend(error),
+            Ok(graph) => Ok(Ok(self.table.push(GraphResource { graph, held_bytes })?)),
+            Err(error) => {
+                self.ctx.release(held_bytes);
+                self.fail_backend(error)
+            }
         }
     }
 
     fn load_by_name(&mut self, name: String) -> NnResult<GraphResource> {
-        if !self.ctx.allowed.contains(&name) {
+        if !self.ctx.grant.models.contains(&name) {
             return self.fail(
                 errors::ErrorCode::Security,
                 format!("this app did not declare model {name:?}: deploy it with `--model {name}`"),
             );
         }
         match self.ctx.models.graph(&name) {
-            Ok(graph) => Ok(Ok(self.table.push(GraphResource(graph))?)),
+            Ok(graph) => Ok(Ok(self.table.push(GraphResource {
+                graph,
+                held_bytes: 0,
+            })?)),
             Err(error @ ModelError::NotFound(_)) => self.fail(
                 errors::ErrorCode::NotFound,
                 format!("{error}: `tensorlet models` lists the registered ones"),
@@ -126,7 +158,7 @@ impl graph::HostGraph for NnView<'_> {
         &mut self,
         graph: Resource<GraphResource>,
     ) -> NnResult<ContextResource> {
-        let graph = self.table.get(&graph)?.0.clone();
+        let graph = self.table.get(&graph)?.graph.clone();
         match graph.init_execution_context() {
             Ok(context) => Ok(Ok(self.table.push(ContextResource {
                 takes_compute_slots_itself: context.takes_compute_slots_itself(),
@@ -137,7 +169,8 @@ impl graph::HostGraph for NnView<'_> {
     }
 
     fn drop(&mut self, graph: Resource<GraphResource>) -> wasmtime::Result<()> {
-        self.table.delete(graph)?;
+        let graph = self.table.delete(graph)?;
+        self.ctx.release(graph.held_bytes);
         Ok(())
     }
 }
@@ -152,7 +185,9 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
     ) -> wasmtime::Result<Result<Vec<inference::NamedTensor>, Resource<NnError>>> {
         let mut tensors = Vec::with_capacity(inputs.len());
         for (name, tensor) in inputs {
-            tensors.push((name, self.table.delete(tensor)?));
+            let tensor = self.table.delete(tensor)?;
+            self.ctx.release(tensor.data.len());
+            tensors.push((name, tensor));
         }
         let resource = self.table.get(&context)?;
         let context = resource.context.clone();
@@ -164,20 +199,29 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
             Some(self.ctx.models.backends().compute_slots().acquire().await)
         };
         // Inference blocks for as long as the model runs: it goes to the blocking pool so the
-        // reactor keeps serving other requests, other apps and /healthz meanwhile.
+        // reactor keeps serving other requests, other apps and /healthz meanwhile. That work
+        // cannot be aborted from here: if this future is dropped (the request went away), the
+        // guard tells the computation, which then does not start or stops at its next step.
+        let cancel = Cancellation::default();
+        let cancel_on_drop = CancelOnDrop::new(cancel.clone());
+        let running = self.ctx.models.backends().running_computes().clone();
         let outputs = tokio::task::spawn_blocking(move || {
+            let _running = running.enter();
             // The slot is held until the computation ends, even if the guest is gone.
             let _slot = slot;
+            cancel.check()?;
             let mut context = context
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
-            backend::catch_panic("compute", || context.compute(tensors))
+            backend::catch_panic("compute", || context.compute(tensors, &cancel))
         })
         .await?;
+        cancel_on_drop.disarm();
         match outputs {
             Ok(outputs) => {
                 let mut named = Vec::with_capacity(outputs.len());
                 for (name, tensor) in outputs {
+                    self.ctx.hold(tensor.data.len())?;
                     named.push((name, self.table.push(tensor)?));
                 }
                 Ok(Ok(named))
@@ -201,6 +245,7 @@ impl tensor::HostTensor for NnView<'_> {
         ty: tensor::TensorType,
         data: tensor::TensorData,
     ) -> wasmtime::Result<Resource<Tensor>> {
+        self.ctx.hold(data.len())?;
         Ok(self.table.push(Tensor {
             dimensions,
             ty,
@@ -224,7 +269,8 @@ impl tensor::HostTensor for NnView<'_> {
     }
 
     fn drop(&mut self, tensor: Resource<Tensor>) -> wasmtime::Result<()> {
-        self.table.delete(tensor)?;
+        let tensor = self.table.delete(tensor)?;
+        self.ctx.release(tensor.data.len());
         Ok(())
     }
 }

@@ -10,6 +10,7 @@ mod host;
 mod registry;
 
 pub use registry::{ModelError, ModelRecord, ModelRegistry, ModelStatus, Upload};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use wasmtime::component::{HasData, Linker, ResourceTable};
 
@@ -32,26 +33,62 @@ pub(crate) mod bindings {
     });
 }
 
-/// Per-request wasi-nn state: what this instance may reach.
+/// What one app's instances may do with wasi-nn.
+#[derive(Debug, Clone)]
+pub struct NnGrant {
+    /// Models the app declared; `load-by-name` refuses the rest.
+    pub models: Vec<String>,
+    /// Largest model the guest may pass as bytes to `load`.
+    pub max_guest_model_bytes: u64,
+    /// Host memory an instance may hold through wasi-nn at once: its tensors and the models it
+    /// loaded from bytes. The app's memory limit: a guest cannot make the host hold more on its
+    /// behalf than it may hold itself.
+    pub max_host_bytes: u64,
+    /// Whether `load` may hand guest bytes to a native library (ONNX Runtime, OpenVINO).
+    /// Without it they go only to the pure-Rust backend (tract).
+    pub native_guest_models: bool,
+}
+
+/// Per-request wasi-nn state: what this instance may reach and what it holds.
 pub struct NnCtx {
     models: Arc<ModelRegistry>,
-    max_guest_model_bytes: u64,
-    /// Models this app declared; `load-by-name` refuses the rest.
-    allowed: Vec<String>,
+    grant: NnGrant,
+    /// Bytes of tensors and guest-loaded models this instance holds on the host.
+    held_bytes: u64,
+    /// Set when the instance is stopped for holding too much, so that it is reported as a
+    /// memory-limit failure.
+    memory_hit: Arc<AtomicBool>,
 }
 
 impl NnCtx {
     /// State for one instance, sharing the node's loaded models.
-    pub fn new(
-        models: Arc<ModelRegistry>,
-        max_guest_model_bytes: u64,
-        allowed: Vec<String>,
-    ) -> Self {
+    pub fn new(models: Arc<ModelRegistry>, grant: NnGrant, memory_hit: Arc<AtomicBool>) -> Self {
         Self {
             models,
-            max_guest_model_bytes,
-            allowed,
+            grant,
+            held_bytes: 0,
+            memory_hit,
         }
+    }
+
+    /// Counts `bytes` more held for this instance; a trap (reported as the app's memory
+    /// limit) if that passes its budget.
+    fn hold(&mut self, bytes: usize) -> wasmtime::Result<()> {
+        let held = self.held_bytes.saturating_add(bytes as u64);
+        if held > self.grant.max_host_bytes {
+            self.memory_hit.store(true, Ordering::Relaxed);
+            wasmtime::bail!(
+                "wasi-nn tensors and models would hold {held} bytes on the host for this instance, past its memory limit of {} bytes",
+                self.grant.max_host_bytes
+            );
+        }
+        self.held_bytes = held;
+        Ok(())
+    }
+
+    /// Counts `bytes` as no longer held.
+    fn release(&mut self, bytes: usize) {
+        self.held_bytes = self.held_bytes.saturating_sub(bytes as u64);
     }
 }
 

@@ -95,6 +95,9 @@ pub struct ModelRegistry {
     dir: PathBuf,
     backends: Backends,
     entries: RwLock<HashMap<String, Entry>>,
+    /// Serialises adds and removes, so that a file is never deleted while a record that
+    /// points to it is being written (an add and a remove sharing a digest).
+    changes: tokio::sync::Mutex<()>,
 }
 
 fn valid_name(name: &str) -> bool {
@@ -110,6 +113,7 @@ impl ModelRegistry {
     /// longer loads is logged and listed as not loaded.
     pub fn open(store: Store, dir: &Path, backends: Backends) -> Result<Self, ModelError> {
         std::fs::create_dir_all(dir)?;
+        store::files::remove_staged(dir)?;
         let tree = store.tree("models")?;
         let mut entries = HashMap::new();
         for record in store::all_json::<ModelRecord>(&tree)? {
@@ -124,6 +128,7 @@ impl ModelRegistry {
             tree,
             dir: dir.to_path_buf(),
             backends,
+            changes: tokio::sync::Mutex::new(()),
             entries: RwLock::new(entries),
         })
     }
@@ -217,6 +222,7 @@ impl ModelRegistry {
             Ok(choice) => choice,
             Err(error) => return refuse(error.into(), &staged),
         };
+        let _changing = self.changes.lock().await;
         let final_path = self.dir.join(&upload.digest);
         let backend = choice.backend.clone();
         let target = choice.target;
@@ -224,7 +230,7 @@ impl ModelRegistry {
         let graph = tokio::task::spawn_blocking(move || -> Result<Arc<dyn Graph>, ModelError> {
             match backend.load_file(&staged, target) {
                 Ok(graph) => {
-                    std::fs::rename(&staged, &final_path)?;
+                    store::files::commit(&staged, &final_path)?;
                     Ok(graph)
                 }
                 Err(error) => {
@@ -267,6 +273,7 @@ impl ModelRegistry {
 
     /// Unregisters a model; instances that hold it keep it until they finish.
     pub async fn remove(&self, name: &str) -> Result<ModelRecord, ModelError> {
+        let _changing = self.changes.lock().await;
         let record = self
             .entries
             .read()

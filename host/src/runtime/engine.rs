@@ -77,6 +77,7 @@ impl ComponentCache {
     /// A cache in `dir` for components compiled by `engine`.
     pub fn new(engine: &Engine, dir: &Path) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
+        crate::store::files::remove_staged(dir)?;
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
         env!("CARGO_PKG_VERSION").hash(&mut hasher);
@@ -88,6 +89,19 @@ impl ComponentCache {
 
     fn path(&self, digest: &str) -> PathBuf {
         self.dir.join(format!("{digest}-{}.cwasm", self.engine_key))
+    }
+
+    /// Deletes every compiled artifact of `digest` (of any engine configuration).
+    pub fn forget(&self, digest: &str) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        let prefix = format!("{digest}-");
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
     }
 
     /// Whether a compiled artifact for `digest` is cached.
@@ -115,9 +129,7 @@ impl ComponentCache {
             }
         }
         let component = Component::new(engine, bytes)?;
-        let staged = path.with_extension("tmp");
-        std::fs::write(&staged, component.serialize()?)?;
-        std::fs::rename(&staged, &path)?;
+        crate::store::files::write_durably(&path, &component.serialize()?, 0o644)?;
         Ok(component)
     }
 }

@@ -3,14 +3,13 @@
 
 use super::App;
 use crate::kv::{KvCtx, KvView};
-use crate::nn::{NnCtx, NnView};
+use crate::nn::{NnCtx, NnGrant, NnView};
 use bytes::Bytes;
-use http_body_util::BodyExt;
 use http_body_util::Full;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::sync::OwnedSemaphorePermit;
@@ -135,11 +134,21 @@ pub enum InvokeError {
     AppError(String),
     #[error("could not start the app: {0}")]
     Instantiate(String),
+    #[error("the node is overloaded: {reason}; retry in {retry_after_secs} s")]
+    Overloaded {
+        reason: String,
+        retry_after_secs: u64,
+    },
 }
+
+/// Resources (handles to tensors, streams, headers, …) one instance may hold at once; past it
+/// creating one more fails for the guest instead of growing the host's table.
+const MAX_RESOURCES: usize = 65_536;
 
 /// Per-node resources an instance is given.
 pub struct InstanceResources {
     pub store: crate::store::Store,
+    pub kv_usage: Arc<crate::kv::KvUsage>,
     pub models: Arc<crate::nn::ModelRegistry>,
     pub max_guest_model_bytes: u64,
 }
@@ -150,11 +159,14 @@ fn new_store(
     resources: &InstanceResources,
     memory_hit: Arc<AtomicBool>,
 ) -> Store<InstanceState> {
+    let (stdout, stderr) = super::output::GuestOutput::pair(&app.record.name);
+    let mut table = ResourceTable::new();
+    table.set_max_capacity(MAX_RESOURCES);
     let state = InstanceState {
-        table: ResourceTable::new(),
+        table,
         wasi: WasiCtx::builder()
-            .inherit_stdout()
-            .inherit_stderr()
+            .stdout(stdout)
+            .stderr(stderr)
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)
@@ -165,10 +177,19 @@ fn new_store(
         outgoing: OutgoingPolicy,
         nn: NnCtx::new(
             resources.models.clone(),
-            resources.max_guest_model_bytes,
-            app.record.models.clone(),
+            NnGrant {
+                models: app.record.models.clone(),
+                max_guest_model_bytes: resources.max_guest_model_bytes,
+                max_host_bytes: app.record.memory_mib << 20,
+                native_guest_models: app.record.native_guest_models,
+            },
+            memory_hit.clone(),
         ),
-        kv: KvCtx::new(resources.store.clone(), &app.record.name),
+        kv: KvCtx::new(
+            resources.store.clone(),
+            &app.record.name,
+            &resources.kv_usage,
+        ),
         limiter: MemoryLimiter {
             max_bytes: (app.record.memory_mib as usize) << 20,
             hit: memory_hit,
@@ -197,19 +218,23 @@ pub async fn instantiate_only(app: &App, resources: &InstanceResources) -> Resul
 /// What an instance's run ends with: `Err` if it ran past its deadline.
 type Outcome = Result<wasmtime::Result<()>, tokio::time::error::Elapsed>;
 
+/// A running instance, polled to make progress.
+type RunningInstance = Pin<Box<dyn Future<Output = Outcome> + Send>>;
+
 /// Runs `app` on one request in a fresh instance and returns its response.
 ///
 /// The instance runs on the caller's task, not a task of its own: until the response head is
 /// set it is polled here, and after that by the response body, so a streamed body is produced
 /// as the client reads it and no cross-thread wake-up sits between guest and connection. The
-/// instance lives until its body is complete or dropped (a client that goes away stops it);
-/// `permit` (its admission slot) lives as long.
+/// instance lives until its body is complete or dropped (a client that goes away stops it), or
+/// until its deadline, which a timer enforces even when nobody polls the body (a client that
+/// never reads). `permit` (its admission slot) is given back with the instance.
 pub async fn invoke(
     app: Arc<App>,
     resources: &InstanceResources,
     request: http::Request<Full<Bytes>>,
     permit: OwnedSemaphorePermit,
-) -> Result<http::Response<HyperOutgoingBody>, InvokeError> {
+) -> Result<http::Response<InstanceBody>, InvokeError> {
     let memory_hit = Arc::new(AtomicBool::new(false));
     let mut store = new_store(&app, resources, memory_hit.clone());
 
@@ -231,8 +256,9 @@ pub async fn invoke(
         .map_err(|e| InvokeError::Instantiate(e.to_string()))?;
 
     let timeout_secs = app.record.timeout_secs;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout_secs);
     let pre = app.pre.clone();
-    let mut instance: Pin<Box<dyn Future<Output = Outcome> + Send>> = Box::pin(async move {
+    let mut instance: RunningInstance = Box::pin(async move {
         let run = async {
             let proxy = pre.instantiate_async(&mut store).await?;
             proxy
@@ -240,7 +266,7 @@ pub async fn invoke(
                 .call_handle(&mut store, incoming, outparam)
                 .await
         };
-        let outcome = tokio::time::timeout(Duration::from_secs(timeout_secs), run).await;
+        let outcome = tokio::time::timeout_at(deadline, run).await;
         drop(store);
         outcome
     });
@@ -271,24 +297,60 @@ pub async fn invoke(
         },
     };
     match head {
-        Ok(Ok(response)) => Ok(response.map(|body| {
-            InstanceBody {
-                body,
+        Ok(Ok(response)) => {
+            let running = Arc::new(Mutex::new(Running {
+                permit: instance.is_some().then_some(permit),
                 instance,
-                _permit: permit,
+                reaped: false,
+            }));
+            if lock(&running).instance.is_some() {
+                tokio::spawn(reap_at(deadline, Arc::downgrade(&running)));
             }
-            .boxed_unsync()
-        })),
+            Ok(response.map(|body| InstanceBody { body, running }))
+        }
         Ok(Err(code)) => Err(InvokeError::AppError(format!("{code:?}"))),
         Err(_) => Err(InvokeError::NoResponse),
     }
 }
 
+/// The instance behind a response body, until it finishes or is reaped.
+struct Running {
+    instance: Option<RunningInstance>,
+    permit: Option<OwnedSemaphorePermit>,
+    /// The deadline passed while the instance was still running, and it was dropped.
+    reaped: bool,
+}
+
+fn lock(running: &Mutex<Running>) -> std::sync::MutexGuard<'_, Running> {
+    running
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// At the app's deadline, drops the instance behind a body nobody has finished reading, with
+/// its admission slot (and so its memory, models' sequences and compute).
+async fn reap_at(deadline: tokio::time::Instant, running: Weak<Mutex<Running>>) {
+    tokio::time::sleep_until(deadline).await;
+    let Some(running) = running.upgrade() else {
+        return;
+    };
+    let (instance, permit) = {
+        let mut running = lock(&running);
+        if running.instance.is_none() {
+            return;
+        }
+        running.reaped = true;
+        (running.instance.take(), running.permit.take())
+    };
+    // Dropped outside the lock: dropping a store runs destructors of the guest's resources.
+    drop(instance);
+    drop(permit);
+}
+
 /// A response body that also drives the instance producing it.
-struct InstanceBody {
+pub struct InstanceBody {
     body: HyperOutgoingBody,
-    instance: Option<Pin<Box<dyn Future<Output = Outcome> + Send>>>,
-    _permit: OwnedSemaphorePermit,
+    running: Arc<Mutex<Running>>,
 }
 
 impl hyper::body::Body for InstanceBody {
@@ -299,31 +361,45 @@ impl hyper::body::Body for InstanceBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
-        if let Some(instance) = self.instance.as_mut() {
-            if let Poll::Ready(outcome) = instance.as_mut().poll(cx) {
-                self.instance = None;
-                let failure = match outcome {
-                    Ok(Ok(())) => None,
-                    Ok(Err(error)) => Some(format!(
-                        "the app failed while sending its response: {error:#}"
-                    )),
-                    Err(_elapsed) => {
-                        Some("the app ran past its timeout while sending its response".to_string())
+        let failure = {
+            let mut running = lock(&self.running);
+            let outcome = match running.instance.as_mut() {
+                Some(instance) => instance.as_mut().poll(cx),
+                None => Poll::Pending,
+            };
+            let failure = match outcome {
+                Poll::Ready(outcome) => {
+                    running.instance = None;
+                    running.permit = None;
+                    match outcome {
+                        Ok(Ok(())) => None,
+                        Ok(Err(error)) => Some(format!(
+                            "the app failed while sending its response: {error:#}"
+                        )),
+                        Err(_elapsed) => Some(
+                            "the app ran past its timeout while sending its response".to_string(),
+                        ),
                     }
-                };
-                if let Some(message) = failure {
-                    tracing::warn!(%message, "response body cut short");
-                    return Poll::Ready(Some(Err(wasmtime_wasi_http::Error::InternalError(Some(
-                        message,
-                    )))));
                 }
-            }
+                Poll::Pending if running.reaped => {
+                    running.reaped = false;
+                    Some("the app ran past its timeout while sending its response".to_string())
+                }
+                Poll::Pending => None,
+            };
+            failure
+        };
+        if let Some(message) = failure {
+            tracing::warn!(%message, "response body cut short");
+            return Poll::Ready(Some(Err(wasmtime_wasi_http::Error::InternalError(Some(
+                message,
+            )))));
         }
         Pin::new(&mut self.body).poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.instance.is_none() && self.body.is_end_stream()
+        lock(&self.running).instance.is_none() && self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
@@ -334,7 +410,11 @@ impl hyper::body::Body for InstanceBody {
 fn classify(error: wasmtime::Error, memory_hit: bool, limit_mib: u64) -> InvokeError {
     let detail = match error.downcast_ref::<wasmtime::Trap>() {
         Some(trap) => trap.to_string(),
-        None => format!("{error:#}")
+        // A host function's error (a refused wasi-nn tensor) is the root of the chain; the
+        // layers above it are wasm backtraces.
+        None => error
+            .root_cause()
+            .to_string()
             .lines()
             .next()
             .unwrap_or_default()

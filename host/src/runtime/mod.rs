@@ -1,66 +1,26 @@
 //! Running components: the engine, compiled components, one `InstancePre` per deployed app,
 //! admission (a queue when the node is at its instance limit) and a fresh instance per request.
 
+mod admission;
 mod engine;
 mod instance;
+mod output;
 
-pub use instance::{InstanceResources, InvokeError};
+pub use admission::BodyReservation;
+pub use instance::{InstanceBody, InstanceResources, InvokeError};
 
+use crate::apps::{self, AppRecord, AppSettings};
 use crate::config::{Config, LimitsConfig};
 use crate::store::{self, Store, StoreError};
 use bytes::Bytes;
 use http_body_util::Full;
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
-use tokio::sync::Semaphore;
 use wasmtime::component::Linker;
 use wasmtime::Engine;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
-use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
-
-/// What the node keeps about a deployed app.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct AppRecord {
-    pub name: String,
-    /// SHA-256 of the component, hex; the component is stored under this name.
-    pub digest: String,
-    pub size_bytes: u64,
-    pub timeout_secs: u64,
-    pub memory_mib: u64,
-    pub max_body_bytes: u64,
-    /// Models the app may load by name; others are refused (`security`).
-    #[serde(default)]
-    pub models: Vec<String>,
-    /// Seconds since the Unix epoch.
-    pub deployed_at: u64,
-}
-
-/// Per-deployment settings; unset ones take the node's defaults.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct AppSettings {
-    pub timeout_secs: Option<u64>,
-    pub memory_mib: Option<u64>,
-    pub max_body_bytes: Option<u64>,
-    /// Comma-separated names of the models the app may load.
-    pub models: Option<String>,
-}
-
-impl AppSettings {
-    /// The declared model names.
-    pub fn model_names(&self) -> Vec<String> {
-        self.models
-            .as_deref()
-            .unwrap_or_default()
-            .split(',')
-            .map(str::trim)
-            .filter(|name| !name.is_empty())
-            .map(str::to_string)
-            .collect()
-    }
-}
 
 /// A deployed app, ready to instantiate.
 pub struct App {
@@ -98,19 +58,13 @@ pub struct Runtime {
     store: Store,
     apps_tree: sled::Tree,
     apps: RwLock<HashMap<String, Arc<App>>>,
-    admission: Arc<Semaphore>,
+    /// Serialises deploys and removes from the component file's write to the record's, so that
+    /// a component file is never deleted while a record that points to it is being written.
+    changes: tokio::sync::Mutex<()>,
+    admission: admission::Admission,
     limits: LimitsConfig,
     resources: InstanceResources,
     _ticker: engine::EpochTicker,
-}
-
-fn valid_app_name(name: &str) -> bool {
-    let bytes = name.as_bytes();
-    (1..=63).contains(&bytes.len())
-        && bytes[0].is_ascii_alphanumeric()
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
 }
 
 /// Checks the 8-byte preamble: `\0asm`, then version 1 for core modules or layer 1 for
@@ -143,13 +97,23 @@ impl Runtime {
         let cache = engine::ComponentCache::new(&engine, &config.data_dir.join("cache"))?;
         let components_dir = config.data_dir.join("components");
         std::fs::create_dir_all(&components_dir)?;
+        crate::store::files::remove_staged(&components_dir)?;
         let apps_tree = store.tree("apps")?;
         let ticker = engine::EpochTicker::start(&engine);
         let runtime = Self {
-            admission: Arc::new(Semaphore::new(
-                config.limits.max_concurrent_instances as usize,
-            )),
+            admission: admission::Admission::new(&config.limits),
             resources: InstanceResources {
+                kv_usage: Arc::new(
+                    crate::kv::KvUsage::open(
+                        &store,
+                        crate::kv::KvQuotas {
+                            max_bytes: config.limits.kv_max_bytes_per_app,
+                            max_keys: config.limits.kv_max_keys_per_app,
+                            max_buckets: config.limits.kv_max_buckets_per_app as usize,
+                        },
+                    )
+                    .map_err(|e| anyhow::anyhow!("cannot count key-value usage: {e}"))?,
+                ),
                 store: store.clone(),
                 models,
                 max_guest_model_bytes: config.nn.max_guest_model_bytes,
@@ -161,16 +125,23 @@ impl Runtime {
             store,
             apps_tree,
             apps: RwLock::new(HashMap::new()),
+            changes: tokio::sync::Mutex::new(()),
             limits: config.limits.clone(),
             _ticker: ticker,
         };
         for record in store::all_json::<AppRecord>(&runtime.apps_tree)? {
-            let path = runtime
-                .components_dir
-                .join(format!("{}.wasm", record.digest));
+            let path = runtime.component_path(&record.digest);
             let prepared = std::fs::read(&path)
                 .map_err(DeployError::from)
-                .and_then(|bytes| runtime.prepare(&record.digest, &bytes));
+                .and_then(|bytes| {
+                    if hex::encode(Sha256::digest(&bytes)) != record.digest {
+                        return Err(DeployError::Invalid(format!(
+                            "{} does not hold the component deployed (its SHA-256 differs): redeploy the app",
+                            path.display()
+                        )));
+                    }
+                    runtime.prepare(&record.digest, &bytes)
+                });
             match prepared {
                 Ok(pre) => {
                     let name = record.name.clone();
@@ -213,31 +184,6 @@ impl Runtime {
         self.cache.contains(digest)
     }
 
-    fn settle(&self, settings: &AppSettings) -> Result<(u64, u64, u64), DeployError> {
-        let timeout = settings.timeout_secs.unwrap_or(self.limits.timeout_secs);
-        let memory = settings.memory_mib.unwrap_or(self.limits.memory_mib);
-        let body = settings
-            .max_body_bytes
-            .unwrap_or(self.limits.max_body_bytes);
-        if !(1..=3600).contains(&timeout) {
-            return Err(DeployError::InvalidSetting(format!(
-                "timeout_secs must be 1-3600, not {timeout}"
-            )));
-        }
-        if !(1..=self.limits.max_memory_mib).contains(&memory) {
-            return Err(DeployError::InvalidSetting(format!(
-                "memory_mib must be 1-{} (the node's max_memory_mib), not {memory}",
-                self.limits.max_memory_mib
-            )));
-        }
-        if body > 1 << 30 {
-            return Err(DeployError::InvalidSetting(format!(
-                "max_body_bytes must be at most 1 GiB, not {body}"
-            )));
-        }
-        Ok((timeout, memory, body))
-    }
-
     /// Deploys (or replaces) `name`. Requests already running finish on the old version.
     pub async fn deploy(
         self: &Arc<Self>,
@@ -245,30 +191,40 @@ impl Runtime {
         bytes: Bytes,
         settings: AppSettings,
     ) -> Result<AppRecord, DeployError> {
-        if !valid_app_name(name) {
+        if !apps::valid_name(name) {
             return Err(DeployError::InvalidName(name.to_string()));
         }
         check_preamble(&bytes)?;
-        let (timeout_secs, memory_mib, max_body_bytes) = self.settle(&settings)?;
+        let (timeout_secs, memory_mib, max_body_bytes) =
+            apps::settle(&settings, &self.limits).map_err(DeployError::InvalidSetting)?;
         let digest = hex::encode(Sha256::digest(&bytes));
         let runtime = self.clone();
         let digest_for_prepare = digest.clone();
         // Compiling is seconds of CPU work: it runs on the blocking pool.
-        let pre = tokio::task::spawn_blocking(move || -> Result<_, DeployError> {
-            let pre = runtime.prepare(&digest_for_prepare, &bytes)?;
-            let path = runtime
-                .components_dir
-                .join(format!("{digest_for_prepare}.wasm"));
-            if !path.exists() {
-                let staged = path.with_extension("tmp");
-                std::fs::write(&staged, &bytes)?;
-                std::fs::rename(&staged, &path)?;
-            }
-            Ok((pre, bytes.len() as u64))
+        let size_bytes = bytes.len() as u64;
+        let pre = tokio::task::spawn_blocking(move || {
+            runtime
+                .prepare(&digest_for_prepare, &bytes)
+                .map(|pre| (pre, bytes))
         })
         .await
         .map_err(|e| DeployError::Invalid(format!("compilation failed: {e}")))??;
-        let (pre, size_bytes) = pre;
+        let (pre, bytes) = pre;
+        let _changing = self.changes.lock().await;
+        let path = self.component_path(&digest);
+        let expected = digest.clone();
+        tokio::task::spawn_blocking(move || {
+            // A file already there is trusted only if it holds these bytes.
+            let intact = std::fs::read(&path)
+                .is_ok_and(|kept| hex::encode(Sha256::digest(&kept)) == expected);
+            if intact {
+                Ok(())
+            } else {
+                crate::store::files::write_durably(&path, &bytes, 0o644)
+            }
+        })
+        .await
+        .map_err(|e| DeployError::Invalid(format!("storing the component failed: {e}")))??;
         let record = AppRecord {
             name: name.to_string(),
             digest,
@@ -277,8 +233,10 @@ impl Runtime {
             memory_mib,
             max_body_bytes,
             models: settings.model_names(),
+            native_guest_models: settings.native_guest_models.unwrap_or(false),
             deployed_at: store::unix_now(),
         };
+        let replaced = store::get_json::<AppRecord>(&self.apps_tree, name)?;
         store::put_json(&self.apps_tree, name, &record)?;
         self.store.make_durable().await?;
         self.apps.write().expect("apps lock").insert(
@@ -288,18 +246,42 @@ impl Runtime {
                 pre,
             }),
         );
+        if let Some(replaced) = replaced {
+            self.forget_component_if_unused(&replaced.digest)?;
+        }
         Ok(record)
     }
 
-    /// Removes an app; requests already running finish.
+    /// Removes an app; requests already running finish (their instances hold what they
+    /// need). Its component's files go once no other app uses them.
     pub async fn remove(&self, name: &str) -> Result<Option<AppRecord>, StoreError> {
-        let Some(app) = self.apps.read().expect("apps lock").get(name).cloned() else {
+        let _changing = self.changes.lock().await;
+        let Some(record) = store::get_json::<AppRecord>(&self.apps_tree, name)? else {
             return Ok(None);
         };
         self.apps_tree.remove(name)?;
         self.store.make_durable().await?;
         self.apps.write().expect("apps lock").remove(name);
-        Ok(Some(app.record.clone()))
+        self.forget_component_if_unused(&record.digest)?;
+        Ok(Some(record))
+    }
+
+    /// Where the component with `digest` is kept.
+    fn component_path(&self, digest: &str) -> PathBuf {
+        self.components_dir.join(format!("{digest}.wasm"))
+    }
+
+    /// Deletes the component `digest` and its compiled artifacts unless an app record still
+    /// points to it. Called with `changes` held, once the record change is durable.
+    fn forget_component_if_unused(&self, digest: &str) -> Result<(), StoreError> {
+        let used = store::all_json::<AppRecord>(&self.apps_tree)?
+            .iter()
+            .any(|record| record.digest == digest);
+        if !used {
+            let _ = std::fs::remove_file(self.component_path(digest));
+            self.cache.forget(digest);
+        }
+        Ok(())
     }
 
     /// The deployed app called `name`.
@@ -322,32 +304,33 @@ impl Runtime {
 
     /// Instances running now.
     pub fn running_instances(&self) -> usize {
-        self.limits.max_concurrent_instances as usize - self.admission.available_permits()
+        self.admission.running()
+    }
+
+    /// Requests waiting for an instance now.
+    pub fn queued_requests(&self) -> usize {
+        self.admission.queued()
+    }
+
+    /// An empty claim on the node's budget for request bodies held in memory.
+    pub fn body_reservation(&self) -> BodyReservation {
+        self.admission.body_reservation()
     }
 
     /// Creates an instance of `app` and drops it unused (see [`instance::instantiate_only`]).
     pub async fn instantiate_only(&self, app: &App) -> Result<(), InvokeError> {
-        let _permit = self
-            .admission
-            .acquire()
-            .await
-            .map_err(|e| InvokeError::Instantiate(e.to_string()))?;
+        let _permit = self.admission.instance().await?;
         instance::instantiate_only(app, &self.resources).await
     }
 
-    /// Runs one request on `app`. Waits in the admission queue while the node is at its
-    /// instance limit, instead of failing.
+    /// Runs one request on `app`. While the node is at its instance limit the request waits
+    /// in the admission queue, within the queue's length and time limits.
     pub async fn invoke(
         &self,
         app: Arc<App>,
         request: http::Request<Full<Bytes>>,
-    ) -> Result<http::Response<HyperOutgoingBody>, InvokeError> {
-        let permit = self
-            .admission
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|e| InvokeError::Instantiate(e.to_string()))?;
+    ) -> Result<http::Response<InstanceBody>, InvokeError> {
+        let permit = self.admission.instance().await?;
         instance::invoke(app, &self.resources, request, permit).await
     }
 }
@@ -367,15 +350,5 @@ mod tests {
             Err(DeployError::CoreModule)
         ));
         assert!(check_preamble(b"\0asm\x0d\0\x01\0").is_ok());
-    }
-
-    #[test]
-    fn app_names_are_url_safe() {
-        assert!(valid_app_name("classify"));
-        assert!(valid_app_name("kv-counter2"));
-        assert!(!valid_app_name("-x"));
-        assert!(!valid_app_name("Hello"));
-        assert!(!valid_app_name("a/b"));
-        assert!(!valid_app_name(""));
     }
 }

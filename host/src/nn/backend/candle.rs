@@ -8,8 +8,8 @@
 //! inference-thread count. The guest contract is in `wit/README.md` ("Embeddings").
 
 use super::{
-    Backend, BackendError, ExecutionContext, ExecutionTarget, Graph, NamedTensor, Tensor,
-    TensorType,
+    Backend, BackendError, Cancellation, ExecutionContext, ExecutionTarget, Graph, NamedTensor,
+    Tensor, TensorType,
 };
 use candle_core::{DType, Device, Tensor as CandleTensor};
 use candle_nn::VarBuilder;
@@ -20,7 +20,7 @@ use std::sync::Arc;
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
 /// The encoding name models of this backend are registered under.
-pub const ENCODING: &str = "safetensors";
+pub const ENCODING: &str = super::SAFETENSORS;
 
 /// Texts one `compute` may embed.
 pub const MAX_TEXTS_PER_COMPUTE: usize = 256;
@@ -324,7 +324,11 @@ impl BertGraph {
 }
 
 impl ExecutionContext for BertContext {
-    fn compute(&mut self, inputs: Vec<NamedTensor>) -> Result<Vec<NamedTensor>, BackendError> {
+    fn compute(
+        &mut self,
+        inputs: Vec<NamedTensor>,
+        _cancel: &Cancellation,
+    ) -> Result<Vec<NamedTensor>, BackendError> {
         let texts = texts_from(inputs)?;
         let rows = texts.len();
         let graph = self.graph.clone();

@@ -71,7 +71,8 @@ fn existing(path: &Path, source: &str) -> Result<PathBuf, String> {
 fn python_package_dir(package: &str) -> Option<PathBuf> {
     let script = "import importlib.util, sys\nspec = importlib.util.find_spec(sys.argv[1])\nprint(spec.submodule_search_locations[0] if spec and spec.submodule_search_locations else '')";
     let output = Command::new("python3")
-        .args(["-c", script, package])
+        // Isolated (-I): no PYTHONPATH, user site or current directory can plant a package.
+        .args(["-I", "-c", script, package])
         .output()
         .ok()?;
     let dir = String::from_utf8(output.stdout).ok()?.trim().to_string();

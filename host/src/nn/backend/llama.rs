@@ -15,8 +15,8 @@
 //! pass LLM weights through its memory.
 
 use super::{
-    Backend, BackendError, ComputeSlots, ExecutionContext, ExecutionTarget, GenerationActivity,
-    Graph, NamedTensor, Tensor, TensorType,
+    Backend, BackendError, Cancellation, ComputeSlots, ExecutionContext, ExecutionTarget,
+    GenerationActivity, Graph, NamedTensor, Tensor, TensorType,
 };
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::context::LlamaContext;
@@ -49,6 +49,9 @@ pub fn llama_backend() -> Result<&'static LlamaBackend, BackendError> {
 /// llama.cpp may adjust a model while creating a context from it: creations are serialised
 /// (generations themselves are not).
 static CONTEXT_CREATION: Mutex<()> = Mutex::new(());
+
+/// How often a generation waiting for a free sequence looks whether its request went away.
+const CANCEL_CHECK: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Tokens a sequence may run ahead of its reader (more when its reader asks for bigger chunks):
 /// a step decodes every sequence of a lane that is not this far ahead, whether or not its
@@ -124,7 +127,8 @@ impl Backend for LlamaCppBackend {
         let context_tokens = model.n_ctx_train().min(self.max_context_tokens).max(256) / 256 * 256;
         let (lanes, batch_sequences) = (
             self.lanes.max(1),
-            self.batch_sequences.clamp(1, MAX_BATCH_SEQUENCES),
+            self.batch_sequences
+                .clamp(1, crate::config::MAX_LLM_BATCH_SEQUENCES),
         );
         Ok(Arc::new(LlamaGraph(Arc::new(SharedModel {
             lanes: (0..lanes)
@@ -153,9 +157,6 @@ impl Backend for LlamaCppBackend {
         }))))
     }
 }
-
-/// The most sequences one lane may batch (the largest `[nn] llm_batch_sequences`).
-pub const MAX_BATCH_SEQUENCES: u32 = 64;
 
 struct LlamaGraph(Arc<SharedModel>);
 
@@ -272,6 +273,50 @@ impl Default for Options {
     }
 }
 
+/// Stop strings a generation may ask for, and the longest one, in bytes: each is searched for
+/// after every token.
+const MAX_STOP_STRINGS: usize = 16;
+const MAX_STOP_BYTES: usize = 256;
+
+impl Options {
+    /// Refuses options that cannot work or would make every step expensive.
+    fn validate(&self) -> Result<(), BackendError> {
+        let invalid = |message: String| Err(BackendError::InvalidArgument(message));
+        if self.stop.len() > MAX_STOP_STRINGS {
+            return invalid(format!(
+                "at most {MAX_STOP_STRINGS} stop strings, not {}",
+                self.stop.len()
+            ));
+        }
+        if let Some(stop) = self
+            .stop
+            .iter()
+            .find(|s| s.is_empty() || s.len() > MAX_STOP_BYTES)
+        {
+            return invalid(format!(
+                "a stop string must be 1 to {MAX_STOP_BYTES} bytes, not {}",
+                stop.len()
+            ));
+        }
+        if !(0.0..=100.0).contains(&self.temperature) {
+            return invalid(format!(
+                "temperature must be between 0 and 100, not {}",
+                self.temperature
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return invalid(format!("top_p must be in (0, 1], not {}", self.top_p));
+        }
+        if !(self.repeat_penalty.is_finite() && self.repeat_penalty > 0.0) {
+            return invalid(format!(
+                "repeat_penalty must be positive, not {}",
+                self.repeat_penalty
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Deserialize)]
 struct Message {
     role: String,
@@ -320,7 +365,11 @@ fn text_tensor(text: &str) -> Tensor {
 
 impl LlamaExecution {
     /// Parses a generation request, takes a sequence on a lane and decodes the prompt into it.
-    fn start(&mut self, inputs: Vec<NamedTensor>) -> Result<(), BackendError> {
+    fn start(
+        &mut self,
+        inputs: Vec<NamedTensor>,
+        cancel: &Cancellation,
+    ) -> Result<(), BackendError> {
         let shared = self.shared.clone();
         let (mut prompt, mut messages, mut options) = (None, None, Options::default());
         for (name, tensor) in &inputs {
@@ -360,6 +409,7 @@ impl LlamaExecution {
                 options.max_tokens
             )));
         }
+        options.validate()?;
         if options.chunk_tokens == 0 {
             return Err(BackendError::InvalidArgument(
                 "chunk_tokens must be at least 1".into(),
@@ -396,8 +446,8 @@ impl LlamaExecution {
             finish_reason: None,
             failure: None,
         };
-        let reservation = shared.occupy_lane();
-        let sequence = shared.prefill(reservation.lane, sequence, &tokens)?;
+        let reservation = shared.occupy_lane(cancel)?;
+        let sequence = shared.prefill(reservation.lane, sequence, &tokens, cancel)?;
         self.slot = Some(SequenceSlot {
             lane: reservation.keep(),
             sequence,
@@ -414,7 +464,7 @@ impl LlamaExecution {
 
     /// The next chunk of the generation. Once it ends (or fails) its sequence goes back to the
     /// lane at once, so a guest that keeps its context does not hold a sequence.
-    fn next_chunk(&mut self) -> Result<Chunk, BackendError> {
+    fn next_chunk(&mut self, cancel: &Cancellation) -> Result<Chunk, BackendError> {
         let Some(slot) = self.slot else {
             return match &self.finished {
                 Some(last) => Ok(Chunk {
@@ -427,7 +477,7 @@ impl LlamaExecution {
                 )),
             };
         };
-        let chunk = self.wait_for_chunk(slot);
+        let chunk = self.wait_for_chunk(slot, cancel);
         match &chunk {
             Ok(chunk) if chunk.finish_reason.is_none() => {}
             Ok(chunk) => {
@@ -440,11 +490,16 @@ impl LlamaExecution {
     }
 
     /// Waits until the sequence has a chunk ready (decoding the lane's next step when no one
-    /// else is) and takes it.
-    fn wait_for_chunk(&self, slot: SequenceSlot) -> Result<Chunk, BackendError> {
+    /// else is) and takes it. Stops before the next step once `cancel` is set.
+    fn wait_for_chunk(
+        &self,
+        slot: SequenceSlot,
+        cancel: &Cancellation,
+    ) -> Result<Chunk, BackendError> {
         let shared = &*self.shared;
         let lane = &shared.lanes[slot.lane];
         loop {
+            cancel.check()?;
             // Tokens already made are taken even while another generation waits for its turn.
             if let Some(chunk) = sequence_of(&mut lock(&lane.state), slot).take_ready()? {
                 return Ok(chunk);
@@ -539,25 +594,29 @@ impl Drop for Reservation<'_> {
 impl SharedModel {
     /// Picks the lane for a new generation: the least busy one, so that generations spread
     /// over the cores before they share batches; waits while all are full.
-    fn occupy_lane(&self) -> Reservation<'_> {
+    /// Gives up (without a place) once `cancel` is set.
+    fn occupy_lane(&self, cancel: &Cancellation) -> Result<Reservation<'_>, BackendError> {
         let mut occupancy = lock(&self.occupancy);
         loop {
+            cancel.check()?;
             let least_busy = (0..occupancy.len())
                 .min_by_key(|&lane| occupancy[lane])
                 .expect("at least one lane");
             if occupancy[least_busy] < self.batch_sequences {
                 occupancy[least_busy] += 1;
-                return Reservation {
+                return Ok(Reservation {
                     shared: self,
                     lane: least_busy,
                     kept: false,
-                };
+                });
             }
             self.waiting.fetch_add(1, Ordering::Relaxed);
+            // Woken when a sequence is freed; the timeout only lets a cancelled wait end.
             occupancy = self
                 .sequence_freed
-                .wait(occupancy)
-                .unwrap_or_else(PoisonError::into_inner);
+                .wait_timeout(occupancy, CANCEL_CHECK)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
             self.waiting.fetch_sub(1, Ordering::Relaxed);
         }
     }
@@ -598,6 +657,7 @@ impl SharedModel {
         lane: usize,
         sequence: Sequence,
         tokens: &[LlamaToken],
+        cancel: &Cancellation,
     ) -> Result<usize, BackendError> {
         let id = {
             let mut state = lock(&self.lanes[lane].state);
@@ -614,7 +674,10 @@ impl SharedModel {
         for (index, piece) in tokens.chunks(512).enumerate() {
             let last = index + 1 == pieces;
             let mut turn = self.lanes[lane].turn(&self.compute_slots);
-            if let Err(error) = self.decode_prompt_piece(&mut turn.state, id, piece, last) {
+            let decoded = cancel
+                .check()
+                .and_then(|()| self.decode_prompt_piece(&mut turn.state, id, piece, last));
+            if let Err(error) = decoded {
                 drop(turn);
                 self.free_sequence(SequenceSlot { lane, sequence: id });
                 return Err(error);
@@ -904,11 +967,15 @@ impl Sequence {
 }
 
 impl ExecutionContext for LlamaExecution {
-    fn compute(&mut self, inputs: Vec<NamedTensor>) -> Result<Vec<NamedTensor>, BackendError> {
+    fn compute(
+        &mut self,
+        inputs: Vec<NamedTensor>,
+        cancel: &Cancellation,
+    ) -> Result<Vec<NamedTensor>, BackendError> {
         if !inputs.is_empty() {
-            self.start(inputs)?;
+            self.start(inputs, cancel)?;
         }
-        let chunk = self.next_chunk()?;
+        let chunk = self.next_chunk(cancel)?;
         let usage = serde_json::json!({
             "prompt_tokens": chunk.prompt_tokens,
             "completion_tokens": chunk.generated,
@@ -940,5 +1007,56 @@ impl Drop for LlamaExecution {
             Ok(runtime) => drop(runtime.spawn_blocking(move || shared.release(slot))),
             Err(_) => shared.release(slot),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Options;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Options come from guests as JSON: any object of these fields is parsed and judged
+        /// without panicking.
+        #[test]
+        fn any_options_json_is_judged_without_panicking(
+            max_tokens in any::<i64>(),
+            temperature in any::<f64>(),
+            top_p in any::<f64>(),
+            stop in prop::collection::vec(".{0,300}", 0..20),
+        ) {
+            let json = serde_json::json!({
+                "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "stop": stop,
+            });
+            if let Ok(options) = serde_json::from_value::<Options>(json) {
+                let valid = options.validate().is_ok();
+                prop_assert!(!valid || (options.stop.len() <= 16 && options.stop.iter().all(|s| (1..=256).contains(&s.len()))));
+            }
+        }
+    }
+
+    fn options(json: &str) -> Options {
+        serde_json::from_str(json).expect("options parse")
+    }
+
+    #[test]
+    fn options_that_would_make_every_step_expensive_or_cannot_work_are_refused() {
+        assert!(options("{}").validate().is_ok());
+        assert!(options(r#"{"stop": ["\n", "User:"], "temperature": 0}"#)
+            .validate()
+            .is_ok());
+        let many = format!(r#"{{"stop": {:?}}}"#, vec!["x"; 17]);
+        let long = format!(r#"{{"stop": [{:?}]}}"#, "y".repeat(257));
+        for refused in [
+            many.as_str(),
+            long.as_str(),
+            r#"{"stop": [""]}"#,
+            r#"{"temperature": -1}"#,
+            r#"{"top_p": 0}"#,
+            r#"{"repeat_penalty": 0}"#,
+        ] {
+            assert!(options(refused).validate().is_err(), "{refused}");
+        }
+        assert!(serde_json::from_str::<Options>(r#"{"stopp": []}"#).is_err());
     }
 }

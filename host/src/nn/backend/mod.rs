@@ -10,18 +10,28 @@
 //! picks one per model from the operator's choice, the node's defaults, each backend's
 //! availability (a runtime library may be missing) and the execution target.
 
+#[cfg(feature = "candle")]
 pub mod candle;
+#[cfg(any(feature = "onnxruntime", feature = "openvino"))]
 mod library;
+#[cfg(feature = "llama")]
 pub mod llama;
+#[cfg(feature = "onnxruntime")]
 pub mod onnxruntime;
+#[cfg(feature = "openvino")]
 pub mod openvino;
 pub mod tract;
+
+/// The encoding of BERT embedding models: a folder of safetensors weights, config and
+/// tokenizer, bundled (`tensorlet model add` detects it from a directory).
+pub const SAFETENSORS: &str = "safetensors";
 
 pub use super::bindings::wasi::nn::graph::ExecutionTarget;
 pub use super::bindings::wasi::nn::tensor::TensorType;
 use crate::config::{GpuFallback, NnConfig};
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// The lower-case name of an execution target, as operators write it.
@@ -184,14 +194,94 @@ pub struct GenerationActivity {
 
 /// One guest's use of a graph. `compute` blocks: callers run it on tokio's blocking pool.
 pub trait ExecutionContext: Send {
-    /// Runs the model on `inputs` (by input name) and returns every output by name.
-    fn compute(&mut self, inputs: Vec<NamedTensor>) -> Result<Vec<NamedTensor>, BackendError>;
+    /// Runs the model on `inputs` (by input name) and returns every output by name. A
+    /// backend that computes step by step (an LLM generation) stops at the next step once
+    /// `cancel` is set; the others run to the end, since the caller checks `cancel` first.
+    fn compute(
+        &mut self,
+        inputs: Vec<NamedTensor>,
+        cancel: &Cancellation,
+    ) -> Result<Vec<NamedTensor>, BackendError>;
 
     /// Whether `compute` holds a [`ComputeSlots`] slot only while it really computes, taking
     /// it itself. Otherwise the caller holds one for the whole call. (llama.cpp generations
     /// wait for each other's batched steps, which must not tie up slots.)
     fn takes_compute_slots_itself(&self) -> bool {
         false
+    }
+}
+
+/// Set when the request a computation serves has gone away (its client left, its app timed
+/// out or trapped): work that has not started is skipped, and a generation stops within one
+/// decode step.
+#[derive(Clone, Debug, Default)]
+pub struct Cancellation(Arc<AtomicBool>);
+
+impl Cancellation {
+    /// Marks the computation as no longer wanted.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    /// `Err` once cancelled, for `?` between steps.
+    pub fn check(&self) -> Result<(), BackendError> {
+        if self.0.load(Ordering::Relaxed) {
+            Err(BackendError::Runtime(
+                "cancelled: the request this computation served went away".into(),
+            ))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Cancels its [`Cancellation`] when dropped, unless [`CancelOnDrop::disarm`]ed first: held by
+/// the future that awaits a computation, so that dropping the future (the request went away)
+/// tells the computation.
+pub struct CancelOnDrop(Option<Cancellation>);
+
+impl CancelOnDrop {
+    pub fn new(cancel: Cancellation) -> Self {
+        Self(Some(cancel))
+    }
+
+    /// The computation ended while its request was still there: nothing to cancel.
+    pub fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(cancel) = self.0.take() {
+            cancel.cancel();
+        }
+    }
+}
+
+/// Counts computations running on the blocking pool (one per `compute` call in progress).
+#[derive(Clone, Default)]
+pub struct RunningComputes(Arc<AtomicUsize>);
+
+impl RunningComputes {
+    /// Counts one computation until the returned guard is dropped.
+    pub fn enter(&self) -> RunningCompute {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        RunningCompute(self.0.clone())
+    }
+
+    /// Computations running now.
+    pub fn count(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// One computation counted by [`RunningComputes`].
+pub struct RunningCompute(Arc<AtomicUsize>);
+
+impl Drop for RunningCompute {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -268,31 +358,35 @@ pub struct Backends {
     gpu_fallback: GpuFallback,
     default_backends: BTreeMap<String, String>,
     compute_slots: ComputeSlots,
+    running: RunningComputes,
 }
 
 impl Backends {
     /// The backends built into this binary, configured from the node's `[nn]` section.
     /// Backends whose runtime library is missing are kept, and report why they are unavailable.
+    /// Which ones there are depends on the cargo features the binary was built with (all by
+    /// default; tract always).
     pub fn builtin(config: &NnConfig) -> Self {
         let threads = config.inference_threads() as usize;
         let compute_slots = ComputeSlots::new(config.compute_slots());
-        Self::with_compute_slots(
-            vec![
-                Arc::new(tract::TractBackend),
-                Arc::new(onnxruntime::OnnxRuntimeBackend::new(config, threads)),
-                Arc::new(openvino::OpenVinoBackend::new(config, threads)),
-                Arc::new(llama::LlamaCppBackend {
-                    threads: threads as u32,
-                    max_context_tokens: config.max_context_tokens,
-                    lanes: config.compute_slots(),
-                    batch_sequences: config.llm_batch_sequences,
-                    compute_slots: compute_slots.clone(),
-                }),
-                Arc::new(candle::CandleBertBackend::new(threads)),
-            ],
-            config,
-            compute_slots,
-        )
+        let mut all: Vec<Arc<dyn Backend>> = vec![Arc::new(tract::TractBackend)];
+        #[cfg(feature = "onnxruntime")]
+        all.push(Arc::new(onnxruntime::OnnxRuntimeBackend::new(
+            config, threads,
+        )));
+        #[cfg(feature = "openvino")]
+        all.push(Arc::new(openvino::OpenVinoBackend::new(config, threads)));
+        #[cfg(feature = "llama")]
+        all.push(Arc::new(llama::LlamaCppBackend {
+            threads: threads as u32,
+            max_context_tokens: config.max_context_tokens,
+            lanes: config.compute_slots(),
+            batch_sequences: config.llm_batch_sequences,
+            compute_slots: compute_slots.clone(),
+        }));
+        #[cfg(feature = "candle")]
+        all.push(Arc::new(candle::CandleBertBackend::new(threads)));
+        Self::with_compute_slots(all, config, compute_slots)
     }
 
     /// Backends in order of preference, with the node's selection rules.
@@ -310,7 +404,13 @@ impl Backends {
             gpu_fallback: config.gpu_fallback,
             default_backends: config.default_backends.clone(),
             compute_slots,
+            running: RunningComputes::default(),
         }
+    }
+
+    /// Computations running on the blocking pool now (`/v1/admin/status`).
+    pub fn running_computes(&self) -> &RunningComputes {
+        &self.running
     }
 
     /// The slots every computation on this node's models takes turns for.
@@ -543,6 +643,49 @@ pub fn catch_panic<T>(
 }
 
 #[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn tensor_type() -> impl Strategy<Value = TensorType> {
+        prop_oneof![
+            Just(TensorType::Fp16),
+            Just(TensorType::Fp32),
+            Just(TensorType::Fp64),
+            Just(TensorType::Bf16),
+            Just(TensorType::U8),
+            Just(TensorType::I32),
+            Just(TensorType::I64),
+        ]
+    }
+
+    proptest! {
+        /// Any shape and any byte count a guest sends is judged without panicking, and
+        /// accepted exactly when the bytes hold the shape's elements.
+        #[test]
+        fn tensor_shapes_are_checked_exactly(
+            dimensions in prop::collection::vec(any::<u32>(), 0..6),
+            ty in tensor_type(),
+            len in 0usize..4096,
+        ) {
+            let tensor = Tensor { dimensions: dimensions.clone(), ty, data: vec![0; len] };
+            let expected = dimensions
+                .iter()
+                .try_fold(1usize, |acc, &d| acc.checked_mul(d as usize))
+                .and_then(|n| n.checked_mul(element_size(ty)));
+            prop_assert_eq!(tensor.validate().is_ok(), expected == Some(len));
+        }
+
+        /// Model bytes from a guest never panic the pure-Rust backend: garbage is an error.
+        #[test]
+        fn garbage_models_are_refused_by_tract(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let loaded = catch_panic("load", || tract::TractBackend.load(&bytes, ExecutionTarget::Cpu));
+            prop_assert!(loaded.is_err());
+        }
+    }
+}
+
+#[cfg(all(test, feature = "openvino"))]
 mod tests {
     use super::*;
 

@@ -8,8 +8,8 @@
 
 use super::library::LibrarySearch;
 use super::{
-    decode, encode, match_inputs, Backend, BackendError, ExecutionContext, ExecutionTarget, Graph,
-    NamedTensor, Tensor, TensorType,
+    decode, encode, match_inputs, Backend, BackendError, Cancellation, ExecutionContext,
+    ExecutionTarget, Graph, NamedTensor, Tensor, TensorType,
 };
 use crate::config::NnConfig;
 use ort::execution_providers::{CUDAExecutionProvider, ExecutionProvider};
@@ -291,7 +291,11 @@ fn host_tensor(name: &str, value: &DynValue) -> Result<Tensor, BackendError> {
 }
 
 impl ExecutionContext for OrtContext {
-    fn compute(&mut self, inputs: Vec<NamedTensor>) -> Result<Vec<NamedTensor>, BackendError> {
+    fn compute(
+        &mut self,
+        inputs: Vec<NamedTensor>,
+        _cancel: &Cancellation,
+    ) -> Result<Vec<NamedTensor>, BackendError> {
         let inputs = match_inputs(inputs, &self.graph.inputs)?;
         let mut values: Vec<(String, SessionInputValue<'static>)> = Vec::new();
         for (name, tensor) in inputs {

@@ -9,8 +9,8 @@
 
 use super::library::LibrarySearch;
 use super::{
-    match_inputs, Backend, BackendError, ExecutionContext, ExecutionTarget, Graph, NamedTensor,
-    Tensor, TensorType,
+    match_inputs, Backend, BackendError, Cancellation, ExecutionContext, ExecutionTarget, Graph,
+    NamedTensor, Tensor, TensorType,
 };
 use crate::config::NnConfig;
 use openvino::{CompiledModel, Core, DeviceType, ElementType, InferRequest, RwPropertyKey, Shape};
@@ -251,7 +251,11 @@ impl OpenVinoGraph {
 }
 
 impl ExecutionContext for OpenVinoContext {
-    fn compute(&mut self, inputs: Vec<NamedTensor>) -> Result<Vec<NamedTensor>, BackendError> {
+    fn compute(
+        &mut self,
+        inputs: Vec<NamedTensor>,
+        _cancel: &Cancellation,
+    ) -> Result<Vec<NamedTensor>, BackendError> {
         let inputs = match_inputs(inputs, &self.graph.inputs)?;
         let graph = self.graph.clone();
         super::catch_panic("running the ONNX model", move || graph.run(inputs))

@@ -7,8 +7,8 @@
 //! keeps the parsed model and builds one plan per distinct input shape, cached.
 
 use super::{
-    Backend, BackendError, ExecutionContext, ExecutionTarget, Graph, NamedTensor, Tensor,
-    TensorType,
+    Backend, BackendError, Cancellation, ExecutionContext, ExecutionTarget, Graph, NamedTensor,
+    Tensor, TensorType,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -208,7 +208,11 @@ impl TractGraph {
 }
 
 impl ExecutionContext for TractContext {
-    fn compute(&mut self, inputs: Vec<NamedTensor>) -> Result<Vec<NamedTensor>, BackendError> {
+    fn compute(
+        &mut self,
+        inputs: Vec<NamedTensor>,
+        _cancel: &Cancellation,
+    ) -> Result<Vec<NamedTensor>, BackendError> {
         let graph = &self.graph;
         let mut ordered: Vec<Option<TValue>> = vec![None; graph.inputs.len()];
         for (name, tensor) in inputs {

@@ -4,6 +4,7 @@
 //! - `/trap`: panics (a wasm trap).
 //! - `/loop`: never returns.
 //! - `/membomb`: allocates until memory runs out.
+//! - `/tensor-bomb`: creates wasi-nn tensors (host memory) in a loop and keeps them.
 //! - `/nn-missing`: loads a model that does not exist and reports the wasi-nn error code.
 //! - `/infer?model=M&iterations=N`: runs model M (input `x`, zeros [1,3,48,192]) N times.
 //! - `POST /nn-load?target=cpu|gpu`: loads the ONNX model in the body through wasi-nn `load`
@@ -26,6 +27,19 @@ fn handle(request: Request) -> Response {
             loop {
                 hoard.push(vec![1u8; 1 << 20]);
                 std::hint::black_box(&hoard);
+            }
+        }
+        "/tensor-bomb" => {
+            // Host-side tensors of 1 MiB each, kept until the host says no.
+            use tensorlet_sdk::bindings::wasi::nn::tensor;
+            let data = vec![0u8; 1 << 20];
+            let mut hoard = Vec::new();
+            loop {
+                hoard.push(tensor::Tensor::new(
+                    &[1 << 18],
+                    tensor::TensorType::Fp32,
+                    &data,
+                ));
             }
         }
         "/nn-missing" => match Graph::by_name("no-such-model") {
@@ -78,7 +92,7 @@ fn handle(request: Request) -> Response {
         _ => Response::error(
             404,
             "not_found",
-            "routes: /trap /loop /membomb /nn-missing /infer /nn-load",
+            "routes: /trap /loop /membomb /tensor-bomb /nn-missing /infer /nn-load",
         ),
     }
 }

@@ -5,8 +5,14 @@
 //! `swap`) returns to the guest only once it is on disk — acknowledged means durable — and
 //! concurrent writers share one flush (see [`Store::make_durable`]).
 
+mod quota;
+
+pub use quota::{KvQuotas, KvUsage};
+
 use crate::store::Store;
+use quota::AppUsage;
 use std::ops::Bound;
+use std::sync::Arc;
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 
 mod bindings {
@@ -35,18 +41,20 @@ const LIST_PAGE: usize = 1000;
 /// Largest value a guest may store.
 const MAX_VALUE_BYTES: usize = 16 << 20;
 
-/// Per-request key-value state: whose buckets this instance opens.
+/// Per-request key-value state: whose buckets this instance opens, and its app's quotas.
 pub struct KvCtx {
     store: Store,
     app: String,
+    usage: Arc<AppUsage>,
 }
 
 impl KvCtx {
     /// State for one instance of `app`.
-    pub fn new(store: Store, app: &str) -> Self {
+    pub fn new(store: Store, app: &str, usage: &KvUsage) -> Self {
         Self {
             store,
             app: app.to_string(),
+            usage: usage.of(app),
         }
     }
 }
@@ -61,6 +69,25 @@ pub struct Cas {
     tree: sled::Tree,
     key: String,
     seen: Option<sled::IVec>,
+}
+
+/// Refuses values over [`MAX_VALUE_BYTES`] and writes past the app's quotas, before anything
+/// is written.
+fn admit(
+    usage: &AppUsage,
+    key: &str,
+    old: Option<usize>,
+    value: &[u8],
+) -> Result<(), store::Error> {
+    if value.len() > MAX_VALUE_BYTES {
+        return Err(store::Error::Other(format!(
+            "a value may be at most {MAX_VALUE_BYTES} bytes, not {}",
+            value.len()
+        )));
+    }
+    usage
+        .admit(key.len(), old, value.len())
+        .map_err(store::Error::Other)
 }
 
 /// The view of a store that the key-value host functions work on.
@@ -83,9 +110,12 @@ pub fn add_to_linker<T: Send + 'static>(
     bindings::Imports::add_to_linker::<T, HasKv>(linker, view)
 }
 
+/// The prefix of every key-value tree's name.
+const TREE_PREFIX: &str = "kv/";
+
 /// The sled tree that holds bucket `bucket` of app `app`.
 pub fn tree_name(app: &str, bucket: &str) -> String {
-    format!("kv/{app}/{bucket}")
+    format!("{TREE_PREFIX}{app}/{bucket}")
 }
 
 fn other(error: impl std::fmt::Display) -> store::Error {
@@ -115,6 +145,9 @@ impl store::Host for KvView<'_> {
                 "invalid bucket name {identifier:?}: use 1-64 letters, digits, '.', '_' or '-'"
             ))));
         }
+        if let Err(message) = self.ctx.usage.open_bucket(&identifier) {
+            return Ok(Err(store::Error::Other(message)));
+        }
         match self.ctx.store.tree(&tree_name(&self.ctx.app, &identifier)) {
             Ok(tree) => Ok(Ok(self.table.push(Bucket { tree })?)),
             Err(error) => Ok(Err(other(error))),
@@ -141,14 +174,21 @@ impl store::HostBucket for KvView<'_> {
         key: String,
         value: Vec<u8>,
     ) -> wasmtime::Result<Result<(), store::Error>> {
-        if value.len() > MAX_VALUE_BYTES {
-            return Ok(Err(store::Error::Other(format!(
-                "a value may be at most {MAX_VALUE_BYTES} bytes"
-            ))));
-        }
         let tree = &self.table.get(&bucket)?.tree;
-        if let Err(error) = tree.insert(key.as_bytes(), value) {
-            return Ok(Err(other(error)));
+        let old = match tree.get(key.as_bytes()) {
+            Ok(old) => old.map(|v| v.len()),
+            Err(error) => return Ok(Err(other(error))),
+        };
+        if let Err(error) = admit(&self.ctx.usage, &key, old, &value) {
+            return Ok(Err(error));
+        }
+        let new = value.len();
+        match tree.insert(key.as_bytes(), value) {
+            Ok(replaced) => self
+                .ctx
+                .usage
+                .record(key.len(), replaced.map(|v| v.len()), Some(new)),
+            Err(error) => return Ok(Err(other(error))),
         }
         Ok(durable(self.ctx.store.clone()).await)
     }
@@ -159,8 +199,12 @@ impl store::HostBucket for KvView<'_> {
         key: String,
     ) -> wasmtime::Result<Result<(), store::Error>> {
         let tree = &self.table.get(&bucket)?.tree;
-        if let Err(error) = tree.remove(key.as_bytes()) {
-            return Ok(Err(other(error)));
+        match tree.remove(key.as_bytes()) {
+            Ok(removed) => self
+                .ctx
+                .usage
+                .record(key.len(), removed.map(|v| v.len()), None),
+            Err(error) => return Ok(Err(other(error))),
         }
         Ok(durable(self.ctx.store.clone()).await)
     }
@@ -226,18 +270,30 @@ impl atomics::Host for KvView<'_> {
         delta: i64,
     ) -> wasmtime::Result<Result<i64, store::Error>> {
         let tree = &self.table.get(&bucket)?.tree;
+        let usage = &self.ctx.usage;
         let mut outcome = Err(String::new());
+        let mut sizes = (None, None);
         // sled may run the closure more than once under contention; the last run wins.
         let updated = tree.update_and_fetch(key.as_bytes(), |current| {
-            outcome = incremented(current, delta);
+            outcome = incremented(current, delta).and_then(|value| {
+                let text = value.to_string();
+                usage.admit(key.len(), current.map(<[u8]>::len), text.len())?;
+                Ok(value)
+            });
+            sizes = (current.map(<[u8]>::len), current.map(<[u8]>::len));
             match &outcome {
-                Ok(value) => Some(value.to_string().into_bytes()),
+                Ok(value) => {
+                    let text = value.to_string().into_bytes();
+                    sizes.1 = Some(text.len());
+                    Some(text)
+                }
                 Err(_) => current.map(<[u8]>::to_vec),
             }
         });
         if let Err(error) = updated {
             return Ok(Err(other(error)));
         }
+        usage.record(key.len(), sizes.0, sizes.1);
         match outcome {
             Ok(value) => Ok(durable(self.ctx.store.clone()).await.map(|()| value)),
             Err(message) => Ok(Err(store::Error::Other(message))),
@@ -250,11 +306,19 @@ impl atomics::Host for KvView<'_> {
         value: Vec<u8>,
     ) -> wasmtime::Result<Result<(), atomics::CasError>> {
         let Cas { tree, key, seen } = self.table.delete(cas)?;
+        let old = seen.as_ref().map(|v| v.len());
+        if let Err(error) = admit(&self.ctx.usage, &key, old, &value) {
+            return Ok(Err(atomics::CasError::StoreError(error)));
+        }
+        let new = value.len();
         match tree.compare_and_swap(key.as_bytes(), seen, Some(value)) {
             Err(error) => Ok(Err(atomics::CasError::StoreError(other(error)))),
-            Ok(Ok(())) => Ok(durable(self.ctx.store.clone())
-                .await
-                .map_err(atomics::CasError::StoreError)),
+            Ok(Ok(())) => {
+                self.ctx.usage.record(key.len(), old, Some(new));
+                Ok(durable(self.ctx.store.clone())
+                    .await
+                    .map_err(atomics::CasError::StoreError))
+            }
             Ok(Err(conflict)) => {
                 let retry = self.table.push(Cas {
                     tree,

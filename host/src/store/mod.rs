@@ -1,13 +1,16 @@
 //! The node's sled database: what lives in which tree, how it is opened, and how writes become
 //! durable.
 //!
-//! Trees: `apps` (app name → [`crate::runtime::AppRecord`] JSON), `models` (model name →
+//! Trees: `apps` (app name → [`crate::apps::AppRecord`] JSON), `models` (model name →
 //! [`crate::nn::ModelRecord`] JSON) and one `kv/<app>/<bucket>` tree per key-value bucket.
 //! Component and model bytes live as files named by their SHA-256 digest beside the database.
 //!
 //! sled makes writes durable only on `flush`, which costs ~0.1 ms. [`Store::make_durable`]
 //! groups the flushes of concurrent writers into one (group commit) and runs it on the
-//! blocking pool, never on the async reactor.
+//! store's own flush thread: never on the async reactor, and never queued behind inference on
+//! tokio's blocking pool, so a node busy with generations still acknowledges writes promptly.
+
+pub mod files;
 
 use serde::{de::DeserializeOwned, Serialize};
 use std::path::Path;
@@ -43,6 +46,41 @@ struct GroupCommit {
     issued: AtomicU64,
     /// The highest ticket known to be durable; the lock also serialises flushes.
     durable: tokio::sync::Mutex<u64>,
+    /// The flush thread's queue (each request carries where to send the outcome), and the
+    /// thread, joined when the last handle goes so that the database is closed by then.
+    flusher: Option<std::sync::mpsc::Sender<FlushRequest>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for GroupCommit {
+    fn drop(&mut self) {
+        drop(self.flusher.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+type FlushRequest = tokio::sync::oneshot::Sender<Result<(), StoreError>>;
+
+/// Starts the thread that flushes `db` on request; it ends when the last [`Store`] is gone.
+fn start_flusher(
+    db: sled::Db,
+) -> std::io::Result<(
+    std::sync::mpsc::Sender<FlushRequest>,
+    std::thread::JoinHandle<()>,
+)> {
+    // Requests are sent under the group-commit lock, one at a time: the queue stays short
+    // (longer only by writers that gave up waiting), and sending never blocks the reactor.
+    let (sender, receiver) = std::sync::mpsc::channel::<FlushRequest>();
+    let thread = std::thread::Builder::new()
+        .name("tensorlet-flush".into())
+        .spawn(move || {
+            for reply in receiver {
+                let _ = reply.send(db.flush().map(drop).map_err(StoreError::from));
+            }
+        })?;
+    Ok((sender, thread))
 }
 
 impl Store {
@@ -55,11 +93,15 @@ impl Store {
                 path: dir.display().to_string(),
                 source,
             })?;
+        let (flusher, thread) = start_flusher(db.clone())
+            .map_err(|e| StoreError::Flush(format!("cannot start the flush thread: {e}")))?;
         Ok(Self {
             db,
             commits: Arc::new(GroupCommit {
                 issued: AtomicU64::new(0),
                 durable: tokio::sync::Mutex::new(0),
+                flusher: Some(flusher),
+                thread: Some(thread),
             }),
         })
     }
@@ -94,11 +136,11 @@ impl Store {
             return Ok(());
         }
         let covered = self.commits.issued.load(Ordering::SeqCst);
-        let db = self.db.clone();
-        // sled's flush does blocking file I/O and fsync: keep it off the reactor.
-        tokio::task::spawn_blocking(move || db.flush())
-            .await
-            .map_err(|e| StoreError::Flush(e.to_string()))??;
+        let (reply, outcome) = tokio::sync::oneshot::channel();
+        let gone = || StoreError::Flush("the flush thread stopped".into());
+        let flusher = self.commits.flusher.as_ref().ok_or_else(gone)?;
+        flusher.send(reply).map_err(|_| gone())?;
+        outcome.await.map_err(|_| gone())??;
         *durable = covered;
         Ok(())
     }

@@ -1,0 +1,83 @@
+//! `tensorlet serve`: the daemon's main loop. Opens the node, binds its listener, tells the
+//! operator (and the CLI, through the endpoint file) where it serves, and serves until SIGINT or
+//! SIGTERM.
+
+use crate::api::{self, ConnectionStats};
+use crate::config::Config;
+use crate::node::{self, ENDPOINT_FILE};
+use anyhow::Context;
+use std::sync::Arc;
+
+/// Runs a node until SIGINT or SIGTERM, then flushes the database and returns.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    config
+        .validate()
+        .map_err(|e| anyhow::anyhow!("invalid config: {e}"))?;
+    let max_connections = config
+        .server
+        .connection_cap(api::raise_open_file_limit())
+        .map_err(|e| anyhow::anyhow!("invalid config: {e}"))?;
+    crate::store::files::create_private_dir(&config.data_dir)
+        .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+    let tls = if config.plain_http {
+        None
+    } else {
+        Some(crate::tls::load_or_generate(&config.tls, &config.data_dir)?)
+    };
+    let fingerprint = tls.as_ref().map(|identity| identity.fingerprint());
+    let server_config = tls
+        .as_ref()
+        .map(|identity| identity.server_config())
+        .transpose()?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let address = listener.local_addr()?;
+    let node = tokio::task::spawn_blocking(move || node::open(config, fingerprint)).await??;
+    let node = Arc::new(node);
+
+    let scheme = if server_config.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let url = format!("{scheme}://{address}");
+    crate::store::files::write_durably(
+        &node.config.data_dir.join(ENDPOINT_FILE),
+        url.as_bytes(),
+        0o644,
+    )?;
+    println!("tensorlet {} listening on {url}", env!("CARGO_PKG_VERSION"));
+    if let Some(fingerprint) = &node.tls_fingerprint {
+        println!("TLS certificate SHA-256 fingerprint: {fingerprint}");
+    }
+    println!("data dir: {}", node.config.data_dir.display());
+    println!(
+        "admin token: {}",
+        crate::tenancy::admin_token_path(&node.config.data_dir).display()
+    );
+
+    let connections = Arc::new(ConnectionStats::new(max_connections));
+    let server = api::serve(node.clone(), listener, server_config, connections);
+    tokio::select! {
+        () = server => {}
+        () = shutdown_signal() => println!("shutting down"),
+    }
+    node.store.flush_blocking()?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+}

@@ -1,0 +1,177 @@
+//! A crash loop in the style of sled's own crash tests, but stricter: the node is SIGKILLed at a
+//! random moment while clients increment counters, deploy apps and add models; after every
+//! restart the store opens, everything the node acknowledged is there, and no half-written
+//! file is left behind.
+
+use crate::support::{artifacts, TestNode};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Kill-and-restart cycles. Each runs the clients for a random 0.2–1.5 s.
+const CYCLES: usize = 30;
+
+/// What the node answered 2xx to, so far.
+#[derive(Default)]
+struct Acknowledged {
+    /// The highest counter value a client was told.
+    count: i64,
+    apps: Vec<String>,
+    models: Vec<String>,
+}
+
+/// Files an interrupted write may leave: the staged names of `write_durably`, uploads in tmp/.
+fn stray_files(data_dir: &Path) -> Vec<String> {
+    let mut stray = Vec::new();
+    for folder in ["components", "cache", "models", "tls", "."] {
+        let Ok(entries) = std::fs::read_dir(data_dir.join(folder)) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".tmp") {
+                stray.push(format!("{folder}/{name}"));
+            }
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir(data_dir.join("tmp")) {
+        stray.extend(
+            entries
+                .flatten()
+                .map(|e| format!("tmp/{:?}", e.file_name())),
+        );
+    }
+    stray
+}
+
+#[tokio::test]
+async fn nothing_acknowledged_is_lost_across_a_loop_of_sigkills() {
+    let _heavy = crate::support::heavy().await;
+    let mut node = TestNode::start();
+    node.deploy_ok("kv-counter", artifacts::KV_COUNTER, "")
+        .await;
+    let data = node.take_data_dir();
+    drop(node);
+    let model = std::fs::read(artifacts::text_orientation_model()).unwrap();
+    let hello = std::fs::read(artifacts::HELLO).unwrap();
+    let acknowledged = Arc::new(Mutex::new(Acknowledged::default()));
+    let started = Instant::now();
+
+    for cycle in 0..CYCLES {
+        let mut node = TestNode::start_in(data.path(), &[]);
+        // After every restart: the store opened (the node answers), and everything
+        // acknowledged before the kill is there.
+        let stray = stray_files(data.path());
+        assert!(stray.is_empty(), "cycle {cycle}: stray files {stray:?}");
+        {
+            let (status, body) = node.get("/apps/kv-counter/count").await;
+            assert_eq!(status, 200, "cycle {cycle}: {body}");
+            let count = serde_json::from_str::<serde_json::Value>(&body).unwrap()["count"]
+                .as_i64()
+                .unwrap();
+            let apps = node.admin_json("/v1/admin/apps").await;
+            let models = node.admin_json("/v1/admin/models").await;
+            let seen = acknowledged.lock().unwrap();
+            assert!(
+                count >= seen.count,
+                "cycle {cycle}: the counter is {count} but {} was acknowledged",
+                seen.count
+            );
+            let deployed: Vec<&str> = apps["apps"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| a["name"].as_str().unwrap())
+                .collect();
+            for app in &seen.apps {
+                assert!(
+                    deployed.contains(&app.as_str()),
+                    "cycle {cycle}: {app} lost"
+                );
+            }
+            for name in &seen.models {
+                let record = models["models"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|m| m["name"] == name.as_str())
+                    .unwrap_or_else(|| panic!("cycle {cycle}: model {name} lost"));
+                assert_eq!(record["loaded"], true, "cycle {cycle}: {record}");
+            }
+        }
+
+        // Clients: four incrementing, one deploying, one adding models, until the kill.
+        let mut clients = Vec::new();
+        for _ in 0..4 {
+            let (client, url, seen) = (
+                node.client.clone(),
+                node.at("/apps/kv-counter/count"),
+                acknowledged.clone(),
+            );
+            clients.push(tokio::spawn(async move {
+                while let Ok(response) = client.post(&url).send().await {
+                    let Ok(body) = response.json::<serde_json::Value>().await else {
+                        break;
+                    };
+                    let count = body["count"].as_i64().unwrap();
+                    let mut seen = seen.lock().unwrap();
+                    seen.count = seen.count.max(count);
+                }
+            }));
+        }
+        let admin = |path: String, body: Vec<u8>| {
+            let request = node
+                .client
+                .put(node.at(&path))
+                .bearer_auth(&node.token)
+                .body(body);
+            async move { request.send().await.is_ok_and(|r| r.status() == 200) }
+        };
+        // The kill comes at a random moment, whatever is in flight then.
+        let deadline =
+            tokio::time::sleep(Duration::from_millis(200 + rand::random::<u64>() % 1300));
+        tokio::pin!(deadline);
+        for n in 0.. {
+            let app = format!("app-{cycle}-{n}");
+            let deploy = admin(format!("/v1/admin/apps/{app}"), hello.clone());
+            // One model per cycle: every restart loads them all.
+            let name = (n == 0).then(|| format!("model-{cycle}"));
+            let add = async {
+                match &name {
+                    Some(name) => {
+                        admin(
+                            format!("/v1/admin/models/{name}?encoding=onnx"),
+                            model.clone(),
+                        )
+                        .await
+                    }
+                    None => false,
+                }
+            };
+            let (deployed, added) = tokio::select! {
+                both = async { tokio::join!(deploy, add) } => both,
+                () = &mut deadline => break,
+            };
+            let mut seen = acknowledged.lock().unwrap();
+            if deployed {
+                seen.apps.push(app);
+            }
+            if let (true, Some(name)) = (added, name) {
+                seen.models.push(name);
+            }
+        }
+        node.kill();
+        for client in clients {
+            let _ = client.await;
+        }
+    }
+    let seen = acknowledged.lock().unwrap();
+    assert!(seen.count > 0 && !seen.apps.is_empty() && !seen.models.is_empty());
+    println!(
+        "{CYCLES} SIGKILL cycles in {:?}: {} increments, {} deploys, {} models acknowledged, none lost",
+        started.elapsed(),
+        seen.count,
+        seen.apps.len(),
+        seen.models.len()
+    );
+}
