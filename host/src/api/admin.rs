@@ -83,19 +83,24 @@ async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such admin route")
 }
 
-fn describe_backends(node: &Node) -> Vec<crate::nn::backend::BackendInfo> {
-    node.models.backends().describe()
+/// What each backend is. Blocking the first time a runtime-linked backend is asked (it is
+/// started then), so it runs on the blocking pool.
+async fn describe_backends(node: &Arc<Node>) -> Vec<crate::nn::backend::BackendInfo> {
+    let node = node.clone();
+    tokio::task::spawn_blocking(move || node.models.backends().describe())
+        .await
+        .unwrap_or_default()
 }
 
 async fn backends(State(node): State<Arc<Node>>) -> Json<Value> {
-    Json(json!({ "backends": describe_backends(&node) }))
+    Json(json!({ "backends": describe_backends(&node).await }))
 }
 
 async fn status(
     State(node): State<Arc<Node>>,
     axum::Extension(connections): axum::Extension<Arc<super::ConnectionStats>>,
 ) -> Json<Value> {
-    let backends = describe_backends(&node);
+    let backends = describe_backends(&node).await;
     Json(json!({
         "version": env!("CARGO_PKG_VERSION"),
         "listen": node.config.listen.to_string(),

@@ -367,25 +367,38 @@ impl Backends {
     /// Which ones there are depends on the cargo features the binary was built with (all by
     /// default; tract always).
     pub fn builtin(config: &NnConfig) -> Self {
-        let threads = config.inference_threads() as usize;
         let compute_slots = ComputeSlots::new(config.compute_slots());
-        let mut all: Vec<Arc<dyn Backend>> = vec![Arc::new(tract::TractBackend)];
-        #[cfg(feature = "onnxruntime")]
-        all.push(Arc::new(onnxruntime::OnnxRuntimeBackend::new(
-            config, threads,
-        )));
-        #[cfg(feature = "openvino")]
-        all.push(Arc::new(openvino::OpenVinoBackend::new(config, threads)));
-        #[cfg(feature = "llama")]
-        all.push(Arc::new(llama::LlamaCppBackend {
-            threads: threads as u32,
-            max_context_tokens: config.max_context_tokens,
-            lanes: config.compute_slots(),
-            batch_sequences: config.llm_batch_sequences,
-            compute_slots: compute_slots.clone(),
-        }));
-        #[cfg(feature = "candle")]
-        all.push(Arc::new(candle::CandleBertBackend::new(threads)));
+        // tract alone (`--no-default-features`) takes no thread count.
+        #[cfg_attr(
+            not(any(
+                feature = "onnxruntime",
+                feature = "openvino",
+                feature = "llama",
+                feature = "candle"
+            )),
+            allow(unused_variables)
+        )]
+        let threads = config.inference_threads();
+        let all: Vec<Arc<dyn Backend>> = vec![
+            Arc::new(tract::TractBackend),
+            #[cfg(feature = "onnxruntime")]
+            Arc::new(onnxruntime::OnnxRuntimeBackend::new(
+                config,
+                threads as usize,
+            )),
+            #[cfg(feature = "openvino")]
+            Arc::new(openvino::OpenVinoBackend::new(config, threads as usize)),
+            #[cfg(feature = "llama")]
+            Arc::new(llama::LlamaCppBackend {
+                threads,
+                max_context_tokens: config.max_context_tokens,
+                lanes: config.compute_slots(),
+                batch_sequences: config.llm_batch_sequences,
+                compute_slots: compute_slots.clone(),
+            }),
+            #[cfg(feature = "candle")]
+            Arc::new(candle::CandleBertBackend::new(threads as usize)),
+        ];
         Self::with_compute_slots(all, config, compute_slots)
     }
 

@@ -20,10 +20,11 @@ use std::path::Path;
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex, OnceLock};
 
-/// ONNX models on ONNX Runtime.
+/// ONNX models on ONNX Runtime. The library is found and started on first use (a node that
+/// never uses it starts without paying for it).
 pub struct OnnxRuntimeBackend {
-    /// The library's version, or why it cannot be used.
-    runtime: Result<String, String>,
+    /// `[nn] onnxruntime_library`.
+    configured: Option<std::path::PathBuf>,
     threads: usize,
     sessions_per_graph: usize,
 }
@@ -83,30 +84,34 @@ fn library_version(path: &Path) -> Result<String, String> {
 }
 
 impl OnnxRuntimeBackend {
-    /// Finds and starts ONNX Runtime as `[nn]` says; `threads` per inference.
+    /// ONNX Runtime as `[nn]` says, with `threads` per inference; it starts on first use.
     pub fn new(config: &NnConfig, threads: usize) -> Self {
-        let runtime = RUNTIME
-            .get_or_init(|| {
-                LibrarySearch {
-                    config_key: "onnxruntime_library",
-                    configured: config.onnxruntime_library.as_deref(),
-                    env_var: "ORT_DYLIB_PATH",
-                    python_package: "onnxruntime",
-                    package_dir: "capi",
-                    file_prefix: "libonnxruntime.so",
-                }
-                .find()
-                .and_then(|path| start_runtime(&path))
-            })
-            .clone();
-        if let Err(reason) = &runtime {
-            tracing::info!(%reason, "the onnxruntime backend is unavailable");
-        }
         Self {
-            runtime,
+            configured: config.onnxruntime_library.clone(),
             threads,
             sessions_per_graph: config.compute_slots(),
         }
+    }
+
+    /// The library's version, or why it cannot be used: found and started on the first call.
+    /// Blocking then (a file search, a Python look-up, loading the library).
+    fn runtime(&self) -> &'static Result<String, String> {
+        RUNTIME.get_or_init(|| {
+            let runtime = LibrarySearch {
+                config_key: "onnxruntime_library",
+                configured: self.configured.as_deref(),
+                env_var: "ORT_DYLIB_PATH",
+                python_package: "onnxruntime",
+                package_dir: "capi",
+                file_prefix: "libonnxruntime.so",
+            }
+            .find()
+            .and_then(|path| start_runtime(&path));
+            if let Err(reason) = &runtime {
+                tracing::info!(%reason, "the onnxruntime backend is unavailable");
+            }
+            runtime
+        })
     }
 }
 
@@ -145,11 +150,11 @@ impl Backend for OnnxRuntimeBackend {
     }
 
     fn unavailable_reason(&self) -> Option<String> {
-        self.runtime.as_ref().err().cloned()
+        self.runtime().as_ref().err().cloned()
     }
 
     fn library_version(&self) -> Option<String> {
-        self.runtime.as_ref().ok().cloned()
+        self.runtime().as_ref().ok().cloned()
     }
 
     fn target_unsupported(&self, target: ExecutionTarget) -> Option<String> {

@@ -15,16 +15,24 @@ use super::{
 use crate::config::NnConfig;
 use openvino::{CompiledModel, Core, DeviceType, ElementType, InferRequest, RwPropertyKey, Shape};
 use std::sync::atomic::AtomicUsize;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
-/// ONNX models on OpenVINO.
+/// ONNX models on OpenVINO. The library is found and started on first use (a node that never
+/// uses it starts without paying for it).
 pub struct OpenVinoBackend {
-    /// The runtime, or why it cannot be used.
+    config: NnConfig,
+    threads: usize,
+    runtime: OnceLock<Runtime>,
+    requests_per_graph: usize,
+}
+
+/// OpenVINO once started.
+struct Runtime {
+    /// The core, or why it cannot be used.
     core: Result<Mutex<Core>, String>,
     /// OpenVINO's build number, once loaded.
     version: Option<String>,
     has_gpu: bool,
-    requests_per_graph: usize,
 }
 
 fn start_core(config: &NnConfig, threads: usize) -> Result<Core, String> {
@@ -52,24 +60,37 @@ fn start_core(config: &NnConfig, threads: usize) -> Result<Core, String> {
 }
 
 impl OpenVinoBackend {
-    /// Finds and starts OpenVINO as `[nn]` says; `threads` per inference.
+    /// OpenVINO as `[nn]` says, with `threads` per inference; it starts on first use.
     pub fn new(config: &NnConfig, threads: usize) -> Self {
-        let core = start_core(config, threads);
-        if let Err(reason) = &core {
-            tracing::info!(%reason, "the openvino backend is unavailable");
-        }
-        let has_gpu = core.as_ref().is_ok_and(|core| {
-            core.available_devices()
-                .is_ok_and(|devices| devices.iter().any(|d| d.as_ref().starts_with("GPU")))
-        });
-        // The library is loaded once the core exists, so asking for its version cannot panic.
-        let version = core.is_ok().then(|| openvino::version().build_number);
         Self {
-            core: core.map(Mutex::new),
-            version,
-            has_gpu,
+            config: config.clone(),
+            threads,
+            runtime: OnceLock::new(),
             requests_per_graph: config.compute_slots(),
         }
+    }
+
+    /// OpenVINO, started on the first call (blocking then: a file search, a Python look-up,
+    /// loading the library and its plugins).
+    fn runtime(&self) -> &Runtime {
+        self.runtime.get_or_init(|| {
+            let core = start_core(&self.config, self.threads);
+            if let Err(reason) = &core {
+                tracing::info!(%reason, "the openvino backend is unavailable");
+            }
+            let has_gpu = core.as_ref().is_ok_and(|core| {
+                core.available_devices()
+                    .is_ok_and(|devices| devices.iter().any(|d| d.as_ref().starts_with("GPU")))
+            });
+            // The library is loaded once the core exists, so asking for its version cannot
+            // panic.
+            let version = core.is_ok().then(|| openvino::version().build_number);
+            Runtime {
+                core: core.map(Mutex::new),
+                version,
+                has_gpu,
+            }
+        })
     }
 }
 
@@ -127,24 +148,24 @@ impl Backend for OpenVinoBackend {
     }
 
     fn unavailable_reason(&self) -> Option<String> {
-        self.core.as_ref().err().cloned()
+        self.runtime().core.as_ref().err().cloned()
     }
 
     fn library_version(&self) -> Option<String> {
-        self.version.clone()
+        self.runtime().version.clone()
     }
 
     fn target_unsupported(&self, target: ExecutionTarget) -> Option<String> {
         match target {
             ExecutionTarget::Cpu => None,
-            ExecutionTarget::Gpu if self.has_gpu => None,
+            ExecutionTarget::Gpu if self.runtime().has_gpu => None,
             ExecutionTarget::Gpu => Some("OpenVINO finds no (Intel) GPU device here".into()),
             ExecutionTarget::Tpu => Some("OpenVINO has no TPU device".into()),
         }
     }
 
     fn load(&self, bytes: &[u8], target: ExecutionTarget) -> Result<Arc<dyn Graph>, BackendError> {
-        let core = match &self.core {
+        let core = match &self.runtime().core {
             Ok(core) => core,
             Err(reason) => return Err(BackendError::Unsupported(format!("openvino: {reason}"))),
         };
