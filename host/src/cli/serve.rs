@@ -57,11 +57,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         crate::tenancy::admin_token_path(&node.config.data_dir).display()
     );
 
-    // Runtime-linked backends start on first use; start them now, off the request path, so
-    // that the node answers at once and the first model add does not wait for them.
-    let warming = node.clone();
-    tokio::task::spawn_blocking(move || warming.models.backends().describe());
-
     let connections = Arc::new(ConnectionStats::new(max_connections));
     let server = api::serve(node.clone(), listener, server_config, connections);
     tokio::select! {

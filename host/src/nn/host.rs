@@ -92,7 +92,11 @@ impl graph::Host for NnView<'_> {
         // Guest bytes reach a native library only with the app's permission: the pure-Rust
         // backend is the one whose parser a hostile model cannot turn into memory corruption.
         let backend = (!self.ctx.grant.native_guest_models).then_some(PURE_RUST_BACKEND);
-        let choice = match self.ctx.models.backends().choose(name, backend, target) {
+        // Choosing may start a runtime-linked backend (its first use): blocking work.
+        let backends = self.ctx.models.backends().clone();
+        let chosen =
+            tokio::task::spawn_blocking(move || backends.choose(name, backend, target)).await?;
+        let choice = match chosen {
             Ok(choice) => choice,
             Err(error @ ChoiceError::Unavailable(_)) => {
                 return self.fail(errors::ErrorCode::UnsupportedOperation, error.to_string())

@@ -215,12 +215,18 @@ impl ModelRegistry {
         let Some(target) = backend::parse_target(&upload.target) else {
             return refuse(ModelError::InvalidTarget(upload.target), &staged);
         };
-        let choice = match self
-            .backends
-            .choose(&upload.encoding, upload.backend.as_deref(), target)
-        {
-            Ok(choice) => choice,
-            Err(error) => return refuse(error.into(), &staged),
+        // Choosing may start a runtime-linked backend (its first use): blocking work.
+        let backends = self.backends.clone();
+        let (encoding, named) = (upload.encoding.clone(), upload.backend.clone());
+        let chosen = tokio::task::spawn_blocking(move || {
+            backends.choose(&encoding, named.as_deref(), target)
+        })
+        .await
+        .map_err(|e| ModelError::InvalidModel(format!("choosing a backend failed: {e}")));
+        let choice = match chosen {
+            Ok(Ok(choice)) => choice,
+            Ok(Err(error)) => return refuse(error.into(), &staged),
+            Err(error) => return refuse(error, &staged),
         };
         let _changing = self.changes.lock().await;
         let final_path = self.dir.join(&upload.digest);
