@@ -260,24 +260,7 @@ async fn llm_clients_that_leave_early_or_never_read_leave_nothing_running() {
     const APP_TIMEOUT_SECS: u64 = 20;
     let config = config_file("[server]\nwrite_timeout_secs = 3\n");
     let node = TestNode::start_with(&["--config", config.path().to_str().unwrap()]);
-    let model = artifacts::smollm2_model();
-    node.cli_ok(&[
-        "model",
-        "add",
-        "smollm2",
-        model.to_str().unwrap(),
-        "--encoding",
-        "ggml",
-    ]);
-    node.cli_ok(&[
-        "deploy",
-        "openai",
-        artifacts::OPENAI,
-        "--model",
-        "smollm2",
-        "--timeout-secs",
-        &APP_TIMEOUT_SECS.to_string(),
-    ]);
+    node.add_smollm2_and_openai(APP_TIMEOUT_SECS);
     let chat = |stream: bool| {
         serde_json::json!({
             "model": "smollm2",

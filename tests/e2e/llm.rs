@@ -2,31 +2,14 @@
 //! Python client (streaming included), malformed models, a client that disconnects mid-stream,
 //! and concurrent generations decoded together in batches.
 
-use crate::support::{artifacts, config_file, TestNode};
+use crate::support::{config_file, TestNode};
 use futures_util::StreamExt;
 use std::time::{Duration, Instant};
 
+/// Generations here assert what is generated, not how fast: a generous timeout keeps a slow,
+/// busy machine from turning them into 504s.
 fn with_smollm2_and_openai(node: &TestNode) {
-    let model = artifacts::smollm2_model();
-    node.cli_ok(&[
-        "model",
-        "add",
-        "smollm2",
-        model.to_str().unwrap(),
-        "--encoding",
-        "ggml",
-    ]);
-    // Generations here assert what is generated, not how fast: a generous timeout keeps a slow,
-    // busy machine from turning them into 504s.
-    node.cli_ok(&[
-        "deploy",
-        "openai",
-        artifacts::OPENAI,
-        "--model",
-        "smollm2",
-        "--timeout-secs",
-        "600",
-    ]);
+    node.add_smollm2_and_openai(600);
 }
 
 #[tokio::test]

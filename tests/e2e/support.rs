@@ -231,6 +231,29 @@ impl TestNode {
         ]);
     }
 
+    /// Registers SmolLM2 as `smollm2` and deploys the `openai` app on it with the given
+    /// timeout, through the CLI.
+    pub fn add_smollm2_and_openai(&self, timeout_secs: u64) {
+        let model = artifacts::smollm2_model();
+        self.cli_ok(&[
+            "model",
+            "add",
+            "smollm2",
+            model.to_str().unwrap(),
+            "--encoding",
+            "ggml",
+        ]);
+        self.cli_ok(&[
+            "deploy",
+            "openai",
+            artifacts::OPENAI,
+            "--model",
+            "smollm2",
+            "--timeout-secs",
+            &timeout_secs.to_string(),
+        ]);
+    }
+
     /// GET `path`, returning status and body text.
     pub async fn get(&self, path: &str) -> (u16, String) {
         let response = self.client.get(self.at(path)).send().await.expect("GET");
