@@ -205,12 +205,7 @@ impl Connection {
             let mut router = router.clone();
             async move {
                 let response = tower_service::Service::call(&mut router, request).await;
-                response.map(|response| {
-                    response.map(|body| TrackedBody {
-                        body,
-                        _in_flight: in_flight,
-                    })
-                })
+                response.map(|response| response.map(|body| TrackedBody::new(body, in_flight)))
             }
         });
         let connection = self.http.serve_connection(TokioIo::new(io), service);
@@ -229,7 +224,9 @@ impl Connection {
                     return;
                 }
                 _ = watch.tick() => {
-                    if activity.write_stalled_for() > write_timeout {
+                    if activity.write_stalled_for() > write_timeout
+                        || activity.frame_stalled_for() > write_timeout
+                    {
                         // Dropping the connection drops what it serves: instances, bodies.
                         self.stats.write_stalls.fetch_add(1, Ordering::Relaxed);
                         return;
@@ -257,6 +254,11 @@ struct Activity {
     last_change: AtomicU64,
     /// When the socket last refused a write for being full, plus one; 0 while writes pass.
     write_blocked_since: AtomicU64,
+    /// Response frames handed to hyper and not yet followed by a poll for the next one, and
+    /// when a response body was last polled. HTTP/2 stops polling a stream's body while the
+    /// client grants it no window: the socket never fills, but the frame waits.
+    frames_held: AtomicUsize,
+    body_polled: AtomicU64,
 }
 
 impl Activity {
@@ -266,6 +268,8 @@ impl Activity {
             in_flight: AtomicUsize::new(0),
             last_change: AtomicU64::new(0),
             write_blocked_since: AtomicU64::new(0),
+            frames_held: AtomicUsize::new(0),
+            body_polled: AtomicU64::new(0),
         }
     }
 
@@ -292,6 +296,16 @@ impl Activity {
             0 => Duration::ZERO,
             since => Duration::from_millis(self.now().saturating_sub(since - 1)),
         }
+    }
+
+    /// How long a response frame has waited for the connection to take it (zero while none
+    /// waits).
+    fn frame_stalled_for(&self) -> Duration {
+        if self.frames_held.load(Ordering::Relaxed) == 0 {
+            return Duration::ZERO;
+        }
+        let since = self.body_polled.load(Ordering::Relaxed);
+        Duration::from_millis(self.now().saturating_sub(since))
     }
 
     fn write_result<T>(&self, poll: Poll<T>) -> Poll<T> {
@@ -326,10 +340,35 @@ impl Drop for InFlight {
     }
 }
 
-/// A response body that keeps its request counted as in flight until it is done or dropped.
+/// A response body that keeps its request counted as in flight until it is done or dropped,
+/// and notes when a frame it handed out waits to be sent.
 struct TrackedBody<B> {
     body: B,
-    _in_flight: InFlight,
+    in_flight: InFlight,
+    /// A frame was handed out and the body has not been polled since.
+    holding_frame: bool,
+}
+
+impl<B> TrackedBody<B> {
+    fn new(body: B, in_flight: InFlight) -> Self {
+        Self {
+            body,
+            in_flight,
+            holding_frame: false,
+        }
+    }
+
+    fn release_frame(&mut self) {
+        if std::mem::take(&mut self.holding_frame) {
+            self.in_flight.0.frames_held.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl<B> Drop for TrackedBody<B> {
+    fn drop(&mut self) {
+        self.release_frame();
+    }
 }
 
 impl<B: Body + Unpin> Body for TrackedBody<B> {
@@ -340,7 +379,17 @@ impl<B: Body + Unpin> Body for TrackedBody<B> {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+        let activity = self.in_flight.0.clone();
+        activity
+            .body_polled
+            .store(activity.now(), Ordering::Relaxed);
+        self.release_frame();
+        let poll = Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(_))) = &poll {
+            self.holding_frame = true;
+            activity.frames_held.fetch_add(1, Ordering::Relaxed);
+        }
+        poll
     }
 
     fn is_end_stream(&self) -> bool {

@@ -160,7 +160,8 @@ async fn read_body(
     declared: u64,
     reservation: &mut BodyReservation,
 ) -> Result<Bytes, BodyError> {
-    let mut collected = BytesMut::with_capacity(declared.min(limit) as usize);
+    // The declared length is the client's word: it sizes the buffer only up to a small bound.
+    let mut collected = BytesMut::with_capacity(declared.min(limit).min(64 << 10) as usize);
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(BodyError::Broken)?;
         let Ok(data) = frame.into_data() else {

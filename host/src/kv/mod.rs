@@ -175,20 +175,21 @@ impl store::HostBucket for KvView<'_> {
         value: Vec<u8>,
     ) -> wasmtime::Result<Result<(), store::Error>> {
         let tree = &self.table.get(&bucket)?.tree;
-        let old = match tree.get(key.as_bytes()) {
-            Ok(old) => old.map(|v| v.len()),
-            Err(error) => return Ok(Err(other(error))),
+        let written = {
+            let usage = &self.ctx.usage;
+            let _writing = usage.writing();
+            tree.get(key.as_bytes())
+                .map_err(other)
+                .and_then(|old| admit(usage, &key, old.map(|v| v.len()), &value))
+                .and_then(|()| {
+                    let new = value.len();
+                    let replaced = tree.insert(key.as_bytes(), value).map_err(other)?;
+                    usage.record(key.len(), replaced.map(|v| v.len()), Some(new));
+                    Ok(())
+                })
         };
-        if let Err(error) = admit(&self.ctx.usage, &key, old, &value) {
+        if let Err(error) = written {
             return Ok(Err(error));
-        }
-        let new = value.len();
-        match tree.insert(key.as_bytes(), value) {
-            Ok(replaced) => self
-                .ctx
-                .usage
-                .record(key.len(), replaced.map(|v| v.len()), Some(new)),
-            Err(error) => return Ok(Err(other(error))),
         }
         Ok(durable(self.ctx.store.clone()).await)
     }
@@ -199,12 +200,14 @@ impl store::HostBucket for KvView<'_> {
         key: String,
     ) -> wasmtime::Result<Result<(), store::Error>> {
         let tree = &self.table.get(&bucket)?.tree;
-        match tree.remove(key.as_bytes()) {
-            Ok(removed) => self
-                .ctx
-                .usage
-                .record(key.len(), removed.map(|v| v.len()), None),
-            Err(error) => return Ok(Err(other(error))),
+        let removed = {
+            let usage = &self.ctx.usage;
+            let _writing = usage.writing();
+            tree.remove(key.as_bytes())
+                .map(|removed| usage.record(key.len(), removed.map(|v| v.len()), None))
+        };
+        if let Err(error) = removed {
+            return Ok(Err(other(error)));
         }
         Ok(durable(self.ctx.store.clone()).await)
     }
@@ -271,6 +274,7 @@ impl atomics::Host for KvView<'_> {
     ) -> wasmtime::Result<Result<i64, store::Error>> {
         let tree = &self.table.get(&bucket)?.tree;
         let usage = &self.ctx.usage;
+        let writing = usage.writing();
         let mut outcome = Err(String::new());
         let mut sizes = (None, None);
         // sled may run the closure more than once under contention; the last run wins.
@@ -294,6 +298,7 @@ impl atomics::Host for KvView<'_> {
             return Ok(Err(other(error)));
         }
         usage.record(key.len(), sizes.0, sizes.1);
+        drop(writing);
         match outcome {
             Ok(value) => Ok(durable(self.ctx.store.clone()).await.map(|()| value)),
             Err(message) => Ok(Err(store::Error::Other(message))),
@@ -307,18 +312,27 @@ impl atomics::Host for KvView<'_> {
     ) -> wasmtime::Result<Result<(), atomics::CasError>> {
         let Cas { tree, key, seen } = self.table.delete(cas)?;
         let old = seen.as_ref().map(|v| v.len());
-        if let Err(error) = admit(&self.ctx.usage, &key, old, &value) {
-            return Ok(Err(atomics::CasError::StoreError(error)));
-        }
-        let new = value.len();
-        match tree.compare_and_swap(key.as_bytes(), seen, Some(value)) {
+        let swapped = {
+            let usage = &self.ctx.usage;
+            let _writing = usage.writing();
+            admit(usage, &key, old, &value).map(|()| {
+                let new = value.len();
+                let swapped = tree.compare_and_swap(key.as_bytes(), seen, Some(value));
+                if let Ok(Ok(())) = swapped {
+                    usage.record(key.len(), old, Some(new));
+                }
+                swapped
+            })
+        };
+        let swapped = match swapped {
+            Ok(swapped) => swapped,
+            Err(error) => return Ok(Err(atomics::CasError::StoreError(error))),
+        };
+        match swapped {
             Err(error) => Ok(Err(atomics::CasError::StoreError(other(error)))),
-            Ok(Ok(())) => {
-                self.ctx.usage.record(key.len(), old, Some(new));
-                Ok(durable(self.ctx.store.clone())
-                    .await
-                    .map_err(atomics::CasError::StoreError))
-            }
+            Ok(Ok(())) => Ok(durable(self.ctx.store.clone())
+                .await
+                .map_err(atomics::CasError::StoreError)),
             Ok(Err(conflict)) => {
                 let retry = self.table.push(Cas {
                     tree,

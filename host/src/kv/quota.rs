@@ -23,6 +23,9 @@ pub struct KvUsage {
 
 /// What one app's buckets hold.
 pub struct AppUsage {
+    /// Held by a write from its quota check to its count, so that concurrent writes of one
+    /// app cannot all pass the check on the same figures (never held across an await).
+    writing: Mutex<()>,
     quotas: KvQuotas,
     bytes: AtomicU64,
     keys: AtomicU64,
@@ -47,7 +50,11 @@ impl KvUsage {
                 let (key, value) = entry.map_err(|e| format!("reading {name}: {e}"))?;
                 app.record(key.len(), None, Some(value.len()));
             }
-            app.open_bucket(bucket)?;
+            // Buckets already there count, even past a quota lowered since.
+            app.buckets
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(bucket.to_string());
         }
         Ok(usage)
     }
@@ -58,6 +65,7 @@ impl KvUsage {
         apps.entry(app.to_string())
             .or_insert_with(|| {
                 Arc::new(AppUsage {
+                    writing: Mutex::new(()),
                     quotas: self.quotas,
                     bytes: AtomicU64::new(0),
                     keys: AtomicU64::new(0),
@@ -69,6 +77,11 @@ impl KvUsage {
 }
 
 impl AppUsage {
+    /// Serialises this app's writes from quota check to count; hold it for no longer.
+    pub fn writing(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.writing.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Admits opening `bucket`: an existing one always, a new one within the bucket quota.
     pub fn open_bucket(&self, bucket: &str) -> Result<(), String> {
         let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
@@ -151,6 +164,7 @@ mod tests {
 
     fn usage(max_bytes: u64, max_keys: u64) -> AppUsage {
         AppUsage {
+            writing: Mutex::new(()),
             quotas: KvQuotas {
                 max_bytes,
                 max_keys,

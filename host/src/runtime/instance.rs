@@ -302,10 +302,14 @@ pub async fn invoke(
                 permit: instance.is_some().then_some(permit),
                 instance,
                 reaped: false,
+                reaper: None,
             }));
-            if lock(&running).instance.is_some() {
-                tokio::spawn(reap_at(deadline, Arc::downgrade(&running)));
+            let mut state = lock(&running);
+            if state.instance.is_some() {
+                let reaper = tokio::spawn(reap_at(deadline, Arc::downgrade(&running)));
+                state.reaper = Some(reaper.abort_handle());
             }
+            drop(state);
             Ok(response.map(|body| InstanceBody { body, running }))
         }
         Ok(Err(code)) => Err(InvokeError::AppError(format!("{code:?}"))),
@@ -319,6 +323,28 @@ struct Running {
     permit: Option<OwnedSemaphorePermit>,
     /// The deadline passed while the instance was still running, and it was dropped.
     reaped: bool,
+    /// The timer task that enforces the deadline; stopped once the instance is gone.
+    reaper: Option<tokio::task::AbortHandle>,
+}
+
+impl Running {
+    /// The instance finished: its slot goes back, and its deadline no longer matters.
+    fn finish(&mut self) {
+        self.instance = None;
+        self.permit = None;
+        if let Some(reaper) = self.reaper.take() {
+            reaper.abort();
+        }
+    }
+}
+
+/// The lock if it is free now.
+fn try_lock(running: &Mutex<Running>) -> Option<std::sync::MutexGuard<'_, Running>> {
+    match running.try_lock() {
+        Ok(state) => Some(state),
+        Err(std::sync::TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    }
 }
 
 fn lock(running: &Mutex<Running>) -> std::sync::MutexGuard<'_, Running> {
@@ -334,14 +360,23 @@ async fn reap_at(deadline: tokio::time::Instant, running: Weak<Mutex<Running>>) 
     let Some(running) = running.upgrade() else {
         return;
     };
+    // The body may be polling the guest under the lock right now (until its next yield):
+    // wait for it without blocking this worker thread.
+    let mut state = loop {
+        if let Some(state) = try_lock(&running) {
+            break state;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
     let (instance, permit) = {
-        let mut running = lock(&running);
-        if running.instance.is_none() {
+        if state.instance.is_none() {
             return;
         }
-        running.reaped = true;
-        (running.instance.take(), running.permit.take())
+        state.reaped = true;
+        state.reaper = None;
+        (state.instance.take(), state.permit.take())
     };
+    drop(state);
     // Dropped outside the lock: dropping a store runs destructors of the guest's resources.
     drop(instance);
     drop(permit);
@@ -351,6 +386,18 @@ async fn reap_at(deadline: tokio::time::Instant, running: Weak<Mutex<Running>>) 
 pub struct InstanceBody {
     body: HyperOutgoingBody,
     running: Arc<Mutex<Running>>,
+}
+
+impl Drop for InstanceBody {
+    /// The client is done with the response (or gone): the instance, if it still runs, goes
+    /// now, with its slot and its deadline's timer.
+    fn drop(&mut self) {
+        let mut running = lock(&self.running);
+        let instance = running.instance.take();
+        running.finish();
+        drop(running);
+        drop(instance);
+    }
 }
 
 impl hyper::body::Body for InstanceBody {
@@ -369,8 +416,7 @@ impl hyper::body::Body for InstanceBody {
             };
             let failure = match outcome {
                 Poll::Ready(outcome) => {
-                    running.instance = None;
-                    running.permit = None;
+                    running.finish();
                     match outcome {
                         Ok(Ok(())) => None,
                         Ok(Err(error)) => Some(format!(

@@ -14,6 +14,12 @@
 //! holds up its lane's other generations only a piece at a time. Models are registered by file (`tensorlet model add`); a guest cannot
 //! pass LLM weights through its memory.
 
+mod options;
+mod text;
+
+use options::Options;
+use text::GeneratedText;
+
 use super::{
     Backend, BackendError, Cancellation, ComputeSlots, ExecutionContext, ExecutionTarget,
     GenerationActivity, Graph, NamedTensor, Tensor, TensorType,
@@ -242,81 +248,6 @@ struct LlamaExecution {
     finished: Option<Chunk>,
 }
 
-/// Generation settings (the JSON `options` tensor).
-#[derive(Debug, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-struct Options {
-    max_tokens: u32,
-    temperature: f32,
-    top_p: f32,
-    top_k: i32,
-    repeat_penalty: f32,
-    seed: Option<u32>,
-    stop: Vec<String>,
-    /// Tokens a `compute` call waits for (it returns all that are ready): 1 streams token by
-    /// token; a large value returns everything at once.
-    chunk_tokens: u32,
-}
-
-impl Default for Options {
-    fn default() -> Self {
-        Self {
-            max_tokens: 256,
-            temperature: 0.8,
-            top_p: 0.95,
-            top_k: 40,
-            repeat_penalty: 1.0,
-            seed: None,
-            stop: Vec::new(),
-            chunk_tokens: 1,
-        }
-    }
-}
-
-/// Stop strings a generation may ask for, and the longest one, in bytes: each is searched for
-/// after every token.
-const MAX_STOP_STRINGS: usize = 16;
-const MAX_STOP_BYTES: usize = 256;
-
-impl Options {
-    /// Refuses options that cannot work or would make every step expensive.
-    fn validate(&self) -> Result<(), BackendError> {
-        let invalid = |message: String| Err(BackendError::InvalidArgument(message));
-        if self.stop.len() > MAX_STOP_STRINGS {
-            return invalid(format!(
-                "at most {MAX_STOP_STRINGS} stop strings, not {}",
-                self.stop.len()
-            ));
-        }
-        if let Some(stop) = self
-            .stop
-            .iter()
-            .find(|s| s.is_empty() || s.len() > MAX_STOP_BYTES)
-        {
-            return invalid(format!(
-                "a stop string must be 1 to {MAX_STOP_BYTES} bytes, not {}",
-                stop.len()
-            ));
-        }
-        if !(0.0..=100.0).contains(&self.temperature) {
-            return invalid(format!(
-                "temperature must be between 0 and 100, not {}",
-                self.temperature
-            ));
-        }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return invalid(format!("top_p must be in (0, 1], not {}", self.top_p));
-        }
-        if !(self.repeat_penalty.is_finite() && self.repeat_penalty > 0.0) {
-            return invalid(format!(
-                "repeat_penalty must be positive, not {}",
-                self.repeat_penalty
-            ));
-        }
-        Ok(())
-    }
-}
-
 #[derive(Deserialize)]
 struct Message {
     role: String,
@@ -335,11 +266,8 @@ struct Sequence {
     /// Tokens generated since the reader last took a chunk.
     unread: u32,
     options: Options,
-    /// Bytes of a character split across tokens.
-    partial_utf8: Vec<u8>,
-    /// All text generated so far, and how much of it was handed out.
-    text: String,
-    emitted: usize,
+    /// The text generated so far, and how much of it was handed out.
+    text: GeneratedText,
     finish_reason: Option<&'static str>,
     /// Why decoding failed, reported to the reader instead of a chunk.
     failure: Option<String>,
@@ -440,9 +368,7 @@ impl LlamaExecution {
             generated: 0,
             unread: 0,
             options,
-            partial_utf8: Vec::new(),
-            text: String::new(),
-            emitted: 0,
+            text: GeneratedText::default(),
             finish_reason: None,
             failure: None,
         };
@@ -886,16 +812,9 @@ impl Sequence {
         }
         self.generated += 1;
         self.unread += 1;
-        vocab.token_to_piece_into(token, &mut self.partial_utf8, false, None);
-        self.take_complete_utf8();
-        if let Some(stop) = self
-            .options
-            .stop
-            .iter()
-            .filter_map(|s| self.text.find(s.as_str()))
-            .min()
-        {
-            self.text.truncate(stop);
+        let mut piece = Vec::new();
+        vocab.token_to_piece_into(token, &mut piece, false, None);
+        if self.text.push_piece(&piece, &self.options.stop) {
             self.finish_reason = Some("stop");
         } else if self.generated >= self.options.max_tokens
             || self.position as u32 + 1 >= context_tokens
@@ -922,47 +841,15 @@ impl Sequence {
             return Ok(None);
         }
         self.unread = 0;
-        // Hold back what could still turn out to be the start of a stop sequence.
-        let mut end = self.text.len();
-        if self.finish_reason.is_none() {
-            let hold = self
-                .options
-                .stop
-                .iter()
-                .map(|s| s.len().saturating_sub(1))
-                .max()
-                .unwrap_or(0);
-            end = end.saturating_sub(hold).max(self.emitted);
-            while !self.text.is_char_boundary(end) {
-                end -= 1;
-            }
-        }
-        let text = self.text[self.emitted..end].to_string();
-        self.emitted = end;
+        let text = self
+            .text
+            .take(self.finish_reason.is_some(), &self.options.stop);
         Ok(Some(Chunk {
             text,
             finish_reason: self.finish_reason,
             prompt_tokens: self.prompt_tokens,
             generated: self.generated,
         }))
-    }
-
-    /// Moves the complete characters of `partial_utf8` into `text`.
-    fn take_complete_utf8(&mut self) {
-        let valid = match std::str::from_utf8(&self.partial_utf8) {
-            Ok(text) => text.len(),
-            Err(error) if error.error_len().is_none() => error.valid_up_to(),
-            // Invalid bytes (not merely incomplete) are replaced rather than kept forever.
-            Err(_) => {
-                let lossy = String::from_utf8_lossy(&self.partial_utf8).into_owned();
-                self.text.push_str(&lossy);
-                self.partial_utf8.clear();
-                return;
-            }
-        };
-        let complete: Vec<u8> = self.partial_utf8.drain(..valid).collect();
-        self.text
-            .push_str(std::str::from_utf8(&complete).expect("checked above"));
     }
 }
 
@@ -1007,56 +894,5 @@ impl Drop for LlamaExecution {
             Ok(runtime) => drop(runtime.spawn_blocking(move || shared.release(slot))),
             Err(_) => shared.release(slot),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Options;
-    use proptest::prelude::*;
-
-    proptest! {
-        /// Options come from guests as JSON: any object of these fields is parsed and judged
-        /// without panicking.
-        #[test]
-        fn any_options_json_is_judged_without_panicking(
-            max_tokens in any::<i64>(),
-            temperature in any::<f64>(),
-            top_p in any::<f64>(),
-            stop in prop::collection::vec(".{0,300}", 0..20),
-        ) {
-            let json = serde_json::json!({
-                "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "stop": stop,
-            });
-            if let Ok(options) = serde_json::from_value::<Options>(json) {
-                let valid = options.validate().is_ok();
-                prop_assert!(!valid || (options.stop.len() <= 16 && options.stop.iter().all(|s| (1..=256).contains(&s.len()))));
-            }
-        }
-    }
-
-    fn options(json: &str) -> Options {
-        serde_json::from_str(json).expect("options parse")
-    }
-
-    #[test]
-    fn options_that_would_make_every_step_expensive_or_cannot_work_are_refused() {
-        assert!(options("{}").validate().is_ok());
-        assert!(options(r#"{"stop": ["\n", "User:"], "temperature": 0}"#)
-            .validate()
-            .is_ok());
-        let many = format!(r#"{{"stop": {:?}}}"#, vec!["x"; 17]);
-        let long = format!(r#"{{"stop": [{:?}]}}"#, "y".repeat(257));
-        for refused in [
-            many.as_str(),
-            long.as_str(),
-            r#"{"stop": [""]}"#,
-            r#"{"temperature": -1}"#,
-            r#"{"top_p": 0}"#,
-            r#"{"repeat_penalty": 0}"#,
-        ] {
-            assert!(options(refused).validate().is_err(), "{refused}");
-        }
-        assert!(serde_json::from_str::<Options>(r#"{"stopp": []}"#).is_err());
     }
 }

@@ -1,0 +1,131 @@
+//! The options of one generation (the JSON `options` tensor, see `wit/README.md`): what a
+//! guest may ask for, its defaults, and the bounds that keep every decoding step cheap.
+
+use super::BackendError;
+use serde::Deserialize;
+
+/// Generation settings (the JSON `options` tensor).
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct Options {
+    pub(super) max_tokens: u32,
+    pub(super) temperature: f32,
+    pub(super) top_p: f32,
+    pub(super) top_k: i32,
+    pub(super) repeat_penalty: f32,
+    pub(super) seed: Option<u32>,
+    pub(super) stop: Vec<String>,
+    /// Tokens a `compute` call waits for (it returns all that are ready): 1 streams token by
+    /// token; a large value returns everything at once.
+    pub(super) chunk_tokens: u32,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            max_tokens: 256,
+            temperature: 0.8,
+            top_p: 0.95,
+            top_k: 40,
+            repeat_penalty: 1.0,
+            seed: None,
+            stop: Vec::new(),
+            chunk_tokens: 1,
+        }
+    }
+}
+
+/// Stop strings a generation may ask for, and the longest one, in bytes: each is searched for
+/// after every token.
+const MAX_STOP_STRINGS: usize = 16;
+const MAX_STOP_BYTES: usize = 256;
+
+impl Options {
+    /// Refuses options that cannot work or would make every step expensive.
+    pub(super) fn validate(&self) -> Result<(), BackendError> {
+        let invalid = |message: String| Err(BackendError::InvalidArgument(message));
+        if self.stop.len() > MAX_STOP_STRINGS {
+            return invalid(format!(
+                "at most {MAX_STOP_STRINGS} stop strings, not {}",
+                self.stop.len()
+            ));
+        }
+        if let Some(stop) = self
+            .stop
+            .iter()
+            .find(|s| s.is_empty() || s.len() > MAX_STOP_BYTES)
+        {
+            return invalid(format!(
+                "a stop string must be 1 to {MAX_STOP_BYTES} bytes, not {}",
+                stop.len()
+            ));
+        }
+        if !(0.0..=100.0).contains(&self.temperature) {
+            return invalid(format!(
+                "temperature must be between 0 and 100, not {}",
+                self.temperature
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return invalid(format!("top_p must be in (0, 1], not {}", self.top_p));
+        }
+        if !(self.repeat_penalty.is_finite() && self.repeat_penalty > 0.0) {
+            return invalid(format!(
+                "repeat_penalty must be positive, not {}",
+                self.repeat_penalty
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Options;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Options come from guests as JSON: any object of these fields is parsed and judged
+        /// without panicking.
+        #[test]
+        fn any_options_json_is_judged_without_panicking(
+            max_tokens in any::<i64>(),
+            temperature in any::<f64>(),
+            top_p in any::<f64>(),
+            stop in prop::collection::vec(".{0,300}", 0..20),
+        ) {
+            let json = serde_json::json!({
+                "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "stop": stop,
+            });
+            if let Ok(options) = serde_json::from_value::<Options>(json) {
+                let valid = options.validate().is_ok();
+                prop_assert!(!valid || (options.stop.len() <= 16 && options.stop.iter().all(|s| (1..=256).contains(&s.len()))));
+            }
+        }
+    }
+
+    fn options(json: &str) -> Options {
+        serde_json::from_str(json).expect("options parse")
+    }
+
+    #[test]
+    fn options_that_would_make_every_step_expensive_or_cannot_work_are_refused() {
+        assert!(options("{}").validate().is_ok());
+        assert!(options(r#"{"stop": ["\n", "User:"], "temperature": 0}"#)
+            .validate()
+            .is_ok());
+        let many = format!(r#"{{"stop": {:?}}}"#, vec!["x"; 17]);
+        let long = format!(r#"{{"stop": [{:?}]}}"#, "y".repeat(257));
+        for refused in [
+            many.as_str(),
+            long.as_str(),
+            r#"{"stop": [""]}"#,
+            r#"{"temperature": -1}"#,
+            r#"{"top_p": 0}"#,
+            r#"{"repeat_penalty": 0}"#,
+        ] {
+            assert!(options(refused).validate().is_err(), "{refused}");
+        }
+        assert!(serde_json::from_str::<Options>(r#"{"stopp": []}"#).is_err());
+    }
+}
