@@ -6,6 +6,22 @@ use crate::support::{config_file, TestNode};
 use futures_util::StreamExt;
 use std::time::{Duration, Instant};
 
+/// The text of a streamed completion: its server-sent events' `choices[0].text`, joined.
+fn streamed_text(events: &str) -> String {
+    events
+        .lines()
+        .filter_map(|line| line.strip_prefix("data: "))
+        .filter(|data| *data != "[DONE]")
+        .map(|data| {
+            let event: serde_json::Value = serde_json::from_str(data).unwrap();
+            event["choices"][0]["text"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect()
+}
+
 /// Generations here assert what is generated, not how fast: a generous timeout keeps a slow,
 /// busy machine from turning them into 504s.
 fn with_smollm2_and_openai(node: &TestNode) {
@@ -175,31 +191,20 @@ async fn generations_on_one_model_run_side_by_side() {
 #[tokio::test]
 async fn concurrent_generations_share_batches_and_match_sequential_ones() {
     let _heavy = crate::support::heavy().await;
-    // One lane (its threads span every core) batching up to three sequences: four generations
-    // at once are decoded three together, the fourth waits for a free sequence.
+    // One lane (its threads span every core) batching up to three sequences: three generations
+    // at once are decoded together.
     let cores = std::thread::available_parallelism().unwrap().get();
     let config = config_file(&format!(
         "[nn]\nthreads = {cores}\nllm_batch_sequences = 3\n"
     ));
     let node = TestNode::start_with(&["--config", config.path().to_str().unwrap()]);
     with_smollm2_and_openai(&node);
-    let prompts = [
-        "1, 2, 3, 4,",
-        "The sea is",
-        "Edge computing means",
-        "A recipe for bread:",
-    ];
-    let complete = |prompt: &str| {
-        let body = serde_json::json!({
+    let prompts = ["1, 2, 3, 4,", "The sea is", "Edge computing means"];
+    let request = |prompt: &str, stream: bool| {
+        serde_json::json!({
             "model": "smollm2", "prompt": prompt, "max_tokens": 64, "temperature": 0, "stop": [],
-        });
-        let node = &node;
-        async move {
-            let response = node.post_json("/apps/openai/v1/completions", &body).await;
-            assert_eq!(response.status(), 200);
-            let body: serde_json::Value = response.json().await.unwrap();
-            body["choices"][0]["text"].as_str().unwrap().to_string()
-        }
+            "stream": stream,
+        })
     };
     let activity = || async {
         let models = node.admin_json("/v1/admin/models").await;
@@ -208,7 +213,12 @@ async fn concurrent_generations_share_batches_and_match_sequential_ones() {
 
     let mut sequential = Vec::new();
     for prompt in prompts {
-        sequential.push(complete(prompt).await);
+        let response = node
+            .post_json("/apps/openai/v1/completions", &request(prompt, false))
+            .await;
+        assert_eq!(response.status(), 200);
+        let body: serde_json::Value = response.json().await.unwrap();
+        sequential.push(body["choices"][0]["text"].as_str().unwrap().to_string());
     }
     let before = activity().await;
     assert_eq!(before["lanes"], 1);
@@ -218,9 +228,28 @@ async fn concurrent_generations_share_batches_and_match_sequential_ones() {
         "one generation at a time decodes one token per forward pass"
     );
 
-    // Long enough generations that they overlap for most of their steps however late each
-    // request arrives: the ratio below measures batching, not arrival order.
-    let concurrent = futures_util::future::join_all(prompts.map(complete)).await;
+    // Three streamed generations, each started and read up to its first token before the
+    // next starts: all three are then in the lane together, however late each request
+    // arrived, and the rest of them is read at once.
+    let mut streams = Vec::new();
+    for prompt in prompts {
+        let response = node
+            .post_json("/apps/openai/v1/completions", &request(prompt, true))
+            .await;
+        assert_eq!(response.status(), 200);
+        let mut events = response.bytes_stream();
+        let first = events.next().await.unwrap().unwrap().to_vec();
+        streams.push((first, events));
+    }
+    let concurrent = futures_util::future::join_all(streams.into_iter().map(
+        |(mut received, mut events)| async move {
+            while let Some(chunk) = events.next().await {
+                received.extend_from_slice(&chunk.unwrap());
+            }
+            streamed_text(&String::from_utf8(received).unwrap())
+        },
+    ))
+    .await;
     assert_eq!(concurrent, sequential, "greedy texts differ when batched");
     let after = activity().await;
     let passes =
