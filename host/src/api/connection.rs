@@ -376,17 +376,20 @@ impl<B: Body + Unpin> Body for TrackedBody<B> {
     type Error = B::Error;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let activity = self.in_flight.0.clone();
+        let this = self.get_mut();
+        let activity = &this.in_flight.0;
         activity
             .body_polled
             .store(activity.now(), Ordering::Relaxed);
-        self.release_frame();
-        let poll = Pin::new(&mut self.body).poll_frame(cx);
+        if std::mem::take(&mut this.holding_frame) {
+            activity.frames_held.fetch_sub(1, Ordering::Relaxed);
+        }
+        let poll = Pin::new(&mut this.body).poll_frame(cx);
         if let Poll::Ready(Some(Ok(_))) = &poll {
-            self.holding_frame = true;
+            this.holding_frame = true;
             activity.frames_held.fetch_add(1, Ordering::Relaxed);
         }
         poll

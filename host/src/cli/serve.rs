@@ -10,9 +10,6 @@ use std::sync::Arc;
 
 /// Runs a node until SIGINT or SIGTERM, then flushes the database and returns.
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    config
-        .validate()
-        .map_err(|e| anyhow::anyhow!("invalid config: {e}"))?;
     let max_connections = config
         .server
         .connection_cap(api::raise_open_file_limit())
