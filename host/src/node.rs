@@ -4,6 +4,7 @@
 use crate::config::Config;
 use crate::nn::{backend::Backends, ModelRegistry};
 use crate::runtime::Runtime;
+use crate::store::blobs::Blobs;
 use crate::store::Store;
 use anyhow::Context;
 use std::sync::Arc;
@@ -44,12 +45,26 @@ pub fn open(config: Config, tls_fingerprint: Option<String>) -> anyhow::Result<N
         std::fs::remove_dir_all(&tmp).with_context(|| format!("cannot empty {}", tmp.display()))?;
     }
     let store = Store::open(&config.data_dir.join("db"))?;
+    let blobs = Blobs::open(&config.data_dir.join("blobs"))?;
+    blobs
+        .adopt_legacy_folders(&config.data_dir)
+        .context("cannot move the files of an older node into blobs/")?;
     let models = Arc::new(ModelRegistry::open(
         store.clone(),
-        &config.data_dir.join("models"),
+        blobs.clone(),
         Backends::builtin(&config.nn),
     )?);
-    let runtime = Arc::new(Runtime::open(&config, store.clone(), models.clone())?);
+    let runtime = Arc::new(Runtime::open(
+        &config,
+        store.clone(),
+        blobs.clone(),
+        models.clone(),
+    )?);
+    // Every record now holds its blob: what none holds was left by a crash.
+    let orphans = blobs.sweep().context("cannot clean blobs/")?;
+    if orphans > 0 {
+        tracing::info!(files = orphans, "deleted blobs that no record holds");
+    }
     Ok(Node {
         config,
         store,

@@ -1,9 +1,10 @@
 //! A crash loop in the style of sled's own crash tests, but stricter: the node is SIGKILLed at a
 //! random moment while clients increment counters, deploy apps and add models; after every
-//! restart the store opens, everything the node acknowledged is there, and no half-written
-//! file is left behind.
+//! restart the store opens, everything the node acknowledged is there, no half-written file is
+//! left behind, and the blob store holds exactly the files the records point to.
 
 use crate::support::{artifacts, TestNode};
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,10 +21,25 @@ struct Acknowledged {
     models: Vec<String>,
 }
 
+/// The blobs that are neither a record's file nor derived from one: a file whose deploy or
+/// model add was never acknowledged must not outlive the restart.
+fn unreferenced_blobs(data_dir: &Path, records: &[&serde_json::Value]) -> Vec<String> {
+    let referenced: BTreeSet<&str> = records
+        .iter()
+        .flat_map(|list| list.as_array().unwrap())
+        .map(|record| record["digest"].as_str().unwrap())
+        .collect();
+    std::fs::read_dir(data_dir.join("blobs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| !referenced.contains(name.split('.').next().unwrap()))
+        .collect()
+}
+
 /// Files an interrupted write may leave: the staged names of `write_durably`, uploads in tmp/.
 fn stray_files(data_dir: &Path) -> Vec<String> {
     let mut stray = Vec::new();
-    for folder in ["components", "cache", "models", "tls", "."] {
+    for folder in ["blobs", "tls", "."] {
         let Ok(entries) = std::fs::read_dir(data_dir.join(folder)) else {
             continue;
         };
@@ -71,6 +87,11 @@ async fn nothing_acknowledged_is_lost_across_a_loop_of_sigkills() {
                 .unwrap();
             let apps = node.admin_json("/v1/admin/apps").await;
             let models = node.admin_json("/v1/admin/models").await;
+            let orphans = unreferenced_blobs(data.path(), &[&apps["apps"], &models["models"]]);
+            assert!(
+                orphans.is_empty(),
+                "cycle {cycle}: orphan blobs {orphans:?}"
+            );
             let seen = acknowledged.lock().unwrap();
             assert!(
                 count >= seen.count,

@@ -68,10 +68,10 @@ async fn a_restart_reuses_the_compiled_component_and_keeps_apps() {
     let mut node = TestNode::start();
     node.deploy_ok("hello", artifacts::HELLO, "timeout_secs=7")
         .await;
-    let cache = node.data_dir.join("cache");
-    let compiled: Vec<_> = std::fs::read_dir(&cache)
+    let compiled: Vec<_> = std::fs::read_dir(node.data_dir.join("blobs"))
         .unwrap()
         .map(|e| e.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|e| e == "cwasm"))
         .collect();
     assert_eq!(compiled.len(), 1, "{compiled:?}");
     let written = std::fs::metadata(&compiled[0]).unwrap().modified().unwrap();
@@ -98,33 +98,35 @@ async fn a_restart_reuses_the_compiled_component_and_keeps_apps() {
 #[tokio::test]
 async fn replaced_and_removed_components_leave_no_files_behind() {
     let node = TestNode::start();
-    let files = |folder: &str| -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(node.data_dir.join(folder))
+    // Components and their compiled artifacts (`<digest>.<engine>.cwasm`), in blobs/.
+    let blobs = || -> (Vec<String>, usize) {
+        let names: Vec<String> = std::fs::read_dir(node.data_dir.join("blobs"))
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
-        names.sort();
-        names
+        let mut components: Vec<String> =
+            names.iter().filter(|n| !n.contains('.')).cloned().collect();
+        components.sort();
+        let compiled = names.iter().filter(|n| n.ends_with(".cwasm")).count();
+        assert_eq!(components.len() + compiled, names.len(), "{names:?}");
+        (components, compiled)
     };
     // Two apps share one component: one file, one compiled artifact.
     node.deploy_ok("first", artifacts::HELLO, "").await;
     node.deploy_ok("second", artifacts::HELLO, "").await;
-    let hello = files("components");
-    assert_eq!((hello.len(), files("cache").len()), (1, 1), "{hello:?}");
+    let (hello, compiled) = blobs();
+    assert_eq!((hello.len(), compiled), (1, 1), "{hello:?}");
     // Replacing one keeps the shared file; replacing both lets it go.
     node.deploy_ok("first", artifacts::KV_COUNTER, "").await;
-    assert!(files("components").contains(&hello[0]));
+    assert!(blobs().0.contains(&hello[0]));
     node.deploy_ok("second", artifacts::KV_COUNTER, "").await;
-    assert!(!files("components").contains(&hello[0]));
-    assert_eq!((files("components").len(), files("cache").len()), (1, 1));
+    assert!(!blobs().0.contains(&hello[0]));
+    assert_eq!((blobs().0.len(), blobs().1), (1, 1));
     // Removing the last app that uses a component deletes it and its compiled artifact.
     node.cli_ok(&["remove", "first"]);
-    assert_eq!(files("components").len(), 1);
+    assert_eq!(blobs().0.len(), 1);
     node.cli_ok(&["remove", "second"]);
-    assert_eq!(
-        (files("components"), files("cache")),
-        (Vec::new(), Vec::new())
-    );
+    assert_eq!(blobs(), (Vec::new(), 0));
 }
 
 /// The examples also build with `cargo component build` (wasm32-wasip1 + the preview1

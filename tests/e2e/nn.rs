@@ -133,7 +133,7 @@ async fn models_that_are_not_onnx_are_refused_and_unknown_models_are_not_found()
         "a refused model was registered"
     );
     assert_eq!(
-        std::fs::read_dir(node.data_dir.join("models"))
+        std::fs::read_dir(node.data_dir.join("blobs"))
             .unwrap()
             .count(),
         0,

@@ -1,11 +1,13 @@
-//! The node's model registry: records in sled, files in `<data-dir>/models/` named by their
-//! SHA-256 digest, and each model loaded once into memory and shared by all instances.
+//! The node's model registry: records in sled, files in the node's blob store (named by their
+//! SHA-256 digest, held by the records), and each model loaded once into memory and shared by
+//! all instances.
 //! A registered model that no longer loads (its backend's library went away) stays listed,
 //! with the reason, until it loads again at the next start or is replaced.
 
 use super::backend::{
     self, BackendError, Backends, ChoiceError, ExecutionTarget, GenerationActivity, Graph,
 };
+use crate::store::blobs::Blobs;
 use crate::store::{self, Store, StoreError};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -92,11 +94,11 @@ pub struct Upload {
 pub struct ModelRegistry {
     store: Store,
     tree: sled::Tree,
-    dir: PathBuf,
+    blobs: Arc<Blobs>,
     backends: Backends,
     entries: RwLock<HashMap<String, Entry>>,
-    /// Serialises adds and removes, so that a file is never deleted while a record that
-    /// points to it is being written (an add and a remove sharing a digest).
+    /// Serialises adds and removes, so that the records in sled, the entries in memory and
+    /// the holds on blobs change together.
     changes: tokio::sync::Mutex<()>,
 }
 
@@ -109,15 +111,14 @@ fn valid_name(name: &str) -> bool {
 
 impl ModelRegistry {
     /// Opens the registry and loads every registered model with the backend and target it was
-    /// registered with. Blocking: call it from a blocking context at start-up. A model that no
-    /// longer loads is logged and listed as not loaded.
-    pub fn open(store: Store, dir: &Path, backends: Backends) -> Result<Self, ModelError> {
-        std::fs::create_dir_all(dir)?;
-        store::files::remove_staged(dir)?;
+    /// registered with, holding their files in `blobs`. Blocking: call it from a blocking
+    /// context at start-up. A model that no longer loads is logged and listed as not loaded.
+    pub fn open(store: Store, blobs: Arc<Blobs>, backends: Backends) -> Result<Self, ModelError> {
         let tree = store.tree("models")?;
         let mut entries = HashMap::new();
         for record in store::all_json::<ModelRecord>(&tree)? {
-            let graph = Self::load_registered(&backends, dir, &record);
+            blobs.adopt(&record.digest);
+            let graph = Self::load_registered(&backends, &blobs.path(&record.digest), &record);
             if let Err(error) = &graph {
                 tracing::error!(model = %record.name, %error, "registered model could not be loaded");
             }
@@ -126,7 +127,7 @@ impl ModelRegistry {
         Ok(Self {
             store,
             tree,
-            dir: dir.to_path_buf(),
+            blobs,
             backends,
             changes: tokio::sync::Mutex::new(()),
             entries: RwLock::new(entries),
@@ -135,7 +136,7 @@ impl ModelRegistry {
 
     fn load_registered(
         backends: &Backends,
-        dir: &Path,
+        file: &Path,
         record: &ModelRecord,
     ) -> Result<Arc<dyn Graph>, String> {
         let backend = backends
@@ -148,9 +149,15 @@ impl ModelRegistry {
             ));
         }
         let target = backend::parse_target(&record.target).unwrap_or(ExecutionTarget::Cpu);
-        backend
-            .load_file(&dir.join(&record.digest), target)
-            .map_err(|e| e.to_string())
+        let size = std::fs::metadata(file).map_err(|e| format!("its file is missing: {e}"))?;
+        if size.len() != record.size_bytes {
+            return Err(format!(
+                "its file holds {} bytes, not the {} registered: add the model again",
+                size.len(),
+                record.size_bytes
+            ));
+        }
+        backend.load_file(file, target).map_err(|e| e.to_string())
     }
 
     /// The backends models can be loaded with.
@@ -198,7 +205,8 @@ impl ModelRegistry {
 
     /// Registers the model in `staged` (a file in the data dir) under `name`, replacing any
     /// model of that name, with the backend [`Backends::choose`] picks. The file is loaded
-    /// first: one that does not load is refused and deleted, and nothing changes.
+    /// first: one that does not load is refused and deleted (unless another model shares its
+    /// bytes), and nothing changes.
     pub async fn add(
         &self,
         name: &str,
@@ -229,25 +237,19 @@ impl ModelRegistry {
             Err(error) => return refuse(error, &staged),
         };
         let _changing = self.changes.lock().await;
-        let final_path = self.dir.join(&upload.digest);
+        let (blobs, digest) = (self.blobs.clone(), upload.digest.clone());
         let backend = choice.backend.clone();
         let target = choice.target;
-        // Reading and optimising the model is blocking CPU and file work.
-        let graph = tokio::task::spawn_blocking(move || -> Result<Arc<dyn Graph>, ModelError> {
-            match backend.load_file(&staged, target) {
-                Ok(graph) => {
-                    store::files::commit(&staged, &final_path)?;
-                    Ok(graph)
-                }
-                Err(error) => {
-                    let _ = std::fs::remove_file(&staged);
-                    Err(match error {
-                        BackendError::InvalidModel(message) => ModelError::InvalidModel(message),
-                        other => {
-                            ModelError::InvalidModel(format!("the model does not load: {other}"))
-                        }
-                    })
-                }
+        // Storing, reading and optimising the model is blocking CPU and file work. A model that
+        // does not load lets its blob go again.
+        let (held, graph) = tokio::task::spawn_blocking(move || {
+            let held = blobs.put_file(&staged, &digest)?;
+            match backend.load_file(&blobs.path(&digest), target) {
+                Ok(graph) => Ok((held, graph)),
+                Err(BackendError::InvalidModel(message)) => Err(ModelError::InvalidModel(message)),
+                Err(other) => Err(ModelError::InvalidModel(format!(
+                    "the model does not load: {other}"
+                ))),
             }
         })
         .await
@@ -264,6 +266,7 @@ impl ModelRegistry {
         };
         store::put_json(&self.tree, name, &record)?;
         self.store.make_durable().await?;
+        held.keep();
         let previous = self.entries.write().expect("registry lock").insert(
             name.to_string(),
             Entry {
@@ -272,7 +275,7 @@ impl ModelRegistry {
             },
         );
         if let Some(previous) = previous {
-            self.remove_file_if_unused(&previous.record.digest);
+            self.blobs.release(&previous.record.digest);
         }
         Ok(record)
     }
@@ -292,19 +295,7 @@ impl ModelRegistry {
         self.tree.remove(name).map_err(StoreError::from)?;
         self.store.make_durable().await?;
         self.entries.write().expect("registry lock").remove(name);
-        self.remove_file_if_unused(&record.digest);
+        self.blobs.release(&record.digest);
         Ok(record)
-    }
-
-    fn remove_file_if_unused(&self, digest: &str) {
-        let used = self
-            .entries
-            .read()
-            .expect("registry lock")
-            .values()
-            .any(|e| e.record.digest == digest);
-        if !used {
-            let _ = std::fs::remove_file(self.dir.join(digest));
-        }
     }
 }

@@ -1,10 +1,11 @@
 //! The node's one wasmtime [`Engine`]: pooling allocator, epoch interruption driven by one
-//! ticker thread, and a disk cache of compiled components keyed by the component's digest and
-//! the engine's configuration, so that a restart does not recompile.
+//! ticker thread, and a cache of compiled components (in the blob store) keyed by the
+//! component's digest and the engine's configuration, so that a restart does not recompile.
 
 use crate::config::LimitsConfig;
+use crate::store::blobs::Blobs;
 use std::hash::{Hash, Hasher};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -67,41 +68,27 @@ impl Drop for EpochTicker {
     }
 }
 
-/// Compiled components on disk, `<digest>-<engine hash>.cwasm`.
+/// Compiled components, kept in the blob store beside their component as
+/// `<digest>.<engine hash>.cwasm`, and deleted with it.
 pub struct ComponentCache {
-    dir: PathBuf,
-    engine_key: String,
+    blobs: Arc<Blobs>,
+    tag: String,
 }
 
 impl ComponentCache {
-    /// A cache in `dir` for components compiled by `engine`.
-    pub fn new(engine: &Engine, dir: &Path) -> std::io::Result<Self> {
-        std::fs::create_dir_all(dir)?;
-        crate::store::files::remove_staged(dir)?;
+    /// A cache in `blobs` for components compiled by `engine`.
+    pub fn new(engine: &Engine, blobs: Arc<Blobs>) -> Self {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
         env!("CARGO_PKG_VERSION").hash(&mut hasher);
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            engine_key: format!("{:016x}", hasher.finish()),
-        })
+        Self {
+            blobs,
+            tag: format!("{:016x}.cwasm", hasher.finish()),
+        }
     }
 
     fn path(&self, digest: &str) -> PathBuf {
-        self.dir.join(format!("{digest}-{}.cwasm", self.engine_key))
-    }
-
-    /// Deletes every compiled artifact of `digest` (of any engine configuration).
-    pub fn forget(&self, digest: &str) {
-        let Ok(entries) = std::fs::read_dir(&self.dir) else {
-            return;
-        };
-        let prefix = format!("{digest}-");
-        for entry in entries.flatten() {
-            if entry.file_name().to_string_lossy().starts_with(&prefix) {
-                let _ = std::fs::remove_file(entry.path());
-            }
-        }
+        self.blobs.derived_path(digest, &self.tag)
     }
 
     /// Whether a compiled artifact for `digest` is cached.
@@ -109,8 +96,8 @@ impl ComponentCache {
         self.path(digest).exists()
     }
 
-    /// The compiled component for `bytes`, from the cache or compiled now and cached.
-    /// Blocking (file I/O and, on a miss, compilation).
+    /// The compiled component for `bytes` (blob `digest`, which the caller holds), from the
+    /// cache or compiled now and cached. Blocking (file I/O and, on a miss, compilation).
     pub fn load_or_compile(
         &self,
         engine: &Engine,

@@ -11,12 +11,11 @@ pub use instance::{InstanceBody, InstanceResources, InvokeError};
 
 use crate::apps::{self, AppRecord, AppSettings};
 use crate::config::{Config, LimitsConfig};
+use crate::store::blobs::{self, Blobs};
 use crate::store::{self, Store, StoreError};
 use bytes::Bytes;
 use http_body_util::Full;
-use sha2::{Digest, Sha256};
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use wasmtime::component::Linker;
 use wasmtime::Engine;
@@ -54,12 +53,12 @@ pub struct Runtime {
     engine: Engine,
     linker: Linker<instance::InstanceState>,
     cache: engine::ComponentCache,
-    components_dir: PathBuf,
+    blobs: Arc<Blobs>,
     store: Store,
     apps_tree: sled::Tree,
     apps: RwLock<HashMap<String, Arc<App>>>,
-    /// Serialises deploys and removes from the component file's write to the record's, so that
-    /// a component file is never deleted while a record that points to it is being written.
+    /// Serialises deploys and removes of records, so that the records in sled, the apps in
+    /// memory and the holds on blobs change together.
     changes: tokio::sync::Mutex<()>,
     admission: admission::Admission,
     limits: LimitsConfig,
@@ -83,21 +82,20 @@ fn check_preamble(bytes: &[u8]) -> Result<(), DeployError> {
 }
 
 impl Runtime {
-    /// Builds the runtime and prepares every deployed app. Blocking: compiling (or loading
-    /// cached) components is CPU and file work; call it from a blocking context at start-up.
+    /// Builds the runtime and prepares every deployed app, holding their components in
+    /// `blobs`. Blocking: compiling (or loading cached) components is CPU and file work; call
+    /// it from a blocking context at start-up.
     pub fn open(
         config: &Config,
         store: Store,
+        blobs: Arc<Blobs>,
         models: Arc<crate::nn::ModelRegistry>,
     ) -> anyhow::Result<Self> {
         let engine = engine::build_engine(&config.limits)
             .map_err(|e| anyhow::anyhow!("cannot configure wasmtime: {e:#}"))?;
         let linker = instance::build_linker(&engine)
             .map_err(|e| anyhow::anyhow!("cannot link the host interfaces: {e:#}"))?;
-        let cache = engine::ComponentCache::new(&engine, &config.data_dir.join("cache"))?;
-        let components_dir = config.data_dir.join("components");
-        std::fs::create_dir_all(&components_dir)?;
-        crate::store::files::remove_staged(&components_dir)?;
+        let cache = engine::ComponentCache::new(&engine, blobs.clone());
         let apps_tree = store.tree("apps")?;
         let ticker = engine::EpochTicker::start(&engine);
         let runtime = Self {
@@ -121,7 +119,7 @@ impl Runtime {
             engine,
             linker,
             cache,
-            components_dir,
+            blobs,
             store,
             apps_tree,
             apps: RwLock::new(HashMap::new()),
@@ -130,11 +128,12 @@ impl Runtime {
             _ticker: ticker,
         };
         for record in store::all_json::<AppRecord>(&runtime.apps_tree)? {
-            let path = runtime.component_path(&record.digest);
+            runtime.blobs.adopt(&record.digest);
+            let path = runtime.blobs.path(&record.digest);
             let prepared = std::fs::read(&path)
                 .map_err(DeployError::from)
                 .and_then(|bytes| {
-                    if hex::encode(Sha256::digest(&bytes)) != record.digest {
+                    if blobs::digest_of(&bytes) != record.digest {
                         return Err(DeployError::Invalid(format!(
                             "{} does not hold the component deployed (its SHA-256 differs): redeploy the app",
                             path.display()
@@ -197,37 +196,22 @@ impl Runtime {
         check_preamble(&bytes)?;
         let (timeout_secs, memory_mib, max_body_bytes) =
             apps::settle(&settings, &self.limits).map_err(DeployError::InvalidSetting)?;
-        let digest = hex::encode(Sha256::digest(&bytes));
         let runtime = self.clone();
-        let digest_for_prepare = digest.clone();
-        // Compiling is seconds of CPU work: it runs on the blocking pool.
         let size_bytes = bytes.len() as u64;
-        let pre = tokio::task::spawn_blocking(move || {
-            runtime
-                .prepare(&digest_for_prepare, &bytes)
-                .map(|pre| (pre, bytes))
+        // Storing and compiling are file and seconds of CPU work: on the blocking pool. The
+        // blob is stored first and held, so that its compiled artifact goes with it; a
+        // component that does not compile lets it go again.
+        let (held, pre) = tokio::task::spawn_blocking(move || {
+            let held = runtime.blobs.put_bytes(&bytes)?;
+            let pre = runtime.prepare(held.digest(), &bytes)?;
+            Ok::<_, DeployError>((held, pre))
         })
         .await
         .map_err(|e| DeployError::Invalid(format!("compilation failed: {e}")))??;
-        let (pre, bytes) = pre;
         let _changing = self.changes.lock().await;
-        let path = self.component_path(&digest);
-        let expected = digest.clone();
-        tokio::task::spawn_blocking(move || {
-            // A file already there is trusted only if it holds these bytes.
-            let intact = std::fs::read(&path)
-                .is_ok_and(|kept| hex::encode(Sha256::digest(&kept)) == expected);
-            if intact {
-                Ok(())
-            } else {
-                crate::store::files::write_durably(&path, &bytes, 0o644)
-            }
-        })
-        .await
-        .map_err(|e| DeployError::Invalid(format!("storing the component failed: {e}")))??;
         let record = AppRecord {
             name: name.to_string(),
-            digest,
+            digest: held.digest().to_string(),
             size_bytes,
             timeout_secs,
             memory_mib,
@@ -239,6 +223,7 @@ impl Runtime {
         let replaced = store::get_json::<AppRecord>(&self.apps_tree, name)?;
         store::put_json(&self.apps_tree, name, &record)?;
         self.store.make_durable().await?;
+        held.keep();
         self.apps.write().expect("apps lock").insert(
             name.to_string(),
             Arc::new(App {
@@ -247,7 +232,7 @@ impl Runtime {
             }),
         );
         if let Some(replaced) = replaced {
-            self.forget_component_if_unused(&replaced.digest)?;
+            self.blobs.release(&replaced.digest);
         }
         Ok(record)
     }
@@ -262,26 +247,8 @@ impl Runtime {
         self.apps_tree.remove(name)?;
         self.store.make_durable().await?;
         self.apps.write().expect("apps lock").remove(name);
-        self.forget_component_if_unused(&record.digest)?;
+        self.blobs.release(&record.digest);
         Ok(Some(record))
-    }
-
-    /// Where the component with `digest` is kept.
-    fn component_path(&self, digest: &str) -> PathBuf {
-        self.components_dir.join(format!("{digest}.wasm"))
-    }
-
-    /// Deletes the component `digest` and its compiled artifacts unless an app record still
-    /// points to it. Called with `changes` held, once the record change is durable.
-    fn forget_component_if_unused(&self, digest: &str) -> Result<(), StoreError> {
-        let used = store::all_json::<AppRecord>(&self.apps_tree)?
-            .iter()
-            .any(|record| record.digest == digest);
-        if !used {
-            let _ = std::fs::remove_file(self.component_path(digest));
-            self.cache.forget(digest);
-        }
-        Ok(())
     }
 
     /// The deployed app called `name`.

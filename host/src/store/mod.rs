@@ -3,13 +3,15 @@
 //!
 //! Trees: `apps` (app name → [`crate::apps::AppRecord`] JSON), `models` (model name →
 //! [`crate::nn::ModelRecord`] JSON) and one `kv/<app>/<bucket>` tree per key-value bucket.
-//! Component and model bytes live as files named by their SHA-256 digest beside the database.
+//! Component and model bytes live as files named by their SHA-256 digest beside the database
+//! ([`blobs`]).
 //!
 //! sled makes writes durable only on `flush`, which costs ~0.1 ms. [`Store::make_durable`]
 //! groups the flushes of concurrent writers into one (group commit) and runs it on the
 //! store's own flush thread: never on the async reactor, and never queued behind inference on
 //! tokio's blocking pool, so a node busy with generations still acknowledges writes promptly.
 
+pub mod blobs;
 pub mod files;
 
 use serde::{de::DeserializeOwned, Serialize};
