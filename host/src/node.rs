@@ -52,7 +52,7 @@ pub fn open(config: Config, tls_fingerprint: Option<String>) -> anyhow::Result<N
     let models = Arc::new(ModelRegistry::open(
         store.clone(),
         blobs.clone(),
-        Backends::builtin(&config.nn),
+        Backends::builtin(&config.nn).map_err(|e| anyhow::anyhow!("invalid config: {e}"))?,
     )?);
     let runtime = Arc::new(Runtime::open(
         &config,

@@ -3,7 +3,7 @@
 
 use super::ApiError;
 use crate::apps::AppSettings;
-use crate::nn::Upload;
+use crate::nn::{Encoding, Upload};
 use crate::node::Node;
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
@@ -193,6 +193,12 @@ async fn add_model(
     Query(query): Query<ModelQuery>,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
+    let encoding = match query.encoding.as_deref() {
+        None => Encoding::Onnx,
+        Some(name) => name
+            .parse()
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "unknown_encoding", e))?,
+    };
     let limit = node.config.nn.max_model_bytes;
     let tmp_dir = node.config.data_dir.join("tmp");
     tokio::fs::create_dir_all(&tmp_dir)
@@ -243,7 +249,7 @@ async fn add_model(
         }
     };
     let upload = Upload {
-        encoding: query.encoding.unwrap_or_else(|| "onnx".to_string()),
+        encoding,
         backend: query.backend,
         target: query.target.unwrap_or_else(|| "cpu".to_string()),
         digest,

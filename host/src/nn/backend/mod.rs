@@ -22,12 +22,9 @@ pub mod onnxruntime;
 pub mod openvino;
 pub mod tract;
 
-/// The encoding of BERT embedding models: a folder of safetensors weights, config and
-/// tokenizer, bundled (`tensorlet model add` detects it from a directory).
-pub const SAFETENSORS: &str = "safetensors";
-
 pub use super::bindings::wasi::nn::graph::ExecutionTarget;
 pub use super::bindings::wasi::nn::tensor::TensorType;
+use super::Encoding;
 use crate::config::{GpuFallback, NnConfig};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -132,8 +129,8 @@ pub type NamedTensor = (String, Tensor);
 pub trait Backend: Send + Sync {
     /// Short name shown to operators (`tract`).
     fn name(&self) -> &'static str;
-    /// The wasi-nn encoding it claims (`onnx`).
-    fn encoding(&self) -> &'static str;
+    /// The encoding of the models it loads.
+    fn encoding(&self) -> Encoding;
     /// Why this backend cannot be used on this node (its runtime library is missing), if so.
     fn unavailable_reason(&self) -> Option<String> {
         None
@@ -315,7 +312,7 @@ impl ComputeSlots {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BackendInfo {
     pub name: &'static str,
-    pub encoding: &'static str,
+    pub encoding: Encoding,
     pub available: bool,
     /// The runtime library's version, for runtime-linked backends.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -339,12 +336,17 @@ pub struct Choice {
 /// Why no backend could be picked.
 #[derive(Debug, thiserror::Error)]
 pub enum ChoiceError {
-    #[error("this node has no backend for encoding {encoding:?} (encodings: {available})")]
-    UnknownEncoding { encoding: String, available: String },
+    #[error(
+        "this node was built without a backend for {encoding} models (encodings: {available})"
+    )]
+    UnknownEncoding {
+        encoding: Encoding,
+        available: String,
+    },
     #[error("no backend {backend:?} loads {encoding} models here (backends for {encoding}: {available})")]
     UnknownBackend {
         backend: String,
-        encoding: String,
+        encoding: Encoding,
         available: String,
     },
     #[error("{0}")]
@@ -356,7 +358,7 @@ pub enum ChoiceError {
 pub struct Backends {
     all: Vec<Arc<dyn Backend>>,
     gpu_fallback: GpuFallback,
-    default_backends: BTreeMap<String, String>,
+    default_backends: BTreeMap<Encoding, String>,
     compute_slots: ComputeSlots,
     running: RunningComputes,
 }
@@ -365,8 +367,9 @@ impl Backends {
     /// The backends built into this binary, configured from the node's `[nn]` section.
     /// Backends whose runtime library is missing are kept, and report why they are unavailable.
     /// Which ones there are depends on the cargo features the binary was built with (all by
-    /// default; tract always).
-    pub fn builtin(config: &NnConfig) -> Self {
+    /// default; tract always). Refuses `[nn] default_backends` entries that name no encoding
+    /// or no backend of it.
+    pub fn builtin(config: &NnConfig) -> Result<Self, String> {
         let compute_slots = ComputeSlots::new(config.compute_slots());
         // tract alone (`--no-default-features`) takes no thread count.
         #[cfg_attr(
@@ -403,7 +406,7 @@ impl Backends {
     }
 
     /// Backends in order of preference, with the node's selection rules.
-    pub fn new(all: Vec<Arc<dyn Backend>>, config: &NnConfig) -> Self {
+    pub fn new(all: Vec<Arc<dyn Backend>>, config: &NnConfig) -> Result<Self, String> {
         Self::with_compute_slots(all, config, ComputeSlots::new(config.compute_slots()))
     }
 
@@ -411,14 +414,32 @@ impl Backends {
         all: Vec<Arc<dyn Backend>>,
         config: &NnConfig,
         compute_slots: ComputeSlots,
-    ) -> Self {
-        Self {
+    ) -> Result<Self, String> {
+        let mut default_backends = BTreeMap::new();
+        for (key, name) in &config.default_backends {
+            let encoding: Encoding = key
+                .parse()
+                .map_err(|e| format!("nn.default_backends.{key}: {e}"))?;
+            let of_encoding: Vec<_> = all
+                .iter()
+                .filter(|b| b.encoding() == encoding)
+                .cloned()
+                .collect();
+            if !of_encoding.iter().any(|b| b.name() == name) {
+                return Err(format!(
+                    "nn.default_backends.{key} = {name:?}: no such backend for {encoding} models in this build (backends: {})",
+                    names(&of_encoding)
+                ));
+            }
+            default_backends.insert(encoding, name.clone());
+        }
+        Ok(Self {
             all,
             gpu_fallback: config.gpu_fallback,
-            default_backends: config.default_backends.clone(),
+            default_backends,
             compute_slots,
             running: RunningComputes::default(),
-        }
+        })
     }
 
     /// Computations running on the blocking pool now (`/v1/admin/status`).
@@ -436,7 +457,7 @@ impl Backends {
     /// A target none can use falls back to the CPU only when `[nn] gpu_fallback = "cpu"`.
     pub fn choose(
         &self,
-        encoding: &str,
+        encoding: Encoding,
         backend: Option<&str>,
         target: ExecutionTarget,
     ) -> Result<Choice, ChoiceError> {
@@ -447,10 +468,10 @@ impl Backends {
             .cloned()
             .collect();
         if candidates.is_empty() {
-            let mut encodings: Vec<_> = self.all.iter().map(|b| b.encoding()).collect();
+            let mut encodings: Vec<_> = self.all.iter().map(|b| b.encoding().name()).collect();
             encodings.dedup();
             return Err(ChoiceError::UnknownEncoding {
-                encoding: encoding.to_string(),
+                encoding,
                 available: encodings.join(", "),
             });
         }
@@ -460,11 +481,11 @@ impl Backends {
             if candidates.is_empty() {
                 return Err(ChoiceError::UnknownBackend {
                     backend: name.to_string(),
-                    encoding: encoding.to_string(),
+                    encoding,
                     available,
                 });
             }
-        } else if let Some(default) = self.default_backends.get(encoding) {
+        } else if let Some(default) = self.default_backends.get(&encoding) {
             candidates.sort_by_key(|b| b.name() != default);
         }
         let usable_on = |target: ExecutionTarget| {
@@ -520,7 +541,7 @@ impl Backends {
     }
 
     /// The backend named `name` for `encoding`, as recorded for a registered model.
-    pub fn named(&self, encoding: &str, name: &str) -> Option<Arc<dyn Backend>> {
+    pub fn named(&self, encoding: Encoding, name: &str) -> Option<Arc<dyn Backend>> {
         self.all
             .iter()
             .find(|b| b.encoding() == encoding && b.name() == name)
@@ -719,6 +740,7 @@ mod tests {
             ],
             &config,
         )
+        .unwrap()
     }
 
     fn unavailable(result: Result<Choice, ChoiceError>) -> String {
@@ -735,27 +757,54 @@ mod tests {
         let info = backends.describe();
         assert!(!info[0].available && info[0].targets.is_empty());
         assert!(info[0].reason.as_deref().unwrap().contains("/nonexistent"));
-        let choice = backends.choose("onnx", None, ExecutionTarget::Cpu).unwrap();
+        let choice = backends
+            .choose(Encoding::Onnx, None, ExecutionTarget::Cpu)
+            .unwrap();
         assert_eq!(choice.backend.name(), "tract");
-        let reason = unavailable(backends.choose("onnx", Some("openvino"), ExecutionTarget::Cpu));
+        let reason =
+            unavailable(backends.choose(Encoding::Onnx, Some("openvino"), ExecutionTarget::Cpu));
         assert!(
             reason.contains("openvino: [nn] openvino_library names /nonexistent"),
             "{reason}"
         );
         assert!(matches!(
-            backends.choose("onnx", Some("tensorrt"), ExecutionTarget::Cpu),
+            backends.choose(Encoding::Onnx, Some("tensorrt"), ExecutionTarget::Cpu),
             Err(ChoiceError::UnknownBackend { .. })
         ));
         assert!(matches!(
-            backends.choose("pytorch", None, ExecutionTarget::Cpu),
+            backends.choose(Encoding::Ggml, None, ExecutionTarget::Cpu),
             Err(ChoiceError::UnknownEncoding { .. })
         ));
     }
 
     #[test]
+    fn default_backends_that_name_nothing_here_are_refused() {
+        let config = |encoding: &str, backend: &str| NnConfig {
+            default_backends: [(encoding.to_string(), backend.to_string())].into(),
+            ..NnConfig::default()
+        };
+        let tract_only = || vec![Arc::new(tract::TractBackend) as Arc<dyn Backend>];
+        assert!(Backends::new(tract_only(), &config("onnx", "tract")).is_ok());
+        let error = Backends::new(tract_only(), &config("onx", "tract"))
+            .err()
+            .unwrap();
+        assert!(
+            error.contains("nn.default_backends.onx: unknown encoding"),
+            "{error}"
+        );
+        let error = Backends::new(tract_only(), &config("onnx", "onnxruntime"))
+            .err()
+            .unwrap();
+        assert!(
+            error.contains("no such backend for onnx models in this build (backends: tract)"),
+            "{error}"
+        );
+    }
+
+    #[test]
     fn gpu_falls_back_to_the_cpu_only_when_configured_and_says_so() {
         let reason = unavailable(backends(GpuFallback::Fail, None).choose(
-            "onnx",
+            Encoding::Onnx,
             None,
             ExecutionTarget::Gpu,
         ));
@@ -764,7 +813,7 @@ mod tests {
             "{reason}"
         );
         let choice = backends(GpuFallback::Cpu, None)
-            .choose("onnx", None, ExecutionTarget::Gpu)
+            .choose(Encoding::Onnx, None, ExecutionTarget::Gpu)
             .unwrap();
         assert_eq!(choice.target, ExecutionTarget::Cpu);
         assert_eq!(choice.backend.name(), "tract");

@@ -12,6 +12,7 @@ use super::{
     ExecutionTarget, Graph, NamedTensor, Tensor, TensorType,
 };
 use crate::config::NnConfig;
+use crate::nn::Encoding;
 use ort::execution_providers::{CUDAExecutionProvider, ExecutionProvider};
 use ort::session::{Session, SessionInputValue};
 use ort::tensor::TensorElementType;
@@ -145,8 +146,8 @@ impl Backend for OnnxRuntimeBackend {
         "onnxruntime"
     }
 
-    fn encoding(&self) -> &'static str {
-        "onnx"
+    fn encoding(&self) -> Encoding {
+        Encoding::Onnx
     }
 
     fn unavailable_reason(&self) -> Option<String> {

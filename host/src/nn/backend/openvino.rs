@@ -13,6 +13,7 @@ use super::{
     NamedTensor, Tensor, TensorType,
 };
 use crate::config::NnConfig;
+use crate::nn::Encoding;
 use openvino::{CompiledModel, Core, DeviceType, ElementType, InferRequest, RwPropertyKey, Shape};
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -143,8 +144,8 @@ impl Backend for OpenVinoBackend {
         "openvino"
     }
 
-    fn encoding(&self) -> &'static str {
-        "onnx"
+    fn encoding(&self) -> Encoding {
+        Encoding::Onnx
     }
 
     fn unavailable_reason(&self) -> Option<String> {

@@ -10,6 +10,7 @@ use super::{
     Backend, BackendError, Cancellation, ExecutionContext, ExecutionTarget, Graph, NamedTensor,
     Tensor, TensorType,
 };
+use crate::nn::Encoding;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tract_onnx::prelude::*;
@@ -51,8 +52,8 @@ impl Backend for TractBackend {
         "tract"
     }
 
-    fn encoding(&self) -> &'static str {
-        "onnx"
+    fn encoding(&self) -> Encoding {
+        Encoding::Onnx
     }
 
     fn load(&self, bytes: &[u8], target: ExecutionTarget) -> Result<Arc<dyn Graph>, BackendError> {

@@ -24,6 +24,7 @@ use super::{
     Backend, BackendError, Cancellation, ComputeSlots, ExecutionContext, ExecutionTarget,
     GenerationActivity, Graph, NamedTensor, Tensor, TensorType,
 };
+use crate::nn::Encoding;
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_backend::LlamaBackend;
@@ -83,8 +84,8 @@ impl Backend for LlamaCppBackend {
         "llama.cpp"
     }
 
-    fn encoding(&self) -> &'static str {
-        "ggml"
+    fn encoding(&self) -> Encoding {
+        Encoding::Ggml
     }
 
     fn load(
