@@ -8,8 +8,7 @@
 //! inference-thread count. The guest contract is in `wit/README.md` ("Embeddings").
 
 use super::{
-    Backend, BackendError, Cancellation, ExecutionContext, ExecutionTarget, Graph, NamedTensor,
-    Tensor, TensorType,
+    Backend, BackendError, ExecutionTarget, Graph, NamedTensor, StatelessModel, Tensor, TensorType,
 };
 use crate::nn::Encoding;
 use candle_core::{DType, Device, Tensor as CandleTensor};
@@ -54,10 +53,6 @@ struct BertGraph {
     pooling: Pooling,
     normalize: bool,
     pool: Arc<rayon::ThreadPool>,
-}
-
-struct BertContext {
-    graph: Arc<BertGraph>,
 }
 
 /// The files of a bundle, by path relative to the model directory: slices of `bytes` (an
@@ -207,18 +202,8 @@ impl Backend for CandleBertBackend {
         }
         let pool = self.pool.clone();
         super::catch_panic("loading the embedding model", || {
-            let graph = Arc::new(load_graph(bytes, pool)?);
-            Ok(Arc::new(graph) as Arc<dyn Graph>)
+            Ok(super::share(load_graph(bytes, pool)?))
         })
-    }
-}
-
-/// Contexts share the graph through the `Arc`.
-impl Graph for Arc<BertGraph> {
-    fn init_execution_context(&self) -> Result<Box<dyn ExecutionContext>, BackendError> {
-        Ok(Box::new(BertContext {
-            graph: self.clone(),
-        }))
     }
 }
 
@@ -321,17 +306,12 @@ impl BertGraph {
     }
 }
 
-impl ExecutionContext for BertContext {
-    fn compute(
-        &mut self,
-        inputs: Vec<NamedTensor>,
-        _cancel: &Cancellation,
-    ) -> Result<Vec<NamedTensor>, BackendError> {
+impl StatelessModel for BertGraph {
+    fn run(&self, inputs: Vec<NamedTensor>) -> Result<Vec<NamedTensor>, BackendError> {
         let texts = texts_from(inputs)?;
         let rows = texts.len();
-        let graph = self.graph.clone();
         let (values, dimension, tokens) =
-            super::catch_panic("computing embeddings", move || graph.embed(texts))?;
+            super::catch_panic("computing embeddings", || self.embed(texts))?;
         let usage = serde_json::json!({ "prompt_tokens": tokens }).to_string();
         Ok(vec![
             (

@@ -171,6 +171,37 @@ pub trait Graph: Send + Sync {
     }
 }
 
+/// A loaded model whose contexts keep no state between computes (every backend but
+/// llama.cpp, whose generations do): all contexts share the one model and run it
+/// concurrently. [`share`] makes it a [`Graph`].
+pub trait StatelessModel: Send + Sync + 'static {
+    /// Runs the model on `inputs`. Blocking; the caller has checked for cancellation.
+    fn run(&self, inputs: Vec<NamedTensor>) -> Result<Vec<NamedTensor>, BackendError>;
+}
+
+/// The one way a backend shares a stateless model: every context holds the same `Arc`.
+pub fn share(model: impl StatelessModel) -> Arc<dyn Graph> {
+    Arc::new(SharedGraph(Arc::new(model)))
+}
+
+struct SharedGraph<M>(Arc<M>);
+
+impl<M: StatelessModel> Graph for SharedGraph<M> {
+    fn init_execution_context(&self) -> Result<Box<dyn ExecutionContext>, BackendError> {
+        Ok(Box::new(SharedGraph(self.0.clone())))
+    }
+}
+
+impl<M: StatelessModel> ExecutionContext for SharedGraph<M> {
+    fn compute(
+        &mut self,
+        inputs: Vec<NamedTensor>,
+        _cancel: &Cancellation,
+    ) -> Result<Vec<NamedTensor>, BackendError> {
+        self.0.run(inputs)
+    }
+}
+
 /// How an LLM is serving its generations (`/v1/admin/models`; `tensorlet models` shows the
 /// running and waiting ones).
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]

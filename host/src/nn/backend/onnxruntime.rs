@@ -8,8 +8,8 @@
 
 use super::library::LibrarySearch;
 use super::{
-    decode, encode, match_inputs, Backend, BackendError, Cancellation, ExecutionContext,
-    ExecutionTarget, Graph, NamedTensor, Tensor, TensorType,
+    decode, encode, match_inputs, Backend, BackendError, ExecutionTarget, Graph, NamedTensor,
+    StatelessModel, Tensor, TensorType,
 };
 use crate::config::NnConfig;
 use crate::nn::Encoding;
@@ -133,10 +133,6 @@ struct OrtGraph {
     inputs: Vec<(String, TensorType)>,
 }
 
-struct OrtContext {
-    graph: Arc<OrtGraph>,
-}
-
 fn invalid_model(e: impl std::fmt::Display) -> BackendError {
     BackendError::InvalidModel(format!("not a model ONNX Runtime can load: {e}"))
 }
@@ -218,19 +214,10 @@ impl Backend for OnnxRuntimeBackend {
                 session,
             )?));
         }
-        Ok(Arc::new(Arc::new(OrtGraph {
+        Ok(super::share(OrtGraph {
             sessions,
             next: AtomicUsize::new(0),
             inputs,
-        })))
-    }
-}
-
-/// Contexts share the graph through the `Arc`.
-impl Graph for Arc<OrtGraph> {
-    fn init_execution_context(&self) -> Result<Box<dyn ExecutionContext>, BackendError> {
-        Ok(Box::new(OrtContext {
-            graph: self.clone(),
         }))
     }
 }
@@ -296,22 +283,17 @@ fn host_tensor(name: &str, value: &DynValue) -> Result<Tensor, BackendError> {
     })
 }
 
-impl ExecutionContext for OrtContext {
-    fn compute(
-        &mut self,
-        inputs: Vec<NamedTensor>,
-        _cancel: &Cancellation,
-    ) -> Result<Vec<NamedTensor>, BackendError> {
-        let inputs = match_inputs(inputs, &self.graph.inputs)?;
+impl StatelessModel for OrtGraph {
+    fn run(&self, inputs: Vec<NamedTensor>) -> Result<Vec<NamedTensor>, BackendError> {
+        let inputs = match_inputs(inputs, &self.inputs)?;
         let mut values: Vec<(String, SessionInputValue<'static>)> = Vec::new();
         for (name, tensor) in inputs {
             let value = ort_value(tensor)
                 .map_err(|e| BackendError::InvalidArgument(format!("input {name:?}: {e}")))?;
             values.push((name, value));
         }
-        let graph = self.graph.clone();
-        super::catch_panic("running the ONNX model", move || {
-            let mut session = super::take_slot(&graph.sessions, &graph.next);
+        super::catch_panic("running the ONNX model", || {
+            let mut session = super::take_slot(&self.sessions, &self.next);
             let outputs = session
                 .run(values)
                 .map_err(|e| BackendError::Runtime(e.to_string()))?;

@@ -9,8 +9,8 @@
 
 use super::library::LibrarySearch;
 use super::{
-    match_inputs, Backend, BackendError, Cancellation, ExecutionContext, ExecutionTarget, Graph,
-    NamedTensor, Tensor, TensorType,
+    match_inputs, Backend, BackendError, ExecutionTarget, Graph, NamedTensor, StatelessModel,
+    Tensor, TensorType,
 };
 use crate::config::NnConfig;
 use crate::nn::Encoding;
@@ -127,10 +127,6 @@ struct OpenVinoGraph {
     outputs: Vec<String>,
 }
 
-struct OpenVinoContext {
-    graph: Arc<OpenVinoGraph>,
-}
-
 fn invalid_model(e: impl std::fmt::Display) -> BackendError {
     BackendError::InvalidModel(format!("not a model OpenVINO can load: {e}"))
 }
@@ -207,28 +203,19 @@ impl Backend for OpenVinoBackend {
                 .map(|_| compiled.create_infer_request().map(Mutex::new))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(runtime)?;
-            Ok(Arc::new(Arc::new(OpenVinoGraph {
+            Ok(super::share(OpenVinoGraph {
                 _compiled: Mutex::new(compiled),
                 requests,
                 next: AtomicUsize::new(0),
                 inputs,
                 outputs,
-            })) as Arc<dyn Graph>)
+            }))
         })
     }
 }
 
-/// Contexts share the graph through the `Arc`.
-impl Graph for Arc<OpenVinoGraph> {
-    fn init_execution_context(&self) -> Result<Box<dyn ExecutionContext>, BackendError> {
-        Ok(Box::new(OpenVinoContext {
-            graph: self.clone(),
-        }))
-    }
-}
-
 impl OpenVinoGraph {
-    fn run(&self, inputs: Vec<NamedTensor>) -> Result<Vec<NamedTensor>, BackendError> {
+    fn infer(&self, inputs: Vec<NamedTensor>) -> Result<Vec<NamedTensor>, BackendError> {
         let mut request = super::take_slot(&self.requests, &self.next);
         for (name, tensor) in inputs {
             let dimensions: Vec<i64> = tensor.dimensions.iter().map(|&d| d as i64).collect();
@@ -272,14 +259,9 @@ impl OpenVinoGraph {
     }
 }
 
-impl ExecutionContext for OpenVinoContext {
-    fn compute(
-        &mut self,
-        inputs: Vec<NamedTensor>,
-        _cancel: &Cancellation,
-    ) -> Result<Vec<NamedTensor>, BackendError> {
-        let inputs = match_inputs(inputs, &self.graph.inputs)?;
-        let graph = self.graph.clone();
-        super::catch_panic("running the ONNX model", move || graph.run(inputs))
+impl StatelessModel for OpenVinoGraph {
+    fn run(&self, inputs: Vec<NamedTensor>) -> Result<Vec<NamedTensor>, BackendError> {
+        let inputs = match_inputs(inputs, &self.inputs)?;
+        super::catch_panic("running the ONNX model", || self.infer(inputs))
     }
 }

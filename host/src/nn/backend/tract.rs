@@ -7,8 +7,7 @@
 //! keeps the parsed model and builds one plan per distinct input shape, cached.
 
 use super::{
-    Backend, BackendError, Cancellation, ExecutionContext, ExecutionTarget, Graph, NamedTensor,
-    Tensor, TensorType,
+    Backend, BackendError, ExecutionTarget, Graph, NamedTensor, StatelessModel, Tensor, TensorType,
 };
 use crate::nn::Encoding;
 use std::collections::HashMap;
@@ -35,16 +34,11 @@ enum Plans {
     },
 }
 
-/// A loaded model; cloning shares it.
-#[derive(Clone)]
+/// A loaded model.
 struct TractGraph {
-    plans: Arc<Plans>,
+    plans: Plans,
     inputs: Arc<[String]>,
     outputs: Arc<[String]>,
-}
-
-struct TractContext {
-    graph: TractGraph,
 }
 
 impl Backend for TractBackend {
@@ -66,7 +60,7 @@ impl Backend for TractBackend {
             let graph = load_graph(bytes).map_err(|e| {
                 BackendError::InvalidModel(format!("not a valid ONNX model: {e:#}"))
             })?;
-            Ok(Arc::new(graph) as Arc<dyn Graph>)
+            Ok(super::share(graph))
         })
     }
 }
@@ -100,7 +94,7 @@ fn load_graph(bytes: &[u8]) -> TractResult<TractGraph> {
         }
     };
     Ok(TractGraph {
-        plans: Arc::new(plans),
+        plans,
         inputs,
         outputs,
     })
@@ -175,17 +169,9 @@ fn plan_for_shapes(model: &InferenceModel, shapes: &[Vec<usize>]) -> TractResult
     optimise(model)
 }
 
-impl Graph for TractGraph {
-    fn init_execution_context(&self) -> Result<Box<dyn ExecutionContext>, BackendError> {
-        Ok(Box::new(TractContext {
-            graph: self.clone(),
-        }))
-    }
-}
-
 impl TractGraph {
     fn plan_for(&self, inputs: &TVec<TValue>) -> Result<Plan, BackendError> {
-        match &*self.plans {
+        match &self.plans {
             Plans::Symbolic(plan) => Ok(plan.clone()),
             Plans::PerShape { model, cache } => {
                 let shapes: Vec<Vec<usize>> = inputs.iter().map(|t| t.shape().to_vec()).collect();
@@ -208,13 +194,9 @@ impl TractGraph {
     }
 }
 
-impl ExecutionContext for TractContext {
-    fn compute(
-        &mut self,
-        inputs: Vec<NamedTensor>,
-        _cancel: &Cancellation,
-    ) -> Result<Vec<NamedTensor>, BackendError> {
-        let graph = &self.graph;
+impl StatelessModel for TractGraph {
+    fn run(&self, inputs: Vec<NamedTensor>) -> Result<Vec<NamedTensor>, BackendError> {
+        let graph = self;
         let mut ordered: Vec<Option<TValue>> = vec![None; graph.inputs.len()];
         for (name, tensor) in inputs {
             let position = graph
