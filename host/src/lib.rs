@@ -16,4 +16,6 @@ pub mod node;
 pub mod runtime;
 pub mod store;
 pub mod tenancy;
+#[cfg(test)]
+pub mod testing;
 pub mod tls;

@@ -373,7 +373,129 @@ impl atomics::HostCas for KvView<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::incremented;
+    use super::*;
+    use crate::testing::TempStore;
+    use atomics::{Host as _, HostCas as _};
+    use store::{Host as _, HostBucket as _};
+
+    fn usage(store: &TempStore, max_bytes: u64) -> KvUsage {
+        let quotas = KvQuotas {
+            max_bytes,
+            max_keys: 1000,
+            max_buckets: 4,
+        };
+        KvUsage::open(&store.store, quotas).unwrap()
+    }
+
+    /// One instance of `app`: its key-value state and resource table.
+    fn instance(store: &TempStore, usage: &KvUsage, app: &str) -> (KvCtx, ResourceTable) {
+        (
+            KvCtx::new(store.store.clone(), app, usage),
+            ResourceTable::new(),
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_increments_from_many_instances_lose_none() {
+        let store = TempStore::default();
+        let usage = usage(&store, 1 << 20);
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let (mut ctx, mut table) = instance(&store, &usage, "counter");
+            tasks.push(tokio::spawn(async move {
+                let mut view = KvView {
+                    ctx: &mut ctx,
+                    table: &mut table,
+                };
+                let bucket = view.open("hits".into()).unwrap().unwrap();
+                let mut seen = Vec::new();
+                for _ in 0..50 {
+                    let reply = view.increment(Resource::new_borrow(bucket.rep()), "n".into(), 1);
+                    seen.push(reply.await.unwrap().unwrap());
+                }
+                seen
+            }));
+        }
+        let mut all = Vec::new();
+        for task in tasks {
+            all.extend(task.await.unwrap());
+        }
+        all.sort_unstable();
+        assert_eq!(
+            all,
+            (1..=400).collect::<Vec<i64>>(),
+            "every increment saw its own value"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_write_past_the_quota_fails_clearly_and_changes_nothing() {
+        let store = TempStore::default();
+        let usage = usage(&store, 100);
+        let (mut ctx, mut table) = instance(&store, &usage, "small");
+        let mut view = KvView {
+            ctx: &mut ctx,
+            table: &mut table,
+        };
+        let bucket = view.open("b".into()).unwrap().unwrap();
+        let borrow = || Resource::<Bucket>::new_borrow(bucket.rep());
+        view.set(borrow(), "k".into(), vec![1; 60])
+            .await
+            .unwrap()
+            .unwrap();
+        let refused = view.set(borrow(), "k2".into(), vec![2; 60]).await.unwrap();
+        let Err(store::Error::Other(message)) = refused else {
+            panic!("{refused:?}")
+        };
+        assert!(message.contains("100"), "{message}");
+        assert_eq!(view.get(borrow(), "k2".into()).unwrap().unwrap(), None);
+        // Through a swap too: the size check is on every write path.
+        let cas = view.new(borrow(), "k".into()).unwrap().unwrap();
+        let swapped = view.swap(cas, vec![3; 200]).await.unwrap();
+        assert!(matches!(swapped, Err(atomics::CasError::StoreError(_))));
+        assert_eq!(
+            view.get(borrow(), "k".into()).unwrap().unwrap(),
+            Some(vec![1; 60])
+        );
+    }
+
+    #[tokio::test]
+    async fn a_swap_after_another_write_fails_with_the_current_value_and_apps_are_apart() {
+        let store = TempStore::default();
+        let usage = usage(&store, 1 << 20);
+        let (mut ctx, mut table) = instance(&store, &usage, "first");
+        let mut view = KvView {
+            ctx: &mut ctx,
+            table: &mut table,
+        };
+        let bucket = view.open("shared-name".into()).unwrap().unwrap();
+        let borrow = || Resource::<Bucket>::new_borrow(bucket.rep());
+        let cas = view.new(borrow(), "k".into()).unwrap().unwrap();
+        view.set(borrow(), "k".into(), b"written meanwhile".to_vec())
+            .await
+            .unwrap()
+            .unwrap();
+        let Err(atomics::CasError::CasFailed(retry)) =
+            view.swap(cas, b"mine".to_vec()).await.unwrap()
+        else {
+            panic!("the swap did not see the other write")
+        };
+        assert_eq!(
+            view.current(Resource::new_borrow(retry.rep()))
+                .unwrap()
+                .unwrap(),
+            Some(b"written meanwhile".to_vec())
+        );
+        view.swap(retry, b"mine".to_vec()).await.unwrap().unwrap();
+
+        let (mut other_ctx, mut other_table) = instance(&store, &usage, "second");
+        let mut other = KvView {
+            ctx: &mut other_ctx,
+            table: &mut other_table,
+        };
+        let theirs = other.open("shared-name".into()).unwrap().unwrap();
+        assert_eq!(other.get(theirs, "k".into()).unwrap().unwrap(), None);
+    }
 
     #[test]
     fn counters_are_decimal_text_and_refuse_other_values() {

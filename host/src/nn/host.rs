@@ -285,3 +285,179 @@ impl errors::HostError for NnView<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::{ModelRegistry, NnCtx, NnGrant};
+    use crate::testing::{fake_model, FakeBackend, TempStore};
+    use graph::{ExecutionTarget, GraphEncoding, Host as _, HostGraph as _};
+    use inference::HostGraphExecutionContext as _;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tensor::HostTensor;
+    use wasmtime::component::ResourceTable;
+
+    /// A registry holding `triple` (a fake model), and what the guest of `grant` sees of it.
+    async fn registry_with_triple(store: &TempStore) -> Arc<ModelRegistry> {
+        let registry = store.registry(&Arc::new(FakeBackend::default()));
+        let (staged, upload) = store.upload(&fake_model(3));
+        registry.add("triple", staged, upload).await.unwrap();
+        registry
+    }
+
+    fn grant(models: &[&str]) -> NnGrant {
+        NnGrant {
+            models: models.iter().map(|m| m.to_string()).collect(),
+            max_guest_model_bytes: 1 << 20,
+            max_host_bytes: 1 << 20,
+            native_guest_models: false,
+        }
+    }
+
+    /// The code and message of a failed call.
+    fn failure<T>(
+        view: &NnView<'_>,
+        result: Result<T, Resource<NnError>>,
+    ) -> (errors::ErrorCode, String) {
+        let Err(error) = result else {
+            panic!("the call succeeded")
+        };
+        let error = view.table.get(&error).unwrap();
+        (error.code, error.message.clone())
+    }
+
+    #[tokio::test]
+    async fn an_app_loads_only_the_models_it_declared_and_computes_on_them() {
+        let store = TempStore::default();
+        let models = registry_with_triple(&store).await;
+        let mut ctx = NnCtx::new(models, grant(&["triple", "ghost"]), Arc::default());
+        let mut table = ResourceTable::new();
+        let mut view = NnView {
+            ctx: &mut ctx,
+            table: &mut table,
+        };
+
+        let refused = view.load_by_name("double".into()).unwrap();
+        let (code, message) = failure(&view, refused);
+        assert_eq!(code, errors::ErrorCode::Security);
+        assert!(message.contains("--model double"), "{message}");
+        let missing = view.load_by_name("ghost".into()).unwrap();
+        assert_eq!(failure(&view, missing).0, errors::ErrorCode::NotFound);
+
+        let graph = view.load_by_name("triple".into()).unwrap().unwrap();
+        let context = view.init_execution_context(graph).unwrap().unwrap();
+        let input =
+            HostTensor::new(&mut view, vec![2], tensor::TensorType::U8, vec![1, 2]).unwrap();
+        let outputs = view
+            .compute(context, vec![(String::new(), input)])
+            .await
+            .unwrap()
+            .unwrap();
+        let product = HostTensor::data(&mut view, outputs.into_iter().next().unwrap().1).unwrap();
+        assert_eq!(product, vec![3, 6]);
+    }
+
+    #[tokio::test]
+    async fn what_a_guest_holds_on_the_host_is_bounded_by_its_memory_limit() {
+        let store = TempStore::default();
+        let memory_hit = Arc::new(AtomicBool::new(false));
+        let mut ctx = NnCtx::new(
+            registry_with_triple(&store).await,
+            NnGrant {
+                max_host_bytes: 1000,
+                ..grant(&[])
+            },
+            memory_hit.clone(),
+        );
+        let mut table = ResourceTable::new();
+        let mut view = NnView {
+            ctx: &mut ctx,
+            table: &mut table,
+        };
+        let tensor = |view: &mut NnView<'_>, bytes: usize| {
+            HostTensor::new(
+                view,
+                vec![bytes as u32],
+                tensor::TensorType::U8,
+                vec![0; bytes],
+            )
+        };
+        let first = tensor(&mut view, 600).unwrap();
+        let trap = tensor(&mut view, 600).err().unwrap().to_string();
+        assert!(
+            trap.contains("past its memory limit of 1000 bytes"),
+            "{trap}"
+        );
+        assert!(memory_hit.load(Ordering::Relaxed));
+        // What is dropped no longer counts.
+        HostTensor::drop(&mut view, first).unwrap();
+        assert!(tensor(&mut view, 600).is_ok());
+    }
+
+    #[tokio::test]
+    async fn guest_bytes_reach_a_native_backend_only_with_permission_and_within_limits() {
+        let store = TempStore::default();
+        let models = registry_with_triple(&store).await;
+        let model = fake_model(2);
+        let mut table = ResourceTable::new();
+
+        // The only backend here is not the pure-Rust one: without permission, refused.
+        let mut ctx = NnCtx::new(models.clone(), grant(&[]), Arc::default());
+        let mut view = NnView {
+            ctx: &mut ctx,
+            table: &mut table,
+        };
+        let refused = view
+            .load(
+                vec![model.clone()],
+                GraphEncoding::Onnx,
+                ExecutionTarget::Cpu,
+            )
+            .await
+            .unwrap();
+        let (code, message) = failure(&view, refused);
+        assert_eq!(code, errors::ErrorCode::Security);
+        assert!(message.contains("--native-guest-models"), "{message}");
+
+        let mut ctx = NnCtx::new(
+            models,
+            NnGrant {
+                native_guest_models: true,
+                max_guest_model_bytes: 64,
+                ..grant(&[])
+            },
+            Arc::default(),
+        );
+        let mut view = NnView {
+            ctx: &mut ctx,
+            table: &mut table,
+        };
+        assert!(view
+            .load(
+                vec![model.clone()],
+                GraphEncoding::Autodetect,
+                ExecutionTarget::Cpu
+            )
+            .await
+            .unwrap()
+            .is_ok());
+        let too_large = view
+            .load(vec![vec![0; 65]], GraphEncoding::Onnx, ExecutionTarget::Cpu)
+            .await
+            .unwrap();
+        assert_eq!(failure(&view, too_large).0, errors::ErrorCode::TooLarge);
+        let tensorflow = view
+            .load(vec![model], GraphEncoding::Tensorflow, ExecutionTarget::Cpu)
+            .await
+            .unwrap();
+        assert_eq!(
+            failure(&view, tensorflow).0,
+            errors::ErrorCode::InvalidEncoding
+        );
+        let empty = view
+            .load(vec![], GraphEncoding::Onnx, ExecutionTarget::Cpu)
+            .await
+            .unwrap();
+        assert_eq!(failure(&view, empty).0, errors::ErrorCode::InvalidArgument);
+    }
+}

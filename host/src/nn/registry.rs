@@ -300,3 +300,90 @@ impl ModelRegistry {
         Ok(record)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::backend::Cancellation;
+    use crate::testing::{fake_model, u8_tensor, FakeBackend, TempStore};
+
+    fn product(graph: &Arc<dyn Graph>, values: &[u8]) -> Vec<u8> {
+        let mut context = graph.init_execution_context().unwrap();
+        let outputs = context
+            .compute(
+                vec![(String::new(), u8_tensor(values))],
+                &Cancellation::default(),
+            )
+            .unwrap();
+        outputs[0].1.data.clone()
+    }
+
+    #[tokio::test]
+    async fn a_model_is_loaded_once_and_shared_and_kept_across_a_restart() {
+        let store = TempStore::default();
+        let fake = Arc::new(FakeBackend::default());
+        let registry = store.registry(&fake);
+        let (staged, upload) = store.upload(&fake_model(3));
+        let record = registry.add("triple", staged, upload).await.unwrap();
+        assert_eq!(
+            (record.backend.as_str(), record.encoding),
+            ("fake", Encoding::Onnx)
+        );
+        let (first, second) = (
+            registry.graph("triple").unwrap(),
+            registry.graph("triple").unwrap(),
+        );
+        assert!(Arc::ptr_eq(&first, &second), "each user got its own copy");
+        assert_eq!(product(&first, &[1, 2]), vec![3, 6]);
+        assert_eq!(fake.loads(), 1);
+
+        drop((registry, first, second));
+        let store = store.reopen();
+        let registry = store.registry(&fake);
+        store.blobs.sweep().unwrap();
+        assert_eq!(product(&registry.graph("triple").unwrap(), &[5]), vec![15]);
+        assert_eq!(store.blob_files(), vec![record.digest]);
+    }
+
+    #[tokio::test]
+    async fn a_model_that_does_not_load_changes_nothing() {
+        let store = TempStore::default();
+        let registry = store.registry(&Arc::new(FakeBackend::default()));
+        let (staged, upload) = store.upload(b"not a model");
+        let refused = registry.add("broken", staged.clone(), upload).await;
+        assert!(
+            matches!(refused, Err(ModelError::InvalidModel(_))),
+            "{refused:?}"
+        );
+        assert!(registry.list().is_empty());
+        assert!(store.blob_files().is_empty() && !staged.exists());
+        let (staged, upload) = store.upload(&fake_model(2));
+        let refused = registry.add("bad name!", staged.clone(), upload).await;
+        assert!(matches!(refused, Err(ModelError::InvalidName(_))));
+        assert!(store.blob_files().is_empty() && !staged.exists());
+    }
+
+    #[tokio::test]
+    async fn models_sharing_bytes_share_one_file_until_the_last_goes() {
+        let store = TempStore::default();
+        let registry = store.registry(&Arc::new(FakeBackend::default()));
+        for name in ["a", "b"] {
+            let (staged, upload) = store.upload(&fake_model(2));
+            registry.add(name, staged, upload).await.unwrap();
+        }
+        let shared = store.blob_files();
+        assert_eq!(shared.len(), 1);
+        // Replacing `a` with other bytes keeps the file `b` still uses.
+        let (staged, upload) = store.upload(&fake_model(4));
+        registry.add("a", staged, upload).await.unwrap();
+        assert_eq!(store.blob_files().len(), 2);
+        registry.remove("b").await.unwrap();
+        assert!(!store.blob_files().contains(&shared[0]));
+        registry.remove("a").await.unwrap();
+        assert!(store.blob_files().is_empty());
+        assert!(matches!(
+            registry.remove("a").await,
+            Err(ModelError::NotFound(_))
+        ));
+    }
+}
