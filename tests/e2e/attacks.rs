@@ -1,7 +1,8 @@
 //! A real daemon attacked as the open internet would: thousands of idle sockets, stalled TLS
 //! handshakes, slow-header clients, connections past the cap, floods of large bodies at a
-//! slow app, and LLM clients that leave early or never read. The node keeps answering, sheds
-//! what it cannot hold with 503 + `Retry-After`, and gives back every file, slot and sequence.
+//! slow app, HTTP/2 rapid resets and clients that grant no window, and LLM clients that leave
+//! early or never read. The node keeps answering, sheds what it cannot hold with 503 +
+//! `Retry-After`, and gives back every file, slot and sequence.
 
 use crate::support::{artifacts, config_file, error_code, TestNode};
 use futures_util::StreamExt;
@@ -176,6 +177,157 @@ async fn connections_past_the_cap_are_closed_at_once() {
     assert!(
         status["connections"]["refused_at_cap"].as_u64().unwrap() >= 1,
         "{status}"
+    );
+}
+
+/// An HTTP/2 connection over TLS to `node`, whose client grants the server only the protocol's
+/// minimum window (64 KiB) unless its data is read.
+async fn http2_connection(
+    node: &TestNode,
+) -> (
+    h2::client::SendRequest<bytes::Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+    usize,
+) {
+    let mut tls = (*node.tls_client_config()).clone();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = TcpStream::connect(address(node)).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (client, mut connection) = h2::client::Builder::new()
+        .initial_window_size(65_535)
+        .initial_connection_window_size(65_535)
+        .handshake(stream)
+        .await
+        .unwrap();
+    // The server's SETTINGS arrive with the first exchange.
+    let client = client.ready().await.unwrap();
+    let (response, _) = client
+        .clone()
+        .send_request(http_request("/healthz"), true)
+        .unwrap();
+    let driven = tokio::select! {
+        response = response => response.unwrap().status(),
+        _ = &mut connection => panic!("the connection ended before its first answer"),
+    };
+    assert_eq!(driven, 200);
+    let streams = connection.max_concurrent_send_streams();
+    (client, tokio::spawn(connection), streams)
+}
+
+fn http_request(path: &str) -> http::Request<()> {
+    http::Request::get(format!("https://127.0.0.1{path}"))
+        .body(())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn http2_clients_cannot_flood_streams_or_hold_responses_open() {
+    let _heavy = crate::support::heavy().await;
+    const WRITE_TIMEOUT_SECS: u64 = 2;
+    let config = config_file(&format!(
+        "[server]\nwrite_timeout_secs = {WRITE_TIMEOUT_SECS}\nhttp2_max_concurrent_streams = 8\n"
+    ));
+    let node = TestNode::start_with(&["--config", config.path().to_str().unwrap()]);
+    node.deploy_ok("hello", artifacts::HELLO, "").await;
+    node.deploy_ok("kv-counter", artifacts::KV_COUNTER, "")
+        .await;
+    let big = vec![b'x'; 1 << 20];
+    let stored = node
+        .client
+        .put(node.at("/apps/kv-counter/items/big"))
+        .body(big.clone())
+        .send()
+        .await
+        .unwrap();
+    assert!(stored.status().is_success(), "{}", stored.status());
+    let files_before = node.open_files();
+
+    // The stream limit is what the node announces.
+    let (mut client, connection, streams) = http2_connection(&node).await;
+    assert_eq!(streams, 8);
+
+    // Rapid reset (CVE-2023-44487): 20 000 streams opened and cancelled at once. The node
+    // keeps answering others meanwhile, and nothing of the cancelled streams stays in flight.
+    let flood = tokio::spawn(async move {
+        for sent in 0..20_000 {
+            let Ok(ready) = client.ready().await else {
+                return sent;
+            };
+            client = ready;
+            let Ok((_, mut stream)) = client.send_request(http_request("/apps/hello/"), false)
+            else {
+                return sent;
+            };
+            stream.send_reset(h2::Reason::CANCEL);
+        }
+        20_000
+    });
+    while !flood.is_finished() {
+        let started = Instant::now();
+        node.assert_healthy().await;
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "/healthz took {:?} during a rapid-reset flood",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let sent = flood.await.unwrap();
+    println!("rapid reset: {sent} streams opened and cancelled on one connection");
+    connection.abort();
+    eventually(
+        Duration::from_secs(30),
+        "requests of the reset streams were still in flight",
+        || async { node.status().await["queued_requests"] == 0 },
+    )
+    .await;
+
+    // A client that asks for 1 MiB and never grants window beyond the first 64 KiB: the
+    // response cannot be written, and the node drops the connection after its write timeout.
+    let (client, connection, _) = http2_connection(&node).await;
+    let (response, _) = client
+        .ready()
+        .await
+        .unwrap()
+        .send_request(http_request("/apps/kv-counter/items/big"), true)
+        .unwrap();
+    let response = response.await.unwrap();
+    assert_eq!(response.status(), 200);
+    let held = response.into_body();
+    let started = Instant::now();
+    let ended =
+        tokio::time::timeout(Duration::from_secs(WRITE_TIMEOUT_SECS + 20), connection).await;
+    assert!(
+        ended.is_ok(),
+        "a connection whose client grants no window stayed open"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(WRITE_TIMEOUT_SECS - 1),
+        "the connection ended before its write timeout: {:?}",
+        started.elapsed()
+    );
+    drop(held);
+    assert!(
+        node.status().await["connections"]["write_stalled"]
+            .as_u64()
+            .unwrap()
+            >= 1
+    );
+
+    eventually(
+        Duration::from_secs(30),
+        "the node's open files did not return to where they were",
+        || async { node.open_files() <= files_before },
+    )
+    .await;
+    assert_eq!(
+        node.get("/apps/hello/?name=after").await,
+        (200, "Hello, after!\n".to_string())
     );
 }
 
