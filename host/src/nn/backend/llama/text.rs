@@ -122,6 +122,83 @@ mod tests {
         assert_eq!(text.take(true, &stop), "ere");
     }
 
+    #[test]
+    fn a_four_byte_character_over_three_tokens_is_handed_out_whole() {
+        let crab = "🦀".as_bytes();
+        let mut text = GeneratedText::default();
+        assert!(!text.push_piece(&crab[..1], &[]));
+        assert_eq!(text.take(false, &[]), "");
+        assert!(!text.push_piece(&crab[1..3], &[]));
+        assert_eq!(text.take(false, &[]), "");
+        assert!(!text.push_piece(&crab[3..], &[]));
+        assert_eq!(text.take(false, &[]), "🦀");
+    }
+
+    #[test]
+    fn holding_back_for_a_stop_string_never_cuts_a_character() {
+        let stop = stops(&["abc"]);
+        let mut text = GeneratedText::default();
+        // Two bytes are held back, which would end inside the three bytes of "€".
+        assert!(!text.push_piece("x€".as_bytes(), &stop));
+        assert_eq!(text.take(false, &stop), "x");
+        assert_eq!(text.take(true, &stop), "€");
+    }
+
+    #[test]
+    fn the_search_for_a_stop_string_starts_on_a_character_boundary() {
+        let stop = stops(&["ab"]);
+        let mut text = GeneratedText::default();
+        // The search goes back one byte before the new token, into the middle of "€".
+        assert!(!text.push_piece("€".as_bytes(), &stop));
+        assert!(!text.push_piece(b"a", &stop));
+        assert!(text.push_piece(b"b", &stop));
+        assert_eq!(text.take(true, &stop), "€");
+    }
+
+    #[test]
+    fn a_stop_string_is_found_when_its_characters_are_split_across_tokens() {
+        let stop = stops(&["€!"]);
+        let euro = "€".as_bytes();
+        let mut text = GeneratedText::default();
+        assert!(!text.push_piece(&[b"hello", &euro[..2]].concat(), &stop));
+        assert_eq!(text.take(false, &stop), "he");
+        assert!(text.push_piece(&[&euro[2..], b"! b"].concat(), &stop));
+        assert_eq!(text.take(true, &stop), "llo");
+    }
+
+    #[test]
+    fn a_stop_string_at_the_start_leaves_no_text() {
+        let stop = stops(&["###"]);
+        let mut whole = GeneratedText::default();
+        assert!(whole.push_piece(b"### Answer", &stop));
+        assert_eq!(whole.take(true, &stop), "");
+
+        let mut split = GeneratedText::default();
+        assert!(!split.push_piece(b"#", &stop));
+        assert_eq!(split.take(false, &stop), "");
+        assert!(split.push_piece(b"## Answer", &stop));
+        assert_eq!(split.take(true, &stop), "");
+    }
+
+    #[test]
+    fn the_earliest_of_several_stop_strings_ends_the_text() {
+        // Listed first but found later in the text.
+        let stop = stops(&["\n\n", "User:"]);
+        let mut text = GeneratedText::default();
+        assert!(!text.push_piece(b"Sure.\nUs", &stop));
+        // The longest stop string decides how much is held back.
+        assert_eq!(text.take(false, &stop), "Sure");
+        assert!(text.push_piece(b"er: hi\n\n", &stop));
+        assert_eq!(text.take(true, &stop), ".\n");
+
+        // Both end in the same token: the one that starts first wins, though it is longer.
+        let stop = stops(&["c", "abc"]);
+        let mut text = GeneratedText::default();
+        assert!(!text.push_piece(b"xab", &stop));
+        assert!(text.push_piece(b"c d", &stop));
+        assert_eq!(text.take(true, &stop), "x");
+    }
+
     proptest! {
         /// However the bytes of a text are split into tokens and whenever the reader takes
         /// chunks, the chunks add up to the text, cut at the first stop string.
@@ -155,6 +232,46 @@ mod tests {
             taken.push_str(&text.take(true, &stops));
             prop_assert_eq!(taken.as_str(), expected);
             prop_assert_eq!(stopped, expected.len() < whole.len());
+        }
+
+        /// With several stop strings, the text ends as if all of it were searched for every
+        /// stop string after each token: the search of only its new end misses none.
+        #[test]
+        fn several_stops_end_the_text_as_a_search_of_all_of_it_would(
+            // Few letters, so that several stop strings often turn up in one token.
+            words in prop::collection::vec("[abé€ ]{0,6}", 0..12),
+            cuts in prop::collection::vec(0usize..8, 0..40),
+            stops in prop::collection::vec("[ab€ ]{1,3}", 1..4),
+        ) {
+            let whole: String = words.concat();
+            let mut ends: Vec<usize> = cuts
+                .iter()
+                .scan(0, |at, cut| {
+                    *at = (*at + cut).min(whole.len());
+                    Some(*at)
+                })
+                .collect();
+            ends.push(whole.len());
+            let mut text = GeneratedText::default();
+            let (mut taken, mut at, mut expected) = (String::new(), 0, whole.as_str());
+            for end in ends {
+                let stopped = text.push_piece(&whole.as_bytes()[at..end], &stops);
+                at = end;
+                let mut complete = end;
+                while !whole.is_char_boundary(complete) {
+                    complete -= 1;
+                }
+                let so_far = &whole[..complete];
+                let earliest = stops.iter().filter_map(|s| so_far.find(s.as_str())).min();
+                prop_assert_eq!(stopped, earliest.is_some());
+                taken.push_str(&text.take(stopped, &stops));
+                if let Some(start) = earliest {
+                    expected = &whole[..start];
+                    break;
+                }
+            }
+            taken.push_str(&text.take(true, &stops));
+            prop_assert_eq!(taken.as_str(), expected);
         }
     }
 }
