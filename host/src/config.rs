@@ -113,6 +113,10 @@ pub struct NnConfig {
     pub threads: u32,
     /// Largest context window (prompt + generated tokens) an LLM generation gets.
     pub max_context_tokens: u32,
+    /// How many steps below the node's CPU priority inference runs (Unix nice, 0 to 19; 0
+    /// runs it at the node's own), so that requests to other apps and key-value writes are
+    /// served at once while every core is busy with models.
+    pub inference_nice: u32,
     /// LLM generations of one model that are decoded together in one llama.cpp batch, per
     /// lane (a model has a lane per compute slot). Each lane that has run keeps a KV cache of
     /// this many × `max_context_tokens`; generations beyond lanes × this wait. 1 to 64.
@@ -246,6 +250,7 @@ impl Default for NnConfig {
             max_model_bytes: 16 << 30,
             threads: 0,
             max_context_tokens: 2048,
+            inference_nice: 10,
             llm_batch_sequences: 4,
             gpu_fallback: GpuFallback::Fail,
             default_backends: BTreeMap::new(),
@@ -373,6 +378,7 @@ impl Config {
             ));
         }
         in_range("nn.threads", nn.threads.into(), 0..=1024)?;
+        in_range("nn.inference_nice", nn.inference_nice.into(), 0..=19)?;
         Ok(())
     }
 }

@@ -112,11 +112,16 @@ impl graph::Host for NnView<'_> {
         // Parsing and optimising a model is CPU work: keep it off the reactor, and take a
         // compute slot for it like any inference.
         let slot = self.ctx.models.backends().compute_slots().acquire().await;
-        let loaded = tokio::task::spawn_blocking(move || {
-            let _slot = slot;
-            backend::catch_panic("load", || backend.load(&bytes, target))
-        })
-        .await?;
+        let loaded = self
+            .ctx
+            .models
+            .backends()
+            .threads()
+            .spawn(move || {
+                let _slot = slot;
+                backend::catch_panic("load", || backend.load(&bytes, target))
+            })
+            .await?;
         match loaded {
             Ok(graph) => Ok(Ok(self.table.push(GraphResource { graph, held_bytes })?)),
             Err(error) => {
@@ -199,17 +204,22 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
         let cancel = Cancellation::default();
         let cancel_on_drop = CancelOnDrop::new(cancel.clone());
         let running = self.ctx.models.backends().running_computes().clone();
-        let outputs = tokio::task::spawn_blocking(move || {
-            let _running = running.enter();
-            // The slot is held until the computation ends, even if the guest is gone.
-            let _slot = slot;
-            cancel.check()?;
-            let mut context = context
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            backend::catch_panic("compute", || context.compute(tensors, &cancel))
-        })
-        .await?;
+        let outputs = self
+            .ctx
+            .models
+            .backends()
+            .threads()
+            .spawn(move || {
+                let _running = running.enter();
+                // The slot is held until the computation ends, even if the guest is gone.
+                let _slot = slot;
+                cancel.check()?;
+                let mut context = context
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                backend::catch_panic("compute", || context.compute(tensors, &cancel))
+            })
+            .await?;
         cancel_on_drop.disarm();
         match outputs {
             Ok(outputs) => {

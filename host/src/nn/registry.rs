@@ -158,7 +158,11 @@ impl ModelRegistry {
                 record.size_bytes
             ));
         }
-        backend.load_file(file, target).map_err(|e| e.to_string())
+        let file = file.to_path_buf();
+        backends
+            .threads()
+            .run(move || backend.load_file(&file, target))
+            .map_err(|e| e.to_string())
     }
 
     /// The backends models can be loaded with.
@@ -243,18 +247,23 @@ impl ModelRegistry {
         let target = choice.target;
         // Storing, reading and optimising the model is blocking CPU and file work. A model that
         // does not load lets its blob go again.
-        let (held, graph) = tokio::task::spawn_blocking(move || {
-            let held = blobs.put_file(&staged, &digest)?;
-            match backend.load_file(&blobs.path(&digest), target) {
-                Ok(graph) => Ok((held, graph)),
-                Err(BackendError::InvalidModel(message)) => Err(ModelError::InvalidModel(message)),
-                Err(other) => Err(ModelError::InvalidModel(format!(
-                    "the model does not load: {other}"
-                ))),
-            }
-        })
-        .await
-        .map_err(|e| ModelError::InvalidModel(format!("loading the model failed: {e}")))??;
+        let (held, graph) = self
+            .backends
+            .threads()
+            .spawn(move || {
+                let held = blobs.put_file(&staged, &digest)?;
+                match backend.load_file(&blobs.path(&digest), target) {
+                    Ok(graph) => Ok((held, graph)),
+                    Err(BackendError::InvalidModel(message)) => {
+                        Err(ModelError::InvalidModel(message))
+                    }
+                    Err(other) => Err(ModelError::InvalidModel(format!(
+                        "the model does not load: {other}"
+                    ))),
+                }
+            })
+            .await
+            .map_err(|e| ModelError::InvalidModel(format!("loading the model failed: {e}")))??;
         let record = ModelRecord {
             name: name.to_string(),
             digest: upload.digest,

@@ -28,11 +28,13 @@ pub struct CandleBertBackend {
 }
 
 impl CandleBertBackend {
-    /// A backend whose computations use `threads` threads.
-    pub fn new(threads: usize) -> Self {
+    /// A backend whose computations use `threads` threads, `nice` steps below the node's
+    /// priority (see [`super::InferenceThreads`]).
+    pub fn new(threads: usize, nice: u32) -> Self {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads.max(1))
             .thread_name(|i| format!("tensorlet-candle-{i}"))
+            .start_handler(move |_| super::lower_this_threads_priority(nice))
             .build()
             .expect("building a thread pool only fails when threads cannot be spawned");
         Self {
@@ -351,7 +353,7 @@ mod tests {
     }
 
     fn load_error(bytes: &[u8]) -> String {
-        match CandleBertBackend::new(1).load(bytes, ExecutionTarget::Cpu) {
+        match CandleBertBackend::new(1, 0).load(bytes, ExecutionTarget::Cpu) {
             Err(BackendError::InvalidModel(message)) => message,
             Err(other) => panic!("wrong error kind: {other}"),
             Ok(_) => panic!("loaded"),

@@ -239,6 +239,86 @@ pub trait ExecutionContext: Send {
     }
 }
 
+/// The threads inference runs on: tokio blocking threads of their own, at a lower CPU priority
+/// than the threads that serve requests and flush the store (`[nn] inference_nice`). With every
+/// core decoding, a request to another app then still gets a core at once instead of waiting
+/// for a scheduler time slice. Threads a library starts from them (llama.cpp's, ONNX
+/// Runtime's) inherit the priority.
+#[derive(Clone)]
+pub struct InferenceThreads(Arc<InferenceRuntime>);
+
+struct InferenceRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for InferenceRuntime {
+    fn drop(&mut self) {
+        // A runtime may be dropped on the reactor only this way.
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl InferenceThreads {
+    /// Blocking threads `nice` steps below the node's priority (0: the same).
+    pub fn new(nice: u32) -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("tensorlet-inference")
+            .on_thread_start(move || lower_this_threads_priority(nice))
+            .build()?;
+        Ok(Self(Arc::new(InferenceRuntime(Some(runtime)))))
+    }
+
+    /// Runs blocking inference work `f` on these threads.
+    pub fn spawn<R: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> tokio::task::JoinHandle<R> {
+        self.0
+             .0
+            .as_ref()
+            .expect("the runtime is taken only when dropped")
+            .spawn_blocking(f)
+    }
+
+    /// Runs `f` on these threads and waits for it, from blocking code.
+    pub fn run<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> R {
+        let (sender, receiver) = std::sync::mpsc::sync_channel(1);
+        drop(self.spawn(move || {
+            let _ = sender.send(catch_unwind_result(f));
+        }));
+        match receiver.recv() {
+            Ok(Ok(value)) => value,
+            Ok(Err(panic)) => std::panic::resume_unwind(panic),
+            Err(_) => panic!("the inference threads stopped"),
+        }
+    }
+}
+
+fn catch_unwind_result<R>(f: impl FnOnce() -> R) -> std::thread::Result<R> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+}
+
+/// Raises the calling thread's nice value by `steps` (on Linux, priority is per thread).
+pub fn lower_this_threads_priority(steps: u32) {
+    if steps == 0 {
+        return;
+    }
+    // SAFETY: plain system calls on the calling thread (who = 0); errors are reported by
+    // return value and errno, and a failure leaves the priority as it was.
+    unsafe {
+        *libc::__errno_location() = 0;
+        let current = libc::getpriority(libc::PRIO_PROCESS, 0);
+        let target = (current + steps as i32).min(19);
+        if libc::setpriority(libc::PRIO_PROCESS, 0, target) != 0 {
+            tracing::warn!(
+                error = %std::io::Error::last_os_error(),
+                "cannot lower the priority of an inference thread"
+            );
+        }
+    }
+}
+
 /// Set when the request a computation serves has gone away (its client left, its app timed
 /// out or trapped): work that has not started is skipped, and a generation stops within one
 /// decode step.
@@ -392,6 +472,7 @@ pub struct Backends {
     default_backends: BTreeMap<Encoding, String>,
     compute_slots: ComputeSlots,
     running: RunningComputes,
+    threads: InferenceThreads,
 }
 
 impl Backends {
@@ -431,7 +512,10 @@ impl Backends {
                 compute_slots: compute_slots.clone(),
             }),
             #[cfg(feature = "candle")]
-            Arc::new(candle::CandleBertBackend::new(threads as usize)),
+            Arc::new(candle::CandleBertBackend::new(
+                threads as usize,
+                config.inference_nice,
+            )),
         ];
         Self::with_compute_slots(all, config, compute_slots)
     }
@@ -464,18 +548,26 @@ impl Backends {
             }
             default_backends.insert(encoding, name.clone());
         }
+        let threads = InferenceThreads::new(config.inference_nice)
+            .map_err(|e| format!("cannot start the inference threads: {e}"))?;
         Ok(Self {
             all,
             gpu_fallback: config.gpu_fallback,
             default_backends,
             compute_slots,
             running: RunningComputes::default(),
+            threads,
         })
     }
 
     /// Computations running on the blocking pool now (`/v1/admin/status`).
     pub fn running_computes(&self) -> &RunningComputes {
         &self.running
+    }
+
+    /// The threads loads and computations run on.
+    pub fn threads(&self) -> &InferenceThreads {
+        &self.threads
     }
 
     /// The slots every computation on this node's models takes turns for.
@@ -747,6 +839,30 @@ mod properties {
             let loaded = catch_panic("load", || tract::TractBackend.load(&bytes, ExecutionTarget::Cpu));
             prop_assert!(loaded.is_err());
         }
+    }
+}
+
+#[cfg(test)]
+mod inference_threads {
+    use super::*;
+
+    fn priority() -> i32 {
+        // SAFETY: a plain system call about the calling thread.
+        unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }
+    }
+
+    #[tokio::test]
+    async fn inference_runs_below_the_request_path_and_panics_stay_its_own() {
+        let threads = InferenceThreads::new(5).unwrap();
+        let here = priority();
+        let there = threads.spawn(priority).await.unwrap();
+        assert_eq!(there, (here + 5).min(19));
+        assert_eq!(priority(), here, "the caller's thread was lowered");
+        let blocking = threads.clone();
+        let run = tokio::task::spawn_blocking(move || blocking.run(priority)).await;
+        assert_eq!(run.unwrap(), (here + 5).min(19));
+        let panicked = tokio::task::spawn_blocking(move || threads.run(|| panic!("a bad model")));
+        assert!(panicked.await.is_err());
     }
 }
 
