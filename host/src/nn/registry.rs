@@ -285,7 +285,7 @@ impl ModelRegistry {
             },
         );
         if let Some(previous) = previous {
-            self.blobs.release(&previous.record.digest);
+            self.blobs.release_async(&previous.record.digest).await;
         }
         Ok(record)
     }
@@ -305,7 +305,7 @@ impl ModelRegistry {
         self.tree.remove(name).map_err(StoreError::from)?;
         self.store.make_durable().await?;
         self.entries.write().expect("registry lock").remove(name);
-        self.blobs.release(&record.digest);
+        self.blobs.release_async(&record.digest).await;
         Ok(record)
     }
 }

@@ -232,7 +232,7 @@ impl Runtime {
             }),
         );
         if let Some(replaced) = replaced {
-            self.blobs.release(&replaced.digest);
+            self.blobs.release_async(&replaced.digest).await;
         }
         Ok(record)
     }
@@ -247,7 +247,7 @@ impl Runtime {
         self.apps_tree.remove(name)?;
         self.store.make_durable().await?;
         self.apps.write().expect("apps lock").remove(name);
-        self.blobs.release(&record.digest);
+        self.blobs.release_async(&record.digest).await;
         Ok(Some(record))
     }
 

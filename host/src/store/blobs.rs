@@ -192,6 +192,15 @@ impl Blobs {
         let _ = files::sync_dir(&self.dir);
     }
 
+    /// [`Blobs::release`] from async code: deleting and syncing the folder is blocking I/O,
+    /// done on the blocking pool while the caller waits.
+    pub async fn release_async(self: &Arc<Self>, digest: &str) {
+        let (blobs, digest) = (self.clone(), digest.to_string());
+        if let Err(error) = tokio::task::spawn_blocking(move || blobs.release(&digest)).await {
+            tracing::warn!(%error, "releasing a blob failed");
+        }
+    }
+
     /// Moves the files of a node from before the blob store (`components/<digest>.wasm`,
     /// `models/<digest>`) into it, and deletes the old compile cache, so that an upgraded node
     /// keeps its apps and models.
