@@ -305,9 +305,8 @@ pub fn lower_this_threads_priority(steps: u32) {
         return;
     }
     // SAFETY: plain system calls on the calling thread (who = 0); errors are reported by
-    // return value and errno, and a failure leaves the priority as it was.
+    // return value, and a failure leaves the priority as it was.
     unsafe {
-        *libc::__errno_location() = 0;
         let current = libc::getpriority(libc::PRIO_PROCESS, 0);
         let target = (current + steps as i32).min(19);
         if libc::setpriority(libc::PRIO_PROCESS, 0, target) != 0 {
