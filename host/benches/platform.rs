@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tensorlet::config::Config;
 use tensorlet::nn::backend::Cancellation;
+use tensorlet::nn::Encoding;
 use tensorlet_test_artifacts as artifacts;
 use tract_onnx::prelude::*;
 
@@ -366,7 +367,7 @@ async fn main() {
     register_model(
         &node,
         "text-orientation",
-        "onnx",
+        Encoding::Onnx,
         Some("tract"),
         &model,
         dir.path(),
@@ -532,7 +533,7 @@ async fn main() {
 async fn register_model(
     node: &tensorlet::node::Node,
     name: &str,
-    encoding: &str,
+    encoding: tensorlet::nn::Encoding,
     backend: Option<&str>,
     path: &std::path::Path,
     scratch: &std::path::Path,
@@ -540,7 +541,7 @@ async fn register_model(
     let staged = scratch.join(format!("staged-{name}"));
     std::fs::copy(path, &staged).unwrap();
     let upload = tensorlet::nn::Upload {
-        encoding: encoding.parse().unwrap(),
+        encoding,
         backend: backend.map(str::to_string),
         target: "cpu".to_string(),
         digest: tensorlet::store::blobs::digest_of_file(path).unwrap(),
@@ -576,7 +577,7 @@ async fn llm(node: &tensorlet::node::Node, scratch: &std::path::Path) -> f64 {
     // A prompt the model continues for long, so that every run generates all the tokens.
     const PROMPT: &str = "1, 2, 3, 4, 5, 6,";
     let model_path = artifacts::smollm2_model();
-    register_model(node, "smollm2", "ggml", None, &model_path, scratch).await;
+    register_model(node, "smollm2", Encoding::Ggml, None, &model_path, scratch).await;
     let app = deploy_with_model(node, "openai", artifacts::OPENAI, "smollm2").await;
     let idle = resident_mib();
     let body = serde_json::json!({
@@ -657,7 +658,7 @@ async fn onnx_backends(node: &tensorlet::node::Node, scratch: &std::path::Path) 
     let mut tract_p50 = None;
     for backend in ["tract", "onnxruntime", "openvino"] {
         let name = format!("on-{backend}");
-        register_model(node, &name, "onnx", Some(backend), &model, scratch).await;
+        register_model(node, &name, Encoding::Onnx, Some(backend), &model, scratch).await;
         let graph = node.models.graph(&name).unwrap();
         let input = input.clone();
         let samples = tokio::task::spawn_blocking(move || {
@@ -695,7 +696,15 @@ async fn onnx_backends(node: &tensorlet::node::Node, scratch: &std::path::Path) 
 async fn embeddings(node: &tensorlet::node::Node, scratch: &std::path::Path) {
     let bundle = scratch.join("minilm.tar");
     tensorlet::cli::bundle::bundle_dir(&artifacts::minilm_model(), &bundle).unwrap();
-    register_model(node, "minilm", "safetensors", None, &bundle, scratch).await;
+    register_model(
+        node,
+        "minilm",
+        Encoding::Safetensors,
+        None,
+        &bundle,
+        scratch,
+    )
+    .await;
     let app = deploy_with_model(node, "openai-embed", artifacts::OPENAI, "minilm").await;
     let graph = node.models.graph("minilm").unwrap();
     println!("Embeddings, all-MiniLM-L6-v2 (candle), p50 over 50 requests:");

@@ -94,7 +94,7 @@ pub fn fake_model(factor: u8) -> Vec<u8> {
 /// one U8 input by the factor, and counts its loads.
 #[derive(Default)]
 pub struct FakeBackend {
-    pub loads: AtomicUsize,
+    loads: AtomicUsize,
 }
 
 impl FakeBackend {

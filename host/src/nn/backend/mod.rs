@@ -285,7 +285,7 @@ impl InferenceThreads {
     pub fn run<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> R {
         let (sender, receiver) = std::sync::mpsc::sync_channel(1);
         drop(self.spawn(move || {
-            let _ = sender.send(catch_unwind_result(f));
+            let _ = sender.send(std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)));
         }));
         match receiver.recv() {
             Ok(Ok(value)) => value,
@@ -293,10 +293,6 @@ impl InferenceThreads {
             Err(_) => panic!("the inference threads stopped"),
         }
     }
-}
-
-fn catch_unwind_result<R>(f: impl FnOnce() -> R) -> std::thread::Result<R> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
 }
 
 /// Raises the calling thread's nice value by `steps` (on Linux, priority is per thread).
