@@ -1,9 +1,14 @@
-//! HTTP for apps: read the whole request, return a whole response.
+//! HTTP for apps: read the whole request, return a whole response; call other apps and
+//! services with a [`ClientRequest`].
 
 use crate::bindings::exports::wasi::http::incoming_handler::{IncomingRequest, ResponseOutparam};
 use crate::bindings::wasi::http::types::{Fields, Method, OutgoingBody, OutgoingResponse};
-use crate::bindings::wasi::io::streams::StreamError;
+use crate::bindings::wasi::io::streams::{OutputStream, StreamError};
 use serde::{de::DeserializeOwned, Serialize};
+
+mod client;
+
+pub use client::{get, ClientError, ClientRequest, ClientResponse, ErrorCode};
 
 /// A request as the app sees it: the path is the part below the app's mount point.
 #[derive(Debug, Clone)]
@@ -222,19 +227,22 @@ pub fn serve(
     ResponseOutparam::set(response_out, Ok(outgoing));
     {
         let stream = body.write().expect("a new body has a stream");
-        let write = |bytes: &[u8]| {
-            bytes
-                .chunks(4096)
-                .all(|chunk| stream.blocking_write_and_flush(chunk).is_ok())
-        };
-        if !write(&response.body) {
+        if write_all(&stream, &response.body).is_err() {
             return;
         }
         for chunk in response.stream.into_iter().flatten() {
-            if !write(&chunk) {
+            if write_all(&stream, &chunk).is_err() {
                 return;
             }
         }
     }
     let _ = OutgoingBody::finish(body, None);
+}
+
+/// Writes `bytes` to `stream` and flushes it, in pieces of at most 4096 bytes: the most one
+/// `blocking-write-and-flush` takes.
+fn write_all(stream: &OutputStream, bytes: &[u8]) -> Result<(), StreamError> {
+    bytes
+        .chunks(4096)
+        .try_for_each(|chunk| stream.blocking_write_and_flush(chunk))
 }

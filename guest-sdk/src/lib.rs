@@ -2,8 +2,10 @@
 //!
 //! An app is a standard `wasi:http` component. This crate holds the bindings of the
 //! `tensorlet:platform/inference-app` world (see `wit/`) and small helpers over them:
-//! [`http`] (a handler taking a whole [`http::Request`] and returning a [`http::Response`]),
-//! [`nn`] (models by name, tensors, compute) and [`kv`] (buckets, counters, compare-and-swap).
+//! [`http`] (a handler taking a whole [`http::Request`] and returning a [`http::Response`], and
+//! a blocking client, [`http::ClientRequest`], to call other apps and services), [`nn`] (models
+//! by name, tensors, compute), [`llm`] (text generation and embeddings), [`kv`] (buckets,
+//! counters, compare-and-swap) and [`config`] (the app's settings and secrets).
 //!
 //! ```ignore
 //! use tensorlet_sdk::http::{Request, Response};
@@ -16,6 +18,7 @@
 //! ```
 //! Build with `cargo build --target wasm32-wasip2 --release` or `cargo component build --release`.
 
+pub mod config;
 pub mod http;
 pub mod kv;
 pub mod llm;

@@ -319,17 +319,18 @@ async fn main() {
         .unwrap();
     let hello = std::fs::read(artifacts::HELLO).unwrap();
     node.runtime
-        .deploy("hello", hello.into(), Default::default())
+        .deploy("hello", Some(hello.into()), Default::default(), false)
         .await
         .unwrap();
     let app = node.runtime.app("hello").unwrap();
+    let revision = app.revisions[&app.record.latest].clone();
     for _ in 0..200 {
-        node.runtime.instantiate_only(&app).await.unwrap();
+        node.runtime.instantiate_only(&revision).await.unwrap();
     }
     let mut samples = Vec::new();
     for _ in 0..5000 {
         let started = Instant::now();
-        node.runtime.instantiate_only(&app).await.unwrap();
+        node.runtime.instantiate_only(&revision).await.unwrap();
         samples.push(started.elapsed());
     }
     let (instantiate_p50, p99) = summary(samples);
@@ -557,12 +558,15 @@ async fn deploy_with_model(
     component: &str,
     model: &str,
 ) -> Arc<tensorlet::runtime::App> {
-    let settings = tensorlet::apps::AppSettings {
-        models: Some(model.into()),
-        ..Default::default()
-    };
+    let mut spec = tensorlet::apps::DeploySpec::default();
+    spec.app.models = vec![model.to_string()];
     node.runtime
-        .deploy(app, std::fs::read(component).unwrap().into(), settings)
+        .deploy(
+            app,
+            Some(std::fs::read(component).unwrap().into()),
+            spec,
+            false,
+        )
         .await
         .unwrap();
     node.runtime.app(app).unwrap()

@@ -98,6 +98,18 @@ pub struct LimitsConfig {
     pub kv_max_keys_per_app: u64,
     /// Buckets one app may have.
     pub kv_max_buckets_per_app: u32,
+    /// Default seconds without requests after which a revision with `min_instances = 0`
+    /// scales to zero (lets go of its prepared component).
+    pub app_idle_timeout_secs: u64,
+    /// Revisions kept per app; older ones that get no traffic are deleted at the next deploy.
+    pub max_revisions_per_app: u32,
+    /// Bytes of cached responses the node keeps in memory, over all apps.
+    pub response_cache_bytes: u64,
+    /// Clients whose rate-limit state one app tracks at once (beyond, new clients are refused
+    /// until old ones are forgotten).
+    pub max_rate_limited_clients: u32,
+    /// Nested calls between apps (`http://<app>.internal/`) one request may make in depth.
+    pub max_call_depth: u32,
 }
 
 /// `[nn]`: models.
@@ -239,6 +251,11 @@ impl Default for LimitsConfig {
             kv_max_bytes_per_app: 256 << 20,
             kv_max_keys_per_app: 1_000_000,
             kv_max_buckets_per_app: 64,
+            app_idle_timeout_secs: 300,
+            max_revisions_per_app: 20,
+            response_cache_bytes: 64 << 20,
+            max_rate_limited_clients: 10_000,
+            max_call_depth: 4,
         }
     }
 }
@@ -298,6 +315,26 @@ impl Config {
             "limits.max_concurrent_instances",
             limits.max_concurrent_instances.into(),
             1..=100_000,
+        )?;
+        in_range(
+            "limits.app_idle_timeout_secs",
+            limits.app_idle_timeout_secs,
+            1..=86_400 * 30,
+        )?;
+        in_range(
+            "limits.max_revisions_per_app",
+            limits.max_revisions_per_app.into(),
+            1..=10_000,
+        )?;
+        in_range(
+            "limits.max_rate_limited_clients",
+            limits.max_rate_limited_clients.into(),
+            1..=10_000_000,
+        )?;
+        in_range(
+            "limits.max_call_depth",
+            limits.max_call_depth.into(),
+            0..=64,
         )?;
         in_range(
             "limits.queue_timeout_secs",

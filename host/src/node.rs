@@ -54,12 +54,7 @@ pub fn open(config: Config, tls_fingerprint: Option<String>) -> anyhow::Result<N
         blobs.clone(),
         Backends::builtin(&config.nn).map_err(|e| anyhow::anyhow!("invalid config: {e}"))?,
     )?);
-    let runtime = Arc::new(Runtime::open(
-        &config,
-        store.clone(),
-        blobs.clone(),
-        models.clone(),
-    )?);
+    let runtime = Runtime::open(&config, store.clone(), blobs.clone(), models.clone())?;
     // Every record now holds its blob: what none holds was left by a crash.
     let orphans = blobs.sweep().context("cannot clean blobs/")?;
     if orphans > 0 {

@@ -13,6 +13,7 @@ const COMPONENTS: &[(&str, &str, &str)] = &[
     ("misbehave", "misbehave.wasm", "MISBEHAVE"),
     ("not-http", "not-http.wasm", "NOT_HTTP"),
     ("openai", "openai.wasm", "OPENAI"),
+    ("pipeline", "pipeline.wasm", "PIPELINE"),
 ];
 
 fn main() {

@@ -12,3 +12,4 @@ mod failures;
 mod kv;
 mod llm;
 mod nn;
+mod services;

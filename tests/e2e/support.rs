@@ -185,6 +185,36 @@ impl TestNode {
             .expect("running the CLI")
     }
 
+    /// Runs the CLI with `input` on its standard input.
+    pub fn cli_with_input(&self, args: &[&str], input: &[u8]) -> Output {
+        use std::io::Write;
+        let mut child = Command::new(BINARY)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("running the CLI");
+        child
+            .stdin
+            .take()
+            .expect("piped stdin")
+            .write_all(input)
+            .expect("writing the CLI's input");
+        child.wait_with_output().expect("the CLI ends")
+    }
+
+    /// Writes `text` as a manifest `tensorlet.toml` in a new folder beside which the test can
+    /// put files; returns the folder (deleted with the handle) and the manifest's path.
+    pub fn manifest(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("tensorlet.toml");
+        std::fs::write(&path, text).expect("writing the manifest");
+        (dir, path)
+    }
+
     /// Runs the CLI and asserts that it succeeded; returns its stdout.
     pub fn cli_ok(&self, args: &[&str]) -> String {
         let output = self.cli(args);

@@ -1,16 +1,18 @@
-//! The admin API under `/v1/admin`, for the operator holding the admin token: deploy and
-//! remove apps, add and remove models, node status. The CLI is its client.
+//! The admin API under `/v1/admin`, for the operator holding the admin token: deploy apps
+//! (a manifest and a component), split their traffic, roll back, set their secrets, remove
+//! them; add and remove models; node status. The CLI is its client.
 
 use super::ApiError;
-use crate::apps::AppSettings;
+use crate::apps::spec::{DeploySpec, TrafficSpec};
 use crate::nn::{Encoding, Upload};
 use crate::node::Node;
+use crate::runtime::App;
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use futures_util::StreamExt;
 use http_body_util::BodyExt;
@@ -22,6 +24,8 @@ use tokio::io::AsyncWriteExt;
 
 /// Largest component the admin API accepts.
 const MAX_COMPONENT_BYTES: usize = 256 << 20;
+/// Largest deployment manifest (as JSON) the admin API accepts.
+const MAX_MANIFEST_BYTES: usize = 32 << 20;
 
 /// The admin routes, all behind the admin-token check.
 pub fn router(node: Arc<Node>) -> Router<Arc<Node>> {
@@ -34,7 +38,20 @@ pub fn router(node: Arc<Node>) -> Router<Arc<Node>> {
             get(get_app)
                 .put(deploy)
                 .delete(remove_app)
-                .layer(DefaultBodyLimit::max(MAX_COMPONENT_BYTES)),
+                .layer(DefaultBodyLimit::max(
+                    MAX_COMPONENT_BYTES + MAX_MANIFEST_BYTES,
+                )),
+        )
+        .route("/apps/{name}/traffic", put(set_traffic))
+        .route("/apps/{name}/rollback", post(rollback))
+        .route("/apps/{name}/secrets", get(list_secrets))
+        .route(
+            "/apps/{name}/secrets/{key}",
+            put(set_secret)
+                .delete(remove_secret)
+                .layer(DefaultBodyLimit::max(
+                    crate::apps::secrets::MAX_VALUE_BYTES + 1,
+                )),
         )
         .route("/models", get(list_models))
         .route(
@@ -117,8 +134,25 @@ async fn status(
     }))
 }
 
+/// What the API shows of an app: its record, its secrets' names and its revisions with their
+/// state and counters.
+fn describe_app(node: &Node, app: &App) -> Value {
+    json!({
+        "name": app.record.name,
+        "record": app.record,
+        "secrets": node.runtime.secret_names(&app.record.name).unwrap_or_default(),
+        "revisions": app.revisions.values().map(|r| r.describe()).collect::<Vec<_>>(),
+    })
+}
+
 async fn list_apps(State(node): State<Arc<Node>>) -> Json<Value> {
-    Json(json!({ "apps": node.runtime.apps() }))
+    let apps: Vec<Value> = node
+        .runtime
+        .apps()
+        .iter()
+        .map(|app| describe_app(&node, app))
+        .collect();
+    Json(json!({ "apps": apps }))
 }
 
 fn app_not_found(name: &str) -> ApiError {
@@ -137,18 +171,175 @@ async fn get_app(
         .runtime
         .app(&name)
         .ok_or_else(|| app_not_found(&name))?;
-    Ok(Json(json!({ "app": app.record })))
+    Ok(Json(json!({ "app": describe_app(&node, &app) })))
 }
 
+/// The shorthand settings of a deployment sent as a bare component (`curl -T app.wasm
+/// '…/apps/hello?timeout_secs=5'`); a manifest says more.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeployQuery {
+    timeout_secs: Option<u64>,
+    memory_mib: Option<u64>,
+    max_body_bytes: Option<u64>,
+    /// Comma-separated names of the models the app may load.
+    models: Option<String>,
+    native_guest_models: Option<bool>,
+    dry_run: Option<bool>,
+}
+
+impl DeployQuery {
+    fn spec(&self) -> DeploySpec {
+        let mut spec = DeploySpec::default();
+        spec.limits.timeout_secs = self.timeout_secs;
+        spec.limits.memory_mib = self.memory_mib;
+        spec.limits.max_body_bytes = self.max_body_bytes;
+        spec.app.models = self
+            .models
+            .as_deref()
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|name| !name.is_empty())
+            .map(str::to_string)
+            .collect();
+        spec.app.native_guest_models = self.native_guest_models.unwrap_or(false);
+        spec
+    }
+}
+
+fn bad_deploy(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, "invalid_deployment", message)
+}
+
+/// `PUT /apps/{name}`: either `multipart/form-data` with a `manifest` part (the deployment as
+/// JSON) and an optional `component` part, or the component alone as the body with the
+/// shorthand settings in the query. `?dry_run=true` reports the changes without applying them.
 async fn deploy(
     State(node): State<Arc<Node>>,
     Path(name): Path<String>,
-    Query(settings): Query<AppSettings>,
-    body: Bytes,
+    Query(query): Query<DeployQuery>,
+    request: Request,
 ) -> Result<Response, ApiError> {
-    let record = node.runtime.deploy(&name, body, settings).await?;
-    tracing::info!(app = %record.name, digest = %record.digest, "deployed");
-    Ok((StatusCode::OK, Json(json!({ "app": record }))).into_response())
+    let multipart = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("multipart/form-data"));
+    let (spec, component) = if multipart {
+        let mut form = Multipart::from_request(request, &())
+            .await
+            .map_err(|e| bad_deploy(e.body_text()))?;
+        let (mut spec, mut component) = (None, None);
+        while let Some(field) = form
+            .next_field()
+            .await
+            .map_err(|e| bad_deploy(e.body_text()))?
+        {
+            let part = field.name().unwrap_or_default().to_string();
+            let bytes = field.bytes().await.map_err(|e| bad_deploy(e.body_text()))?;
+            match part.as_str() {
+                "manifest" => {
+                    spec = Some(serde_json::from_slice::<DeploySpec>(&bytes).map_err(|e| {
+                        bad_deploy(format!("the manifest is not a valid deployment: {e}"))
+                    })?)
+                }
+                "component" => component = Some(bytes),
+                other => {
+                    return Err(bad_deploy(format!(
+                        "unknown part {other:?}: send `manifest` and `component`"
+                    )))
+                }
+            }
+        }
+        (
+            spec.ok_or_else(|| bad_deploy("the deployment has no `manifest` part"))?,
+            component,
+        )
+    } else {
+        let body = Bytes::from_request(request, &())
+            .await
+            .map_err(|e| bad_deploy(e.body_text()))?;
+        (query.spec(), Some(body))
+    };
+    let dry_run = query.dry_run.unwrap_or(false);
+    let deployed = node.runtime.deploy(&name, component, spec, dry_run).await?;
+    if deployed.created {
+        tracing::info!(app = %name, revision = deployed.revision, "deployed a new revision");
+    }
+    Ok((StatusCode::OK, Json(json!(deployed))).into_response())
+}
+
+/// `PUT /apps/{name}/traffic`: a new split (and sticky header).
+async fn set_traffic(
+    State(node): State<Arc<Node>>,
+    Path(name): Path<String>,
+    Json(traffic): Json<TrafficSpec>,
+) -> Result<Json<Value>, ApiError> {
+    let record = node
+        .runtime
+        .set_traffic(&name, traffic.split, Some(traffic.sticky_header))
+        .await?;
+    Ok(Json(json!({ "app": record })))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RollbackRequest {
+    revision: Option<u32>,
+}
+
+/// `POST /apps/{name}/rollback`: all traffic to a revision (by default the one before).
+async fn rollback(
+    State(node): State<Arc<Node>>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let request: RollbackRequest = if body.is_empty() {
+        RollbackRequest::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| bad_deploy(format!("invalid rollback request: {e}")))?
+    };
+    let record = node.runtime.rollback(&name, request.revision).await?;
+    Ok(Json(json!({ "app": record })))
+}
+
+async fn list_secrets(
+    State(node): State<Arc<Node>>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    node.runtime
+        .app(&name)
+        .ok_or_else(|| app_not_found(&name))?;
+    Ok(Json(
+        json!({ "secrets": node.runtime.secret_names(&name)? }),
+    ))
+}
+
+/// `PUT /apps/{name}/secrets/{key}`: the body is the value. It is stored encrypted and never
+/// shown again.
+async fn set_secret(
+    State(node): State<Arc<Node>>,
+    Path((name, key)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    node.runtime.set_secret(&name, &key, &body).await?;
+    Ok(Json(json!({ "app": name, "secret": key })))
+}
+
+async fn remove_secret(
+    State(node): State<Arc<Node>>,
+    Path((name, key)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    if !node.runtime.remove_secret(&name, &key).await? {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "secret_not_found",
+            format!("app {name:?} has no secret {key:?}"),
+        ));
+    }
+    Ok(Json(json!({ "removed": key })))
 }
 
 async fn remove_app(

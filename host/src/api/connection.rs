@@ -119,6 +119,7 @@ pub async fn accept_loop(
         };
         let _ = tcp.set_nodelay(true);
         let connection = Connection {
+            peer,
             router: router.clone(),
             http: http.clone(),
             limits: limits.clone(),
@@ -159,6 +160,8 @@ fn http_builder(limits: &ServerConfig) -> auto::Builder<TokioExecutor> {
 
 /// One accepted connection and the slot it holds under the cap.
 struct Connection {
+    /// The client's address, given to handlers as `ConnectInfo` (per-client rate limits).
+    peer: std::net::SocketAddr,
     router: Router,
     http: Arc<auto::Builder<TokioExecutor>>,
     limits: Arc<ServerConfig>,
@@ -200,7 +203,9 @@ impl Connection {
         activity.mark();
         let router = self.router.clone();
         let requests = activity.clone();
-        let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+        let peer = axum::extract::ConnectInfo(self.peer);
+        let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+            request.extensions_mut().insert(peer);
             let in_flight = InFlight::begin(requests.clone());
             let mut router = router.clone();
             async move {

@@ -1,6 +1,7 @@
 //! The one error type of the HTTP edge: every failure becomes a status and a JSON body
 //! `{ "error": { "code": "...", "message": "..." } }`.
 
+use crate::apps::secrets::SecretsError;
 use crate::nn::backend::ChoiceError;
 use crate::nn::ModelError;
 use crate::runtime::{DeployError, InvokeError};
@@ -65,10 +66,18 @@ impl From<DeployError> for ApiError {
             DeployError::Invalid(_) => "invalid_component",
             DeployError::WrongWorld(_) => "wrong_world",
             DeployError::InvalidSetting(_) => "invalid_setting",
-            DeployError::Store(_) | DeployError::Io(_) => "store_error",
+            DeployError::NotFound(_) => "app_not_found",
+            DeployError::Secrets(SecretsError::InvalidName(_) | SecretsError::InvalidApp(_)) => {
+                "invalid_name"
+            }
+            DeployError::Secrets(
+                SecretsError::ValueTooLarge { .. } | SecretsError::NotUtf8 { .. },
+            ) => "invalid_secret",
+            DeployError::Secrets(_) | DeployError::Store(_) | DeployError::Io(_) => "store_error",
         };
-        let status = match &error {
-            DeployError::Store(_) | DeployError::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        let status = match code {
+            "store_error" => StatusCode::INTERNAL_SERVER_ERROR,
+            "app_not_found" => StatusCode::NOT_FOUND,
             _ => StatusCode::BAD_REQUEST,
         };
         Self::new(status, code, error.to_string())
@@ -102,24 +111,9 @@ impl From<ModelError> for ApiError {
 
 impl From<InvokeError> for ApiError {
     fn from(error: InvokeError) -> Self {
-        let (status, code) = match &error {
-            InvokeError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
-            InvokeError::MemoryLimit { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "memory_limit"),
-            InvokeError::Trap(_) => (StatusCode::INTERNAL_SERVER_ERROR, "trap"),
-            InvokeError::NoResponse => (StatusCode::INTERNAL_SERVER_ERROR, "no_response"),
-            InvokeError::AppError(_) => (StatusCode::INTERNAL_SERVER_ERROR, "app_error"),
-            InvokeError::Instantiate(_) => (StatusCode::SERVICE_UNAVAILABLE, "instantiate_failed"),
-            InvokeError::Overloaded { .. } => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
-        };
-        let retry_after_secs = match &error {
-            InvokeError::Overloaded {
-                retry_after_secs, ..
-            } => Some(*retry_after_secs),
-            _ => None,
-        };
         Self {
-            retry_after_secs,
-            ..Self::new(status, code, error.to_string())
+            retry_after_secs: error.retry_after_secs(),
+            ..Self::new(error.status(), error.code(), error.to_string())
         }
     }
 }

@@ -1,16 +1,21 @@
-//! `/apps/<app>/<path…>`: hands the request to the app's component. The component sees the
-//! path below its mount point (`/apps/classify/v1/x?y` arrives as `/v1/x?y`), so the same
-//! component works wherever it is mounted.
+//! `/apps/<app>/<path…>`: hands the request to the app (the runtime picks the revision by its
+//! traffic split; `/apps/<app>@<tag or revision>/…` names one). The component sees the path
+//! below its mount point (`/apps/classify/v1/x?y` arrives as `/v1/x?y`), so the same component
+//! works wherever it is mounted.
 
 use super::ApiError;
 use crate::node::Node;
+use crate::runtime::dispatch::Admission;
 use crate::runtime::{BodyReservation, InvokeError};
 use axum::body::Body;
+use axum::extract::ConnectInfo;
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Full};
+use sha2::{Digest, Sha256};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,43 +27,69 @@ pub async fn invoke(State(node): State<Arc<Node>>, request: Request) -> Response
     }
 }
 
-/// Splits `/apps/<app>/<rest>?<query>` into the app name and the path the app sees.
-fn split_app_path(uri: &Uri) -> Option<(&str, String)> {
+/// Splits `/apps/<app>[@<selector>]/<rest>?<query>` into the app name, the selector (a tag
+/// or revision number) and the path the app sees.
+fn split_app_path(uri: &Uri) -> Option<(&str, Option<&str>, String)> {
     let below = uri.path().strip_prefix("/apps/")?;
-    let (app, rest) = match below.split_once('/') {
-        Some((app, rest)) => (app, format!("/{rest}")),
+    let (mount, rest) = match below.split_once('/') {
+        Some((mount, rest)) => (mount, format!("/{rest}")),
         None => (below, "/".to_string()),
+    };
+    let (app, selector) = match mount.split_once('@') {
+        Some((app, selector)) => (app, Some(selector)),
+        None => (mount, None),
     };
     let path = match uri.query() {
         Some(query) => format!("{rest}?{query}"),
         None => rest,
     };
-    Some((app, path))
+    Some((app, selector, path))
+}
+
+/// Who a request comes from, for per-client rate limits: its API key (hashed) when it has
+/// one, else its address (for IPv6 its /64, which one host often holds whole).
+fn client_key(headers: &axum::http::HeaderMap, peer: Option<SocketAddr>) -> String {
+    if let Some(key) = headers.get(header::AUTHORIZATION) {
+        return format!("key:{}", hex::encode(&Sha256::digest(key.as_bytes())[..16]));
+    }
+    match peer.map(|p| p.ip()) {
+        Some(std::net::IpAddr::V6(ip)) if ip.to_ipv4_mapped().is_none() => {
+            let segments = ip.segments();
+            format!(
+                "ip6:{:x}:{:x}:{:x}:{:x}::/64",
+                segments[0], segments[1], segments[2], segments[3]
+            )
+        }
+        Some(ip) => format!("ip:{}", ip.to_canonical()),
+        None => "ip:unknown".into(),
+    }
 }
 
 async fn run(node: &Node, request: Request) -> Result<Response, ApiError> {
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|info| info.0);
     let (parts, body) = request.into_parts();
-    let (app_name, path) = split_app_path(&parts.uri)
+    let (app_name, selector, path) = split_app_path(&parts.uri)
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", "no app in the path"))?;
-    let app = node.runtime.app(app_name).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "app_not_found",
-            format!("no app named {app_name:?} is deployed on this node"),
-        )
-    })?;
+    let client = client_key(&parts.headers, peer);
+    let admitted = match node
+        .runtime
+        .admit(app_name, selector, &parts.headers, &client)?
+    {
+        Admission::Serve(admitted) => admitted,
+        Admission::Degraded(response) => return Ok(response.map(Body::new)),
+    };
 
-    let limit = app.record.max_body_bytes;
+    let limit = admitted.revision.record.spec.max_body_bytes;
     // The rest of the body is left unread, so the connection cannot carry another request:
     // the client is told to close it rather than finding out on its next request.
     let too_large = || {
         let mut response = ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "body_too_large",
-            format!(
-                "the request body is larger than app {:?} accepts ({limit} bytes)",
-                app.record.name
-            ),
+            format!("the request body is larger than app {app_name:?} accepts ({limit} bytes)"),
         )
         .into_response();
         response.headers_mut().insert(
@@ -140,7 +171,7 @@ async fn run(node: &Node, request: Request) -> Result<Response, ApiError> {
     *guest_request.uri_mut() = uri;
     *guest_request.headers_mut() = parts.headers;
 
-    let response = node.runtime.invoke(app, guest_request).await?;
+    let response = node.runtime.serve(admitted, guest_request, 0).await?;
     drop(reservation);
     Ok(response.map(Body::new))
 }
@@ -188,7 +219,7 @@ mod tests {
         #[test]
         fn any_app_path_splits_into_one_segment_and_the_rest(path in "/apps/[a-zA-Z0-9._~%-]{0,20}(/[a-zA-Z0-9._~%/-]{0,30})?") {
             let uri: axum::http::Uri = path.parse().unwrap();
-            let (app, rest) = split_app_path(&uri).unwrap();
+            let (app, _, rest) = split_app_path(&uri).unwrap();
             prop_assert!(!app.contains('/'));
             prop_assert!(rest.starts_with('/'));
         }
@@ -199,11 +230,16 @@ mod tests {
         let uri = "/apps/classify/v1/x?y=1".parse().unwrap();
         assert_eq!(
             split_app_path(&uri),
-            Some(("classify", "/v1/x?y=1".to_string()))
+            Some(("classify", None, "/v1/x?y=1".to_string()))
         );
         let uri = "/apps/hello".parse().unwrap();
-        assert_eq!(split_app_path(&uri), Some(("hello", "/".to_string())));
+        assert_eq!(split_app_path(&uri), Some(("hello", None, "/".to_string())));
         let uri = "/apps/hello/".parse().unwrap();
-        assert_eq!(split_app_path(&uri), Some(("hello", "/".to_string())));
+        assert_eq!(split_app_path(&uri), Some(("hello", None, "/".to_string())));
+        let uri = "/apps/hello@canary/x".parse().unwrap();
+        assert_eq!(
+            split_app_path(&uri),
+            Some(("hello", Some("canary"), "/x".to_string()))
+        );
     }
 }

@@ -1,58 +1,23 @@
-//! Apps: what the node keeps about each deployed app (its record), the settings a deployment
-//! may give and their check against the node's limits. The runtime turns a record into an app
-//! ready to instantiate.
+//! Apps: what the node keeps about each deployed app. An app is a name, its revisions
+//! (immutable, numbered versions of component + settings: [`spec`]) and what holds across
+//! them: the traffic split ([`traffic`]), rate limits ([`rate`]), its fallback, its secrets
+//! ([`secrets`]) and the hosts it may call ([`outbound`]). [`AppRecords`] keeps them in the
+//! store; the runtime turns them into apps ready to serve.
 
-use crate::config::LimitsConfig;
-use serde::{Deserialize, Serialize};
+pub mod outbound;
+pub mod rate;
+pub mod secrets;
+pub mod spec;
+pub mod traffic;
 
-/// What the node keeps about a deployed app.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct AppRecord {
-    pub name: String,
-    /// SHA-256 of the component, hex; the component is stored under this name.
-    pub digest: String,
-    pub size_bytes: u64,
-    pub timeout_secs: u64,
-    pub memory_mib: u64,
-    pub max_body_bytes: u64,
-    /// Models the app may load by name; others are refused (`security`).
-    #[serde(default)]
-    pub models: Vec<String>,
-    /// Whether models the app passes as bytes may go to native backends (else tract only).
-    #[serde(default)]
-    pub native_guest_models: bool,
-    /// Seconds since the Unix epoch.
-    pub deployed_at: u64,
-}
+pub use spec::{AppRecord, DeploySpec, RevisionRecord, RevisionSpec};
 
-/// Per-deployment settings; unset ones take the node's defaults.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct AppSettings {
-    pub timeout_secs: Option<u64>,
-    pub memory_mib: Option<u64>,
-    pub max_body_bytes: Option<u64>,
-    /// Comma-separated names of the models the app may load.
-    pub models: Option<String>,
-    /// Let models the app passes as bytes go to native backends (ONNX Runtime, OpenVINO).
-    pub native_guest_models: Option<bool>,
-}
+use crate::store::{self, Store, StoreError};
+use serde::Deserialize;
+use std::collections::BTreeMap;
 
-impl AppSettings {
-    /// The declared model names.
-    pub fn model_names(&self) -> Vec<String> {
-        self.models
-            .as_deref()
-            .unwrap_or_default()
-            .split(',')
-            .map(str::trim)
-            .filter(|name| !name.is_empty())
-            .map(str::to_string)
-            .collect()
-    }
-}
-
-/// Whether `name` can name an app: 1-63 lower-case letters, digits or '-', starting with a
-/// letter or digit (it appears in URLs and tree names).
+/// Whether `name` can name an app (or a model, a tag): 1-63 lower-case letters, digits or
+/// '-', starting with a letter or digit (it appears in URLs, host names and tree names).
 pub fn valid_name(name: &str) -> bool {
     let bytes = name.as_bytes();
     (1..=63).contains(&bytes.len())
@@ -62,33 +27,181 @@ pub fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
 }
 
-/// The timeout, memory limit and body limit a deployment gets: its settings, else the node's
-/// defaults, checked against the node's ceilings.
-pub fn settle(settings: &AppSettings, limits: &LimitsConfig) -> Result<(u64, u64, u64), String> {
-    let timeout = settings.timeout_secs.unwrap_or(limits.timeout_secs);
-    let memory = settings.memory_mib.unwrap_or(limits.memory_mib);
-    let body = settings.max_body_bytes.unwrap_or(limits.max_body_bytes);
-    if !(1..=3600).contains(&timeout) {
-        return Err(format!("timeout_secs must be 1-3600, not {timeout}"));
+/// An app with its revisions, as stored.
+#[derive(Debug, Clone)]
+pub struct StoredApp {
+    pub record: AppRecord,
+    pub revisions: BTreeMap<u32, RevisionRecord>,
+}
+
+/// The records of apps (tree `apps`, by name) and revisions (tree `revisions`, by
+/// `<app>/<number>` with the number zero-padded so they sort).
+pub struct AppRecords {
+    apps: sled::Tree,
+    revisions: sled::Tree,
+}
+
+fn revision_key(app: &str, number: u32) -> String {
+    format!("{app}/{number:010}")
+}
+
+/// An app record as nodes before revisions wrote it: one component and its settings.
+#[derive(Deserialize)]
+struct LegacyAppRecord {
+    name: String,
+    digest: String,
+    size_bytes: u64,
+    timeout_secs: u64,
+    memory_mib: u64,
+    max_body_bytes: u64,
+    #[serde(default)]
+    models: Vec<String>,
+    #[serde(default)]
+    native_guest_models: bool,
+    deployed_at: u64,
+}
+
+impl LegacyAppRecord {
+    /// The app as revision 1 with all the traffic, the node's defaults for what it did not have.
+    fn upgrade(self, limits: &crate::config::LimitsConfig) -> StoredApp {
+        let revision = RevisionRecord {
+            app: self.name.clone(),
+            number: 1,
+            digest: self.digest,
+            size_bytes: self.size_bytes,
+            created_at: self.deployed_at,
+            spec: RevisionSpec {
+                timeout_secs: self.timeout_secs,
+                memory_mib: self.memory_mib,
+                max_body_bytes: self.max_body_bytes,
+                cpu_ms: None,
+                max_concurrency: None,
+                max_queued: limits.max_queued_requests,
+                queue_timeout_secs: limits.queue_timeout_secs,
+                min_instances: 0,
+                idle_timeout_secs: limits.app_idle_timeout_secs,
+                models: self.models,
+                native_guest_models: self.native_guest_models,
+                config: BTreeMap::new(),
+                allowed_hosts: Vec::new(),
+                cache: None,
+            },
+        };
+        StoredApp {
+            record: AppRecord {
+                name: self.name,
+                latest: 1,
+                next_revision: 2,
+                traffic: traffic::all_to_latest(),
+                sticky_header: None,
+                rate_limit: None,
+                client_rate_limit: None,
+                fallback: None,
+                created_at: self.deployed_at,
+                updated_at: self.deployed_at,
+            },
+            revisions: BTreeMap::from([(1, revision)]),
+        }
     }
-    if !(1..=limits.max_memory_mib).contains(&memory) {
-        return Err(format!(
-            "memory_mib must be 1-{} (the node's max_memory_mib), not {memory}",
-            limits.max_memory_mib
-        ));
+}
+
+impl AppRecords {
+    pub fn open(store: &Store) -> Result<Self, StoreError> {
+        Ok(Self {
+            apps: store.tree("apps")?,
+            revisions: store.tree("revisions")?,
+        })
     }
-    let most = limits.max_buffered_body_bytes.min(1 << 30);
-    if body > most {
-        return Err(format!(
-            "max_body_bytes must be at most {most} (1 GiB, and no more than the node's max_buffered_body_bytes), not {body}"
-        ));
+
+    /// Every app with its revisions. Records of an older node (one component per app) are
+    /// rewritten as revision 1 (not yet durable: the caller makes the store durable).
+    pub fn load_all(
+        &self,
+        limits: &crate::config::LimitsConfig,
+    ) -> Result<Vec<StoredApp>, StoreError> {
+        let mut apps = Vec::new();
+        for entry in self.apps.iter() {
+            let (key, bytes) = entry?;
+            let name = String::from_utf8_lossy(&key).into_owned();
+            let corrupt = |source| StoreError::Corrupt {
+                key: name.clone(),
+                source,
+            };
+            let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(corrupt)?;
+            if value.get("digest").is_some() {
+                let legacy: LegacyAppRecord = serde_json::from_value(value).map_err(corrupt)?;
+                let upgraded = legacy.upgrade(limits);
+                for revision in upgraded.revisions.values() {
+                    self.put_revision(revision)?;
+                }
+                self.put_app(&upgraded.record)?;
+                apps.push(upgraded);
+                continue;
+            }
+            let record: AppRecord = serde_json::from_value(value).map_err(corrupt)?;
+            let revisions = self.revisions_of(&record.name)?;
+            apps.push(StoredApp { record, revisions });
+        }
+        Ok(apps)
     }
-    Ok((timeout, memory, body))
+
+    fn revisions_of(&self, app: &str) -> Result<BTreeMap<u32, RevisionRecord>, StoreError> {
+        let mut revisions = BTreeMap::new();
+        for entry in self.revisions.scan_prefix(format!("{app}/")) {
+            let (key, bytes) = entry?;
+            let revision: RevisionRecord =
+                serde_json::from_slice(&bytes).map_err(|source| StoreError::Corrupt {
+                    key: String::from_utf8_lossy(&key).into_owned(),
+                    source,
+                })?;
+            revisions.insert(revision.number, revision);
+        }
+        Ok(revisions)
+    }
+
+    /// The stored app called `name`.
+    pub fn get(&self, name: &str) -> Result<Option<StoredApp>, StoreError> {
+        let Some(record) = store::get_json::<AppRecord>(&self.apps, name)? else {
+            return Ok(None);
+        };
+        let revisions = self.revisions_of(name)?;
+        Ok(Some(StoredApp { record, revisions }))
+    }
+
+    /// Writes an app record (not yet durable).
+    pub fn put_app(&self, record: &AppRecord) -> Result<(), StoreError> {
+        store::put_json(&self.apps, &record.name, record)
+    }
+
+    /// Writes a revision record (not yet durable).
+    pub fn put_revision(&self, revision: &RevisionRecord) -> Result<(), StoreError> {
+        store::put_json(
+            &self.revisions,
+            &revision_key(&revision.app, revision.number),
+            revision,
+        )
+    }
+
+    /// Deletes a revision record (not yet durable).
+    pub fn remove_revision(&self, app: &str, number: u32) -> Result<(), StoreError> {
+        self.revisions.remove(revision_key(app, number))?;
+        Ok(())
+    }
+
+    /// Deletes an app and its revisions (not yet durable).
+    pub fn remove_app(&self, name: &str) -> Result<(), StoreError> {
+        for number in self.revisions_of(name)?.keys() {
+            self.remove_revision(name, *number)?;
+        }
+        self.apps.remove(name)?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::TempStore;
     use proptest::prelude::*;
 
     proptest! {
@@ -100,27 +213,6 @@ mod tests {
                 prop_assert!((1..=63).contains(&name.len()));
                 prop_assert!(name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'));
                 prop_assert!(!name.starts_with('-'));
-            }
-        }
-
-        /// Any settings a deployment sends end within the node's ceilings or are refused.
-        #[test]
-        fn settled_limits_stay_within_the_ceilings(
-            timeout in proptest::option::of(any::<u64>()),
-            memory in proptest::option::of(any::<u64>()),
-            body in proptest::option::of(any::<u64>()),
-        ) {
-            let limits = LimitsConfig::default();
-            let settings = AppSettings {
-                timeout_secs: timeout,
-                memory_mib: memory,
-                max_body_bytes: body,
-                ..AppSettings::default()
-            };
-            if let Ok((timeout, memory, body)) = settle(&settings, &limits) {
-                prop_assert!((1..=3600).contains(&timeout));
-                prop_assert!((1..=limits.max_memory_mib).contains(&memory));
-                prop_assert!(body <= limits.max_buffered_body_bytes);
             }
         }
     }
@@ -136,25 +228,58 @@ mod tests {
     }
 
     #[test]
-    fn settings_take_the_node_defaults_within_its_ceilings() {
-        let limits = LimitsConfig::default();
+    fn records_of_an_older_node_become_revision_one_with_all_traffic() {
+        let temp = TempStore::default();
+        let limits = crate::config::LimitsConfig::default();
+        let apps = temp.store.tree("apps").unwrap();
+        apps.insert(
+            "hello",
+            serde_json::to_vec(&serde_json::json!({
+                "name": "hello", "digest": "ab".repeat(32), "size_bytes": 10,
+                "timeout_secs": 5, "memory_mib": 64, "max_body_bytes": 1000,
+                "models": ["m"], "deployed_at": 7
+            }))
+            .unwrap(),
+        )
+        .unwrap();
+        let records = AppRecords::open(&temp.store).unwrap();
+        let loaded = records.load_all(&limits).unwrap();
+        assert_eq!(loaded.len(), 1);
+        let revision = &loaded[0].revisions[&1];
+        assert_eq!(revision.digest, "ab".repeat(32));
         assert_eq!(
-            settle(&AppSettings::default(), &limits),
-            Ok((30, 128, 16 << 20))
+            (revision.spec.timeout_secs, revision.spec.memory_mib),
+            (5, 64)
         );
-        let too_much = AppSettings {
-            memory_mib: Some(limits.max_memory_mib + 1),
-            ..AppSettings::default()
-        };
-        assert!(settle(&too_much, &limits)
-            .unwrap_err()
-            .contains("memory_mib"));
-        let no_time = AppSettings {
-            timeout_secs: Some(0),
-            ..AppSettings::default()
-        };
-        assert!(settle(&no_time, &limits)
-            .unwrap_err()
-            .contains("timeout_secs"));
+        assert_eq!(revision.spec.models, vec!["m".to_string()]);
+        assert_eq!(loaded[0].record.traffic, traffic::all_to_latest());
+        // Rewritten in the new form: a second load reads it as such.
+        let again = records.load_all(&limits).unwrap();
+        assert_eq!(again[0].record, loaded[0].record);
+        assert_eq!(again[0].revisions, loaded[0].revisions);
+    }
+
+    #[test]
+    fn revisions_of_one_app_are_not_another_apps() {
+        let temp = TempStore::default();
+        let records = AppRecords::open(&temp.store).unwrap();
+        let limits = crate::config::LimitsConfig::default();
+        let spec = spec::settle(&DeploySpec::default(), &limits).unwrap();
+        for (app, number) in [("a", 1), ("a", 2), ("ab", 1)] {
+            records
+                .put_revision(&RevisionRecord {
+                    app: app.into(),
+                    number,
+                    digest: "00".repeat(32),
+                    size_bytes: 1,
+                    created_at: 0,
+                    spec: spec.clone(),
+                })
+                .unwrap();
+        }
+        assert_eq!(records.revisions_of("a").unwrap().len(), 2);
+        records.remove_app("a").unwrap();
+        assert_eq!(records.revisions_of("ab").unwrap().len(), 1);
+        assert!(records.revisions_of("a").unwrap().is_empty());
     }
 }

@@ -1,7 +1,7 @@
 //! The admin API client behind the CLI. On the node's own machine it needs no flags: it reads
 //! the node's URL, certificate and admin token from the data dir.
 
-use crate::apps::AppSettings;
+use crate::apps::DeploySpec;
 use anyhow::{anyhow, bail, Context};
 use futures_util::StreamExt;
 use serde_json::Value;
@@ -81,24 +81,49 @@ impl AdminClient {
             .await
     }
 
+    pub async fn put_json(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        self.send(self.http.put(format!("{}{path}", self.base)).json(body))
+            .await
+    }
+
+    pub async fn post_json(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        self.send(self.http.post(format!("{}{path}", self.base)).json(body))
+            .await
+    }
+
+    pub async fn put_bytes(&self, path: &str, body: Vec<u8>) -> anyhow::Result<Value> {
+        self.send(self.http.put(format!("{}{path}", self.base)).body(body))
+            .await
+    }
+
+    /// Deploys `app` as `spec` says, with `component` (or the newest revision's component).
     pub async fn deploy(
         &self,
         app: &str,
-        component: &Path,
-        settings: &AppSettings,
+        spec: &DeploySpec,
+        component: Option<&Path>,
+        dry_run: bool,
     ) -> anyhow::Result<Value> {
-        let bytes = tokio::fs::read(component)
-            .await
-            .with_context(|| format!("cannot read {}", component.display()))?;
+        let mut spec = spec.clone();
+        spec.app.component = None;
+        let mut form =
+            reqwest::multipart::Form::new().text("manifest", serde_json::to_string(&spec)?);
+        if let Some(component) = component {
+            let bytes = tokio::fs::read(component)
+                .await
+                .with_context(|| format!("cannot read {}", component.display()))?;
+            form = form.part("component", reqwest::multipart::Part::bytes(bytes));
+        }
         let request = self
             .http
             .put(format!("{}/v1/admin/apps/{app}", self.base))
-            .query(settings)
-            .body(bytes);
+            .query(&[("dry_run", dry_run)])
+            .multipart(form);
         let body = self.send(request).await?;
-        body.get("app")
-            .cloned()
-            .ok_or_else(|| anyhow!("unexpected answer: {body}"))
+        if body.get("app").is_none() {
+            return Err(anyhow!("unexpected answer: {body}"));
+        }
+        Ok(body)
     }
 
     pub async fn add_model(

@@ -4,6 +4,7 @@
 pub mod bundle;
 mod client;
 mod fetch;
+mod manifest;
 mod serve;
 
 use crate::config::{default_data_dir, Config};
@@ -47,10 +48,21 @@ enum Command {
         #[arg(long)]
         plain_http: bool,
     },
-    /// Deploy (or replace) an app from a WebAssembly component.
+    /// Deploy an app: a new revision of it when its component or settings change. Give a
+    /// manifest (`-f tensorlet.toml`), or the app and its component with flags as shorthands
+    /// (flags override the manifest).
     Deploy {
-        app: String,
-        component: PathBuf,
+        /// The app's name (default: the manifest's `app.name`).
+        app: Option<String>,
+        /// The component (default: the manifest's `app.component`; without either, the
+        /// newest revision's component is kept).
+        component: Option<PathBuf>,
+        /// The app's manifest (see README, "The manifest").
+        #[arg(short = 'f', long = "file")]
+        manifest: Option<PathBuf>,
+        /// Show what would change, change nothing.
+        #[arg(long)]
+        dry_run: bool,
         /// Seconds a request may run (default: the node's `limits.timeout_secs`).
         #[arg(long)]
         timeout_secs: Option<u64>,
@@ -67,9 +79,34 @@ enum Command {
         /// OpenVINO); without it they go to tract, the pure-Rust backend, only.
         #[arg(long)]
         native_guest_models: bool,
+        /// A config value the component reads through wasi:config (KEY=VALUE, repeatable).
+        #[arg(long = "config", value_parser = parse_key_value)]
+        config: Vec<(String, String)>,
     },
     /// List deployed apps.
     Apps,
+    /// List an app's revisions with their traffic, state and counters.
+    Revisions { app: String },
+    /// Split an app's traffic: `tensorlet traffic classify 3=90 latest=10 --tag 3=stable`.
+    Traffic {
+        app: String,
+        /// REVISION=PERCENT, where REVISION is a number or `latest`; percentages sum to 100.
+        #[arg(required = true, value_parser = parse_key_value)]
+        split: Vec<(String, String)>,
+        /// REVISION=TAG: the revision is also reached at /apps/<app>@<tag>/ (repeatable).
+        #[arg(long = "tag", value_parser = parse_key_value)]
+        tags: Vec<(String, String)>,
+        /// A request header whose value keeps a client on one revision.
+        #[arg(long)]
+        sticky_header: Option<String>,
+    },
+    /// Send all of an app's traffic to a revision (default: the one before the current).
+    Rollback { app: String, revision: Option<u32> },
+    /// Manage an app's secrets (stored encrypted; components read them through wasi:config).
+    Secret {
+        #[command(subcommand)]
+        command: SecretCommand,
+    },
     /// Remove an app.
     Remove { app: String },
     /// Manage models.
@@ -81,6 +118,23 @@ enum Command {
     Models,
     /// Show the node's status.
     Status,
+}
+
+#[derive(Subcommand)]
+enum SecretCommand {
+    /// Set a secret; its value is read from standard input (not the command line, so it stays
+    /// out of shell history), without a trailing newline.
+    Set { app: String, key: String },
+    /// List the names of an app's secrets (values are never shown).
+    List { app: String },
+    /// Remove a secret.
+    Remove { app: String, key: String },
+}
+
+fn parse_key_value(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(key, value)| (key.to_string(), value.to_string()))
+        .ok_or_else(|| format!("{text:?} is not KEY=VALUE"))
 }
 
 #[derive(Subcommand)]
@@ -168,43 +222,169 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Deploy {
             app,
             component,
+            manifest,
+            dry_run,
             timeout_secs,
             memory_mib,
             max_body_bytes,
             models,
             native_guest_models,
+            config,
         } => {
-            let settings = crate::apps::AppSettings {
-                timeout_secs,
-                memory_mib,
-                max_body_bytes,
-                models: (!models.is_empty()).then(|| models.join(",")),
-                native_guest_models: native_guest_models.then_some(true),
+            let (mut spec, manifest_component) = match &manifest {
+                Some(path) => manifest::read(path)?,
+                None => Default::default(),
             };
-            let record = client.deploy(&app, &component, &settings).await?;
-            println!(
-                "deployed {} ({} bytes, sha256 {})",
-                record["name"].as_str().unwrap_or(&app),
-                record["size_bytes"],
-                short(&record["digest"])
-            );
-            println!("  {}/apps/{app}/", client.base_url());
+            let limits = &mut spec.limits;
+            limits.timeout_secs = timeout_secs.or(limits.timeout_secs);
+            limits.memory_mib = memory_mib.or(limits.memory_mib);
+            limits.max_body_bytes = max_body_bytes.or(limits.max_body_bytes);
+            spec.app.models.extend(models);
+            spec.app.native_guest_models |= native_guest_models;
+            spec.config.extend(config);
+            let app = app
+                .or_else(|| spec.app.name.clone())
+                .ok_or_else(|| anyhow::anyhow!("name the app: `tensorlet deploy <app> <component>` or `app.name` in the manifest"))?;
+            let component = component.or(manifest_component);
+            let deployed = client
+                .deploy(&app, &spec, component.as_deref(), dry_run)
+                .await?;
+            let revision = &deployed["revision"];
+            match (dry_run, deployed["created"].as_bool().unwrap_or(false)) {
+                (true, _) => println!("dry run: {app} would change as follows"),
+                (false, true) => println!("deployed {app}: revision {revision}"),
+                (false, false)
+                    if deployed["changes"]
+                        .as_array()
+                        .is_some_and(|c| !c.is_empty()) =>
+                {
+                    println!("updated {app} (revision {revision})")
+                }
+                (false, false) => println!("{app} is unchanged (revision {revision})"),
+            }
+            for change in deployed["changes"].as_array().into_iter().flatten() {
+                println!("  {}", text(change));
+            }
+            if !dry_run {
+                println!("  {}/apps/{app}/", client.base_url());
+            }
         }
         Command::Apps => {
             let apps = client.get("/v1/admin/apps").await?;
             print_table(
-                &["NAME", "DIGEST", "SIZE", "TIMEOUT", "MEMORY"],
+                &["NAME", "LATEST", "TRAFFIC", "REVISIONS", "SECRETS"],
                 apps["apps"].as_array().into_iter().flatten().map(|a| {
                     vec![
                         text(&a["name"]),
-                        short(&a["digest"]),
-                        a["size_bytes"].to_string(),
-                        format!("{}s", a["timeout_secs"]),
-                        format!("{}MiB", a["memory_mib"]),
+                        a["record"]["latest"].to_string(),
+                        traffic_summary(&a["record"]["traffic"]),
+                        a["revisions"].as_array().map_or(0, Vec::len).to_string(),
+                        a["secrets"].as_array().map_or(0, Vec::len).to_string(),
                     ]
                 }),
             );
         }
+        Command::Revisions { app } => {
+            let app = client.get(&format!("/v1/admin/apps/{app}")).await?;
+            let record = &app["app"]["record"];
+            print_table(
+                &[
+                    "REVISION",
+                    "DIGEST",
+                    "TRAFFIC",
+                    "WARM",
+                    "COLD",
+                    "WARM STARTS",
+                    "CACHE HITS",
+                    "TIMEOUT",
+                    "MEMORY",
+                ],
+                app["app"]["revisions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|r| {
+                        let number = r["number"].as_u64().unwrap_or_default();
+                        vec![
+                            number.to_string(),
+                            short(&r["digest"]),
+                            revision_traffic(record, number),
+                            if r["warm"].as_bool().unwrap_or(false) {
+                                "yes"
+                            } else {
+                                "no"
+                            }
+                            .to_string(),
+                            r["stats"]["cold_starts"].to_string(),
+                            r["stats"]["warm_starts"].to_string(),
+                            r["stats"]["cache_hits"].to_string(),
+                            format!("{}s", r["timeout_secs"]),
+                            format!("{}MiB", r["memory_mib"]),
+                        ]
+                    }),
+            );
+        }
+        Command::Traffic {
+            app,
+            split,
+            tags,
+            sticky_header,
+        } => {
+            let mut targets = Vec::new();
+            for (revision, percent) in split {
+                targets.push(serde_json::json!({
+                    "revision": revision_ref(&revision)?,
+                    "percent": percent.parse::<u8>().map_err(|_| anyhow::anyhow!("{percent:?} is not a percentage"))?,
+                }));
+            }
+            for (revision, tag) in tags {
+                let revision = revision_ref(&revision)?;
+                match targets.iter_mut().find(|t| t["revision"] == revision) {
+                    Some(target) => target["tag"] = tag.into(),
+                    None => targets.push(
+                        serde_json::json!({ "revision": revision, "percent": 0, "tag": tag }),
+                    ),
+                }
+            }
+            let body = serde_json::json!({ "split": targets, "sticky_header": sticky_header });
+            let answer = client
+                .put_json(&format!("/v1/admin/apps/{app}/traffic"), &body)
+                .await?;
+            println!("{app}: {}", traffic_summary(&answer["app"]["traffic"]));
+        }
+        Command::Rollback { app, revision } => {
+            let body = serde_json::json!({ "revision": revision });
+            let answer = client
+                .post_json(&format!("/v1/admin/apps/{app}/rollback"), &body)
+                .await?;
+            println!("{app}: {}", traffic_summary(&answer["app"]["traffic"]));
+        }
+        Command::Secret { command } => match command {
+            SecretCommand::Set { app, key } => {
+                let mut value = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut value)?;
+                let value = value.strip_suffix('\n').unwrap_or(&value).to_string();
+                client
+                    .put_bytes(
+                        &format!("/v1/admin/apps/{app}/secrets/{key}"),
+                        value.into_bytes(),
+                    )
+                    .await?;
+                println!("set secret {key} of {app}");
+            }
+            SecretCommand::List { app } => {
+                let secrets = client.get(&format!("/v1/admin/apps/{app}/secrets")).await?;
+                for name in secrets["secrets"].as_array().into_iter().flatten() {
+                    println!("{}", text(name));
+                }
+            }
+            SecretCommand::Remove { app, key } => {
+                client
+                    .delete(&format!("/v1/admin/apps/{app}/secrets/{key}"))
+                    .await?;
+                println!("removed secret {key} of {app}");
+            }
+        },
         Command::Remove { app } => {
             client.delete(&format!("/v1/admin/apps/{app}")).await?;
             println!("removed {app}");
@@ -289,6 +469,55 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A revision as the traffic API takes it: a number or `latest`.
+fn revision_ref(text: &str) -> anyhow::Result<serde_json::Value> {
+    match text {
+        "latest" => Ok("latest".into()),
+        number => Ok(number
+            .parse::<u32>()
+            .map_err(|_| anyhow::anyhow!("{number:?} is not a revision number nor `latest`"))?
+            .into()),
+    }
+}
+
+/// `3: 90% (stable), latest: 10%`.
+fn traffic_summary(traffic: &serde_json::Value) -> String {
+    traffic
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| {
+            let revision = t["revision"]
+                .as_u64()
+                .map_or_else(|| text(&t["revision"]), |n| n.to_string());
+            match t["tag"].as_str() {
+                Some(tag) => format!("{revision}: {}% ({tag})", t["percent"]),
+                None => format!("{revision}: {}%", t["percent"]),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The share (and tags) of revision `number` in the app's split.
+fn revision_traffic(record: &serde_json::Value, number: u64) -> String {
+    let latest = record["latest"].as_u64().unwrap_or_default();
+    let mut percent = 0;
+    let mut tags = Vec::new();
+    for target in record["traffic"].as_array().into_iter().flatten() {
+        let revision = target["revision"].as_u64().unwrap_or(latest);
+        if revision == number {
+            percent += target["percent"].as_u64().unwrap_or_default();
+            tags.extend(target["tag"].as_str().map(str::to_string));
+        }
+    }
+    if tags.is_empty() {
+        format!("{percent}%")
+    } else {
+        format!("{percent}% ({})", tags.join(", "))
+    }
 }
 
 fn text(value: &serde_json::Value) -> String {

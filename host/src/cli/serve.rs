@@ -32,6 +32,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let address = listener.local_addr()?;
     let node = tokio::task::spawn_blocking(move || node::open(config, fingerprint)).await??;
     let node = Arc::new(node);
+    node.runtime.start_scaling_to_zero();
 
     let scheme = if server_config.is_some() {
         "https"

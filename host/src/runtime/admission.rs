@@ -1,5 +1,5 @@
-//! Admission: how many instances run at once, how many requests may wait for one and for how
-//! long, and how many request-body bytes the node holds in memory at once. Past any of these a
+//! Admission: how many instances run at once (on the node, and per revision), how many
+//! requests may wait for one and for how long, and how many request-body bytes the node holds in memory at once. Past any of these a
 //! request is refused at once with 503 and `Retry-After`, never left waiting without bound.
 
 use super::InvokeError;
@@ -12,66 +12,123 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 /// What a refused client is told to wait before it tries again, in seconds.
 const RETRY_AFTER_SECS: u64 = 1;
 
-/// The node's admission limits (`[limits]`).
-pub struct Admission {
-    instances: Arc<Semaphore>,
-    max_instances: usize,
+/// A number of slots with a bounded, timed queue in front: the node's instance limit, and
+/// each revision's `max_concurrency`.
+pub struct Gate {
+    slots: Arc<Semaphore>,
+    max_slots: usize,
     waiting: AtomicUsize,
     max_waiting: usize,
     queue_timeout: Duration,
-    body_bytes: Arc<Semaphore>,
+    /// Who is at the limit, for messages: "the node", "app hello (revision 3)".
+    holder: String,
 }
 
-impl Admission {
-    pub fn new(limits: &LimitsConfig) -> Self {
-        let max_instances = limits.max_concurrent_instances.max(1) as usize;
-        let body_bytes = usize::try_from(limits.max_buffered_body_bytes)
-            .unwrap_or(usize::MAX)
-            .min(Semaphore::MAX_PERMITS);
+impl Gate {
+    pub fn new(
+        holder: String,
+        max_slots: usize,
+        max_waiting: usize,
+        queue_timeout: Duration,
+    ) -> Self {
+        let max_slots = max_slots.max(1);
         Self {
-            instances: Arc::new(Semaphore::new(max_instances)),
-            max_instances,
+            slots: Arc::new(Semaphore::new(max_slots)),
+            max_slots,
             waiting: AtomicUsize::new(0),
-            max_waiting: limits.max_queued_requests as usize,
-            queue_timeout: Duration::from_secs(limits.queue_timeout_secs),
-            body_bytes: Arc::new(Semaphore::new(body_bytes)),
+            max_waiting,
+            queue_timeout,
+            holder,
         }
     }
 
-    /// A slot to run an instance in: at once if one is free, else after waiting in the queue
-    /// (in arrival order) for at most the queue timeout. A full queue refuses at once.
-    pub async fn instance(&self) -> Result<OwnedSemaphorePermit, InvokeError> {
-        if let Ok(permit) = self.instances.clone().try_acquire_owned() {
+    /// A slot: at once if one is free, else after waiting in the queue (in arrival order) for
+    /// at most the queue timeout. A full queue refuses at once.
+    pub async fn enter(&self) -> Result<OwnedSemaphorePermit, InvokeError> {
+        if let Ok(permit) = self.slots.clone().try_acquire_owned() {
             return Ok(permit);
         }
         let queued = self.waiting.fetch_add(1, Ordering::Relaxed);
         let _in_queue = Waiting(&self.waiting);
         if queued >= self.max_waiting {
             return Err(overloaded(format!(
-                "the node is at its limit of {} running instances and {} waiting requests",
-                self.max_instances, self.max_waiting
+                "{} is at its limit of {} running and {} waiting requests",
+                self.holder, self.max_slots, self.max_waiting
             )));
         }
         let acquired =
-            tokio::time::timeout(self.queue_timeout, self.instances.clone().acquire_owned()).await;
+            tokio::time::timeout(self.queue_timeout, self.slots.clone().acquire_owned()).await;
         match acquired {
-            Ok(permit) => Ok(permit.expect("the instance semaphore is never closed")),
+            Ok(permit) => Ok(permit.expect("a gate's semaphore is never closed")),
             Err(_) => Err(overloaded(format!(
-                "no instance became free within {} s (the node runs at most {} at once)",
+                "no slot became free within {} s ({} runs at most {} requests at once)",
                 self.queue_timeout.as_secs(),
-                self.max_instances
+                self.holder,
+                self.max_slots
             ))),
         }
     }
 
+    /// Requests running now.
+    pub fn running(&self) -> usize {
+        self.max_slots - self.slots.available_permits()
+    }
+
+    /// Requests waiting for a slot now.
+    pub fn queued(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed).min(self.max_waiting)
+    }
+}
+
+/// The slots one running request holds: its revision's, if it has a limit, and the node's.
+pub struct Slot {
+    _revision: Option<OwnedSemaphorePermit>,
+    _node: OwnedSemaphorePermit,
+}
+
+/// The node's admission limits (`[limits]`).
+pub struct Admission {
+    instances: Gate,
+    body_bytes: Arc<Semaphore>,
+}
+
+impl Admission {
+    pub fn new(limits: &LimitsConfig) -> Self {
+        let body_bytes = usize::try_from(limits.max_buffered_body_bytes)
+            .unwrap_or(usize::MAX)
+            .min(Semaphore::MAX_PERMITS);
+        Self {
+            instances: Gate::new(
+                "the node".into(),
+                limits.max_concurrent_instances as usize,
+                limits.max_queued_requests as usize,
+                Duration::from_secs(limits.queue_timeout_secs),
+            ),
+            body_bytes: Arc::new(Semaphore::new(body_bytes)),
+        }
+    }
+
+    /// A slot to run an instance in: first the revision's (when it limits its concurrency),
+    /// then the node's, each within its queue's length and time.
+    pub async fn slot(&self, revision: Option<&Gate>) -> Result<Slot, InvokeError> {
+        let revision = match revision {
+            Some(gate) => Some(gate.enter().await?),
+            None => None,
+        };
+        Ok(Slot {
+            _revision: revision,
+            _node: self.instances.enter().await?,
+        })
+    }
+
     /// Instances running now.
     pub fn running(&self) -> usize {
-        self.max_instances - self.instances.available_permits()
+        self.instances.running()
     }
 
     /// Requests waiting for an instance now.
     pub fn queued(&self) -> usize {
-        self.waiting.load(Ordering::Relaxed).min(self.max_waiting)
+        self.instances.queued()
     }
 
     /// An empty claim on the node's request-body budget, to [`BodyReservation::grow`] as a

@@ -96,6 +96,24 @@ impl ComponentCache {
         self.path(digest).exists()
     }
 
+    /// The compiled component of `digest` from the cache, if it is there and usable (a cold
+    /// start: the file is mapped, not compiled). Blocking (file I/O).
+    pub fn load(&self, engine: &Engine, digest: &str) -> Option<Component> {
+        let path = self.path(digest);
+        if !path.exists() {
+            return None;
+        }
+        // SAFETY: the file was written by `Component::serialize` of this engine
+        // configuration (the name carries its hash) into the node's private data dir.
+        match unsafe { Component::deserialize_file(engine, &path) } {
+            Ok(component) => Some(component),
+            Err(error) => {
+                tracing::warn!(path = %path.display(), %error, "cached component unusable; recompiling");
+                None
+            }
+        }
+    }
+
     /// The compiled component for `bytes` (blob `digest`, which the caller holds), from the
     /// cache or compiled now and cached. Blocking (file I/O and, on a miss, compilation).
     pub fn load_or_compile(
@@ -104,19 +122,11 @@ impl ComponentCache {
         digest: &str,
         bytes: &[u8],
     ) -> wasmtime::Result<Component> {
-        let path = self.path(digest);
-        if path.exists() {
-            // SAFETY: the file was written by `Component::serialize` of this engine
-            // configuration (the name carries its hash) into the node's private data dir.
-            match unsafe { Component::deserialize_file(engine, &path) } {
-                Ok(component) => return Ok(component),
-                Err(error) => {
-                    tracing::warn!(path = %path.display(), %error, "cached component unusable; recompiling")
-                }
-            }
+        if let Some(component) = self.load(engine, digest) {
+            return Ok(component);
         }
         let component = Component::new(engine, bytes)?;
-        crate::store::files::write_durably(&path, &component.serialize()?, 0o644)?;
+        crate::store::files::write_durably(&self.path(digest), &component.serialize()?, 0o644)?;
         Ok(component)
     }
 }

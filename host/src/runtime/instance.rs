@@ -1,24 +1,27 @@
 //! One request's instance: its store state, its limits, and running the component's
 //! `wasi:http/incoming-handler` on a request with a deadline.
 
-use super::App;
+use super::admission::Slot;
+use super::app::Revision;
+use super::outgoing::OutgoingPolicy;
 use crate::kv::{KvCtx, KvView};
 use crate::nn::{NnCtx, NnGrant, NnView};
 use bytes::Bytes;
 use http_body_util::Full;
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::sync::OwnedSemaphorePermit;
 use wasmtime::component::{Linker, ResourceTable};
 use wasmtime::{ResourceLimiter, Store, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_config::{WasiConfig, WasiConfigVariables};
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
-use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
+use std::future::Future;
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 /// Everything one instance's host functions reach.
 pub struct InstanceState {
@@ -28,7 +31,11 @@ pub struct InstanceState {
     outgoing: OutgoingPolicy,
     nn: NnCtx,
     kv: KvCtx,
+    config: WasiConfigVariables,
     limiter: MemoryLimiter,
+    /// Epoch ticks (of [`super::engine::EPOCH_TICK`]) of guest code this request may still
+    /// run, when its revision has a CPU budget.
+    cpu_ticks_left: Option<u64>,
 }
 
 impl WasiView for InstanceState {
@@ -47,27 +54,6 @@ impl WasiHttpView for InstanceState {
             table: &mut self.table,
             hooks: &mut self.outgoing,
         }
-    }
-}
-
-/// Outgoing HTTP from apps. Until apps can declare the hosts they may reach, none is allowed.
-struct OutgoingPolicy;
-
-impl WasiHttpHooks for OutgoingPolicy {
-    fn send_request(
-        &mut self,
-        _request: http::Request<wasmtime_wasi_http::WasiBody>,
-        _options: Option<wasmtime_wasi_http::RequestOptions>,
-        _fut: Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
-    ) -> Box<
-        dyn Future<
-                Output = wasmtime_wasi_http::Result<(
-                    http::Response<wasmtime_wasi_http::WasiBody>,
-                    Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
-                )>,
-            > + Send,
-    > {
-        Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) })
     }
 }
 
@@ -103,7 +89,7 @@ impl ResourceLimiter for MemoryLimiter {
 }
 
 /// Adds every interface a component may import to the node's linker: WASI p2 (sandboxed per
-/// store), wasi:http, wasi:nn and wasi:keyvalue.
+/// store), wasi:http, wasi:nn, wasi:keyvalue and wasi:config.
 pub fn build_linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<InstanceState>> {
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
@@ -115,6 +101,9 @@ pub fn build_linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<Instan
     crate::kv::add_to_linker(&mut linker, |s: &mut InstanceState| KvView {
         ctx: &mut s.kv,
         table: &mut s.table,
+    })?;
+    wasmtime_wasi_config::add_to_linker(&mut linker, |s: &mut InstanceState| {
+        WasiConfig::new(&s.config)
     })?;
     Ok(linker)
 }
@@ -139,6 +128,92 @@ pub enum InvokeError {
         reason: String,
         retry_after_secs: u64,
     },
+    #[error("the app used up its CPU budget of {0} ms for one request")]
+    CpuLimit(u64),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{reason}; retry in {retry_after_secs} s")]
+    RateLimited {
+        reason: String,
+        retry_after_secs: u64,
+    },
+    #[error(
+        "calls between apps went {0} deep, deeper than the node allows (limits.max_call_depth)"
+    )]
+    TooDeep(u32),
+}
+
+impl InvokeError {
+    /// The HTTP status a client gets for this error.
+    pub fn status(&self) -> http::StatusCode {
+        use http::StatusCode;
+        match self {
+            InvokeError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            InvokeError::MemoryLimit { .. }
+            | InvokeError::Trap(_)
+            | InvokeError::NoResponse
+            | InvokeError::AppError(_)
+            | InvokeError::CpuLimit(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            InvokeError::Instantiate(_) | InvokeError::Overloaded { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            InvokeError::NotFound(_) => StatusCode::NOT_FOUND,
+            InvokeError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            InvokeError::TooDeep(_) => StatusCode::LOOP_DETECTED,
+        }
+    }
+
+    /// The stable, machine-readable code of this error.
+    pub fn code(&self) -> &'static str {
+        match self {
+            InvokeError::Timeout(_) => "timeout",
+            InvokeError::MemoryLimit { .. } => "memory_limit",
+            InvokeError::Trap(_) => "trap",
+            InvokeError::NoResponse => "no_response",
+            InvokeError::AppError(_) => "app_error",
+            InvokeError::Instantiate(_) => "instantiate_failed",
+            InvokeError::Overloaded { .. } => "overloaded",
+            InvokeError::CpuLimit(_) => "cpu_limit",
+            InvokeError::NotFound(_) => "app_not_found",
+            InvokeError::RateLimited { .. } => "rate_limited",
+            InvokeError::TooDeep(_) => "call_too_deep",
+        }
+    }
+
+    /// Seconds the client should wait before it retries (`Retry-After`), when that helps.
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        match self {
+            InvokeError::Overloaded {
+                retry_after_secs, ..
+            }
+            | InvokeError::RateLimited {
+                retry_after_secs, ..
+            } => Some(*retry_after_secs),
+            _ => None,
+        }
+    }
+
+    /// Whether the app shed the request or failed on it: what its fallback answers.
+    pub fn is_shedding_or_failure(&self) -> bool {
+        !matches!(
+            self,
+            InvokeError::NotFound(_) | InvokeError::RateLimited { .. } | InvokeError::TooDeep(_)
+        )
+    }
+}
+
+/// The error a guest is stopped with when it runs past its CPU budget.
+#[derive(Debug, thiserror::Error)]
+#[error("the request's CPU budget is used up")]
+struct CpuBudgetSpent;
+
+/// What a request's instance is made from: the revision's prepared component, the config it
+/// reads and the outgoing calls it may make.
+pub struct Launch {
+    pub pre: ProxyPre<InstanceState>,
+    pub revision: Arc<Revision>,
+    pub config: WasiConfigVariables,
+    pub outgoing: OutgoingPolicy,
 }
 
 /// Resources (handles to tensors, streams, headers, …) one instance may hold at once; past it
@@ -153,13 +228,18 @@ pub struct InstanceResources {
     pub max_guest_model_bytes: u64,
 }
 
-/// A fresh store for one instance of `app`, with its limits and its yield-on-tick policy.
+/// A fresh store for one instance of `revision`, with its limits and its yield-on-tick policy.
 fn new_store(
-    app: &App,
+    pre: &ProxyPre<InstanceState>,
+    revision: &Revision,
     resources: &InstanceResources,
     memory_hit: Arc<AtomicBool>,
+    config: WasiConfigVariables,
+    outgoing: OutgoingPolicy,
 ) -> Store<InstanceState> {
-    let (stdout, stderr) = super::output::GuestOutput::pair(&app.record.name);
+    let record = &revision.record;
+    let spec = &record.spec;
+    let (stdout, stderr) = super::output::GuestOutput::pair(&record.app);
     let mut table = ResourceTable::new();
     table.set_max_capacity(MAX_RESOURCES);
     let state = InstanceState {
@@ -170,46 +250,66 @@ fn new_store(
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)
-            .env("TENSORLET_APP", &app.record.name)
-            .env("TENSORLET_MODELS", app.record.models.join(","))
+            .env("TENSORLET_APP", &record.app)
+            .env("TENSORLET_REVISION", record.number.to_string())
+            .env("TENSORLET_MODELS", spec.models.join(","))
             .build(),
         http: WasiHttpCtx::new(),
-        outgoing: OutgoingPolicy,
+        outgoing,
         nn: NnCtx::new(
             resources.models.clone(),
             NnGrant {
-                models: app.record.models.clone(),
+                models: spec.models.clone(),
                 max_guest_model_bytes: resources.max_guest_model_bytes,
-                max_host_bytes: app.record.memory_mib << 20,
-                native_guest_models: app.record.native_guest_models,
+                max_host_bytes: spec.memory_mib << 20,
+                native_guest_models: spec.native_guest_models,
             },
             memory_hit.clone(),
         ),
-        kv: KvCtx::new(
-            resources.store.clone(),
-            &app.record.name,
-            &resources.kv_usage,
-        ),
+        kv: KvCtx::new(resources.store.clone(), &record.app, &resources.kv_usage),
+        config,
         limiter: MemoryLimiter {
-            max_bytes: (app.record.memory_mib as usize) << 20,
+            max_bytes: (spec.memory_mib as usize) << 20,
             hit: memory_hit,
         },
+        cpu_ticks_left: spec
+            .cpu_ms
+            .map(|ms| ms.div_ceil(super::engine::EPOCH_TICK.as_millis() as u64)),
     };
-    let mut store = Store::new(app.pre.engine(), state);
+    let mut store = Store::new(pre.engine(), state);
     store.limiter(|s| &mut s.limiter);
     // Yield to the reactor at every epoch tick so one busy guest cannot starve others; the
-    // deadline itself is enforced by the caller's timeout.
+    // deadline itself is enforced by the caller's timeout. A tick that finds the guest
+    // running also spends its CPU budget.
     store.set_epoch_deadline(1);
-    store.epoch_deadline_callback(|_| Ok(UpdateDeadline::Yield(1)));
+    store.epoch_deadline_callback(|mut context| {
+        if let Some(left) = &mut context.data_mut().cpu_ticks_left {
+            if *left == 0 {
+                return Err(CpuBudgetSpent.into());
+            }
+            *left -= 1;
+        }
+        Ok(UpdateDeadline::Yield(1))
+    });
     store
 }
 
-/// Creates an instance of `app` and drops it without calling it: the cost every request pays
-/// before its handler runs. Used by the benchmark.
-pub async fn instantiate_only(app: &App, resources: &InstanceResources) -> Result<(), InvokeError> {
-    let mut store = new_store(app, resources, Arc::new(AtomicBool::new(false)));
-    app.pre
-        .instantiate_async(&mut store)
+/// Creates an instance of `revision` and drops it without calling it: the cost every request
+/// pays before its handler runs. Used by the benchmark.
+pub async fn instantiate_only(
+    pre: &ProxyPre<InstanceState>,
+    revision: &Revision,
+    resources: &InstanceResources,
+) -> Result<(), InvokeError> {
+    let mut store = new_store(
+        pre,
+        revision,
+        resources,
+        Arc::new(AtomicBool::new(false)),
+        WasiConfigVariables::new(),
+        OutgoingPolicy::denied(),
+    );
+    pre.instantiate_async(&mut store)
         .await
         .map(drop)
         .map_err(|e| InvokeError::Instantiate(format!("{e:#}")))
@@ -221,7 +321,7 @@ type Outcome = Result<wasmtime::Result<()>, tokio::time::error::Elapsed>;
 /// A running instance, polled to make progress.
 type RunningInstance = Pin<Box<dyn Future<Output = Outcome> + Send>>;
 
-/// Runs `app` on one request in a fresh instance and returns its response.
+/// Runs one request in a fresh instance made from `launch` and returns its response.
 ///
 /// The instance runs on the caller's task, not a task of its own: until the response head is
 /// set it is polled here, and after that by the response body, so a streamed body is produced
@@ -230,13 +330,26 @@ type RunningInstance = Pin<Box<dyn Future<Output = Outcome> + Send>>;
 /// until its deadline, which a timer enforces even when nobody polls the body (a client that
 /// never reads). `permit` (its admission slot) is given back with the instance.
 pub async fn invoke(
-    app: Arc<App>,
+    launch: Launch,
     resources: &InstanceResources,
     request: http::Request<Full<Bytes>>,
-    permit: OwnedSemaphorePermit,
+    permit: Slot,
 ) -> Result<http::Response<InstanceBody>, InvokeError> {
+    let Launch {
+        pre,
+        revision,
+        config,
+        outgoing,
+    } = launch;
     let memory_hit = Arc::new(AtomicBool::new(false));
-    let mut store = new_store(&app, resources, memory_hit.clone());
+    let mut store = new_store(
+        &pre,
+        &revision,
+        resources,
+        memory_hit.clone(),
+        config,
+        outgoing,
+    );
 
     let (sender, mut receiver) = tokio::sync::oneshot::channel();
     let scheme = if request.uri().scheme() == Some(&http::uri::Scheme::HTTP) {
@@ -255,9 +368,8 @@ pub async fn invoke(
         .new_response_outparam(sender)
         .map_err(|e| InvokeError::Instantiate(e.to_string()))?;
 
-    let timeout_secs = app.record.timeout_secs;
+    let timeout_secs = revision.record.spec.timeout_secs;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout_secs);
-    let pre = app.pre.clone();
     let mut instance: RunningInstance = Box::pin(async move {
         let run = async {
             let proxy = pre.instantiate_async(&mut store).await?;
@@ -287,11 +399,9 @@ pub async fn invoke(
                 return Err(match outcome {
                     Err(_elapsed) => InvokeError::Timeout(timeout_secs),
                     Ok(Ok(())) => InvokeError::NoResponse,
-                    Ok(Err(error)) => classify(
-                        error,
-                        memory_hit.load(Ordering::Relaxed),
-                        app.record.memory_mib,
-                    ),
+                    Ok(Err(error)) => {
+                        classify(error, memory_hit.load(Ordering::Relaxed), &revision)
+                    }
                 })
             }
         },
@@ -320,7 +430,7 @@ pub async fn invoke(
 /// The instance behind a response body, until it finishes or is reaped.
 struct Running {
     instance: Option<RunningInstance>,
-    permit: Option<OwnedSemaphorePermit>,
+    permit: Option<Slot>,
     /// The deadline passed while the instance was still running, and it was dropped.
     reaped: bool,
     /// The timer task that enforces the deadline; stopped once the instance is gone.
@@ -453,7 +563,11 @@ impl hyper::body::Body for InstanceBody {
     }
 }
 
-fn classify(error: wasmtime::Error, memory_hit: bool, limit_mib: u64) -> InvokeError {
+fn classify(error: wasmtime::Error, memory_hit: bool, revision: &Revision) -> InvokeError {
+    if error.downcast_ref::<CpuBudgetSpent>().is_some() {
+        return InvokeError::CpuLimit(revision.record.spec.cpu_ms.unwrap_or_default());
+    }
+    let limit_mib = revision.record.spec.memory_mib;
     let detail = match error.downcast_ref::<wasmtime::Trap>() {
         Some(trap) => trap.to_string(),
         // A host function's error (a refused wasi-nn tensor) is the root of the chain; the

@@ -1,33 +1,39 @@
-//! Running components: the engine, compiled components, one `InstancePre` per deployed app,
-//! admission (a queue when the node is at its instance limit) and a fresh instance per request.
+//! Running components: the engine, compiled components, the deployed apps and their
+//! revisions (deploy, traffic, rollback, scale to zero), admission (per revision and node-wide)
+//! and a fresh instance per request. [`dispatch`] is the path of one request through them.
 
 mod admission;
+mod app;
+mod cache;
+pub mod dispatch;
 mod engine;
 mod instance;
+mod outgoing;
 mod output;
 
 pub use admission::BodyReservation;
+pub use app::{App, Revision};
+pub use dispatch::ServedBody;
 pub use instance::{InstanceBody, InstanceResources, InvokeError};
 
-use crate::apps::{self, AppRecord, AppSettings};
+use crate::apps::rate::RateLimits;
+use crate::apps::secrets::{Secrets, SecretsError};
+use crate::apps::spec::{self, AppRecord, DeploySpec, RevisionRecord};
+use crate::apps::traffic::{self, RevisionRef, TrafficTarget};
+use crate::apps::{self, AppRecords};
 use crate::config::{Config, LimitsConfig};
 use crate::store::blobs::{self, Blobs};
 use crate::store::{self, Store, StoreError};
 use bytes::Bytes;
-use http_body_util::Full;
-use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, OnceLock, RwLock, Weak};
+use std::time::Duration;
 use wasmtime::component::Linker;
 use wasmtime::Engine;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
-/// A deployed app, ready to instantiate.
-pub struct App {
-    pub record: AppRecord,
-    pre: ProxyPre<instance::InstanceState>,
-}
-
-/// Why a deployment was refused.
+/// Why a deployment (or a change of traffic, a rollback) was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum DeployError {
     #[error("invalid app name {0:?}: use 1-63 lower-case letters, digits or '-', starting with a letter or digit")]
@@ -38,14 +44,30 @@ pub enum DeployError {
     CoreModule,
     #[error("the component does not compile: {0}")]
     Invalid(String),
-    #[error("the component does not fit the tensorlet world (wasi:http proxy + wasi:nn + wasi:keyvalue): {0}")]
+    #[error("the component does not fit the tensorlet world (wasi:http proxy + wasi:nn + wasi:keyvalue + wasi:config): {0}")]
     WrongWorld(String),
     #[error("{0}")]
     InvalidSetting(String),
+    #[error("no app named {0:?} is deployed on this node")]
+    NotFound(String),
+    #[error(transparent)]
+    Secrets(#[from] SecretsError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("component file I/O failed: {0}")]
     Io(#[from] std::io::Error),
+}
+
+/// What a deployment did (or, for a dry run, would do).
+#[derive(Debug, Serialize)]
+pub struct Deployed {
+    pub app: AppRecord,
+    /// The revision the deployment's settings live in (new or unchanged).
+    pub revision: u32,
+    /// Whether a new revision was made.
+    pub created: bool,
+    /// What changed, one line per setting: `path: old → new`.
+    pub changes: Vec<String>,
 }
 
 /// The node's component runtime.
@@ -55,14 +77,20 @@ pub struct Runtime {
     cache: engine::ComponentCache,
     blobs: Arc<Blobs>,
     store: Store,
-    apps_tree: sled::Tree,
+    records: AppRecords,
     apps: RwLock<HashMap<String, Arc<App>>>,
-    /// Serialises deploys and removes of records, so that the records in sled, the apps in
-    /// memory and the holds on blobs change together.
+    /// Serialises changes of records (deploys, traffic, removes), so that the records in sled,
+    /// the apps in memory and the holds on blobs change together.
     changes: tokio::sync::Mutex<()>,
     admission: admission::Admission,
     limits: LimitsConfig,
     resources: InstanceResources,
+    responses: cache::ResponseCache,
+    secrets: Secrets,
+    /// Each app's decrypted secrets, as its instances' config sees them.
+    secret_values: RwLock<HashMap<String, Arc<Vec<(String, String)>>>>,
+    /// The runtime itself, for calls between apps made from inside an instance.
+    this: OnceLock<Weak<Runtime>>,
     _ticker: engine::EpochTicker,
 }
 
@@ -81,24 +109,28 @@ fn check_preamble(bytes: &[u8]) -> Result<(), DeployError> {
     }
 }
 
+/// How often revisions are checked for scaling to zero.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
+
 impl Runtime {
-    /// Builds the runtime and prepares every deployed app, holding their components in
-    /// `blobs`. Blocking: compiling (or loading cached) components is CPU and file work; call
-    /// it from a blocking context at start-up.
+    /// Builds the runtime and loads every deployed app, holding their revisions' components
+    /// in `blobs`. Revisions with `min_instances` above 0 are prepared now; the others start
+    /// cold on their first request (a component not yet compiled by this engine is compiled
+    /// now, so that no request waits for compilation). Blocking: call it at start-up.
     pub fn open(
         config: &Config,
         store: Store,
         blobs: Arc<Blobs>,
         models: Arc<crate::nn::ModelRegistry>,
-    ) -> anyhow::Result<Self> {
+    ) -> anyhow::Result<Arc<Self>> {
         let engine = engine::build_engine(&config.limits)
             .map_err(|e| anyhow::anyhow!("cannot configure wasmtime: {e:#}"))?;
         let linker = instance::build_linker(&engine)
             .map_err(|e| anyhow::anyhow!("cannot link the host interfaces: {e:#}"))?;
         let cache = engine::ComponentCache::new(&engine, blobs.clone());
-        let apps_tree = store.tree("apps")?;
+        let records = AppRecords::open(&store)?;
         let ticker = engine::EpochTicker::start(&engine);
-        let runtime = Self {
+        let runtime = Arc::new(Self {
             admission: admission::Admission::new(&config.limits),
             resources: InstanceResources {
                 kv_usage: Arc::new(
@@ -116,46 +148,101 @@ impl Runtime {
                 models,
                 max_guest_model_bytes: config.nn.max_guest_model_bytes,
             },
+            responses: cache::ResponseCache::new(config.limits.response_cache_bytes),
+            secrets: Secrets::open(&store, &config.data_dir)
+                .map_err(|e| anyhow::anyhow!("cannot open the secrets: {e}"))?,
+            secret_values: RwLock::new(HashMap::new()),
             engine,
             linker,
             cache,
             blobs,
             store,
-            apps_tree,
+            records,
             apps: RwLock::new(HashMap::new()),
             changes: tokio::sync::Mutex::new(()),
             limits: config.limits.clone(),
+            this: OnceLock::new(),
             _ticker: ticker,
-        };
-        for record in store::all_json::<AppRecord>(&runtime.apps_tree)? {
-            runtime.blobs.adopt(&record.digest);
-            let path = runtime.blobs.path(&record.digest);
-            let prepared = std::fs::read(&path)
-                .map_err(DeployError::from)
-                .and_then(|bytes| {
-                    if blobs::digest_of(&bytes) != record.digest {
-                        return Err(DeployError::Invalid(format!(
-                            "{} does not hold the component deployed (its SHA-256 differs): redeploy the app",
-                            path.display()
-                        )));
+        });
+        runtime
+            .this
+            .set(Arc::downgrade(&runtime))
+            .expect("set once, here");
+        let stored = runtime.records.load_all(&runtime.limits)?;
+        // Records of an older node were rewritten: make that durable before serving.
+        runtime.store.flush_blocking()?;
+        for app in stored {
+            let mut revisions = BTreeMap::new();
+            for (number, record) in app.revisions {
+                runtime.blobs.adopt(&record.digest);
+                let prepared = if record.spec.min_instances > 0
+                    || !runtime.is_cached(&record.digest)
+                {
+                    match runtime.load_prepared(&record.digest) {
+                        Ok(pre) => Some(pre),
+                        Err(error) => {
+                            tracing::error!(app = %record.app, revision = number, %error, "revision could not be prepared");
+                            None
+                        }
                     }
-                    runtime.prepare(&record.digest, &bytes)
-                });
-            match prepared {
-                Ok(pre) => {
-                    let name = record.name.clone();
-                    runtime
-                        .apps
-                        .write()
-                        .expect("apps lock")
-                        .insert(name, Arc::new(App { record, pre }));
-                }
-                Err(error) => {
-                    tracing::error!(app = %record.name, %error, "deployed app could not be prepared")
-                }
+                } else {
+                    None
+                };
+                let prepared = prepared.filter(|_| record.spec.min_instances > 0);
+                revisions.insert(number, Arc::new(Revision::new(record, prepared)));
             }
+            let rate = runtime.rate_limits(&app.record);
+            runtime.secret_values.write().expect("secrets lock").insert(
+                app.record.name.clone(),
+                Arc::new(runtime.secrets.values(&app.record.name).unwrap_or_else(|error| {
+                    tracing::error!(app = %app.record.name, %error, "secrets could not be read");
+                    Vec::new()
+                })),
+            );
+            runtime.apps.write().expect("apps lock").insert(
+                app.record.name.clone(),
+                Arc::new(App::new(app.record, revisions, rate)),
+            );
         }
         Ok(runtime)
+    }
+
+    /// Lets go of the prepared components of revisions idle past their idle timeout, every
+    /// second, while the runtime lives. Call once from within the node's tokio runtime.
+    pub fn start_scaling_to_zero(self: &Arc<Self>) {
+        let this = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(IDLE_CHECK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(runtime) = this.upgrade() else {
+                    return;
+                };
+                let apps: Vec<_> = runtime
+                    .apps
+                    .read()
+                    .expect("apps lock")
+                    .values()
+                    .cloned()
+                    .collect();
+                for app in apps {
+                    for revision in app.revisions.values() {
+                        if revision.scale_to_zero_if_idle() {
+                            tracing::debug!(app = %app.record.name, revision = revision.record.number, "scaled to zero");
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    fn rate_limits(&self, record: &AppRecord) -> Arc<RateLimits> {
+        Arc::new(RateLimits::new(
+            record.rate_limit.clone(),
+            record.client_rate_limit.clone(),
+            self.limits.max_rate_limited_clients as usize,
+        ))
     }
 
     /// Compiles (or loads from the cache) and links a component. Blocking.
@@ -169,13 +256,40 @@ impl Runtime {
             .cache
             .load_or_compile(&self.engine, digest, bytes)
             .map_err(|e| DeployError::Invalid(format!("{e:#}")))?;
+        self.link(&component)
+    }
+
+    fn link(
+        &self,
+        component: &wasmtime::component::Component,
+    ) -> Result<ProxyPre<instance::InstanceState>, DeployError> {
         let pre = self
             .linker
-            .instantiate_pre(&component)
+            .instantiate_pre(component)
             .map_err(|e| DeployError::WrongWorld(format!("{e:#}")))?;
         ProxyPre::new(pre).map_err(|e| {
             DeployError::WrongWorld(format!("it does not export wasi:http/incoming-handler, so it cannot serve requests ({e:#})"))
         })
+    }
+
+    /// The prepared component of blob `digest`: from the compile cache (a cold start), or
+    /// compiled from the blob, which must still hash to its name. Blocking.
+    fn load_prepared(
+        &self,
+        digest: &str,
+    ) -> Result<ProxyPre<instance::InstanceState>, DeployError> {
+        if let Some(component) = self.cache.load(&self.engine, digest) {
+            return self.link(&component);
+        }
+        let path = self.blobs.path(digest);
+        let bytes = std::fs::read(&path)?;
+        if blobs::digest_of(&bytes) != digest {
+            return Err(DeployError::Invalid(format!(
+                "{} does not hold the component deployed (its SHA-256 differs): redeploy the app",
+                path.display()
+            )));
+        }
+        self.prepare(digest, &bytes)
     }
 
     /// Whether a compiled artifact for `digest` is already on disk.
@@ -183,72 +297,368 @@ impl Runtime {
         self.cache.contains(digest)
     }
 
-    /// Deploys (or replaces) `name`. Requests already running finish on the old version.
+    /// Applies a deployment to `name`: a new revision when the component or the revision's
+    /// settings differ from the newest revision's (none otherwise: deploying the same
+    /// manifest twice changes nothing), and the app-level settings (traffic, rate limits,
+    /// fallback). `component` `None` keeps the newest revision's component. A dry run checks
+    /// and reports the changes without applying them. Requests already running finish on the
+    /// revision they started on.
     pub async fn deploy(
         self: &Arc<Self>,
         name: &str,
-        bytes: Bytes,
-        settings: AppSettings,
-    ) -> Result<AppRecord, DeployError> {
+        component: Option<Bytes>,
+        request: DeploySpec,
+        dry_run: bool,
+    ) -> Result<Deployed, DeployError> {
         if !apps::valid_name(name) {
             return Err(DeployError::InvalidName(name.to_string()));
         }
-        check_preamble(&bytes)?;
-        let (timeout_secs, memory_mib, max_body_bytes) =
-            apps::settle(&settings, &self.limits).map_err(DeployError::InvalidSetting)?;
-        let runtime = self.clone();
-        let size_bytes = bytes.len() as u64;
+        if let Some(named) = request.app.name.as_deref().filter(|named| *named != name) {
+            return Err(DeployError::InvalidSetting(format!(
+                "the manifest names app {named:?}, not {name:?}"
+            )));
+        }
+        let settled = spec::settle(&request, &self.limits).map_err(DeployError::InvalidSetting)?;
         // Storing and compiling are file and seconds of CPU work: on the blocking pool. The
         // blob is stored first and held, so that its compiled artifact goes with it; a
         // component that does not compile lets it go again.
-        let (held, pre) = tokio::task::spawn_blocking(move || {
-            let held = runtime.blobs.put_bytes(&bytes)?;
-            let pre = runtime.prepare(held.digest(), &bytes)?;
-            Ok::<_, DeployError>((held, pre))
-        })
-        .await
-        .map_err(|e| DeployError::Invalid(format!("compilation failed: {e}")))??;
-        let _changing = self.changes.lock().await;
-        let record = AppRecord {
-            name: name.to_string(),
-            digest: held.digest().to_string(),
-            size_bytes,
-            timeout_secs,
-            memory_mib,
-            max_body_bytes,
-            models: settings.model_names(),
-            native_guest_models: settings.native_guest_models.unwrap_or(false),
-            deployed_at: store::unix_now(),
+        let fresh = match component {
+            Some(bytes) => {
+                check_preamble(&bytes)?;
+                let runtime = self.clone();
+                let size = bytes.len() as u64;
+                let (held, pre) = tokio::task::spawn_blocking(move || {
+                    let held = runtime.blobs.put_bytes(&bytes)?;
+                    let pre = runtime.prepare(held.digest(), &bytes)?;
+                    Ok::<_, DeployError>((held, pre))
+                })
+                .await
+                .map_err(|e| DeployError::Invalid(format!("compilation failed: {e}")))??;
+                Some((held, pre, size))
+            }
+            None => None,
         };
-        let replaced = store::get_json::<AppRecord>(&self.apps_tree, name)?;
-        store::put_json(&self.apps_tree, name, &record)?;
+        let _changing = self.changes.lock().await;
+        let stored = self.records.get(name)?;
+        let newest = stored
+            .as_ref()
+            .and_then(|app| app.revisions.get(&app.record.latest));
+        let (digest, size_bytes) = match (&fresh, newest) {
+            (Some((held, _, size)), _) => (held.digest().to_string(), *size),
+            (None, Some(newest)) => (newest.digest.clone(), newest.size_bytes),
+            (None, None) => {
+                return Err(DeployError::InvalidSetting(format!(
+                    "app {name:?} is not deployed yet: give its component"
+                )))
+            }
+        };
+        let now = store::unix_now();
+        let before = match &stored {
+            Some(app) => app.record.clone(),
+            None => AppRecord {
+                name: name.to_string(),
+                latest: 0,
+                next_revision: 1,
+                traffic: traffic::all_to_latest(),
+                sticky_header: None,
+                rate_limit: None,
+                client_rate_limit: None,
+                fallback: None,
+                created_at: now,
+                updated_at: now,
+            },
+        };
+        let new_revision = newest
+            .is_none_or(|newest| newest.digest != digest || newest.spec != settled)
+            .then(|| RevisionRecord {
+                app: name.to_string(),
+                number: before.next_revision,
+                digest: digest.clone(),
+                size_bytes,
+                created_at: now,
+                spec: settled.clone(),
+            });
+        let mut after = before.with_policy(&request);
+        if let Some(revision) = &new_revision {
+            after.latest = revision.number;
+            after.next_revision = revision.number + 1;
+        }
+        let mut numbers: Vec<u32> = stored
+            .as_ref()
+            .map(|app| app.revisions.keys().copied().collect())
+            .unwrap_or_default();
+        numbers.extend(new_revision.as_ref().map(|r| r.number));
+        after
+            .validate(&numbers)
+            .map_err(DeployError::InvalidSetting)?;
+        let pruned = self.prunable(&after, &numbers);
+        let view = |record: &AppRecord, revision: Option<&RevisionRecord>| {
+            serde_json::json!({
+                "component": revision.map(|r| r.digest.clone()),
+                "revision": revision.map(|r| &r.spec),
+                "traffic": record.traffic,
+                "sticky_header": record.sticky_header,
+                "rate_limit": record.rate_limit,
+                "client_rate_limit": record.client_rate_limit,
+                "fallback": record.fallback,
+            })
+        };
+        let changes = spec::diff(
+            &view(&before, newest),
+            &view(&after, new_revision.as_ref().or(newest)),
+        );
+        let unchanged = new_revision.is_none() && after == before;
+        if dry_run || unchanged {
+            return Ok(Deployed {
+                revision: after.latest,
+                app: if unchanged { before } else { after },
+                created: false,
+                changes,
+            });
+        }
+        after.updated_at = now;
+        if let Some(revision) = &new_revision {
+            self.records.put_revision(revision)?;
+        }
+        self.records.put_app(&after)?;
+        for number in &pruned {
+            self.records.remove_revision(name, *number)?;
+        }
         self.store.make_durable().await?;
-        held.keep();
+
+        let current = self.app(name);
+        let mut revisions: BTreeMap<u32, Arc<Revision>> = current
+            .as_ref()
+            .map(|app| app.revisions.clone())
+            .unwrap_or_default();
+        let mut released = Vec::new();
+        for number in &pruned {
+            if let Some(revision) = revisions.remove(number) {
+                released.push(revision.record.digest.clone());
+            }
+        }
+        if let Some(record) = new_revision.clone() {
+            let prepared = match fresh {
+                Some((held, pre, _)) => {
+                    held.keep();
+                    Some(pre)
+                }
+                None => {
+                    // The same component with new settings: the newest revision's preparation
+                    // serves it as well.
+                    self.blobs.adopt(&record.digest);
+                    match newest.and_then(|n| revisions.get(&n.number)) {
+                        Some(previous) => previous.prepared_now(),
+                        None => None,
+                    }
+                }
+            };
+            revisions.insert(record.number, Arc::new(Revision::new(record, prepared)));
+        }
+        let rate = match &current {
+            Some(app)
+                if app.record.rate_limit == after.rate_limit
+                    && app.record.client_rate_limit == after.client_rate_limit =>
+            {
+                app.rate.clone()
+            }
+            _ => self.rate_limits(&after),
+        };
+        self.secret_values
+            .write()
+            .expect("secrets lock")
+            .entry(name.to_string())
+            .or_default();
         self.apps.write().expect("apps lock").insert(
             name.to_string(),
-            Arc::new(App {
-                record: record.clone(),
-                pre,
-            }),
+            Arc::new(App::new(after.clone(), revisions, rate)),
         );
-        if let Some(replaced) = replaced {
-            self.blobs.release_async(&replaced.digest).await;
+        for digest in released {
+            self.blobs.release_async(&digest).await;
         }
-        Ok(record)
+        Ok(Deployed {
+            revision: after.latest,
+            app: after,
+            created: new_revision.is_some(),
+            changes,
+        })
     }
 
-    /// Removes an app; requests already running finish (their instances hold what they
-    /// need). Its component's files go once no other app uses them.
-    pub async fn remove(&self, name: &str) -> Result<Option<AppRecord>, StoreError> {
+    /// Revisions to delete so that at most `max_revisions_per_app` are kept: the oldest that
+    /// no traffic target, tag or fallback names.
+    fn prunable(&self, record: &AppRecord, numbers: &[u32]) -> Vec<u32> {
+        let keep = self.limits.max_revisions_per_app as usize;
+        let mut needed: Vec<u32> = traffic::referenced(&record.traffic, record.latest).collect();
+        needed.push(record.latest);
+        needed.extend(record.fallback.as_ref().and_then(|f| f.revision));
+        let mut candidates: Vec<u32> = numbers
+            .iter()
+            .copied()
+            .filter(|n| !needed.contains(n))
+            .collect();
+        candidates.sort_unstable();
+        let excess = numbers.len().saturating_sub(keep);
+        candidates.into_iter().take(excess).collect()
+    }
+
+    /// Sets how `name`'s requests are split across its revisions. Requests already running
+    /// finish on theirs.
+    pub async fn set_traffic(
+        &self,
+        name: &str,
+        split: Vec<TrafficTarget>,
+        sticky_header: Option<Option<String>>,
+    ) -> Result<AppRecord, DeployError> {
         let _changing = self.changes.lock().await;
-        let Some(record) = store::get_json::<AppRecord>(&self.apps_tree, name)? else {
+        let stored = self
+            .records
+            .get(name)?
+            .ok_or_else(|| DeployError::NotFound(name.to_string()))?;
+        let mut after = stored.record.clone();
+        after.traffic = split;
+        if let Some(header) = sticky_header {
+            after.sticky_header = header.map(|h| h.to_ascii_lowercase());
+        }
+        let numbers: Vec<u32> = stored.revisions.keys().copied().collect();
+        after
+            .validate(&numbers)
+            .map_err(DeployError::InvalidSetting)?;
+        after.updated_at = store::unix_now();
+        self.records.put_app(&after)?;
+        self.store.make_durable().await?;
+        let current = self
+            .app(name)
+            .ok_or_else(|| DeployError::NotFound(name.to_string()))?;
+        self.apps.write().expect("apps lock").insert(
+            name.to_string(),
+            Arc::new(App::new(
+                after.clone(),
+                current.revisions.clone(),
+                current.rate.clone(),
+            )),
+        );
+        Ok(after)
+    }
+
+    /// Sends all of `name`'s traffic to `revision`, or, without one, to the revision before
+    /// the one that has all of it now.
+    pub async fn rollback(
+        &self,
+        name: &str,
+        revision: Option<u32>,
+    ) -> Result<AppRecord, DeployError> {
+        let app = self
+            .app(name)
+            .ok_or_else(|| DeployError::NotFound(name.to_string()))?;
+        let target = match revision {
+            Some(number) => number,
+            None => {
+                let serving: Vec<u32> = app
+                    .record
+                    .traffic
+                    .iter()
+                    .filter(|t| t.percent > 0)
+                    .map(|t| traffic::resolve(t.revision, app.record.latest))
+                    .collect();
+                let [current] = serving[..] else {
+                    return Err(DeployError::InvalidSetting(
+                        "traffic is split across revisions: name the revision to roll back to"
+                            .into(),
+                    ));
+                };
+                *app.revisions
+                    .range(..current)
+                    .next_back()
+                    .ok_or_else(|| {
+                        DeployError::InvalidSetting(format!(
+                            "revision {current} is the oldest one kept: there is none to roll back to"
+                        ))
+                    })?
+                    .0
+            }
+        };
+        let tags: Vec<TrafficTarget> = app
+            .record
+            .traffic
+            .iter()
+            .filter(|t| t.tag.is_some())
+            .map(|t| TrafficTarget {
+                percent: 0,
+                ..t.clone()
+            })
+            .collect();
+        let mut split = vec![TrafficTarget {
+            revision: RevisionRef::Number(target),
+            percent: 100,
+            tag: None,
+        }];
+        split.extend(tags);
+        self.set_traffic(name, split, None).await
+    }
+
+    /// Removes an app with its revisions and secrets; requests already running finish (their
+    /// instances hold what they need). Its components' files go once nothing else uses them.
+    pub async fn remove(&self, name: &str) -> Result<Option<AppRecord>, DeployError> {
+        let _changing = self.changes.lock().await;
+        let Some(stored) = self.records.get(name)? else {
             return Ok(None);
         };
-        self.apps_tree.remove(name)?;
+        self.records.remove_app(name)?;
+        self.secrets.remove_app(name)?;
         self.store.make_durable().await?;
         self.apps.write().expect("apps lock").remove(name);
-        self.blobs.release_async(&record.digest).await;
-        Ok(Some(record))
+        self.secret_values
+            .write()
+            .expect("secrets lock")
+            .remove(name);
+        for revision in stored.revisions.values() {
+            self.blobs.release_async(&revision.digest).await;
+        }
+        Ok(Some(stored.record))
+    }
+
+    /// Sets secret `key` of app `name` (stored encrypted); its next requests see it.
+    pub async fn set_secret(&self, name: &str, key: &str, value: &[u8]) -> Result<(), DeployError> {
+        let _changing = self.changes.lock().await;
+        if self.app(name).is_none() {
+            return Err(DeployError::NotFound(name.to_string()));
+        }
+        self.secrets.set(name, key, value)?;
+        self.store.make_durable().await?;
+        self.reload_secrets(name)
+    }
+
+    /// Removes secret `key` of app `name`; whether it was there.
+    pub async fn remove_secret(&self, name: &str, key: &str) -> Result<bool, DeployError> {
+        let _changing = self.changes.lock().await;
+        let removed = self.secrets.remove(name, key)?;
+        self.store.make_durable().await?;
+        self.reload_secrets(name)?;
+        Ok(removed)
+    }
+
+    /// The names (never the values) of app `name`'s secrets.
+    pub fn secret_names(&self, name: &str) -> Result<Vec<String>, DeployError> {
+        Ok(self.secrets.names(name)?)
+    }
+
+    fn reload_secrets(&self, name: &str) -> Result<(), DeployError> {
+        let values = Arc::new(self.secrets.values(name)?);
+        self.secret_values
+            .write()
+            .expect("secrets lock")
+            .insert(name.to_string(), values);
+        Ok(())
+    }
+
+    /// App `name`'s secrets, decrypted, as its instances see them.
+    fn secrets_of(&self, name: &str) -> Arc<Vec<(String, String)>> {
+        self.secret_values
+            .read()
+            .expect("secrets lock")
+            .get(name)
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// The deployed app called `name`.
@@ -257,16 +667,16 @@ impl Runtime {
     }
 
     /// Every deployed app, by name.
-    pub fn apps(&self) -> Vec<AppRecord> {
-        let mut records: Vec<_> = self
+    pub fn apps(&self) -> Vec<Arc<App>> {
+        let mut apps: Vec<_> = self
             .apps
             .read()
             .expect("apps lock")
             .values()
-            .map(|a| a.record.clone())
+            .cloned()
             .collect();
-        records.sort_by(|a, b| a.name.cmp(&b.name));
-        records
+        apps.sort_by(|a, b| a.record.name.cmp(&b.record.name));
+        apps
     }
 
     /// Instances running now.
@@ -284,21 +694,31 @@ impl Runtime {
         self.admission.body_reservation()
     }
 
-    /// Creates an instance of `app` and drops it unused (see [`instance::instantiate_only`]).
-    pub async fn instantiate_only(&self, app: &App) -> Result<(), InvokeError> {
-        let _permit = self.admission.instance().await?;
-        instance::instantiate_only(app, &self.resources).await
+    /// Creates an instance of `revision` and drops it unused (see
+    /// [`instance::instantiate_only`]).
+    pub async fn instantiate_only(&self, revision: &Arc<Revision>) -> Result<(), InvokeError> {
+        let _slot = self.admission.slot(revision.gate.as_ref()).await?;
+        let pre = self.warm(revision).await?;
+        instance::instantiate_only(&pre, revision, &self.resources).await
     }
 
-    /// Runs one request on `app`. While the node is at its instance limit the request waits
-    /// in the admission queue, within the queue's length and time limits.
-    pub async fn invoke(
+    /// `revision`'s prepared component, preparing it from the compile cache if it is cold.
+    async fn warm(
         &self,
-        app: Arc<App>,
-        request: http::Request<Full<Bytes>>,
-    ) -> Result<http::Response<InstanceBody>, InvokeError> {
-        let permit = self.admission.instance().await?;
-        instance::invoke(app, &self.resources, request, permit).await
+        revision: &Arc<Revision>,
+    ) -> Result<ProxyPre<instance::InstanceState>, InvokeError> {
+        let this = self
+            .this
+            .get()
+            .and_then(Weak::upgrade)
+            .ok_or_else(|| InvokeError::Instantiate("the node is shutting down".into()))?;
+        let digest = revision.record.digest.clone();
+        revision
+            .prepared(move || {
+                this.load_prepared(&digest)
+                    .map_err(|e| InvokeError::Instantiate(e.to_string()))
+            })
+            .await
     }
 }
 

@@ -9,13 +9,16 @@ pub const HELLO: &str = env!("TENSORLET_COMPONENT_HELLO");
 pub const CLASSIFY: &str = env!("TENSORLET_COMPONENT_CLASSIFY");
 /// `components/kv-counter`: state through wasi:keyvalue.
 pub const KV_COUNTER: &str = env!("TENSORLET_COMPONENT_KV_COUNTER");
-/// `tests/components/misbehave`: traps, loops, memory bombs, long inferences.
+/// `tests/components/misbehave`: traps, loops, memory bombs, long inferences; config,
+/// outgoing HTTP, spinning and sleeping probes.
 pub const MISBEHAVE: &str = env!("TENSORLET_COMPONENT_MISBEHAVE");
 /// `tests/components/not-http`: a command-world component, not an HTTP app.
 pub const NOT_HTTP: &str = env!("TENSORLET_COMPONENT_NOT_HTTP");
 
 /// `components/openai`: the OpenAI API over the node's models.
 pub const OPENAI: &str = env!("TENSORLET_COMPONENT_OPENAI");
+/// `components/pipeline`: a zero-shot classifier calling an embeddings app over wasi:http.
+pub const PIPELINE: &str = env!("TENSORLET_COMPONENT_PIPELINE");
 
 /// The PP-OCR text-orientation classifier (rapidocr-onnxruntime 1.4.4), fetched by
 /// `.ci/setup` into `.cache/models` (or `$TENSORLET_MODELS_DIR`).

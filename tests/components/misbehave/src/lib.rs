@@ -1,5 +1,6 @@
 //! Test fixture: an app that misbehaves on request, so the end-to-end tests can check that the
-//! node contains each failure to the one request.
+//! node contains each failure to the one request, and that reports what the node's
+//! capabilities (config, outgoing HTTP, clocks) give it.
 //!
 //! - `/trap`: panics (a wasm trap).
 //! - `/loop`: never returns.
@@ -9,7 +10,15 @@
 //! - `/infer?model=M&iterations=N`: runs model M (input `x`, zeros [1,3,48,192]) N times.
 //! - `POST /nn-load?target=cpu|gpu`: loads the ONNX model in the body through wasi-nn `load`
 //!   and runs it once on zeros; reports the output count or the wasi-nn error code.
+//! - `/config?key=K`: 200 with the value of config key K as text, or 404 `absent`.
+//! - `/config-all`: 200 with every config pair as a JSON object.
+//! - `/fetch?url=U`: `GET` of U (percent-encoded) through `tensorlet_sdk::http`; 200 with
+//!   `status <code>\n<body>`, or 502 with the error's text.
+//! - `/spin?ms=N`: burns CPU for N ms of the monotonic clock, then 200 `spun`.
+//! - `/sleep?ms=N`: waits N ms on a monotonic-clock pollable (no CPU), then 200 `slept`.
 
+use tensorlet_sdk::bindings::wasi::clocks::monotonic_clock;
+use tensorlet_sdk::config;
 use tensorlet_sdk::http::{Request, Response};
 use tensorlet_sdk::nn::{ExecutionTarget, Graph, GraphEncoding, Tensor};
 
@@ -89,12 +98,87 @@ fn handle(request: Request) -> Response {
                 ),
             }
         }
+        "/config" => {
+            let Some(key) = request.query("key").map(percent_decode) else {
+                return Response::error(400, "bad_request", "give ?key=K");
+            };
+            match config::get(&key) {
+                Some(value) => Response::text(200, value),
+                None => Response::text(404, "absent"),
+            }
+        }
+        "/config-all" => {
+            let pairs: serde_json::Map<String, serde_json::Value> = config::all()
+                .into_iter()
+                .map(|(key, value)| (key, value.into()))
+                .collect();
+            Response::json(200, &pairs)
+        }
+        "/fetch" => {
+            let Some(url) = request.query("url").map(percent_decode) else {
+                return Response::error(400, "bad_request", "give ?url=U (percent-encoded)");
+            };
+            match tensorlet_sdk::http::get(&url) {
+                Ok(response) => Response::text(
+                    200,
+                    format!("status {}\n{}", response.status, response.text()),
+                ),
+                Err(error) => Response::text(502, error.to_string()),
+            }
+        }
+        "/spin" => {
+            let until = monotonic_clock::now().saturating_add(nanos(&request));
+            let mut counter = 0u64;
+            while monotonic_clock::now() < until {
+                // Mostly guest code: the clock is read once every 10 000 steps.
+                for _ in 0..10_000 {
+                    counter = std::hint::black_box(counter.wrapping_add(1));
+                }
+            }
+            Response::text(200, "spun")
+        }
+        "/sleep" => {
+            monotonic_clock::subscribe_duration(nanos(&request)).block();
+            Response::text(200, "slept")
+        }
         _ => Response::error(
             404,
             "not_found",
-            "routes: /trap /loop /membomb /tensor-bomb /nn-missing /infer /nn-load",
+            "routes: /trap /loop /membomb /tensor-bomb /nn-missing /infer /nn-load /config \
+             /config-all /fetch /spin /sleep",
         ),
     }
+}
+
+/// `?ms=N` in nanoseconds, 0 when absent or not a number.
+fn nanos(request: &Request) -> u64 {
+    request
+        .query("ms")
+        .and_then(|ms| ms.parse::<u64>().ok())
+        .unwrap_or(0)
+        .saturating_mul(1_000_000)
+}
+
+/// A query value decoded as `application/x-www-form-urlencoded`: `%XX` escapes and `+` for a
+/// space. A malformed escape is kept as it is.
+fn percent_decode(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |at: usize| bytes.get(at).and_then(|&b| (b as char).to_digit(16));
+        match (bytes[i], hex(i + 1), hex(i + 2)) {
+            (b'%', Some(high), Some(low)) => {
+                decoded.push((high * 16 + low) as u8);
+                i += 3;
+                continue;
+            }
+            (b'+', _, _) => decoded.push(b' '),
+            (byte, _, _) => decoded.push(byte),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&decoded).into_owned()
 }
 
 tensorlet_sdk::http_handler!(handle);

@@ -1,0 +1,201 @@
+//! Deployed apps as the runtime serves them: an [`App`] routes each request to one of its
+//! [`Revision`]s (by tag, number, sticky key or the traffic split) and a revision holds what
+//! serving it needs: its concurrency gate, its prepared component while it is warm (dropped
+//! when it scales to zero) and its counters.
+
+use super::admission::Gate;
+use super::instance::InstanceState;
+use super::InvokeError;
+use crate::apps::rate::RateLimits;
+use crate::apps::traffic::{self, Split};
+use crate::apps::{AppRecord, RevisionRecord};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+
+/// A deployed app, ready to route requests to its revisions.
+pub struct App {
+    pub record: AppRecord,
+    pub revisions: BTreeMap<u32, Arc<Revision>>,
+    split: Split,
+    tags: HashMap<String, u32>,
+    pub rate: Arc<RateLimits>,
+}
+
+impl App {
+    /// The app `record` serving `revisions` (which must hold every revision its split and
+    /// fallback name).
+    pub fn new(
+        record: AppRecord,
+        revisions: BTreeMap<u32, Arc<Revision>>,
+        rate: Arc<RateLimits>,
+    ) -> Self {
+        let split = Split::new(&record.traffic, record.latest);
+        let tags = record
+            .traffic
+            .iter()
+            .filter_map(|target| {
+                let tag = target.tag.clone()?;
+                Some((tag, traffic::resolve(target.revision, record.latest)))
+            })
+            .collect();
+        Self {
+            record,
+            revisions,
+            split,
+            tags,
+            rate,
+        }
+    }
+
+    /// The revision a request goes to: the one `selector` names (a tag or a revision number,
+    /// from `/apps/<app>@<selector>/`), else by the split, keyed by `sticky` when given.
+    pub fn route(
+        &self,
+        selector: Option<&str>,
+        sticky: Option<&[u8]>,
+    ) -> Result<Arc<Revision>, InvokeError> {
+        let number = match selector {
+            Some(selector) => match self.tags.get(selector) {
+                Some(number) => *number,
+                None => selector.parse::<u32>().map_err(|_| {
+                    InvokeError::NotFound(format!(
+                        "app {:?} has no tag {selector:?}",
+                        self.record.name
+                    ))
+                })?,
+            },
+            None => self.split.pick(sticky),
+        };
+        self.revisions.get(&number).cloned().ok_or_else(|| {
+            InvokeError::NotFound(format!(
+                "app {:?} has no revision {number}",
+                self.record.name
+            ))
+        })
+    }
+}
+
+/// Counters of one revision, from node start.
+#[derive(Default, Serialize)]
+pub struct RevisionStats {
+    /// Requests that found the revision warm (its component prepared).
+    pub warm_starts: AtomicU64,
+    /// Requests that had to prepare it first, from the compile cache (after scaling to zero
+    /// or a node start).
+    pub cold_starts: AtomicU64,
+    pub cache_hits: AtomicU64,
+    pub cache_misses: AtomicU64,
+    /// Requests answered by the app's fallback instead.
+    pub fallbacks: AtomicU64,
+}
+
+/// One revision as the runtime serves it.
+pub struct Revision {
+    pub record: RevisionRecord,
+    /// Its own concurrency limit and queue, when it declares `max_concurrency`.
+    pub gate: Option<Gate>,
+    /// What its cached responses are filed under: its app, component and settings, so that a
+    /// revision of the same number after the app was removed and deployed again never sees
+    /// another's answers.
+    pub cache_scope: String,
+    /// The prepared component while warm; `None` once scaled to zero.
+    prepared: tokio::sync::Mutex<Option<ProxyPre<InstanceState>>>,
+    /// When a request last started, in milliseconds since `born`.
+    last_used_ms: AtomicU64,
+    born: Instant,
+    pub stats: RevisionStats,
+}
+
+impl Revision {
+    pub fn new(record: RevisionRecord, prepared: Option<ProxyPre<InstanceState>>) -> Self {
+        let gate = record.spec.max_concurrency.map(|slots| {
+            Gate::new(
+                format!("app {} (revision {})", record.app, record.number),
+                slots as usize,
+                record.spec.max_queued as usize,
+                Duration::from_secs(record.spec.queue_timeout_secs),
+            )
+        });
+        let settings = serde_json::to_vec(&record.spec).expect("records serialise");
+        let cache_scope = format!(
+            "{}/{}/{}",
+            record.app,
+            record.digest,
+            crate::store::blobs::digest_of(&settings)
+        );
+        Self {
+            cache_scope,
+            record,
+            gate,
+            prepared: tokio::sync::Mutex::new(prepared),
+            last_used_ms: AtomicU64::new(0),
+            born: Instant::now(),
+            stats: RevisionStats::default(),
+        }
+    }
+
+    /// The prepared component, preparing it with `prepare` (blocking: it reads the compile
+    /// cache) when the revision is cold. Concurrent cold requests prepare it once.
+    pub async fn prepared<F>(&self, prepare: F) -> Result<ProxyPre<InstanceState>, InvokeError>
+    where
+        F: FnOnce() -> Result<ProxyPre<InstanceState>, InvokeError> + Send + 'static,
+    {
+        self.last_used_ms
+            .store(self.born.elapsed().as_millis() as u64, Ordering::Relaxed);
+        let mut slot = self.prepared.lock().await;
+        if let Some(pre) = slot.as_ref() {
+            self.stats.warm_starts.fetch_add(1, Ordering::Relaxed);
+            return Ok(pre.clone());
+        }
+        let pre = tokio::task::spawn_blocking(prepare).await.map_err(|e| {
+            InvokeError::Instantiate(format!("preparing the component failed: {e}"))
+        })??;
+        self.stats.cold_starts.fetch_add(1, Ordering::Relaxed);
+        *slot = Some(pre.clone());
+        Ok(pre)
+    }
+
+    /// The prepared component if the revision is warm now (without waiting for a cold start
+    /// in progress).
+    pub fn prepared_now(&self) -> Option<ProxyPre<InstanceState>> {
+        self.prepared.try_lock().ok().and_then(|slot| slot.clone())
+    }
+
+    /// Whether the revision is warm (its component prepared).
+    pub fn is_warm(&self) -> bool {
+        self.prepared.try_lock().map_or(true, |slot| slot.is_some())
+    }
+
+    /// Scales the revision to zero if it may (`min_instances = 0`) and no request started
+    /// within its idle timeout. Requests still running keep what they use.
+    pub fn scale_to_zero_if_idle(&self) -> bool {
+        if self.record.spec.min_instances > 0 {
+            return false;
+        }
+        let idle_ms = (self.born.elapsed().as_millis() as u64)
+            .saturating_sub(self.last_used_ms.load(Ordering::Relaxed));
+        if idle_ms < self.record.spec.idle_timeout_secs * 1000 {
+            return false;
+        }
+        match self.prepared.try_lock() {
+            Ok(mut slot) => slot.take().is_some(),
+            Err(_) => false,
+        }
+    }
+
+    /// What the admin API shows of the revision: its record, whether it is warm, its load and
+    /// counters.
+    pub fn describe(&self) -> serde_json::Value {
+        let mut value = serde_json::to_value(&self.record).expect("records serialise");
+        let stats = serde_json::to_value(&self.stats).expect("counters serialise");
+        value["warm"] = self.is_warm().into();
+        value["running"] = self.gate.as_ref().map_or(0, Gate::running).into();
+        value["queued"] = self.gate.as_ref().map_or(0, Gate::queued).into();
+        value["stats"] = stats;
+        value
+    }
+}

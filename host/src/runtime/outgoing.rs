@@ -1,0 +1,153 @@
+//! Outgoing HTTP from an instance (`wasi:http/outgoing-handler`): a request to
+//! `http://<app>.internal/…` is served by that app on this node, through the same path as a
+//! client's request (its rate limits, revisions, limits, cache), without the network; a
+//! request to a host the revision's `[outbound] allowed_hosts` names goes out, within the
+//! revision's timeout; anything else is denied.
+
+use super::dispatch::{self, Admission};
+use super::Runtime;
+use crate::apps::outbound::{self, Destination};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use std::future::Future;
+use std::sync::Weak;
+use std::time::Duration;
+use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
+
+/// The outgoing calls one instance may make.
+pub struct OutgoingPolicy {
+    runtime: Weak<Runtime>,
+    /// The calling app, the client key its calls to other apps are rate-limited under.
+    caller: String,
+    allowed_hosts: Vec<String>,
+    /// Calls between apps that led to this instance.
+    depth: u32,
+    max_depth: u32,
+    /// The longest an outside call may wait to connect, for its first byte, between bytes.
+    timeout: Duration,
+}
+
+type ResponseFuture = Box<
+    dyn Future<
+            Output = Result<
+                (
+                    http::Response<WasiBody>,
+                    Box<dyn Future<Output = Result<(), Error>> + Send>,
+                ),
+                Error,
+            >,
+        > + Send,
+>;
+
+impl OutgoingPolicy {
+    pub fn new(
+        runtime: Weak<Runtime>,
+        caller: String,
+        allowed_hosts: Vec<String>,
+        depth: u32,
+        max_depth: u32,
+        timeout: Duration,
+    ) -> Self {
+        Self {
+            runtime,
+            caller,
+            allowed_hosts,
+            depth,
+            max_depth,
+            timeout,
+        }
+    }
+
+    /// A policy that allows nothing.
+    pub fn denied() -> Self {
+        Self::new(Weak::new(), String::new(), Vec::new(), 0, 0, Duration::ZERO)
+    }
+}
+
+fn done() -> Box<dyn Future<Output = Result<(), Error>> + Send> {
+    Box::new(async { Ok(()) })
+}
+
+impl WasiHttpHooks for OutgoingPolicy {
+    fn send_request(
+        &mut self,
+        request: http::Request<WasiBody>,
+        options: Option<RequestOptions>,
+        _fut: Box<dyn Future<Output = Result<(), Error>> + Send>,
+    ) -> ResponseFuture {
+        let scheme = request.uri().scheme_str().unwrap_or("https").to_string();
+        let authority = request
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .unwrap_or_default();
+        match outbound::destination(&self.allowed_hosts, &scheme, &authority) {
+            Destination::Denied => Box::new(async { Err(Error::HttpRequestDenied) }),
+            Destination::Network => {
+                let cap = |wanted: Option<Duration>| {
+                    Some(wanted.map_or(self.timeout, |w| w.min(self.timeout)))
+                };
+                let options = options.unwrap_or_default();
+                let options = RequestOptions {
+                    connect_timeout: cap(options.connect_timeout),
+                    first_byte_timeout: cap(options.first_byte_timeout),
+                    between_bytes_timeout: cap(options.between_bytes_timeout),
+                };
+                Box::new(async move {
+                    let (response, io) =
+                        wasmtime_wasi_http::default_send_request(request, Some(options)).await?;
+                    Ok((response.map(BodyExt::boxed_unsync), Box::new(io) as Box<_>))
+                })
+            }
+            Destination::App(app) => {
+                let runtime = self.runtime.clone();
+                let caller = format!("app:{}", self.caller);
+                let depth = self.depth + 1;
+                let max_depth = self.max_depth;
+                Box::new(async move {
+                    let Some(runtime) = runtime.upgrade() else {
+                        return Err(Error::HttpRequestDenied);
+                    };
+                    let response = if depth > max_depth {
+                        dispatch::error_response(&super::InvokeError::TooDeep(depth))
+                    } else {
+                        call_app(&runtime, &app, request, &caller, depth).await
+                    };
+                    Ok((response, done()))
+                })
+            }
+        }
+    }
+}
+
+/// Serves a request from one app to `app` as a client's request would be, its errors as
+/// responses (a 503 of the callee is the caller's to handle, as over the network).
+async fn call_app(
+    runtime: &Runtime,
+    app: &str,
+    request: http::Request<WasiBody>,
+    caller: &str,
+    depth: u32,
+) -> http::Response<WasiBody> {
+    let (parts, body) = request.into_parts();
+    let admitted = match runtime.admit(app, None, &parts.headers, caller) {
+        Ok(Admission::Serve(admitted)) => admitted,
+        Ok(Admission::Degraded(response)) => return response,
+        Err(error) => return dispatch::error_response(&error),
+    };
+    let limit = admitted.revision.record.spec.max_body_bytes as usize;
+    let body = match Limited::new(body, limit).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(error) => {
+            let error = super::InvokeError::AppError(format!(
+                "the request body to app {app:?} could not be read (at most {limit} bytes): {error}"
+            ));
+            return dispatch::error_response(&error);
+        }
+    };
+    let request = http::Request::from_parts(parts, Full::<Bytes>::new(body));
+    match runtime.serve(admitted, request, depth).await {
+        Ok(response) => response,
+        Err(error) => dispatch::error_response(&error),
+    }
+}

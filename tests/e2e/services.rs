@@ -1,0 +1,611 @@
+//! Apps as services, against a real daemon: manifests applied idempotently, revisions with
+//! traffic splits, tags, sticky keys and rollback under load; config and encrypted secrets
+//! through wasi:config; per-revision concurrency and CPU budgets; scale to zero; rate limits
+//! and fallbacks; calls between apps and to allowed hosts only; response caching.
+
+use crate::support::{artifacts, error_code, TestNode};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+fn manifest_for(component: &str, rest: &str) -> String {
+    format!("[app]\ncomponent = {component:?}\n{rest}")
+}
+
+fn revision_of(response: &reqwest::Response) -> String {
+    response
+        .headers()
+        .get("tensorlet-revision")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[tokio::test]
+async fn manifests_apply_idempotently_show_their_diff_and_refuse_unknown_keys() {
+    let node = TestNode::start();
+    let (_dir, path) = TestNode::manifest(&manifest_for(
+        artifacts::HELLO,
+        "name = \"hello\"\n[limits]\ntimeout_secs = 5\n",
+    ));
+    let manifest = path.to_str().unwrap();
+    let first = node.cli_ok(&["deploy", "-f", manifest]);
+    assert!(first.contains("deployed hello: revision 1"), "{first}");
+    let again = node.cli_ok(&["deploy", "-f", manifest]);
+    assert!(again.contains("unchanged (revision 1)"), "{again}");
+
+    std::fs::write(
+        &path,
+        manifest_for(
+            artifacts::HELLO,
+            "name = \"hello\"\n[limits]\ntimeout_secs = 6\n",
+        ),
+    )
+    .unwrap();
+    let dry = node.cli_ok(&["deploy", "-f", manifest, "--dry-run"]);
+    assert!(dry.contains("revision.timeout_secs: 5 → 6"), "{dry}");
+    let app = node.admin_json("/v1/admin/apps/hello").await;
+    assert_eq!(
+        app["app"]["record"]["latest"], 1,
+        "a dry run changed nothing"
+    );
+    let second = node.cli_ok(&["deploy", "-f", manifest]);
+    assert!(second.contains("deployed hello: revision 2"), "{second}");
+    assert!(second.contains("revision.timeout_secs: 5 → 6"), "{second}");
+
+    std::fs::write(
+        &path,
+        manifest_for(
+            artifacts::HELLO,
+            "name = \"hello\"\n[limits]\ntimeout = 6\n",
+        ),
+    )
+    .unwrap();
+    let refused = node.cli(&["deploy", "-f", manifest]);
+    assert!(!refused.status.success());
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        message.contains("line 4") && message.contains("timeout"),
+        "{message}"
+    );
+    let app = node.admin_json("/v1/admin/apps/hello").await;
+    assert_eq!(app["app"]["record"]["latest"], 2);
+}
+
+/// Deploys hello twice (two revisions differing in one config value).
+fn two_revisions(node: &TestNode) {
+    node.cli_ok(&["deploy", "hello", artifacts::HELLO, "--config", "v=1"]);
+    node.cli_ok(&["deploy", "hello", artifacts::HELLO, "--config", "v=2"]);
+}
+
+#[tokio::test]
+async fn traffic_splits_by_percent_tags_reach_their_revision_and_sticky_keys_stay() {
+    let node = TestNode::start();
+    two_revisions(&node);
+    node.cli_ok(&[
+        "traffic",
+        "hello",
+        "1=90",
+        "2=10",
+        "--tag",
+        "2=canary",
+        "--sticky-header",
+        "x-user",
+    ]);
+    let counts = Arc::new(std::sync::Mutex::new(HashMap::<String, usize>::new()));
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..16 {
+        let (client, url, counts, next) = (
+            node.client.clone(),
+            node.at("/apps/hello/"),
+            counts.clone(),
+            next.clone(),
+        );
+        workers.push(tokio::spawn(async move {
+            while next.fetch_add(1, Ordering::Relaxed) < 10_000 {
+                let response = client.get(&url).send().await.unwrap();
+                assert_eq!(response.status(), 200);
+                *counts
+                    .lock()
+                    .unwrap()
+                    .entry(revision_of(&response))
+                    .or_default() += 1;
+            }
+        }));
+    }
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    let counts = counts.lock().unwrap().clone();
+    let canary = counts.get("2").copied().unwrap_or_default();
+    assert_eq!(counts.values().sum::<usize>(), 10_000, "{counts:?}");
+    // 10 % of 10 000 with a standard deviation of 30: five deviations either side.
+    assert!(
+        (850..=1150).contains(&canary),
+        "revision 2 got {canary} of 10 000: {counts:?}"
+    );
+
+    for _ in 0..20 {
+        let response = node
+            .client
+            .get(node.at("/apps/hello@canary/"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(revision_of(&response), "2");
+        let response = node
+            .client
+            .get(node.at("/apps/hello@1/"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(revision_of(&response), "1");
+    }
+    let (status, body) = node.get("/apps/hello@nope/").await;
+    assert_eq!((status, error_code(&body).as_str()), (404, "app_not_found"));
+
+    for user in ["ada", "grace", "linus", "barbara"] {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..30 {
+            let response = node
+                .client
+                .get(node.at("/apps/hello/"))
+                .header("x-user", user)
+                .send()
+                .await
+                .unwrap();
+            seen.insert(revision_of(&response));
+        }
+        assert_eq!(seen.len(), 1, "{user} moved between revisions: {seen:?}");
+    }
+
+    let refused = node.cli(&["traffic", "hello", "1=90", "2=20"]);
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("sum to 110"));
+    let refused = node.cli(&["traffic", "hello", "7=100"]);
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("revision 7 does not exist"));
+}
+
+#[tokio::test]
+async fn rollback_under_load_is_instant_and_loses_no_request() {
+    let node = TestNode::start();
+    two_revisions(&node);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let failures = Arc::new(AtomicUsize::new(0));
+    let served = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let mut workers = Vec::new();
+    for _ in 0..8 {
+        let (client, url) = (node.client.clone(), node.at("/apps/hello/"));
+        let (stop, failures, served) = (stop.clone(), failures.clone(), served.clone());
+        workers.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match client.get(&url).send().await {
+                    Ok(response) if response.status() == 200 => {
+                        served.lock().unwrap().push(revision_of(&response))
+                    }
+                    _ => {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rolled = node.cli_ok(&["rollback", "hello"]);
+    assert!(rolled.contains("1: 100%"), "{rolled}");
+    let after_rollback = served.lock().unwrap().len();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    assert_eq!(failures.load(Ordering::Relaxed), 0);
+    let served = served.lock().unwrap();
+    assert!(served[..after_rollback.saturating_sub(16)].contains(&"2".to_string()));
+    // Requests that started after the rollback returned all went to revision 1 (a few in
+    // flight when it happened may still finish on 2).
+    assert!(
+        served[after_rollback + 16..].iter().all(|r| r == "1"),
+        "revision 2 served after the rollback"
+    );
+    assert!(served.len() > after_rollback + 16);
+}
+
+#[tokio::test]
+async fn config_and_secrets_reach_the_component_and_secrets_are_never_shown_nor_stored_plain() {
+    let node = TestNode::start();
+    node.cli_ok(&[
+        "deploy",
+        "misbehave",
+        artifacts::MISBEHAVE,
+        "--config",
+        "greeting=hi",
+    ]);
+    assert_eq!(
+        node.get("/apps/misbehave/config?key=greeting").await,
+        (200, "hi".into())
+    );
+    assert_eq!(node.get("/apps/misbehave/config?key=API_KEY").await.0, 404);
+
+    const SECRET: &str = "s3cr3t-value-that-must-not-leak";
+    let set = node.cli_with_input(
+        &["secret", "set", "misbehave", "API_KEY"],
+        format!("{SECRET}\n").as_bytes(),
+    );
+    assert!(
+        set.status.success(),
+        "{}",
+        String::from_utf8_lossy(&set.stderr)
+    );
+    assert_eq!(
+        node.get("/apps/misbehave/config?key=API_KEY").await,
+        (200, SECRET.into())
+    );
+    assert_eq!(
+        node.cli_ok(&["secret", "list", "misbehave"]).trim(),
+        "API_KEY"
+    );
+
+    let described = node
+        .admin_json("/v1/admin/apps/misbehave")
+        .await
+        .to_string();
+    assert!(!described.contains(SECRET) && described.contains("API_KEY"));
+    assert!(!node.cli_ok(&["apps"]).contains(SECRET));
+    let bad = node.cli_with_input(&["secret", "set", "misbehave", "has space"], b"x");
+    assert!(!bad.status.success());
+
+    // Nothing the node wrote holds the value in plain text.
+    fn files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                files(&path, out);
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    let mut written = Vec::new();
+    files(&node.data_dir, &mut written);
+    for file in written {
+        let bytes = std::fs::read(&file).unwrap_or_default();
+        assert!(
+            !bytes.windows(SECRET.len()).any(|w| w == SECRET.as_bytes()),
+            "{} holds the secret in plain text",
+            file.display()
+        );
+    }
+    assert_eq!(
+        node.cli_ok(&["secret", "remove", "misbehave", "API_KEY"])
+            .trim(),
+        "removed secret API_KEY of misbehave"
+    );
+    assert_eq!(node.get("/apps/misbehave/config?key=API_KEY").await.0, 404);
+}
+
+#[tokio::test]
+async fn a_revision_runs_at_most_its_concurrency_queues_within_bounds_and_sheds_with_retry_after() {
+    let node = TestNode::start();
+    let (_dir, path) = TestNode::manifest(&manifest_for(
+        artifacts::MISBEHAVE,
+        "name = \"misbehave\"\n[scaling]\nmax_concurrency = 1\nmax_queued = 1\nqueue_timeout_secs = 10\n",
+    ));
+    node.cli_ok(&["deploy", "-f", path.to_str().unwrap()]);
+    let slow = |node: &TestNode| {
+        node.client
+            .get(node.at("/apps/misbehave/sleep?ms=1500"))
+            .send()
+    };
+    let (running, queued) = (slow(&node), slow(&node));
+    let running = tokio::spawn(running);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let queued = tokio::spawn(queued);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let shed = node
+        .client
+        .get(node.at("/apps/misbehave/sleep?ms=10"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(shed.status(), 503);
+    assert!(shed.headers().contains_key("retry-after"));
+    assert!(shed
+        .text()
+        .await
+        .unwrap()
+        .contains("app misbehave (revision 1)"));
+    assert_eq!(running.await.unwrap().unwrap().status(), 200);
+    assert_eq!(queued.await.unwrap().unwrap().status(), 200);
+    // Another app is not held back by misbehave's limit.
+    node.cli_ok(&["deploy", "hello", artifacts::HELLO]);
+    assert_eq!(node.get("/apps/hello/").await.0, 200);
+}
+
+#[tokio::test]
+async fn the_cpu_budget_stops_a_spinning_request_but_not_a_waiting_one() {
+    let node = TestNode::start();
+    let (_dir, path) = TestNode::manifest(&manifest_for(
+        artifacts::MISBEHAVE,
+        "name = \"misbehave\"\n[limits]\ntimeout_secs = 30\ncpu_ms = 200\n",
+    ));
+    node.cli_ok(&["deploy", "-f", path.to_str().unwrap()]);
+    let (status, body) = node.get("/apps/misbehave/spin?ms=5000").await;
+    assert_eq!(
+        (status, error_code(&body).as_str()),
+        (500, "cpu_limit"),
+        "{body}"
+    );
+    assert_eq!(
+        node.get("/apps/misbehave/sleep?ms=1000").await,
+        (200, "slept".into())
+    );
+    assert_eq!(
+        node.get("/apps/misbehave/spin?ms=20").await,
+        (200, "spun".into())
+    );
+}
+
+#[tokio::test]
+async fn an_idle_revision_scales_to_zero_and_its_next_request_starts_cold_from_the_cache() {
+    let node = TestNode::start();
+    let (_dir, path) = TestNode::manifest(&manifest_for(
+        artifacts::HELLO,
+        "name = \"hello\"\n[scaling]\nidle_timeout_secs = 1\n",
+    ));
+    node.cli_ok(&["deploy", "-f", path.to_str().unwrap()]);
+    let revision = |app: serde_json::Value| app["app"]["revisions"][0].clone();
+    assert_eq!(node.get("/apps/hello/").await.0, 200);
+    let warm = revision(node.admin_json("/v1/admin/apps/hello").await);
+    assert_eq!(warm["warm"], true);
+    assert_eq!(warm["stats"]["warm_starts"], 1);
+    let mut cold = warm.clone();
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        cold = revision(node.admin_json("/v1/admin/apps/hello").await);
+        if cold["warm"] == false {
+            break;
+        }
+    }
+    assert_eq!(cold["warm"], false, "the revision did not scale to zero");
+    assert_eq!(
+        node.get("/apps/hello/?name=again").await,
+        (200, "Hello, again!\n".into())
+    );
+    let restarted = revision(node.admin_json("/v1/admin/apps/hello").await);
+    assert_eq!(restarted["stats"]["cold_starts"], 1);
+    assert_eq!(restarted["warm"], true);
+
+    // min_instances keeps a revision warm however idle it is.
+    let (_dir, path) = TestNode::manifest(&manifest_for(
+        artifacts::HELLO,
+        "name = \"hello\"\n[scaling]\nidle_timeout_secs = 1\nmin_instances = 1\n",
+    ));
+    node.cli_ok(&["deploy", "-f", path.to_str().unwrap()]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let kept = node.admin_json("/v1/admin/apps/hello").await;
+    assert_eq!(kept["app"]["revisions"][1]["warm"], true);
+}
+
+#[tokio::test]
+async fn rate_limits_answer_429_with_retry_after_and_the_fallback_serves_when_shedding_or_failing()
+{
+    let node = TestNode::start();
+    let (_dir, path) = TestNode::manifest(&manifest_for(
+        artifacts::MISBEHAVE,
+        "name = \"misbehave\"\n[client_rate_limit]\nper_second = 1\nburst = 3\n",
+    ));
+    node.cli_ok(&["deploy", "-f", path.to_str().unwrap()]);
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        let response = node
+            .client
+            .get(node.at("/apps/misbehave/config-all"))
+            .send()
+            .await
+            .unwrap();
+        if response.status() == 429 {
+            let wait: u64 = response.headers()["retry-after"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!(wait >= 1);
+        }
+        statuses.push(response.status().as_u16());
+    }
+    assert_eq!(&statuses[..3], &[200, 200, 200]);
+    assert_eq!(statuses[4], 429, "{statuses:?}");
+    // Another client (another API key) has its own budget.
+    let other = node
+        .client
+        .get(node.at("/apps/misbehave/config-all"))
+        .bearer_auth("another-client")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 200);
+
+    let (_dir, path) = TestNode::manifest(&manifest_for(
+        artifacts::MISBEHAVE,
+        "name = \"misbehave\"\n[rate_limit]\nper_second = 1\nburst = 2\n[fallback]\nstatus = 200\nbody = \"degraded answer\"\n",
+    ));
+    node.cli_ok(&["deploy", "-f", path.to_str().unwrap()]);
+    let trapped = node
+        .client
+        .get(node.at("/apps/misbehave/trap"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(trapped.headers()["tensorlet-fallback"], "trap");
+    assert_eq!(trapped.text().await.unwrap(), "degraded answer");
+    let mut fallbacks = 0;
+    for _ in 0..5 {
+        let response = node
+            .client
+            .get(node.at("/apps/misbehave/config-all"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        if response
+            .headers()
+            .get("tensorlet-fallback")
+            .is_some_and(|v| v == "rate_limited")
+        {
+            fallbacks += 1;
+        }
+    }
+    assert!(
+        fallbacks >= 2,
+        "{fallbacks} of 5 requests over the app's rate limit got the fallback"
+    );
+}
+
+#[tokio::test]
+async fn apps_call_each_other_on_the_node_and_reach_only_allowed_hosts() {
+    let node = TestNode::start();
+    node.cli_ok(&["deploy", "hello", artifacts::HELLO]);
+    let outside = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let outside_port = outside.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = outside.accept().await {
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut buffer = [0u8; 4096];
+                let _ = socket.read(&mut buffer).await;
+                let _ = socket
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 7\r\nconnection: close\r\n\r\noutside",
+                    )
+                    .await;
+            });
+        }
+    });
+    let (_dir, path) = TestNode::manifest(&manifest_for(
+        artifacts::MISBEHAVE,
+        &format!("name = \"misbehave\"\n[outbound]\nallowed_hosts = [\"hello.internal\", \"misbehave.internal\", \"127.0.0.1:{outside_port}\"]\n"),
+    ));
+    node.cli_ok(&["deploy", "-f", path.to_str().unwrap()]);
+    let fetch = |url: &str| {
+        format!(
+            "/apps/misbehave/fetch?url={}",
+            url.replace(':', "%3A")
+                .replace('/', "%2F")
+                .replace('?', "%3F")
+                .replace('=', "%3D")
+                .replace('&', "%26")
+        )
+    };
+    assert_eq!(
+        node.get(&fetch("http://hello.internal/?name=neighbour"))
+            .await,
+        (200, "status 200\nHello, neighbour!\n".into())
+    );
+    assert_eq!(
+        node.get(&fetch(&format!("http://127.0.0.1:{outside_port}/")))
+            .await,
+        (200, "status 200\noutside".into())
+    );
+    let (status, body) = node.get(&fetch("http://kv-counter.internal/")).await;
+    assert_eq!(status, 502);
+    assert!(body.contains("HttpRequestDenied"), "{body}");
+    let (status, body) = node
+        .get(&fetch(&format!("http://127.0.0.1:{}/", outside_port + 1)))
+        .await;
+    assert_eq!(status, 502);
+    assert!(body.contains("HttpRequestDenied"), "{body}");
+    let (status, body) = node.get(&fetch("http://nowhere.internal/")).await;
+    assert_eq!(status, 502, "{body}");
+    // An app that calls itself without end is stopped at the node's depth.
+    let mut url = "http://misbehave.internal/config-all".to_string();
+    for _ in 0..6 {
+        url = format!(
+            "http://misbehave.internal{}",
+            fetch(&url).trim_start_matches("/apps/misbehave")
+        );
+    }
+    let (status, body) = node.get(&fetch(&url)).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("508"), "{body}");
+}
+
+#[tokio::test]
+async fn a_two_app_pipeline_classifies_text_by_embeddings_from_another_app() {
+    let node = TestNode::start();
+    let model = artifacts::minilm_model();
+    node.cli_ok(&["model", "add", "minilm", model.to_str().unwrap()]);
+    node.cli_ok(&["deploy", "openai", artifacts::OPENAI, "--model", "minilm"]);
+    let (_dir, path) = TestNode::manifest(&manifest_for(
+        artifacts::PIPELINE,
+        "name = \"pipeline\"\n[config]\nembeddings_app = \"openai\"\nembeddings_model = \"minilm\"\n[outbound]\nallowed_hosts = [\"openai.internal\"]\n",
+    ));
+    node.cli_ok(&["deploy", "-f", path.to_str().unwrap()]);
+    for (text, expected) in [
+        (
+            "The striker scored twice and the team won the league match.",
+            "sports",
+        ),
+        (
+            "Whisk the eggs with butter and bake the cake for forty minutes.",
+            "cooking",
+        ),
+    ] {
+        let response = node
+            .post_json(
+                "/apps/pipeline/",
+                &serde_json::json!({ "text": text, "labels": ["sports", "cooking", "finance"] }),
+            )
+            .await;
+        assert_eq!(response.status(), 200);
+        let answer: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(answer["label"], expected, "{answer}");
+    }
+    let (status, _) = node.get("/apps/pipeline/").await;
+    assert_ne!(status, 200);
+}
+
+#[tokio::test]
+async fn cached_responses_are_served_without_running_the_app_until_they_expire() {
+    let node = TestNode::start();
+    let (_dir, path) = TestNode::manifest(&manifest_for(
+        artifacts::HELLO,
+        "name = \"hello\"\n[cache]\nttl_secs = 2\n",
+    ));
+    node.cli_ok(&["deploy", "-f", path.to_str().unwrap()]);
+    let get = |query: &'static str| {
+        node.client
+            .get(node.at(&format!("/apps/hello/?name={query}")))
+            .send()
+    };
+    let first = get("cache").await.unwrap();
+    assert_eq!(first.headers()["tensorlet-cache"], "miss");
+    assert_eq!(first.text().await.unwrap(), "Hello, cache!\n");
+    let second = get("cache").await.unwrap();
+    assert_eq!(second.headers()["tensorlet-cache"], "hit");
+    assert_eq!(second.text().await.unwrap(), "Hello, cache!\n");
+    assert_eq!(
+        get("other").await.unwrap().headers()["tensorlet-cache"],
+        "miss"
+    );
+    let bypass = node
+        .client
+        .get(node.at("/apps/hello/?name=cache"))
+        .header("cache-control", "no-cache")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bypass.headers()["tensorlet-cache"], "miss");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        get("cache").await.unwrap().headers()["tensorlet-cache"],
+        "miss"
+    );
+    let app = node.admin_json("/v1/admin/apps/hello").await;
+    let stats = &app["app"]["revisions"][0]["stats"];
+    assert_eq!(
+        (stats["cache_hits"].as_u64(), stats["cache_misses"].as_u64()),
+        (Some(1), Some(4))
+    );
+}
