@@ -914,15 +914,14 @@ async fn llm_concurrency(node: &tensorlet::node::Node, idle: f64) {
     );
 
     // One generation while another app keeps a core busy (an infinite loop until its timeout).
-    let settings = tensorlet::apps::AppSettings {
-        timeout_secs: Some(20),
-        ..Default::default()
-    };
+    let mut settings = tensorlet::apps::DeploySpec::default();
+    settings.limits.timeout_secs = Some(20);
     node.runtime
         .deploy(
             "busy",
-            std::fs::read(artifacts::MISBEHAVE).unwrap().into(),
+            Some(std::fs::read(artifacts::MISBEHAVE).unwrap().into()),
             settings,
+            false,
         )
         .await
         .unwrap();
@@ -966,8 +965,9 @@ async fn orphaned_generations(node: &tensorlet::node::Node) {
     node.runtime
         .deploy(
             "kv-counter",
-            std::fs::read(artifacts::KV_COUNTER).unwrap().into(),
+            Some(std::fs::read(artifacts::KV_COUNTER).unwrap().into()),
             Default::default(),
+            false,
         )
         .await
         .unwrap();

@@ -27,6 +27,11 @@ fn unreferenced_blobs(data_dir: &Path, records: &[&serde_json::Value]) -> Vec<St
     let referenced: BTreeSet<&str> = records
         .iter()
         .flat_map(|list| list.as_array().unwrap())
+        .flat_map(|record| match record["revisions"].as_array() {
+            // An app holds the components of its revisions; a model its file.
+            Some(revisions) => revisions.iter().collect(),
+            None => vec![record],
+        })
         .map(|record| record["digest"].as_str().unwrap())
         .collect();
     std::fs::read_dir(data_dir.join("blobs"))

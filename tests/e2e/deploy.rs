@@ -88,16 +88,18 @@ async fn a_restart_reuses_the_compiled_component_and_keeps_apps() {
         written,
         "the component was recompiled"
     );
-    let apps = restarted.cli_ok(&["apps"]);
+    let revisions = restarted.cli_ok(&["revisions", "hello"]);
     assert!(
-        apps.contains("7s"),
-        "deployment settings were not kept: {apps}"
+        revisions.contains("7s"),
+        "deployment settings were not kept: {revisions}"
     );
 }
 
 #[tokio::test]
 async fn replaced_and_removed_components_leave_no_files_behind() {
-    let node = TestNode::start();
+    // One revision kept per app: a replaced revision goes at once, with its files.
+    let config = crate::support::config_file("[limits]\nmax_revisions_per_app = 1\n");
+    let node = TestNode::start_with(&["--config", config.path().to_str().unwrap()]);
     // Components and their compiled artifacts (`<digest>.<engine>.cwasm`), in blobs/.
     let blobs = || -> (Vec<String>, usize) {
         let names: Vec<String> = std::fs::read_dir(node.data_dir.join("blobs"))

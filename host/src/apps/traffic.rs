@@ -162,7 +162,7 @@ impl Split {
                 let hash = Sha256::digest(key);
                 (u64::from_le_bytes(hash[..8].try_into().expect("8 bytes")) % 100) as u8
             }
-            None => rand::random::<u8>() % 100,
+            None => rand::Rng::gen_range(&mut rand::thread_rng(), 0..100),
         };
         self.at(point)
     }
@@ -239,6 +239,20 @@ mod tests {
             2,
         );
         assert!((0..100).all(|point| split.at(point) == 2));
+    }
+
+    #[test]
+    fn random_picks_follow_the_percentages_without_bias() {
+        let split = Split::new(
+            &[
+                target(RevisionRef::Number(1), 90, None),
+                target(RevisionRef::Number(2), 10, None),
+            ],
+            2,
+        );
+        let second = (0..100_000).filter(|_| split.pick(None) == 2).count();
+        // 10 % of 100 000, standard deviation 95: five deviations either side.
+        assert!((9_525..=10_475).contains(&second), "{second}");
     }
 
     proptest! {

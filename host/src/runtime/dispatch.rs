@@ -189,6 +189,9 @@ impl Runtime {
                 set_header(&mut response, CACHE_HEADER, "hit".into());
                 return Ok(response);
             }
+        }
+        if cache.is_some() {
+            // A request that bypasses the cache (`Cache-Control: no-cache`) is a miss too.
             revision.stats.cache_misses.fetch_add(1, Ordering::Relaxed);
         }
         let fallback_request = app

@@ -70,6 +70,9 @@ pub struct Deployed {
     pub changes: Vec<String>,
 }
 
+/// An app's secrets, decrypted: (key, value) pairs.
+type SecretValues = Arc<Vec<(String, String)>>;
+
 /// The node's component runtime.
 pub struct Runtime {
     engine: Engine,
@@ -88,7 +91,7 @@ pub struct Runtime {
     responses: cache::ResponseCache,
     secrets: Secrets,
     /// Each app's decrypted secrets, as its instances' config sees them.
-    secret_values: RwLock<HashMap<String, Arc<Vec<(String, String)>>>>,
+    secret_values: RwLock<HashMap<String, SecretValues>>,
     /// The runtime itself, for calls between apps made from inside an instance.
     this: OnceLock<Weak<Runtime>>,
     _ticker: engine::EpochTicker,
@@ -652,7 +655,7 @@ impl Runtime {
     }
 
     /// App `name`'s secrets, decrypted, as its instances see them.
-    fn secrets_of(&self, name: &str) -> Arc<Vec<(String, String)>> {
+    fn secrets_of(&self, name: &str) -> SecretValues {
         self.secret_values
             .read()
             .expect("secrets lock")
