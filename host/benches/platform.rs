@@ -21,8 +21,8 @@ use tract_onnx::prelude::*;
 
 const LOAD_SECONDS: u64 = 3;
 
-/// Whether a section runs: all do unless `TENSORLET_BENCH_ONLY` lists some (`onnx`,
-/// `embeddings`, `llm`, `edge`, `http`, comma-separated); instantiation and classify always
+/// Whether a section runs: all do unless `TENSORLET_BENCH_ONLY` lists some (`services`,
+/// `onnx`, `embeddings`, `llm`, `edge`, `http`, comma-separated); instantiation and classify always
 /// run.
 fn wanted(section: &str) -> bool {
     std::env::var("TENSORLET_BENCH_ONLY")
@@ -474,6 +474,9 @@ async fn main() {
         component_p50.as_secs_f64() / native_p50.as_secs_f64()
     );
     println!();
+    if wanted("services") {
+        services(&node).await;
+    }
     if wanted("onnx") {
         onnx_backends(&node, dir.path()).await;
     }
@@ -527,6 +530,127 @@ async fn main() {
             );
         }
     }
+}
+
+/// Serves `request` on `app` in-process and reads the whole response; how long it took.
+async fn timed_invoke(
+    node: &tensorlet::node::Node,
+    app: &Arc<tensorlet::runtime::App>,
+    request: http::Request<Full<Bytes>>,
+) -> Duration {
+    let started = Instant::now();
+    let response = node.runtime.invoke(app.clone(), request).await.unwrap();
+    assert!(response.status().is_success());
+    response.into_body().collect().await.unwrap();
+    started.elapsed()
+}
+
+fn get(path: &str) -> http::Request<Full<Bytes>> {
+    let mut request = http::Request::new(Full::new(Bytes::new()));
+    *request.uri_mut() = format!("https://localhost{path}").parse().unwrap();
+    request
+}
+
+/// Deploys hello as `app` with `manifest` (TOML) and returns it.
+async fn deploy_hello(
+    node: &tensorlet::node::Node,
+    app: &str,
+    manifest: &str,
+) -> Arc<tensorlet::runtime::App> {
+    let spec: tensorlet::apps::DeploySpec = toml::from_str(manifest).unwrap();
+    node.runtime
+        .deploy(app, Some(std::fs::read(artifacts::HELLO).unwrap().into()), spec, false)
+        .await
+        .unwrap();
+    node.runtime.app(app).unwrap()
+}
+
+/// Apps as services, in-process, each figure against its baseline in the same run: a cold
+/// start from zero against a warm request, a cache hit against a miss, and a revision limited
+/// to one request at a time (the rest queue) against an unlimited one.
+async fn services(node: &tensorlet::node::Node) {
+    println!("apps as services (hello, in-process, whole request and response):");
+    let app = deploy_hello(node, "cold", "").await;
+    let revision = app.revisions[&app.record.latest].clone();
+    let (mut cold, mut warm) = (Vec::new(), Vec::new());
+    for round in 0..220 {
+        assert!(revision.scale_to_zero());
+        let cold_time = timed_invoke(node, &app, get("/")).await;
+        let warm_time = timed_invoke(node, &app, get("/")).await;
+        if round >= 20 {
+            cold.push(cold_time);
+            warm.push(warm_time);
+        }
+    }
+    let ((cold_p50, cold_p99), (warm_p50, _)) = (summary(cold), summary(warm));
+    println!(
+        "  cold start from zero (compile cache → InstancePre → request): p50 {:.0} µs, p99 {:.0} µs; warm p50 {:.0} µs: {:.1}x",
+        micros(cold_p50),
+        micros(cold_p99),
+        micros(warm_p50),
+        cold_p50.as_secs_f64() / warm_p50.as_secs_f64()
+    );
+
+    let cached = deploy_hello(node, "cached", "[cache]\nttl_secs = 600\n").await;
+    let (mut hits, mut misses) = (Vec::new(), Vec::new());
+    for round in 0..2200 {
+        let miss = timed_invoke(node, &cached, get(&format!("/?name=n{round}"))).await;
+        let hit = timed_invoke(node, &cached, get(&format!("/?name=n{round}"))).await;
+        if round >= 200 {
+            misses.push(miss);
+            hits.push(hit);
+        }
+    }
+    let ((hit_p50, hit_p99), (miss_p50, _)) = (summary(hits), summary(misses));
+    println!(
+        "  response cache: hit p50 {:.1} µs, p99 {:.1} µs; miss (runs the app, stores) p50 {:.1} µs: a hit takes {:.2}x a miss",
+        micros(hit_p50),
+        micros(hit_p99),
+        micros(miss_p50),
+        hit_p50.as_secs_f64() / miss_p50.as_secs_f64()
+    );
+
+    const CLIENTS: usize = 16;
+    const PER_CLIENT: usize = 500;
+    let mut rows = Vec::new();
+    for (name, manifest) in [
+        ("free", ""),
+        ("queued", "[scaling]\nmax_concurrency = 1\nmax_queued = 64\n"),
+    ] {
+        let app = deploy_hello(node, name, manifest).await;
+        let started = Instant::now();
+        let mut clients = Vec::new();
+        for _ in 0..CLIENTS {
+            let (runtime, app) = (node.runtime.clone(), app.clone());
+            clients.push(tokio::spawn(async move {
+                let mut samples = Vec::new();
+                for _ in 0..PER_CLIENT {
+                    let started = Instant::now();
+                    let response = runtime.invoke(app.clone(), get("/")).await.unwrap();
+                    response.into_body().collect().await.unwrap();
+                    samples.push(started.elapsed());
+                }
+                samples
+            }));
+        }
+        let mut samples = Vec::new();
+        for client in clients {
+            samples.extend(client.await.unwrap());
+        }
+        let rate = (CLIENTS * PER_CLIENT) as f64 / started.elapsed().as_secs_f64();
+        rows.push((name, rate, summary(samples)));
+    }
+    let free_rate = rows[0].1;
+    for (name, rate, (p50, p99)) in rows {
+        println!(
+            "  {CLIENTS} clients, {}: {rate:.0} req/s ({:.2}x unlimited), p50 {:.0} µs, p99 {:.0} µs",
+            if name == "free" { "no per-app limit" } else { "max_concurrency = 1 (the rest queue)" },
+            rate / free_rate,
+            micros(p50),
+            micros(p99)
+        );
+    }
+    println!();
 }
 
 /// Registers the model file at `path` on `node` as `name` with `backend` (or the node's

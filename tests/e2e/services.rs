@@ -66,7 +66,7 @@ async fn manifests_apply_idempotently_show_their_diff_and_refuse_unknown_keys() 
     assert!(!refused.status.success());
     let message = String::from_utf8_lossy(&refused.stderr);
     assert!(
-        message.contains("line 4") && message.contains("timeout"),
+        message.contains("line 5") && message.contains("timeout"),
         "{message}"
     );
     let app = node.admin_json("/v1/admin/apps/hello").await;

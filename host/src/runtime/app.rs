@@ -181,6 +181,12 @@ impl Revision {
         if idle_ms < self.record.spec.idle_timeout_secs * 1000 {
             return false;
         }
+        self.scale_to_zero()
+    }
+
+    /// Lets go of the prepared component now (unless a cold start holds it); whether the
+    /// revision was warm. Its next request starts cold.
+    pub fn scale_to_zero(&self) -> bool {
         match self.prepared.try_lock() {
             Ok(mut slot) => slot.take().is_some(),
             Err(_) => false,
