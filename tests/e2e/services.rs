@@ -609,3 +609,42 @@ async fn cached_responses_are_served_without_running_the_app_until_they_expire()
         (Some(1), Some(4))
     );
 }
+
+#[tokio::test]
+async fn routes_serve_an_app_at_its_own_paths_and_cannot_be_taken_twice() {
+    let node = TestNode::start();
+    let (_dir, path) = TestNode::manifest(&manifest_for(
+        artifacts::HELLO,
+        "name = \"hello\"\nroutes = [\"/greet\"]\n",
+    ));
+    node.cli_ok(&["deploy", "-f", path.to_str().unwrap()]);
+    assert_eq!(
+        node.get("/greet?name=route").await,
+        (200, "Hello, route!\n".into())
+    );
+    assert_eq!(
+        node.get("/greet/below?name=deeper").await,
+        (200, "Hello, deeper!\n".into())
+    );
+    let (status, body) = node.get("/greeting").await;
+    assert_eq!((status, error_code(&body).as_str()), (404, "not_found"));
+    assert_eq!(node.get("/healthz").await, (200, "ok\n".into()));
+
+    let (_dir, taken) = TestNode::manifest(&manifest_for(
+        artifacts::HELLO,
+        "name = \"other\"\nroutes = [\"/greet\"]\n",
+    ));
+    let refused = node.cli(&["deploy", "-f", taken.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("already app \"hello\"'s"));
+    let (_dir, reserved) = TestNode::manifest(&manifest_for(
+        artifacts::HELLO,
+        "name = \"other\"\nroutes = [\"/v1/admin/apps\"]\n",
+    ));
+    let refused = node.cli(&["deploy", "-f", reserved.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("keeps for itself"));
+    assert_eq!(
+        node.get("/apps/other/").await.0,
+        404,
+        "a refused deploy was recorded"
+    );
+}

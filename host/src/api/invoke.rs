@@ -21,10 +21,54 @@ use std::time::Duration;
 
 /// Runs the app named in the path on the request.
 pub async fn invoke(State(node): State<Arc<Node>>, request: Request) -> Response {
-    match run(&node, request).await {
+    let Some((app, selector, path)) = split_app_path(request.uri()) else {
+        return ApiError::new(StatusCode::NOT_FOUND, "not_found", "no app in the path")
+            .into_response();
+    };
+    let target = Target {
+        app: app.to_string(),
+        selector: selector.map(str::to_string),
+        path,
+    };
+    match run(&node, request, target).await {
         Ok(response) => response,
         Err(error) => error.into_response(),
     }
+}
+
+/// A request outside `/apps/` and the node's own paths: the app whose `routes` cover its path
+/// serves it, else 404.
+pub async fn routed(State(node): State<Arc<Node>>, request: Request) -> Response {
+    let Some((app, below)) = node.runtime.app_for_route(request.uri().path()) else {
+        return ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such route: apps are under /apps/<app>/ (or the routes they declare), the admin API under /v1/admin/",
+        )
+        .into_response();
+    };
+    let path = match request.uri().query() {
+        Some(query) => format!("{below}?{query}"),
+        None => below,
+    };
+    let target = Target {
+        app,
+        selector: None,
+        path,
+    };
+    match run(&node, request, target).await {
+        Ok(response) => response,
+        Err(error) => error.into_response(),
+    }
+}
+
+/// Which app a request goes to, and the path it sees.
+struct Target {
+    app: String,
+    /// A tag or revision number (`/apps/<app>@<selector>/`).
+    selector: Option<String>,
+    /// Path and query below the app's mount point.
+    path: String,
 }
 
 /// Splits `/apps/<app>[@<selector>]/<rest>?<query>` into the app name, the selector (a tag
@@ -65,14 +109,19 @@ fn client_key(headers: &axum::http::HeaderMap, peer: Option<SocketAddr>) -> Stri
     }
 }
 
-async fn run(node: &Node, request: Request) -> Result<Response, ApiError> {
+async fn run(node: &Node, request: Request, target: Target) -> Result<Response, ApiError> {
     let peer = request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|info| info.0);
     let (parts, body) = request.into_parts();
-    let (app_name, selector, path) = split_app_path(&parts.uri)
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", "no app in the path"))?;
+    let Target {
+        app: app_name,
+        selector,
+        path,
+    } = target;
+    let app_name = app_name.as_str();
+    let selector = selector.as_deref();
     let client = client_key(&parts.headers, peer);
     let admitted = match node
         .runtime

@@ -1,5 +1,5 @@
-//! The HTTP edge: connections and their limits, the router, `/healthz`, the admin API under `/v1/admin` and app
-//! invocation under `/apps/<app>/…`.
+//! The HTTP edge: connections and their limits, the router, `/healthz`, the admin API under
+//! `/v1/admin`, and app invocation under `/apps/<app>/…` and the routes apps declare.
 
 mod admin;
 mod connection;
@@ -10,7 +10,6 @@ pub use connection::{raise_open_file_limit, ConnectionStats};
 pub use error::ApiError;
 
 use crate::node::Node;
-use axum::http::StatusCode;
 use axum::routing::{any, get};
 use axum::Router;
 use std::sync::Arc;
@@ -24,20 +23,12 @@ fn router(node: Arc<Node>) -> Router {
         .route("/apps/{app}", any(invoke::invoke))
         .route("/apps/{app}/", any(invoke::invoke))
         .route("/apps/{app}/{*rest}", any(invoke::invoke))
-        .fallback(not_found)
+        .fallback(invoke::routed)
         .with_state(node)
 }
 
 async fn healthz() -> &'static str {
     "ok\n"
-}
-
-async fn not_found() -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_FOUND,
-        "not_found",
-        "no such route: apps are under /apps/<app>/, the admin API under /v1/admin/",
-    )
 }
 
 /// Serves the node's API on `listener` until the task is dropped; HTTPS when `tls` is given,

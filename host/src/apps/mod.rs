@@ -97,6 +97,7 @@ impl LegacyAppRecord {
                 rate_limit: None,
                 client_rate_limit: None,
                 fallback: None,
+                routes: Vec::new(),
                 created_at: self.deployed_at,
                 updated_at: self.deployed_at,
             },

@@ -41,6 +41,53 @@ pub struct AppSection {
     pub models: Vec<String>,
     /// Let models the app passes as bytes go to native backends (else tract only).
     pub native_guest_models: bool,
+    /// Paths the app is also served at, besides `/apps/<app>/`: `"/chat"` serves
+    /// `/chat/<rest>` as `/<rest>`; `"/"` takes every path no other route or the node claims.
+    pub routes: Vec<String>,
+}
+
+/// Paths the node keeps for itself: no app route may be one of them or lie below one.
+const RESERVED_ROUTES: &[&str] = &["/apps", "/v1/admin", "/healthz", "/metrics"];
+
+/// Checks an app route: `/` or `/segment[/segment…]` of URL-safe characters, not a path the
+/// node keeps for itself.
+pub fn validate_route(route: &str) -> Result<(), String> {
+    let well_formed = route == "/"
+        || (route.starts_with('/')
+            && !route.ends_with('/')
+            && route.len() <= 256
+            && route[1..].split('/').all(|segment| {
+                !segment.is_empty()
+                    && segment != "."
+                    && segment != ".."
+                    && segment.bytes().all(|b| {
+                        b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~')
+                    })
+            }));
+    if !well_formed {
+        return Err(format!(
+            "app.routes: {route:?} must be \"/\" or /segment[/segment…] of letters, digits, '-', '_', '.', '~' (no trailing '/')"
+        ));
+    }
+    if let Some(reserved) = RESERVED_ROUTES
+        .iter()
+        .find(|reserved| route_covers(route, reserved) || route_covers(reserved, route))
+        .filter(|_| route != "/")
+    {
+        return Err(format!(
+            "app.routes: {route:?} overlaps {reserved}, which the node keeps for itself"
+        ));
+    }
+    Ok(())
+}
+
+/// Whether `path` lies at or below `route` (on a segment boundary).
+pub fn route_covers(route: &str, path: &str) -> bool {
+    route == "/"
+        || path == route
+        || path
+            .strip_prefix(route)
+            .is_some_and(|rest| rest.starts_with('/'))
 }
 
 /// `[limits]`: what one request may use.
@@ -181,6 +228,9 @@ pub struct AppRecord {
     pub rate_limit: Option<RateLimitSpec>,
     pub client_rate_limit: Option<RateLimitSpec>,
     pub fallback: Option<Fallback>,
+    /// Paths the app is also served at (see [`AppSection::routes`]).
+    #[serde(default)]
+    pub routes: Vec<String>,
     /// Seconds since the Unix epoch.
     pub created_at: u64,
     pub updated_at: u64,
@@ -200,6 +250,7 @@ impl AppRecord {
             rate_limit: spec.rate_limit.clone(),
             client_rate_limit: spec.client_rate_limit.clone(),
             fallback: spec.fallback.clone(),
+            routes: spec.app.routes.clone(),
             ..self.clone()
         }
     }
@@ -216,6 +267,12 @@ impl AppRecord {
             .flatten()
         {
             spec.validate()?;
+        }
+        for (index, route) in self.routes.iter().enumerate() {
+            validate_route(route)?;
+            if self.routes[..index].contains(route) {
+                return Err(format!("app.routes: {route:?} is given twice"));
+            }
         }
         if let Some(fallback) = &self.fallback {
             fallback.validate()?;
@@ -488,6 +545,32 @@ mod tests {
             ..Fallback::default()
         };
         assert!(odd.validate().is_err());
+    }
+
+    #[test]
+    fn routes_are_url_paths_outside_the_nodes_own() {
+        assert!(validate_route("/").is_ok());
+        assert!(validate_route("/chat").is_ok());
+        assert!(validate_route("/v2/chat.api").is_ok());
+        for bad in [
+            "chat",
+            "/chat/",
+            "//x",
+            "/a/../b",
+            "/a b",
+            "/apps",
+            "/apps/x",
+            "/v1",
+            "/v1/admin/x",
+            "/healthz",
+            "/metrics",
+        ] {
+            assert!(validate_route(bad).is_err(), "{bad}");
+        }
+        assert!(route_covers("/chat", "/chat/x"));
+        assert!(route_covers("/chat", "/chat"));
+        assert!(!route_covers("/chat", "/chatter"));
+        assert!(route_covers("/", "/anything"));
     }
 
     #[test]

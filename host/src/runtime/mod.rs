@@ -367,6 +367,7 @@ impl Runtime {
                 rate_limit: None,
                 client_rate_limit: None,
                 fallback: None,
+                routes: Vec::new(),
                 created_at: now,
                 updated_at: now,
             },
@@ -394,6 +395,18 @@ impl Runtime {
         after
             .validate(&numbers)
             .map_err(DeployError::InvalidSetting)?;
+        for route in &after.routes {
+            if let Some(other) = self
+                .apps()
+                .into_iter()
+                .find(|other| other.record.name != name && other.record.routes.contains(route))
+            {
+                return Err(DeployError::InvalidSetting(format!(
+                    "app.routes: {route:?} is already app {:?}'s",
+                    other.record.name
+                )));
+            }
+        }
         let pruned = self.prunable(&after, &numbers);
         let view = |record: &AppRecord, revision: Option<&RevisionRecord>| {
             serde_json::json!({
@@ -404,6 +417,7 @@ impl Runtime {
                 "rate_limit": record.rate_limit,
                 "client_rate_limit": record.client_rate_limit,
                 "fallback": record.fallback,
+                "routes": record.routes,
             })
         };
         let changes = spec::diff(
@@ -667,6 +681,30 @@ impl Runtime {
     /// The deployed app called `name`.
     pub fn app(&self, name: &str) -> Option<Arc<App>> {
         self.apps.read().expect("apps lock").get(name).cloned()
+    }
+
+    /// The app a path outside `/apps/` is routed to by an app's `routes`, with the path the
+    /// app sees: the longest route that covers the path wins.
+    pub fn app_for_route(&self, path: &str) -> Option<(String, String)> {
+        let apps = self.apps.read().expect("apps lock");
+        let (route, app) = apps
+            .values()
+            .flat_map(|app| app.record.routes.iter().map(move |route| (route, app)))
+            .filter(|(route, _)| spec::route_covers(route, path))
+            .max_by_key(|(route, _)| {
+                if route.as_str() == "/" {
+                    0
+                } else {
+                    route.len()
+                }
+            })?;
+        let below = if route == "/" {
+            path
+        } else {
+            &path[route.len()..]
+        };
+        let below = if below.is_empty() { "/" } else { below };
+        Some((app.record.name.clone(), below.to_string()))
     }
 
     /// Every deployed app, by name.
