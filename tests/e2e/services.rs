@@ -13,6 +13,14 @@ fn manifest_for(component: &str, rest: &str) -> String {
     format!("[app]\ncomponent = {component:?}\n{rest}")
 }
 
+/// Writes a manifest for `component` with `rest` and deploys it; the manifest's folder lives
+/// as long as the handle.
+fn deploy_manifest(node: &TestNode, component: &str, rest: &str) -> tempfile::TempDir {
+    let (dir, path) = TestNode::manifest(&manifest_for(component, rest));
+    node.cli_ok(&["deploy", "-f", path.to_str().unwrap()]);
+    dir
+}
+
 fn revision_of(response: &reqwest::Response) -> String {
     response
         .headers()
@@ -288,11 +296,11 @@ async fn config_and_secrets_reach_the_component_and_secrets_are_never_shown_nor_
 #[tokio::test]
 async fn a_revision_runs_at_most_its_concurrency_queues_within_bounds_and_sheds_with_retry_after() {
     let node = TestNode::start();
-    let (_dir, path) = TestNode::manifest(&manifest_for(
+    let _dir = deploy_manifest(
+        &node,
         artifacts::MISBEHAVE,
         "name = \"misbehave\"\n[scaling]\nmax_concurrency = 1\nmax_queued = 1\nqueue_timeout_secs = 10\n",
-    ));
-    node.cli_ok(&["deploy", "-f", path.to_str().unwrap()]);
+    );
     let slow = |node: &TestNode| {
         node.client
             .get(node.at("/apps/misbehave/sleep?ms=1500"))
@@ -326,11 +334,11 @@ async fn a_revision_runs_at_most_its_concurrency_queues_within_bounds_and_sheds_
 #[tokio::test]
 async fn the_cpu_budget_stops_a_spinning_request_but_not_a_waiting_one() {
     let node = TestNode::start();
-    let (_dir, path) = TestNode::manifest(&manifest_for(
+    let _dir = deploy_manifest(
+        &node,
         artifacts::MISBEHAVE,
         "name = \"misbehave\"\n[limits]\ntimeout_secs = 30\ncpu_ms = 200\n",
-    ));
-    node.cli_ok(&["deploy", "-f", path.to_str().unwrap()]);
+    );
     let (status, body) = node.get("/apps/misbehave/spin?ms=5000").await;
     assert_eq!(
         (status, error_code(&body).as_str()),
@@ -350,11 +358,11 @@ async fn the_cpu_budget_stops_a_spinning_request_but_not_a_waiting_one() {
 #[tokio::test]
 async fn an_idle_revision_scales_to_zero_and_its_next_request_starts_cold_from_the_cache() {
     let node = TestNode::start();
-    let (_dir, path) = TestNode::manifest(&manifest_for(
+    let _dir = deploy_manifest(
+        &node,
         artifacts::HELLO,
         "name = \"hello\"\n[scaling]\nidle_timeout_secs = 1\n",
-    ));
-    node.cli_ok(&["deploy", "-f", path.to_str().unwrap()]);
+    );
     let revision = |app: serde_json::Value| app["app"]["revisions"][0].clone();
     assert_eq!(node.get("/apps/hello/").await.0, 200);
     let warm = revision(node.admin_json("/v1/admin/apps/hello").await);
@@ -378,11 +386,11 @@ async fn an_idle_revision_scales_to_zero_and_its_next_request_starts_cold_from_t
     assert_eq!(restarted["warm"], true);
 
     // min_instances keeps a revision warm however idle it is.
-    let (_dir, path) = TestNode::manifest(&manifest_for(
+    let _dir = deploy_manifest(
+        &node,
         artifacts::HELLO,
         "name = \"hello\"\n[scaling]\nidle_timeout_secs = 1\nmin_instances = 1\n",
-    ));
-    node.cli_ok(&["deploy", "-f", path.to_str().unwrap()]);
+    );
     tokio::time::sleep(Duration::from_secs(3)).await;
     let kept = node.admin_json("/v1/admin/apps/hello").await;
     assert_eq!(kept["app"]["revisions"][1]["warm"], true);
@@ -392,11 +400,11 @@ async fn an_idle_revision_scales_to_zero_and_its_next_request_starts_cold_from_t
 async fn rate_limits_answer_429_with_retry_after_and_the_fallback_serves_when_shedding_or_failing()
 {
     let node = TestNode::start();
-    let (_dir, path) = TestNode::manifest(&manifest_for(
+    let _dir = deploy_manifest(
+        &node,
         artifacts::MISBEHAVE,
         "name = \"misbehave\"\n[client_rate_limit]\nper_second = 1\nburst = 3\n",
-    ));
-    node.cli_ok(&["deploy", "-f", path.to_str().unwrap()]);
+    );
     let mut statuses = Vec::new();
     for _ in 0..5 {
         let response = node
@@ -427,11 +435,11 @@ async fn rate_limits_answer_429_with_retry_after_and_the_fallback_serves_when_sh
         .unwrap();
     assert_eq!(other.status(), 200);
 
-    let (_dir, path) = TestNode::manifest(&manifest_for(
+    let _dir = deploy_manifest(
+        &node,
         artifacts::MISBEHAVE,
         "name = \"misbehave\"\n[rate_limit]\nper_second = 1\nburst = 2\n[fallback]\nstatus = 200\nbody = \"degraded answer\"\n",
-    ));
-    node.cli_ok(&["deploy", "-f", path.to_str().unwrap()]);
+    );
     let trapped = node
         .client
         .get(node.at("/apps/misbehave/trap"))
@@ -483,11 +491,11 @@ async fn apps_call_each_other_on_the_node_and_reach_only_allowed_hosts() {
             });
         }
     });
-    let (_dir, path) = TestNode::manifest(&manifest_for(
+    let _dir = deploy_manifest(
+        &node,
         artifacts::MISBEHAVE,
         &format!("name = \"misbehave\"\n[outbound]\nallowed_hosts = [\"hello.internal\", \"misbehave.internal\", \"127.0.0.1:{outside_port}\"]\n"),
-    ));
-    node.cli_ok(&["deploy", "-f", path.to_str().unwrap()]);
+    );
     let fetch = |url: &str| {
         format!(
             "/apps/misbehave/fetch?url={}",
@@ -537,11 +545,11 @@ async fn a_two_app_pipeline_classifies_text_by_embeddings_from_another_app() {
     let model = artifacts::minilm_model();
     node.cli_ok(&["model", "add", "minilm", model.to_str().unwrap()]);
     node.cli_ok(&["deploy", "openai", artifacts::OPENAI, "--model", "minilm"]);
-    let (_dir, path) = TestNode::manifest(&manifest_for(
+    let _dir = deploy_manifest(
+        &node,
         artifacts::PIPELINE,
         "name = \"pipeline\"\n[config]\nembeddings_app = \"openai\"\nembeddings_model = \"minilm\"\n[outbound]\nallowed_hosts = [\"openai.internal\"]\n",
-    ));
-    node.cli_ok(&["deploy", "-f", path.to_str().unwrap()]);
+    );
     for (text, expected) in [
         (
             "The striker scored twice and the team won the league match.",
@@ -569,11 +577,11 @@ async fn a_two_app_pipeline_classifies_text_by_embeddings_from_another_app() {
 #[tokio::test]
 async fn cached_responses_are_served_without_running_the_app_until_they_expire() {
     let node = TestNode::start();
-    let (_dir, path) = TestNode::manifest(&manifest_for(
+    let _dir = deploy_manifest(
+        &node,
         artifacts::HELLO,
         "name = \"hello\"\n[cache]\nttl_secs = 2\n",
-    ));
-    node.cli_ok(&["deploy", "-f", path.to_str().unwrap()]);
+    );
     let get = |query: &'static str| {
         node.client
             .get(node.at(&format!("/apps/hello/?name={query}")))
@@ -613,11 +621,11 @@ async fn cached_responses_are_served_without_running_the_app_until_they_expire()
 #[tokio::test]
 async fn routes_serve_an_app_at_its_own_paths_and_cannot_be_taken_twice() {
     let node = TestNode::start();
-    let (_dir, path) = TestNode::manifest(&manifest_for(
+    let _dir = deploy_manifest(
+        &node,
         artifacts::HELLO,
         "name = \"hello\"\nroutes = [\"/greet\"]\n",
-    ));
-    node.cli_ok(&["deploy", "-f", path.to_str().unwrap()]);
+    );
     assert_eq!(
         node.get("/greet?name=route").await,
         (200, "Hello, route!\n".into())

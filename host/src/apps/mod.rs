@@ -89,17 +89,9 @@ impl LegacyAppRecord {
         };
         StoredApp {
             record: AppRecord {
-                name: self.name,
                 latest: 1,
                 next_revision: 2,
-                traffic: traffic::all_to_latest(),
-                sticky_header: None,
-                rate_limit: None,
-                client_rate_limit: None,
-                fallback: None,
-                routes: Vec::new(),
-                created_at: self.deployed_at,
-                updated_at: self.deployed_at,
+                ..AppRecord::new(&self.name, self.deployed_at)
             },
             revisions: BTreeMap::from([(1, revision)]),
         }

@@ -237,6 +237,23 @@ pub struct AppRecord {
 }
 
 impl AppRecord {
+    /// A new app, with no revision yet and all traffic to the newest.
+    pub fn new(name: &str, now: u64) -> Self {
+        Self {
+            name: name.to_string(),
+            latest: 0,
+            next_revision: 1,
+            traffic: traffic::all_to_latest(),
+            sticky_header: None,
+            rate_limit: None,
+            client_rate_limit: None,
+            fallback: None,
+            routes: Vec::new(),
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
     /// The app-level part of `spec` applied to this record (traffic, rate limits, fallback).
     pub fn with_policy(&self, spec: &DeploySpec) -> AppRecord {
         let traffic = spec.traffic.clone().unwrap_or_default();

@@ -222,14 +222,7 @@ impl Runtime {
                 let Some(runtime) = this.upgrade() else {
                     return;
                 };
-                let apps: Vec<_> = runtime
-                    .apps
-                    .read()
-                    .expect("apps lock")
-                    .values()
-                    .cloned()
-                    .collect();
-                for app in apps {
+                for app in runtime.apps() {
                     for revision in app.revisions.values() {
                         if revision.scale_to_zero_if_idle() {
                             tracing::debug!(app = %app.record.name, revision = revision.record.number, "scaled to zero");
@@ -358,19 +351,7 @@ impl Runtime {
         let now = store::unix_now();
         let before = match &stored {
             Some(app) => app.record.clone(),
-            None => AppRecord {
-                name: name.to_string(),
-                latest: 0,
-                next_revision: 1,
-                traffic: traffic::all_to_latest(),
-                sticky_header: None,
-                rate_limit: None,
-                client_rate_limit: None,
-                fallback: None,
-                routes: Vec::new(),
-                created_at: now,
-                updated_at: now,
-            },
+            None => AppRecord::new(name, now),
         };
         let new_revision = newest
             .is_none_or(|newest| newest.digest != digest || newest.spec != settled)
