@@ -319,7 +319,12 @@ async fn main() {
         .unwrap();
     let hello = std::fs::read(artifacts::HELLO).unwrap();
     node.runtime
-        .deploy("hello", Some(hello.into()), Default::default(), false)
+        .deploy(
+            "hello",
+            Some(hello.into()),
+            Default::default(),
+            Default::default(),
+        )
         .await
         .unwrap();
     let app = node.runtime.app("hello").unwrap();
@@ -563,7 +568,7 @@ async fn deploy_hello(
             app,
             Some(std::fs::read(artifacts::HELLO).unwrap().into()),
             spec,
-            false,
+            Default::default(),
         )
         .await
         .unwrap();
@@ -701,7 +706,7 @@ async fn deploy_with_model(
             app,
             Some(std::fs::read(component).unwrap().into()),
             spec,
-            false,
+            Default::default(),
         )
         .await
         .unwrap();
@@ -1057,7 +1062,7 @@ async fn llm_concurrency(node: &tensorlet::node::Node, idle: f64) {
             "busy",
             Some(std::fs::read(artifacts::MISBEHAVE).unwrap().into()),
             settings,
-            false,
+            Default::default(),
         )
         .await
         .unwrap();
@@ -1103,7 +1108,7 @@ async fn orphaned_generations(node: &tensorlet::node::Node) {
             "kv-counter",
             Some(std::fs::read(artifacts::KV_COUNTER).unwrap().into()),
             Default::default(),
-            false,
+            Default::default(),
         )
         .await
         .unwrap();

@@ -3,10 +3,10 @@
 //! them; add and remove models; node status. The CLI is its client.
 
 use super::ApiError;
-use crate::apps::spec::{DeploySpec, TrafficSpec};
+use crate::apps::spec::DeploySpec;
 use crate::nn::{Encoding, Upload};
 use crate::node::Node;
-use crate::runtime::App;
+use crate::runtime::{App, DeployOptions};
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Query, Request, State};
 use axum::http::{header, StatusCode};
@@ -186,6 +186,9 @@ struct DeployQuery {
     models: Option<String>,
     native_guest_models: Option<bool>,
     dry_run: Option<bool>,
+    /// With a manifest: change only what it sets on the current deployment (the CLI's
+    /// shorthand flags). A bare component always does.
+    overlay: Option<bool>,
 }
 
 impl DeployQuery {
@@ -218,15 +221,16 @@ fn bad_deploy(message: impl Into<String>) -> ApiError {
 async fn deploy(
     State(node): State<Arc<Node>>,
     Path(name): Path<String>,
-    Query(query): Query<DeployQuery>,
     request: Request,
 ) -> Result<Response, ApiError> {
+    let Query(query) =
+        Query::<DeployQuery>::try_from_uri(request.uri()).map_err(|e| bad_deploy(e.body_text()))?;
     let multipart = request
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("multipart/form-data"));
-    let (spec, component) = if multipart {
+    let (spec, component, overlay) = if multipart {
         let mut form = Multipart::from_request(request, &())
             .await
             .map_err(|e| bad_deploy(e.body_text()))?;
@@ -255,30 +259,55 @@ async fn deploy(
         (
             spec.ok_or_else(|| bad_deploy("the deployment has no `manifest` part"))?,
             component,
+            query.overlay.unwrap_or(false),
         )
     } else {
         let body = Bytes::from_request(request, &())
             .await
             .map_err(|e| bad_deploy(e.body_text()))?;
-        (query.spec(), Some(body))
+        (query.spec(), Some(body), true)
     };
-    let dry_run = query.dry_run.unwrap_or(false);
-    let deployed = node.runtime.deploy(&name, component, spec, dry_run).await?;
+    let options = DeployOptions {
+        dry_run: query.dry_run.unwrap_or(false),
+        overlay,
+    };
+    let deployed = node.runtime.deploy(&name, component, spec, options).await?;
     if deployed.created {
         tracing::info!(app = %name, revision = deployed.revision, "deployed a new revision");
     }
     Ok((StatusCode::OK, Json(json!(deployed))).into_response())
 }
 
+/// A change of an app's traffic: the new split, and the sticky header when given (`null`
+/// turns it off; left out, it stays).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TrafficChange {
+    split: Vec<crate::apps::traffic::TrafficTarget>,
+    #[serde(default, deserialize_with = "present")]
+    sticky_header: Option<Option<String>>,
+}
+
+/// A field that is there, even as `null`, is `Some`.
+fn present<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(deserializer).map(Some)
+}
+
 /// `PUT /apps/{name}/traffic`: a new split (and sticky header).
 async fn set_traffic(
     State(node): State<Arc<Node>>,
     Path(name): Path<String>,
-    Json(traffic): Json<TrafficSpec>,
+    body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
+    let change: TrafficChange = serde_json::from_slice(&body)
+        .map_err(|e| bad_deploy(format!("invalid traffic change: {e}")))?;
     let record = node
         .runtime
-        .set_traffic(&name, traffic.split, Some(traffic.sticky_header))
+        .set_traffic(&name, change.split, change.sticky_header)
         .await?;
     Ok(Json(json!({ "app": record })))
 }

@@ -5,16 +5,14 @@
 
 use super::ApiError;
 use crate::node::Node;
-use crate::runtime::dispatch::Admission;
-use crate::runtime::{BodyReservation, InvokeError};
+use crate::runtime::dispatch::Decision;
+use crate::runtime::{read_body, BodyError};
 use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use bytes::{Bytes, BytesMut};
-use http_body_util::{BodyExt, Full};
-use sha2::{Digest, Sha256};
+use http_body_util::Full;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,7 +37,11 @@ pub async fn invoke(State(node): State<Arc<Node>>, request: Request) -> Response
 /// A request outside `/apps/` and the node's own paths: the app whose `routes` cover its path
 /// serves it, else 404.
 pub async fn routed(State(node): State<Arc<Node>>, request: Request) -> Response {
-    let Some((app, below)) = node.runtime.app_for_route(request.uri().path()) else {
+    let path = request.uri().path();
+    let route = (!crate::apps::spec::is_reserved(path))
+        .then(|| node.runtime.app_for_route(path))
+        .flatten();
+    let Some((app, below)) = route else {
         return ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",
@@ -90,12 +92,10 @@ fn split_app_path(uri: &Uri) -> Option<(&str, Option<&str>, String)> {
     Some((app, selector, path))
 }
 
-/// Who a request comes from, for per-client rate limits: its API key (hashed) when it has
-/// one, else its address (for IPv6 its /64, which one host often holds whole).
-fn client_key(headers: &axum::http::HeaderMap, peer: Option<SocketAddr>) -> String {
-    if let Some(key) = headers.get(header::AUTHORIZATION) {
-        return format!("key:{}", hex::encode(&Sha256::digest(key.as_bytes())[..16]));
-    }
+/// Who a request comes from, for per-client rate limits: its address, for IPv6 its /64
+/// (which one host often holds whole). Not a header: the node checks no API key yet, and an
+/// unchecked value would give every request a fresh budget.
+fn client_key(peer: Option<SocketAddr>) -> String {
     match peer.map(|p| p.ip()) {
         Some(std::net::IpAddr::V6(ip)) if ip.to_ipv4_mapped().is_none() => {
             let segments = ip.segments();
@@ -122,13 +122,13 @@ async fn run(node: &Node, request: Request, target: Target) -> Result<Response, 
     } = target;
     let app_name = app_name.as_str();
     let selector = selector.as_deref();
-    let client = client_key(&parts.headers, peer);
+    let client = client_key(peer);
     let admitted = match node
         .runtime
         .admit(app_name, selector, &parts.headers, &client)?
     {
-        Admission::Serve(admitted) => admitted,
-        Admission::Degraded(response) => return Ok(response.map(Body::new)),
+        Decision::Serve(admitted) => admitted,
+        Decision::Degraded(response) => return Ok(response.map(Body::new)),
     };
 
     let limit = admitted.revision.record.spec.max_body_bytes;
@@ -223,38 +223,6 @@ async fn run(node: &Node, request: Request, target: Target) -> Result<Response, 
     let response = node.runtime.serve(admitted, guest_request, 0).await?;
     drop(reservation);
     Ok(response.map(Body::new))
-}
-
-/// Why a request body could not be read.
-enum BodyError {
-    TooLarge,
-    Refused(InvokeError),
-    Broken(axum::Error),
-}
-
-/// Reads a body of at most `limit` bytes, claiming its bytes from the node's budget as they
-/// arrive (a declared length only sizes the buffer).
-async fn read_body(
-    mut body: Body,
-    limit: u64,
-    declared: u64,
-    reservation: &mut BodyReservation,
-) -> Result<Bytes, BodyError> {
-    // The declared length is the client's word: it sizes the buffer only up to a small bound.
-    let mut collected = BytesMut::with_capacity(declared.min(limit).min(64 << 10) as usize);
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(BodyError::Broken)?;
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
-        let total = collected.len() + data.len();
-        if total as u64 > limit {
-            return Err(BodyError::TooLarge);
-        }
-        reservation.grow(data.len()).map_err(BodyError::Refused)?;
-        collected.extend_from_slice(&data);
-    }
-    Ok(collected.freeze())
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ pub use spec::{AppRecord, DeploySpec, RevisionRecord, RevisionSpec};
 
 use crate::store::{self, Store, StoreError};
 use serde::Deserialize;
+use sled::Transactional;
 use std::collections::BTreeMap;
 
 /// Whether `name` can name an app (or a model, a tag): 1-63 lower-case letters, digits or
@@ -124,10 +125,7 @@ impl AppRecords {
             if value.get("digest").is_some() {
                 let legacy: LegacyAppRecord = serde_json::from_value(value).map_err(corrupt)?;
                 let upgraded = legacy.upgrade(limits);
-                for revision in upgraded.revisions.values() {
-                    self.put_revision(revision)?;
-                }
-                self.put_app(&upgraded.record)?;
+                self.commit(&upgraded.record, upgraded.revisions.get(&1), &[])?;
                 apps.push(upgraded);
                 continue;
             }
@@ -161,33 +159,62 @@ impl AppRecords {
         Ok(Some(StoredApp { record, revisions }))
     }
 
-    /// Writes an app record (not yet durable).
-    pub fn put_app(&self, record: &AppRecord) -> Result<(), StoreError> {
-        store::put_json(&self.apps, &record.name, record)
+    /// Writes `record`, adds `created` and deletes the revisions numbered `removed`, all or
+    /// nothing (one sled transaction over both trees; not yet durable).
+    pub fn commit(
+        &self,
+        record: &AppRecord,
+        created: Option<&RevisionRecord>,
+        removed: &[u32],
+    ) -> Result<(), StoreError> {
+        let app = serde_json::to_vec(record).expect("records serialise");
+        let created = created.map(|revision| {
+            (
+                revision_key(&revision.app, revision.number),
+                serde_json::to_vec(revision).expect("records serialise"),
+            )
+        });
+        let removed: Vec<String> = removed
+            .iter()
+            .map(|number| revision_key(&record.name, *number))
+            .collect();
+        (&self.apps, &self.revisions)
+            .transaction(|(apps, revisions)| {
+                apps.insert(record.name.as_bytes(), app.as_slice())?;
+                if let Some((key, value)) = &created {
+                    revisions.insert(key.as_bytes(), value.as_slice())?;
+                }
+                for key in &removed {
+                    revisions.remove(key.as_bytes())?;
+                }
+                Ok(())
+            })
+            .map_err(transaction_error)
     }
 
-    /// Writes a revision record (not yet durable).
-    pub fn put_revision(&self, revision: &RevisionRecord) -> Result<(), StoreError> {
-        store::put_json(
-            &self.revisions,
-            &revision_key(&revision.app, revision.number),
-            revision,
-        )
-    }
-
-    /// Deletes a revision record (not yet durable).
-    pub fn remove_revision(&self, app: &str, number: u32) -> Result<(), StoreError> {
-        self.revisions.remove(revision_key(app, number))?;
-        Ok(())
-    }
-
-    /// Deletes an app and its revisions (not yet durable).
+    /// Deletes an app and its revisions, all or nothing (not yet durable).
     pub fn remove_app(&self, name: &str) -> Result<(), StoreError> {
-        for number in self.revisions_of(name)?.keys() {
-            self.remove_revision(name, *number)?;
-        }
-        self.apps.remove(name)?;
-        Ok(())
+        let keys: Vec<String> = self
+            .revisions_of(name)?
+            .keys()
+            .map(|number| revision_key(name, *number))
+            .collect();
+        (&self.apps, &self.revisions)
+            .transaction(|(apps, revisions)| {
+                apps.remove(name.as_bytes())?;
+                for key in &keys {
+                    revisions.remove(key.as_bytes())?;
+                }
+                Ok(())
+            })
+            .map_err(transaction_error)
+    }
+}
+
+fn transaction_error(error: sled::transaction::TransactionError) -> StoreError {
+    match error {
+        sled::transaction::TransactionError::Storage(error)
+        | sled::transaction::TransactionError::Abort(error) => error.into(),
     }
 }
 
@@ -259,20 +286,26 @@ mod tests {
         let limits = crate::config::LimitsConfig::default();
         let spec = spec::settle(&DeploySpec::default(), &limits).unwrap();
         for (app, number) in [("a", 1), ("a", 2), ("ab", 1)] {
+            let revision = RevisionRecord {
+                app: app.into(),
+                number,
+                digest: "00".repeat(32),
+                size_bytes: 1,
+                created_at: 0,
+                spec: spec.clone(),
+            };
             records
-                .put_revision(&RevisionRecord {
-                    app: app.into(),
-                    number,
-                    digest: "00".repeat(32),
-                    size_bytes: 1,
-                    created_at: 0,
-                    spec: spec.clone(),
-                })
+                .commit(&AppRecord::new(app, 0), Some(&revision), &[])
                 .unwrap();
         }
         assert_eq!(records.revisions_of("a").unwrap().len(), 2);
         records.remove_app("a").unwrap();
         assert_eq!(records.revisions_of("ab").unwrap().len(), 1);
+        assert!(records.get("a").unwrap().is_none());
+        records
+            .commit(&AppRecord::new("ab", 0), None, &[1])
+            .unwrap();
+        assert!(records.revisions_of("ab").unwrap().is_empty());
         assert!(records.revisions_of("a").unwrap().is_empty());
     }
 }

@@ -29,6 +29,83 @@ pub struct DeploySpec {
     pub fallback: Option<Fallback>,
 }
 
+impl DeploySpec {
+    /// The deployment that gives `record` with `revision` back: what a shorthand deploy (the
+    /// CLI's flags without a manifest, a bare component) changes.
+    pub fn of(record: &AppRecord, revision: &RevisionSpec) -> DeploySpec {
+        DeploySpec {
+            app: AppSection {
+                name: Some(record.name.clone()),
+                component: None,
+                models: revision.models.clone(),
+                native_guest_models: revision.native_guest_models,
+                routes: record.routes.clone(),
+            },
+            limits: LimitsSpec {
+                timeout_secs: Some(revision.timeout_secs),
+                memory_mib: Some(revision.memory_mib),
+                max_body_bytes: Some(revision.max_body_bytes),
+                cpu_ms: revision.cpu_ms,
+            },
+            scaling: ScalingSpec {
+                max_concurrency: revision.max_concurrency,
+                max_queued: Some(revision.max_queued),
+                queue_timeout_secs: Some(revision.queue_timeout_secs),
+                min_instances: Some(revision.min_instances),
+                idle_timeout_secs: Some(revision.idle_timeout_secs),
+            },
+            config: revision.config.clone(),
+            outbound: OutboundSpec {
+                allowed_hosts: revision.allowed_hosts.clone(),
+            },
+            cache: revision.cache.clone(),
+            rate_limit: record.rate_limit.clone(),
+            client_rate_limit: record.client_rate_limit.clone(),
+            traffic: Some(TrafficSpec {
+                split: record.traffic.clone(),
+                sticky_header: record.sticky_header.clone(),
+            }),
+            fallback: record.fallback.clone(),
+        }
+    }
+
+    /// This deployment with what `changes` sets: limits and scaling it gives replace these,
+    /// its config keys are added, its models, routes and hosts replace these when it has
+    /// some, and its sections (cache, rate limits, traffic, fallback) when it has them.
+    pub fn overlay(mut self, changes: DeploySpec) -> DeploySpec {
+        let (limits, scaling) = (changes.limits, changes.scaling);
+        self.limits.timeout_secs = limits.timeout_secs.or(self.limits.timeout_secs);
+        self.limits.memory_mib = limits.memory_mib.or(self.limits.memory_mib);
+        self.limits.max_body_bytes = limits.max_body_bytes.or(self.limits.max_body_bytes);
+        self.limits.cpu_ms = limits.cpu_ms.or(self.limits.cpu_ms);
+        self.scaling.max_concurrency = scaling.max_concurrency.or(self.scaling.max_concurrency);
+        self.scaling.max_queued = scaling.max_queued.or(self.scaling.max_queued);
+        self.scaling.queue_timeout_secs = scaling
+            .queue_timeout_secs
+            .or(self.scaling.queue_timeout_secs);
+        self.scaling.min_instances = scaling.min_instances.or(self.scaling.min_instances);
+        self.scaling.idle_timeout_secs =
+            scaling.idle_timeout_secs.or(self.scaling.idle_timeout_secs);
+        if !changes.app.models.is_empty() {
+            self.app.models = changes.app.models;
+        }
+        self.app.native_guest_models |= changes.app.native_guest_models;
+        if !changes.app.routes.is_empty() {
+            self.app.routes = changes.app.routes;
+        }
+        self.config.extend(changes.config);
+        if !changes.outbound.allowed_hosts.is_empty() {
+            self.outbound = changes.outbound;
+        }
+        self.cache = changes.cache.or(self.cache);
+        self.rate_limit = changes.rate_limit.or(self.rate_limit);
+        self.client_rate_limit = changes.client_rate_limit.or(self.client_rate_limit);
+        self.traffic = changes.traffic.or(self.traffic);
+        self.fallback = changes.fallback.or(self.fallback);
+        self
+    }
+}
+
 /// `[app]`: the app's name and component (read by the CLI), its models.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -79,6 +156,13 @@ pub fn validate_route(route: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Whether `path` is one the node keeps for itself (no app route may serve it).
+pub fn is_reserved(path: &str) -> bool {
+    RESERVED_ROUTES
+        .iter()
+        .any(|reserved| route_covers(reserved, path))
 }
 
 /// Whether `path` lies at or below `route` (on a segment boundary).
@@ -174,8 +258,8 @@ impl Fallback {
             }
             (None, false) => Err("fallback: give a revision or a status and body".into()),
             (None, true) => match self.status.unwrap_or(200) {
-                100..=599 => Ok(()),
-                status => Err(format!("fallback.status must be 100-599, not {status}")),
+                200..=599 => Ok(()),
+                status => Err(format!("fallback.status must be 200-599, not {status}")),
             },
             (Some(_), false) => Ok(()),
         }
@@ -541,6 +625,37 @@ mod tests {
         assert!(settle(&bad_key, &limits)
             .unwrap_err()
             .contains("config key"));
+    }
+
+    #[test]
+    fn a_shorthand_deploy_changes_only_what_it_gives() {
+        let limits = LimitsConfig::default();
+        let mut first = DeploySpec::default();
+        first.config.insert("greeting".into(), "hi".into());
+        first.limits.cpu_ms = Some(500);
+        first.app.routes = vec!["/greet".into()];
+        first.fallback = Some(Fallback {
+            status: Some(503),
+            ..Fallback::default()
+        });
+        let revision = settle(&first, &limits).unwrap();
+        let record = AppRecord::new("hello", 0).with_policy(&first);
+        let mut shorthand = DeploySpec::default();
+        shorthand.limits.timeout_secs = Some(7);
+        shorthand.config.insert("more".into(), "yes".into());
+        let next = DeploySpec::of(&record, &revision).overlay(shorthand);
+        let settled = settle(&next, &limits).unwrap();
+        assert_eq!(settled.timeout_secs, 7);
+        assert_eq!(settled.cpu_ms, Some(500));
+        assert_eq!(settled.config.len(), 2);
+        let after = record.with_policy(&next);
+        assert_eq!(after.routes, record.routes);
+        assert_eq!(after.fallback, record.fallback);
+        assert_eq!(after.traffic, record.traffic);
+        // Nothing given: the same deployment.
+        let same = DeploySpec::of(&record, &revision).overlay(DeploySpec::default());
+        assert_eq!(settle(&same, &limits).unwrap(), revision);
+        assert_eq!(record.with_policy(&same), record);
     }
 
     #[test]

@@ -96,13 +96,15 @@ impl AdminClient {
             .await
     }
 
-    /// Deploys `app` as `spec` says, with `component` (or the newest revision's component).
+    /// Deploys `app` as `spec` says (`overlay`: only what it sets changes), with `component`
+    /// (or the newest revision's component).
     pub async fn deploy(
         &self,
         app: &str,
         spec: &DeploySpec,
         component: Option<&Path>,
         dry_run: bool,
+        overlay: bool,
     ) -> anyhow::Result<Value> {
         let mut spec = spec.clone();
         spec.app.component = None;
@@ -117,7 +119,7 @@ impl AdminClient {
         let request = self
             .http
             .put(format!("{}/v1/admin/apps/{app}", self.base))
-            .query(&[("dry_run", dry_run)])
+            .query(&[("dry_run", dry_run), ("overlay", overlay)])
             .multipart(form);
         let body = self.send(request).await?;
         if body.get("app").is_none() {

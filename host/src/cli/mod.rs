@@ -246,8 +246,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .or_else(|| spec.app.name.clone())
                 .ok_or_else(|| anyhow::anyhow!("name the app: `tensorlet deploy <app> <component>` or `app.name` in the manifest"))?;
             let component = component.or(manifest_component);
+            // Without a manifest the flags change only what they set.
+            let overlay = manifest.is_none();
             let deployed = client
-                .deploy(&app, &spec, component.as_deref(), dry_run)
+                .deploy(&app, &spec, component.as_deref(), dry_run, overlay)
                 .await?;
             let revision = &deployed["revision"];
             match (dry_run, deployed["created"].as_bool().unwrap_or(false)) {
@@ -266,6 +268,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("  {}", text(change));
             }
             if !dry_run {
+                println!(
+                    "  traffic: {}",
+                    traffic_summary(&deployed["app"]["traffic"])
+                );
                 println!("  {}/apps/{app}/", client.base_url());
             }
         }
@@ -346,7 +352,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     ),
                 }
             }
-            let body = serde_json::json!({ "split": targets, "sticky_header": sticky_header });
+            let mut body = serde_json::json!({ "split": targets });
+            if let Some(header) = sticky_header {
+                body["sticky_header"] = header.into();
+            }
             let answer = client
                 .put_json(&format!("/v1/admin/apps/{app}/traffic"), &body)
                 .await?;

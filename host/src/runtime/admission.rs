@@ -4,6 +4,8 @@
 
 use super::InvokeError;
 use crate::config::LimitsConfig;
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -80,10 +82,11 @@ impl Gate {
     }
 }
 
-/// The slots one running request holds: its revision's, if it has a limit, and the node's.
+/// The slots one running request holds: its revision's, if it has a limit, and the node's
+/// (unless it is a call from another app, whose caller holds one).
 pub struct Slot {
     _revision: Option<OwnedSemaphorePermit>,
-    _node: OwnedSemaphorePermit,
+    _node: Option<OwnedSemaphorePermit>,
 }
 
 /// The node's admission limits (`[limits]`).
@@ -109,15 +112,19 @@ impl Admission {
     }
 
     /// A slot to run an instance in: first the revision's (when it limits its concurrency),
-    /// then the node's, each within its queue's length and time.
-    pub async fn slot(&self, revision: Option<&Gate>) -> Result<Slot, InvokeError> {
+    /// then, when `node` says so, the node's, each within its queue's length and time.
+    pub async fn slot(&self, revision: Option<&Gate>, node: bool) -> Result<Slot, InvokeError> {
         let revision = match revision {
             Some(gate) => Some(gate.enter().await?),
             None => None,
         };
+        let node = match node {
+            true => Some(self.instances.enter().await?),
+            false => None,
+        };
         Ok(Slot {
             _revision: revision,
-            _node: self.instances.enter().await?,
+            _node: node,
         })
     }
 
@@ -187,4 +194,45 @@ impl BodyReservation {
         }
         Ok(())
     }
+}
+
+/// Why a request body could not be read.
+#[derive(Debug)]
+pub enum BodyError<E> {
+    /// Over the limit it was read under.
+    TooLarge,
+    /// The node's body budget is spent (503).
+    Refused(InvokeError),
+    /// The sender broke off or sent garbage.
+    Broken(E),
+}
+
+/// Reads a body of at most `limit` bytes, claiming its bytes from the node's budget as they
+/// arrive (a declared length only sizes the buffer): a client's request body, and the body of
+/// a call from one app to another.
+pub async fn read_body<B>(
+    body: B,
+    limit: u64,
+    declared: u64,
+    reservation: &mut BodyReservation,
+) -> Result<Bytes, BodyError<B::Error>>
+where
+    B: hyper::body::Body<Data = Bytes>,
+{
+    let mut body = std::pin::pin!(body);
+    // The declared length is the sender's word: it sizes the buffer only up to a small bound.
+    let mut collected = BytesMut::with_capacity(declared.min(limit).min(64 << 10) as usize);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(BodyError::Broken)?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        let total = collected.len() + data.len();
+        if total as u64 > limit {
+            return Err(BodyError::TooLarge);
+        }
+        reservation.grow(data.len()).map_err(BodyError::Refused)?;
+        collected.extend_from_slice(&data);
+    }
+    Ok(collected.freeze())
 }

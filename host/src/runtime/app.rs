@@ -9,11 +9,13 @@ use super::InvokeError;
 use crate::apps::rate::RateLimits;
 use crate::apps::traffic::{self, Split};
 use crate::apps::{AppRecord, RevisionRecord};
+use crate::store::blobs::Held;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
+use wasmtime_wasi_config::WasiConfigVariables;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
 /// A deployed app, ready to route requests to its revisions.
@@ -93,7 +95,16 @@ pub struct RevisionStats {
     pub fallbacks: AtomicU64,
 }
 
-/// One revision as the runtime serves it.
+/// What a revision's instances read through `wasi:config`: its config values and its app's
+/// secrets (which win), with the generation of those secrets (a change starts a new one, so
+/// that cached answers computed with old secrets are not reused).
+pub struct RevisionConfig {
+    pub generation: u64,
+    pub variables: Arc<WasiConfigVariables>,
+}
+
+/// One revision as the runtime serves it. It holds its component's blob while it lives: a
+/// revision removed while requests still use it keeps its files until the last one ends.
 pub struct Revision {
     pub record: RevisionRecord,
     /// Its own concurrency limit and queue, when it declares `max_concurrency`.
@@ -104,14 +115,40 @@ pub struct Revision {
     pub cache_scope: String,
     /// The prepared component while warm; `None` once scaled to zero.
     prepared: tokio::sync::Mutex<Option<ProxyPre<InstanceState>>>,
+    config: RwLock<Arc<RevisionConfig>>,
+    /// The hold on the component's blob, let go when the revision goes once retired.
+    hold: Option<Held>,
+    /// Its record is deleted: the last request using it lets its component go.
+    retired: AtomicBool,
     /// When a request last started, in milliseconds since `born`.
     last_used_ms: AtomicU64,
     born: Instant,
     pub stats: RevisionStats,
 }
 
+impl Drop for Revision {
+    /// A retired revision lets its blob go with its last user; one dropped because the node
+    /// stops keeps it (its record still holds it).
+    fn drop(&mut self) {
+        if let Some(hold) = self.hold.take() {
+            if self.retired.load(Ordering::Relaxed) {
+                hold.release_in_background();
+            } else {
+                hold.keep();
+            }
+        }
+    }
+}
+
 impl Revision {
-    pub fn new(record: RevisionRecord, prepared: Option<ProxyPre<InstanceState>>) -> Self {
+    /// The revision `record`, holding its component's blob with `hold`, prepared already or
+    /// not, with its app's `secrets`.
+    pub fn new(
+        record: RevisionRecord,
+        hold: Held,
+        prepared: Option<ProxyPre<InstanceState>>,
+        secrets: &[(String, String)],
+    ) -> Self {
         let gate = record.spec.max_concurrency.map(|slots| {
             Gate::new(
                 format!("app {} (revision {})", record.app, record.number),
@@ -127,14 +164,49 @@ impl Revision {
             record.digest,
             crate::store::blobs::digest_of(&settings)
         );
+        let config = RwLock::new(Arc::new(RevisionConfig {
+            generation: 0,
+            variables: Arc::new(config_variables(&record, secrets)),
+        }));
         Self {
             cache_scope,
+            config,
+            hold: Some(hold),
+            retired: AtomicBool::new(false),
             record,
             gate,
             prepared: tokio::sync::Mutex::new(prepared),
             last_used_ms: AtomicU64::new(0),
             born: Instant::now(),
             stats: RevisionStats::default(),
+        }
+    }
+
+    /// What its instances read through `wasi:config` now.
+    pub fn config(&self) -> Arc<RevisionConfig> {
+        self.config.read().expect("config lock").clone()
+    }
+
+    /// Gives the revision its app's new secrets.
+    pub fn set_secrets(&self, secrets: &[(String, String)]) {
+        let mut config = self.config.write().expect("config lock");
+        *config = Arc::new(RevisionConfig {
+            generation: config.generation + 1,
+            variables: Arc::new(config_variables(&self.record, secrets)),
+        });
+    }
+
+    /// Marks the revision's record deleted: when the last request using it ends, its
+    /// component's blob is let go.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
+    }
+
+    /// Lets go of the component's blob of a retired revision nothing uses any more, and waits
+    /// for its deletion if it was the last hold.
+    pub async fn release(mut self) {
+        if let Some(hold) = self.hold.take() {
+            hold.release_async().await;
         }
     }
 
@@ -165,9 +237,9 @@ impl Revision {
         self.prepared.try_lock().ok().and_then(|slot| slot.clone())
     }
 
-    /// Whether the revision is warm (its component prepared).
+    /// Whether the revision is warm (its component prepared; not while a cold start runs).
     pub fn is_warm(&self) -> bool {
-        self.prepared.try_lock().map_or(true, |slot| slot.is_some())
+        self.prepared.try_lock().is_ok_and(|slot| slot.is_some())
     }
 
     /// Scales the revision to zero if it may (`min_instances = 0`) and no request started
@@ -204,4 +276,20 @@ impl Revision {
         value["stats"] = stats;
         value
     }
+}
+
+/// A revision's config values and its app's secrets (a secret wins over a value of the same
+/// key).
+fn config_variables(record: &RevisionRecord, secrets: &[(String, String)]) -> WasiConfigVariables {
+    record
+        .spec
+        .config
+        .iter()
+        .map(|(key, value)| (key.as_str(), value.as_str()))
+        .chain(
+            secrets
+                .iter()
+                .map(|(key, value)| (key.as_str(), value.as_str())),
+        )
+        .collect()
 }

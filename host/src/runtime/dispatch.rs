@@ -4,7 +4,7 @@
 //! revision's gate, then the node's), a fresh instance, and the app's fallback when the
 //! revision sheds load or fails.
 
-use super::app::{App, Revision};
+use super::app::{App, Revision, RevisionConfig};
 use super::cache;
 use super::instance::{self, InvokeError, Launch};
 use super::outgoing::OutgoingPolicy;
@@ -16,7 +16,6 @@ use http_body_util::{BodyExt, Full};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-use wasmtime_wasi_config::WasiConfigVariables;
 
 /// The body of every response the runtime serves: an instance's, a cached one, a fixed one.
 pub type ServedBody = http_body_util::combinators::UnsyncBoxBody<Bytes, wasmtime_wasi_http::Error>;
@@ -31,13 +30,14 @@ pub const FALLBACK_HEADER: &str = "tensorlet-fallback";
 /// A request the app's limits let through, and where it goes.
 pub struct Admitted {
     pub app: Arc<App>,
+    /// The revision the request was routed to (its counters count the request).
     pub revision: Arc<Revision>,
     /// Set when the app sheds this request to its fallback revision (the reason).
     degraded: Option<&'static str>,
 }
 
 /// What [`Runtime::admit`] decided.
-pub enum Admission {
+pub enum Decision {
     Serve(Admitted),
     /// The app is shedding load and its fallback is a fixed response.
     Degraded(http::Response<ServedBody>),
@@ -57,11 +57,15 @@ fn set_header(response: &mut http::Response<ServedBody>, name: &'static str, val
     }
 }
 
-/// A JSON error response, as the API edge answers it, for calls between apps.
+/// The JSON body of every error the node answers: `{"error": {"code", "message"}}`.
+pub fn error_body(code: &str, message: &str) -> String {
+    serde_json::json!({ "error": { "code": code, "message": message } }).to_string()
+}
+
+/// An error as a response, for calls between apps (the API edge answers clients the same).
 pub fn error_response(error: &InvokeError) -> http::Response<ServedBody> {
-    let body =
-        serde_json::json!({ "error": { "code": error.code(), "message": error.to_string() } });
-    let mut response = http::Response::new(fixed(Bytes::from(body.to_string())));
+    let body = error_body(error.code(), &error.to_string());
+    let mut response = http::Response::new(fixed(Bytes::from(body)));
     *response.status_mut() = error.status();
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,
@@ -75,10 +79,15 @@ pub fn error_response(error: &InvokeError) -> http::Response<ServedBody> {
     response
 }
 
+/// Whether a request carries credentials: its answer is for its sender only, never cached.
+fn has_credentials(headers: &http::HeaderMap) -> bool {
+    headers.contains_key(http::header::AUTHORIZATION) || headers.contains_key(http::header::COOKIE)
+}
+
 impl Runtime {
-    /// Looks `app` up and applies its rate limits for `client`, then picks the revision:
-    /// `selector` (a tag or number) when given, else the split, kept stable per client by the
-    /// app's sticky header when the request has it. Over the client's limit: 429. Over the
+    /// Looks `app` up, picks the revision — `selector` (a tag or number) when given, else the
+    /// split, kept stable per client by the app's sticky header when the request has it —
+    /// and applies the app's rate limits for `client`. Over the client's limit: 429. Over the
     /// app's: its fallback when it has one, else 429.
     pub fn admit(
         &self,
@@ -86,60 +95,49 @@ impl Runtime {
         selector: Option<&str>,
         headers: &http::HeaderMap,
         client: &str,
-    ) -> Result<Admission, InvokeError> {
+    ) -> Result<Decision, InvokeError> {
         let app = self.app(app).ok_or_else(|| {
             InvokeError::NotFound(format!("no app named {app:?} is deployed on this node"))
         })?;
-        let mut degraded = None;
-        if let Err(limited) = app.rate.check(client) {
-            let error = InvokeError::RateLimited {
-                reason: match limited.scope {
-                    Scope::Client => format!(
-                        "this client is over app {:?}'s per-client rate limit",
-                        app.record.name
-                    ),
-                    Scope::App => format!("app {:?} is over its rate limit", app.record.name),
-                },
-                retry_after_secs: limited.retry_after_secs(),
-            };
-            match (&limited.scope, &app.record.fallback) {
-                (Scope::App, Some(fallback)) => match fallback.revision {
-                    Some(_) => degraded = Some("rate_limited"),
-                    None => {
-                        let revision = app.revisions.get(&app.record.latest).cloned();
-                        if let Some(revision) = revision {
-                            revision.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
-                        }
-                        return Ok(Admission::Degraded(fixed_fallback(&app, "rate_limited")));
-                    }
-                },
-                _ => return Err(error),
-            }
-        }
-        let revision = match (
-            degraded,
-            app.record.fallback.as_ref().and_then(|f| f.revision),
-        ) {
-            (Some(_), Some(number)) => app.revisions.get(&number).cloned().ok_or_else(|| {
-                InvokeError::NotFound(format!(
-                    "app {:?} has no revision {number}",
-                    app.record.name
-                ))
-            })?,
-            _ => {
-                let sticky = app
-                    .record
-                    .sticky_header
-                    .as_ref()
-                    .and_then(|name| headers.get(name.as_str()))
-                    .map(HeaderValue::as_bytes);
-                app.route(selector, sticky)?
-            }
+        let sticky = app
+            .record
+            .sticky_header
+            .as_ref()
+            .and_then(|name| headers.get(name.as_str()))
+            .map(HeaderValue::as_bytes);
+        let revision = app.route(selector, sticky)?;
+        let Err(limited) = app.rate.check(client) else {
+            return Ok(Decision::Serve(Admitted {
+                app,
+                revision,
+                degraded: None,
+            }));
         };
-        Ok(Admission::Serve(Admitted {
+        let limited_error = InvokeError::RateLimited {
+            reason: match limited.scope {
+                Scope::Client => format!(
+                    "this client is over app {:?}'s per-client rate limit",
+                    app.record.name
+                ),
+                Scope::App => format!("app {:?} is over its rate limit", app.record.name),
+            },
+            retry_after_secs: limited.retry_after_secs(),
+        };
+        let fallback = match (limited.scope, &app.record.fallback) {
+            (Scope::App, Some(fallback)) => fallback,
+            _ => return Err(limited_error),
+        };
+        revision.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
+        let Some(number) = fallback.revision else {
+            return Ok(Decision::Degraded(fixed_fallback(&app, "rate_limited")));
+        };
+        let Some(target) = app.revisions.get(&number).cloned() else {
+            return Err(limited_error);
+        };
+        Ok(Decision::Serve(Admitted {
             app,
-            revision,
-            degraded,
+            revision: target,
+            degraded: Some("rate_limited"),
         }))
     }
 
@@ -157,7 +155,13 @@ impl Runtime {
             revision,
             degraded,
         } = admitted;
-        let cache = revision.record.spec.cache.clone();
+        let config = revision.config();
+        let cache = revision
+            .record
+            .spec
+            .cache
+            .clone()
+            .filter(|_| !has_credentials(request.headers()));
         let cache_key = match &cache {
             Some(_) if cache::request_allows_lookup(request.headers()) => {
                 let body = request
@@ -166,12 +170,18 @@ impl Runtime {
                     .collect()
                     .await
                     .map_or_else(|never| match never {}, |b| b.to_bytes());
-                let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
+                // The authority is part of the key: an app that writes its host into its
+                // answer must not serve one client's forged Host to others.
+                let target = format!(
+                    "{}{}",
+                    request.uri().authority().map_or("", |a| a.as_str()),
+                    request.uri().path_and_query().map_or("/", |p| p.as_str())
+                );
                 Some(cache::key(
-                    &revision.cache_scope,
+                    &format!("{}#{}", revision.cache_scope, config.generation),
                     revision.record.number,
                     request.method(),
-                    path,
+                    &target,
                     &body,
                 ))
             }
@@ -187,6 +197,9 @@ impl Runtime {
                     revision.record.number.to_string(),
                 );
                 set_header(&mut response, CACHE_HEADER, "hit".into());
+                if let Some(reason) = degraded {
+                    set_header(&mut response, FALLBACK_HEADER, reason.into());
+                }
                 return Ok(response);
             }
         }
@@ -200,7 +213,7 @@ impl Runtime {
             .is_some()
             .then(|| clone_request(&request));
         let stored_headers = request.headers().clone();
-        match self.run(&revision, request, depth).await {
+        match self.run(&revision, config, request, depth).await {
             Ok(response) => {
                 let ttl = match (&cache, cache_key) {
                     (Some(spec), Some(key)) if cache::request_allows_store(&stored_headers) => {
@@ -216,9 +229,9 @@ impl Runtime {
                 let mut response = match ttl {
                     Some((key, ttl, max_bytes)) => self
                         .responses
-                        .capture(key, ttl, max_bytes, response)
+                        .capture(key, ttl, max_bytes, strip_node_headers(response))
                         .map(BodyExt::boxed_unsync),
-                    None => response.map(BodyExt::boxed_unsync),
+                    None => strip_node_headers(response).map(BodyExt::boxed_unsync),
                 };
                 set_header(
                     &mut response,
@@ -229,29 +242,29 @@ impl Runtime {
                     set_header(&mut response, CACHE_HEADER, "miss".into());
                 }
                 if let Some(reason) = degraded {
-                    revision.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
                     set_header(&mut response, FALLBACK_HEADER, reason.into());
                 }
                 Ok(response)
             }
             Err(error) if degraded.is_none() && error.is_shedding_or_failure() => {
-                let Some(request) = fallback_request else {
+                let (Some(request), Some(fallback)) = (fallback_request, &app.record.fallback)
+                else {
                     return Err(error);
                 };
-                let fallback = app.record.fallback.as_ref().expect("checked above");
                 revision.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(app = %app.record.name, revision = revision.record.number, %error, "serving the app's fallback");
                 let Some(number) = fallback.revision else {
                     return Ok(fixed_fallback(&app, error.code()));
                 };
-                let Some(target) = app.revisions.get(&number).cloned() else {
-                    return Err(error);
+                // A fallback to the revision that just failed would fail (or wait) again.
+                let target = match app.revisions.get(&number) {
+                    Some(target) if number != revision.record.number => target.clone(),
+                    _ => return Err(error),
                 };
                 let code = error.code();
-                let mut response = self
-                    .run(&target, request, depth)
-                    .await?
-                    .map(BodyExt::boxed_unsync);
+                let config = target.config();
+                let response = self.run(&target, config, request, depth).await?;
+                let mut response = strip_node_headers(response).map(BodyExt::boxed_unsync);
                 set_header(&mut response, REVISION_HEADER, number.to_string());
                 set_header(&mut response, FALLBACK_HEADER, code.into());
                 Ok(response)
@@ -268,32 +281,26 @@ impl Runtime {
         request: http::Request<Full<Bytes>>,
     ) -> Result<http::Response<ServedBody>, InvokeError> {
         match self.admit(&app.record.name, None, request.headers(), "local")? {
-            Admission::Serve(admitted) => self.serve(admitted, request, 0).await,
-            Admission::Degraded(response) => Ok(response),
+            Decision::Serve(admitted) => self.serve(admitted, request, 0).await,
+            Decision::Degraded(response) => Ok(response),
         }
     }
 
-    /// Runs `request` in a fresh instance of `revision`, once admitted to a slot.
+    /// Runs `request` in a fresh instance of `revision`, once admitted to a slot. A call from
+    /// another app (`depth` > 0) takes no slot of the node's: its caller holds one already,
+    /// and a callee waiting for the slots its callers hold would wait for ever.
     async fn run(
         &self,
         revision: &Arc<Revision>,
+        config: Arc<RevisionConfig>,
         request: http::Request<Full<Bytes>>,
         depth: u32,
     ) -> Result<http::Response<instance::InstanceBody>, InvokeError> {
-        let slot = self.admission.slot(revision.gate.as_ref()).await?;
+        let slot = self
+            .admission
+            .slot(revision.gate.as_ref(), depth == 0)
+            .await?;
         let pre = self.warm(revision).await?;
-        let config: WasiConfigVariables = revision
-            .record
-            .spec
-            .config
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .chain(
-                self.secrets_of(&revision.record.app)
-                    .iter()
-                    .map(|(k, v)| (k.as_str(), v.as_str())),
-            )
-            .collect();
         let outgoing = OutgoingPolicy::new(
             self.this.get().cloned().unwrap_or_default(),
             revision.record.app.clone(),
@@ -305,11 +312,20 @@ impl Runtime {
         let launch = Launch {
             pre,
             revision: revision.clone(),
-            config,
+            config: config.variables.clone(),
             outgoing,
         };
         instance::invoke(launch, &self.resources, request, slot).await
     }
+}
+
+/// A guest's response without the headers the node sets (`tensorlet-*`), which a guest must
+/// not forge.
+fn strip_node_headers<B>(mut response: http::Response<B>) -> http::Response<B> {
+    for name in [REVISION_HEADER, CACHE_HEADER, FALLBACK_HEADER] {
+        response.headers_mut().remove(name);
+    }
+    response
 }
 
 /// A copy of a buffered request, to run again on the fallback revision.

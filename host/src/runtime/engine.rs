@@ -6,7 +6,7 @@ use crate::config::LimitsConfig;
 use crate::store::blobs::Blobs;
 use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use wasmtime::component::Component;
@@ -16,10 +16,14 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 /// long one busy guest holds a worker thread and how late a timeout can fire.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
-/// Builds the engine. Pool sizes follow the node's instance limit; each memory slot is sized
-/// for the largest memory limit an app may ask for.
+/// Builds the engine. Pool sizes follow the node's instance limit, times the depth of calls
+/// between apps (a callee runs in the slot of its caller); each memory slot is sized for the
+/// largest memory limit an app may ask for.
 pub fn build_engine(limits: &LimitsConfig) -> wasmtime::Result<Engine> {
-    let instances = limits.max_concurrent_instances.max(1);
+    let instances = limits
+        .max_concurrent_instances
+        .max(1)
+        .saturating_mul(1 + limits.max_call_depth);
     let mut pool = PoolingAllocationConfig::default();
     pool.total_component_instances(instances)
         .total_core_instances(instances * 8)
@@ -39,26 +43,35 @@ pub fn build_engine(limits: &LimitsConfig) -> wasmtime::Result<Engine> {
     Engine::new(&config)
 }
 
-/// The thread that advances the engine's epoch; one per engine, stopped on drop.
+/// The thread that advances the engine's epoch; one per engine, stopped on drop. It counts
+/// the ticks too (wasmtime does not say the engine's epoch), for the CPU budget.
 pub struct EpochTicker {
     stop: Arc<AtomicBool>,
+    ticks: Arc<AtomicU64>,
 }
 
 impl EpochTicker {
     /// Starts ticking `engine` every [`EPOCH_TICK`].
     pub fn start(engine: &Engine) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
-        let (engine, flag) = (engine.clone(), stop.clone());
+        let ticks = Arc::new(AtomicU64::new(0));
+        let (engine, flag, count) = (engine.clone(), stop.clone(), ticks.clone());
         std::thread::Builder::new()
             .name("tensorlet-epoch".into())
             .spawn(move || {
                 while !flag.load(Ordering::Relaxed) {
                     std::thread::sleep(EPOCH_TICK);
+                    count.fetch_add(1, Ordering::Relaxed);
                     engine.increment_epoch();
                 }
             })
             .expect("spawning the epoch thread");
-        Self { stop }
+        Self { stop, ticks }
+    }
+
+    /// The ticks so far, shared: it follows the engine's epoch.
+    pub fn ticks(&self) -> Arc<AtomicU64> {
+        self.ticks.clone()
     }
 }
 

@@ -31,11 +31,14 @@ pub struct InstanceState {
     outgoing: OutgoingPolicy,
     nn: NnCtx,
     kv: KvCtx,
-    config: WasiConfigVariables,
+    config: Arc<WasiConfigVariables>,
     limiter: MemoryLimiter,
     /// Epoch ticks (of [`super::engine::EPOCH_TICK`]) of guest code this request may still
     /// run, when its revision has a CPU budget.
     cpu_ticks_left: Option<u64>,
+    /// The engine's epoch, and the epoch at the guest's last yield, for the CPU budget.
+    epoch: Arc<std::sync::atomic::AtomicU64>,
+    last_epoch: u64,
 }
 
 impl WasiView for InstanceState {
@@ -141,6 +144,10 @@ pub enum InvokeError {
         "calls between apps went {0} deep, deeper than the node allows (limits.max_call_depth)"
     )]
     TooDeep(u32),
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("{0}")]
+    Unusable(String),
 }
 
 impl InvokeError {
@@ -153,13 +160,15 @@ impl InvokeError {
             | InvokeError::Trap(_)
             | InvokeError::NoResponse
             | InvokeError::AppError(_)
-            | InvokeError::CpuLimit(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            | InvokeError::CpuLimit(_)
+            | InvokeError::Unusable(_) => StatusCode::INTERNAL_SERVER_ERROR,
             InvokeError::Instantiate(_) | InvokeError::Overloaded { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             InvokeError::NotFound(_) => StatusCode::NOT_FOUND,
             InvokeError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             InvokeError::TooDeep(_) => StatusCode::LOOP_DETECTED,
+            InvokeError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         }
     }
 
@@ -177,6 +186,8 @@ impl InvokeError {
             InvokeError::NotFound(_) => "app_not_found",
             InvokeError::RateLimited { .. } => "rate_limited",
             InvokeError::TooDeep(_) => "call_too_deep",
+            InvokeError::TooLarge(_) => "body_too_large",
+            InvokeError::Unusable(_) => "revision_unusable",
         }
     }
 
@@ -197,7 +208,10 @@ impl InvokeError {
     pub fn is_shedding_or_failure(&self) -> bool {
         !matches!(
             self,
-            InvokeError::NotFound(_) | InvokeError::RateLimited { .. } | InvokeError::TooDeep(_)
+            InvokeError::NotFound(_)
+                | InvokeError::RateLimited { .. }
+                | InvokeError::TooDeep(_)
+                | InvokeError::TooLarge(_)
         )
     }
 }
@@ -212,7 +226,7 @@ struct CpuBudgetSpent;
 pub struct Launch {
     pub pre: ProxyPre<InstanceState>,
     pub revision: Arc<Revision>,
-    pub config: WasiConfigVariables,
+    pub config: Arc<WasiConfigVariables>,
     pub outgoing: OutgoingPolicy,
 }
 
@@ -226,6 +240,8 @@ pub struct InstanceResources {
     pub kv_usage: Arc<crate::kv::KvUsage>,
     pub models: Arc<crate::nn::ModelRegistry>,
     pub max_guest_model_bytes: u64,
+    /// The engine's epoch, as its ticker counts it.
+    pub epoch: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A fresh store for one instance of `revision`, with its limits and its yield-on-tick policy.
@@ -234,7 +250,7 @@ fn new_store(
     revision: &Revision,
     resources: &InstanceResources,
     memory_hit: Arc<AtomicBool>,
-    config: WasiConfigVariables,
+    config: Arc<WasiConfigVariables>,
     outgoing: OutgoingPolicy,
 ) -> Store<InstanceState> {
     let record = &revision.record;
@@ -275,6 +291,8 @@ fn new_store(
         cpu_ticks_left: spec
             .cpu_ms
             .map(|ms| ms.div_ceil(super::engine::EPOCH_TICK.as_millis() as u64)),
+        last_epoch: resources.epoch.load(Ordering::Relaxed),
+        epoch: resources.epoch.clone(),
     };
     let mut store = Store::new(pre.engine(), state);
     store.limiter(|s| &mut s.limiter);
@@ -283,7 +301,14 @@ fn new_store(
     // running also spends its CPU budget.
     store.set_epoch_deadline(1);
     store.epoch_deadline_callback(|mut context| {
-        if let Some(left) = &mut context.data_mut().cpu_ticks_left {
+        let state = context.data_mut();
+        let epoch = state.epoch.load(Ordering::Relaxed);
+        // A tick counts when the guest ran through it: this check comes one epoch after the
+        // last yield. After a wait in the host (a timer, I/O, inference) across more ticks,
+        // the first check back in guest code is not charged.
+        let ran = epoch == state.last_epoch + 1;
+        state.last_epoch = epoch;
+        if let (Some(left), true) = (&mut state.cpu_ticks_left, ran) {
             if *left == 0 {
                 return Err(CpuBudgetSpent.into());
             }
@@ -306,7 +331,7 @@ pub async fn instantiate_only(
         revision,
         resources,
         Arc::new(AtomicBool::new(false)),
-        WasiConfigVariables::new(),
+        Arc::new(WasiConfigVariables::new()),
         OutgoingPolicy::denied(),
     );
     pre.instantiate_async(&mut store)

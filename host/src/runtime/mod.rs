@@ -11,8 +11,8 @@ mod instance;
 mod outgoing;
 mod output;
 
-pub use admission::BodyReservation;
-pub use app::{App, Revision};
+pub use admission::{read_body, BodyError, BodyReservation};
+pub use app::{App, Revision, RevisionConfig};
 pub use dispatch::ServedBody;
 pub use instance::{InstanceBody, InstanceResources, InvokeError};
 
@@ -58,6 +58,28 @@ pub enum DeployError {
     Io(#[from] std::io::Error),
 }
 
+/// How a deployment applies.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DeployOptions {
+    /// Report what would change; change nothing.
+    pub dry_run: bool,
+    /// Change only what the request sets on the current deployment (a shorthand deploy),
+    /// instead of taking it as the whole app (a manifest).
+    pub overlay: bool,
+}
+
+/// Lets go of revisions taken out of service: at once when no request uses them any more
+/// (their components' files are deleted before this returns, if nothing else holds them),
+/// else when the last request using one ends.
+async fn retire(revisions: Vec<Arc<Revision>>) {
+    for revision in revisions {
+        revision.retire();
+        if let Ok(revision) = Arc::try_unwrap(revision) {
+            revision.release().await;
+        }
+    }
+}
+
 /// What a deployment did (or, for a dry run, would do).
 #[derive(Debug, Serialize)]
 pub struct Deployed {
@@ -70,14 +92,12 @@ pub struct Deployed {
     pub changes: Vec<String>,
 }
 
-/// An app's secrets, decrypted: (key, value) pairs.
-type SecretValues = Arc<Vec<(String, String)>>;
-
 /// The node's component runtime.
 pub struct Runtime {
     engine: Engine,
     linker: Linker<instance::InstanceState>,
-    cache: engine::ComponentCache,
+    /// Compiled components, on disk.
+    compiled: engine::ComponentCache,
     blobs: Arc<Blobs>,
     store: Store,
     records: AppRecords,
@@ -88,10 +108,9 @@ pub struct Runtime {
     admission: admission::Admission,
     limits: LimitsConfig,
     resources: InstanceResources,
+    /// Responses of apps that cache them, in memory.
     responses: cache::ResponseCache,
     secrets: Secrets,
-    /// Each app's decrypted secrets, as its instances' config sees them.
-    secret_values: RwLock<HashMap<String, SecretValues>>,
     /// The runtime itself, for calls between apps made from inside an instance.
     this: OnceLock<Weak<Runtime>>,
     _ticker: engine::EpochTicker,
@@ -150,14 +169,14 @@ impl Runtime {
                 store: store.clone(),
                 models,
                 max_guest_model_bytes: config.nn.max_guest_model_bytes,
+                epoch: ticker.ticks(),
             },
             responses: cache::ResponseCache::new(config.limits.response_cache_bytes),
             secrets: Secrets::open(&store, &config.data_dir)
                 .map_err(|e| anyhow::anyhow!("cannot open the secrets: {e}"))?,
-            secret_values: RwLock::new(HashMap::new()),
             engine,
             linker,
-            cache,
+            compiled: cache,
             blobs,
             store,
             records,
@@ -175,16 +194,21 @@ impl Runtime {
         // Records of an older node were rewritten: make that durable before serving.
         runtime.store.flush_blocking()?;
         for app in stored {
+            let name = app.record.name.clone();
+            let secrets = runtime.secrets.values(&name).unwrap_or_else(|error| {
+                tracing::error!(app = %name, %error, "secrets could not be read");
+                Vec::new()
+            });
             let mut revisions = BTreeMap::new();
             for (number, record) in app.revisions {
-                runtime.blobs.adopt(&record.digest);
+                let hold = runtime.blobs.hold(record.digest.clone());
                 let prepared = if record.spec.min_instances > 0
-                    || !runtime.is_cached(&record.digest)
+                    || !runtime.is_compiled(&record.digest)
                 {
                     match runtime.load_prepared(&record.digest) {
                         Ok(pre) => Some(pre),
                         Err(error) => {
-                            tracing::error!(app = %record.app, revision = number, %error, "revision could not be prepared");
+                            tracing::error!(app = %name, revision = number, %error, "revision could not be prepared");
                             None
                         }
                     }
@@ -192,20 +216,17 @@ impl Runtime {
                     None
                 };
                 let prepared = prepared.filter(|_| record.spec.min_instances > 0);
-                revisions.insert(number, Arc::new(Revision::new(record, prepared)));
+                revisions.insert(
+                    number,
+                    Arc::new(Revision::new(record, hold, prepared, &secrets)),
+                );
             }
             let rate = runtime.rate_limits(&app.record);
-            runtime.secret_values.write().expect("secrets lock").insert(
-                app.record.name.clone(),
-                Arc::new(runtime.secrets.values(&app.record.name).unwrap_or_else(|error| {
-                    tracing::error!(app = %app.record.name, %error, "secrets could not be read");
-                    Vec::new()
-                })),
-            );
-            runtime.apps.write().expect("apps lock").insert(
-                app.record.name.clone(),
-                Arc::new(App::new(app.record, revisions, rate)),
-            );
+            runtime
+                .apps
+                .write()
+                .expect("apps lock")
+                .insert(name, Arc::new(App::new(app.record, revisions, rate)));
         }
         Ok(runtime)
     }
@@ -249,7 +270,7 @@ impl Runtime {
     ) -> Result<ProxyPre<instance::InstanceState>, DeployError> {
         check_preamble(bytes)?;
         let component = self
-            .cache
+            .compiled
             .load_or_compile(&self.engine, digest, bytes)
             .map_err(|e| DeployError::Invalid(format!("{e:#}")))?;
         self.link(&component)
@@ -274,7 +295,7 @@ impl Runtime {
         &self,
         digest: &str,
     ) -> Result<ProxyPre<instance::InstanceState>, DeployError> {
-        if let Some(component) = self.cache.load(&self.engine, digest) {
+        if let Some(component) = self.compiled.load(&self.engine, digest) {
             return self.link(&component);
         }
         let path = self.blobs.path(digest);
@@ -289,22 +310,24 @@ impl Runtime {
     }
 
     /// Whether a compiled artifact for `digest` is already on disk.
-    pub fn is_cached(&self, digest: &str) -> bool {
-        self.cache.contains(digest)
+    fn is_compiled(&self, digest: &str) -> bool {
+        self.compiled.contains(digest)
     }
 
     /// Applies a deployment to `name`: a new revision when the component or the revision's
     /// settings differ from the newest revision's (none otherwise: deploying the same
     /// manifest twice changes nothing), and the app-level settings (traffic, rate limits,
-    /// fallback). `component` `None` keeps the newest revision's component. A dry run checks
-    /// and reports the changes without applying them. Requests already running finish on the
+    /// fallback, routes). `component` `None` keeps the newest revision's component. A manifest
+    /// describes the whole app; with `options.overlay` the request only changes what it sets
+    /// on the current deployment (the CLI's flags, a bare component). A dry run checks and
+    /// reports the changes without applying them. Requests already running finish on the
     /// revision they started on.
     pub async fn deploy(
         self: &Arc<Self>,
         name: &str,
         component: Option<Bytes>,
         request: DeploySpec,
-        dry_run: bool,
+        options: DeployOptions,
     ) -> Result<Deployed, DeployError> {
         if !apps::valid_name(name) {
             return Err(DeployError::InvalidName(name.to_string()));
@@ -314,7 +337,6 @@ impl Runtime {
                 "the manifest names app {named:?}, not {name:?}"
             )));
         }
-        let settled = spec::settle(&request, &self.limits).map_err(DeployError::InvalidSetting)?;
         // Storing and compiling are file and seconds of CPU work: on the blocking pool. The
         // blob is stored first and held, so that its compiled artifact goes with it; a
         // component that does not compile lets it go again.
@@ -339,6 +361,13 @@ impl Runtime {
         let newest = stored
             .as_ref()
             .and_then(|app| app.revisions.get(&app.record.latest));
+        let request = match (options.overlay, &stored, newest) {
+            (true, Some(app), Some(newest)) => {
+                DeploySpec::of(&app.record, &newest.spec).overlay(request)
+            }
+            _ => request,
+        };
+        let settled = spec::settle(&request, &self.limits).map_err(DeployError::InvalidSetting)?;
         let (digest, size_bytes) = match (&fresh, newest) {
             (Some((held, _, size)), _) => (held.digest().to_string(), *size),
             (None, Some(newest)) => (newest.digest.clone(), newest.size_bytes),
@@ -406,7 +435,7 @@ impl Runtime {
             &view(&after, new_revision.as_ref().or(newest)),
         );
         let unchanged = new_revision.is_none() && after == before;
-        if dry_run || unchanged {
+        if options.dry_run || unchanged {
             return Ok(Deployed {
                 revision: after.latest,
                 app: if unchanged { before } else { after },
@@ -415,13 +444,8 @@ impl Runtime {
             });
         }
         after.updated_at = now;
-        if let Some(revision) = &new_revision {
-            self.records.put_revision(revision)?;
-        }
-        self.records.put_app(&after)?;
-        for number in &pruned {
-            self.records.remove_revision(name, *number)?;
-        }
+        self.records
+            .commit(&after, new_revision.as_ref(), &pruned)?;
         self.store.make_durable().await?;
 
         let current = self.app(name);
@@ -429,29 +453,37 @@ impl Runtime {
             .as_ref()
             .map(|app| app.revisions.clone())
             .unwrap_or_default();
-        let mut released = Vec::new();
-        for number in &pruned {
-            if let Some(revision) = revisions.remove(number) {
-                released.push(revision.record.digest.clone());
-            }
-        }
+        let retired: Vec<Arc<Revision>> = pruned
+            .iter()
+            .filter_map(|number| revisions.remove(number))
+            .collect();
         if let Some(record) = new_revision.clone() {
-            let prepared = match fresh {
-                Some((held, pre, _)) => {
-                    held.keep();
-                    Some(pre)
-                }
-                None => {
-                    // The same component with new settings: the newest revision's preparation
-                    // serves it as well.
-                    self.blobs.adopt(&record.digest);
-                    match newest.and_then(|n| revisions.get(&n.number)) {
-                        Some(previous) => previous.prepared_now(),
-                        None => None,
-                    }
-                }
+            let (hold, prepared) = match fresh {
+                Some((held, pre, _)) => (held, Some(pre)),
+                // The same component with new settings: the newest revision's preparation
+                // serves it as well.
+                None => (
+                    self.blobs.hold(record.digest.clone()),
+                    newest
+                        .and_then(|n| revisions.get(&n.number))
+                        .and_then(|previous| previous.prepared_now()),
+                ),
             };
-            revisions.insert(record.number, Arc::new(Revision::new(record, prepared)));
+            let prepared = match prepared {
+                None if record.spec.min_instances > 0 => {
+                    let (runtime, digest) = (self.clone(), record.digest.clone());
+                    tokio::task::spawn_blocking(move || runtime.load_prepared(&digest))
+                        .await
+                        .map_err(|e| DeployError::Invalid(format!("preparing failed: {e}")))?
+                        .ok()
+                }
+                prepared => prepared,
+            };
+            let secrets = self.secrets.values(name)?;
+            revisions.insert(
+                record.number,
+                Arc::new(Revision::new(record, hold, prepared, &secrets)),
+            );
         }
         let rate = match &current {
             Some(app)
@@ -462,18 +494,12 @@ impl Runtime {
             }
             _ => self.rate_limits(&after),
         };
-        self.secret_values
-            .write()
-            .expect("secrets lock")
-            .entry(name.to_string())
-            .or_default();
         self.apps.write().expect("apps lock").insert(
             name.to_string(),
             Arc::new(App::new(after.clone(), revisions, rate)),
         );
-        for digest in released {
-            self.blobs.release_async(&digest).await;
-        }
+        drop(current);
+        retire(retired).await;
         Ok(Deployed {
             revision: after.latest,
             app: after,
@@ -499,8 +525,8 @@ impl Runtime {
         candidates.into_iter().take(excess).collect()
     }
 
-    /// Sets how `name`'s requests are split across its revisions. Requests already running
-    /// finish on theirs.
+    /// Sets how `name`'s requests are split across its revisions; `sticky_header` `None`
+    /// keeps the app's. Requests already running finish on theirs.
     pub async fn set_traffic(
         &self,
         name: &str,
@@ -508,6 +534,15 @@ impl Runtime {
         sticky_header: Option<Option<String>>,
     ) -> Result<AppRecord, DeployError> {
         let _changing = self.changes.lock().await;
+        self.set_traffic_locked(name, split, sticky_header).await
+    }
+
+    async fn set_traffic_locked(
+        &self,
+        name: &str,
+        split: Vec<TrafficTarget>,
+        sticky_header: Option<Option<String>>,
+    ) -> Result<AppRecord, DeployError> {
         let stored = self
             .records
             .get(name)?
@@ -522,7 +557,7 @@ impl Runtime {
             .validate(&numbers)
             .map_err(DeployError::InvalidSetting)?;
         after.updated_at = store::unix_now();
-        self.records.put_app(&after)?;
+        self.records.commit(&after, None, &[])?;
         self.store.make_durable().await?;
         let current = self
             .app(name)
@@ -539,32 +574,36 @@ impl Runtime {
     }
 
     /// Sends all of `name`'s traffic to `revision`, or, without one, to the revision before
-    /// the one that has all of it now.
+    /// the one that has all of it now. Tags stay, with no share.
     pub async fn rollback(
         &self,
         name: &str,
         revision: Option<u32>,
     ) -> Result<AppRecord, DeployError> {
-        let app = self
-            .app(name)
+        let _changing = self.changes.lock().await;
+        let stored = self
+            .records
+            .get(name)?
             .ok_or_else(|| DeployError::NotFound(name.to_string()))?;
+        let record = &stored.record;
         let target = match revision {
             Some(number) => number,
             None => {
-                let serving: Vec<u32> = app
-                    .record
+                let mut serving: Vec<u32> = record
                     .traffic
                     .iter()
                     .filter(|t| t.percent > 0)
-                    .map(|t| traffic::resolve(t.revision, app.record.latest))
+                    .map(|t| traffic::resolve(t.revision, record.latest))
                     .collect();
+                serving.dedup();
                 let [current] = serving[..] else {
                     return Err(DeployError::InvalidSetting(
                         "traffic is split across revisions: name the revision to roll back to"
                             .into(),
                     ));
                 };
-                *app.revisions
+                *stored
+                    .revisions
                     .range(..current)
                     .next_back()
                     .ok_or_else(|| {
@@ -575,27 +614,26 @@ impl Runtime {
                     .0
             }
         };
-        let tags: Vec<TrafficTarget> = app
-            .record
-            .traffic
-            .iter()
-            .filter(|t| t.tag.is_some())
-            .map(|t| TrafficTarget {
-                percent: 0,
-                ..t.clone()
-            })
-            .collect();
         let mut split = vec![TrafficTarget {
             revision: RevisionRef::Number(target),
             percent: 100,
             tag: None,
         }];
-        split.extend(tags);
-        self.set_traffic(name, split, None).await
+        split.extend(
+            record
+                .traffic
+                .iter()
+                .filter(|t| t.tag.is_some())
+                .map(|t| TrafficTarget {
+                    percent: 0,
+                    ..t.clone()
+                }),
+        );
+        self.set_traffic_locked(name, split, None).await
     }
 
     /// Removes an app with its revisions and secrets; requests already running finish (their
-    /// instances hold what they need). Its components' files go once nothing else uses them.
+    /// revisions hold what they need). Its components' files go once nothing uses them.
     pub async fn remove(&self, name: &str) -> Result<Option<AppRecord>, DeployError> {
         let _changing = self.changes.lock().await;
         let Some(stored) = self.records.get(name)? else {
@@ -604,13 +642,11 @@ impl Runtime {
         self.records.remove_app(name)?;
         self.secrets.remove_app(name)?;
         self.store.make_durable().await?;
-        self.apps.write().expect("apps lock").remove(name);
-        self.secret_values
-            .write()
-            .expect("secrets lock")
-            .remove(name);
-        for revision in stored.revisions.values() {
-            self.blobs.release_async(&revision.digest).await;
+        let removed = self.apps.write().expect("apps lock").remove(name);
+        if let Some(app) = removed {
+            let revisions = app.revisions.values().cloned().collect();
+            drop(app);
+            retire(revisions).await;
         }
         Ok(Some(stored.record))
     }
@@ -618,20 +654,23 @@ impl Runtime {
     /// Sets secret `key` of app `name` (stored encrypted); its next requests see it.
     pub async fn set_secret(&self, name: &str, key: &str, value: &[u8]) -> Result<(), DeployError> {
         let _changing = self.changes.lock().await;
-        if self.app(name).is_none() {
-            return Err(DeployError::NotFound(name.to_string()));
-        }
+        let app = self
+            .app(name)
+            .ok_or_else(|| DeployError::NotFound(name.to_string()))?;
         self.secrets.set(name, key, value)?;
         self.store.make_durable().await?;
-        self.reload_secrets(name)
+        self.give_secrets(&app)
     }
 
     /// Removes secret `key` of app `name`; whether it was there.
     pub async fn remove_secret(&self, name: &str, key: &str) -> Result<bool, DeployError> {
         let _changing = self.changes.lock().await;
+        let app = self
+            .app(name)
+            .ok_or_else(|| DeployError::NotFound(name.to_string()))?;
         let removed = self.secrets.remove(name, key)?;
         self.store.make_durable().await?;
-        self.reload_secrets(name)?;
+        self.give_secrets(&app)?;
         Ok(removed)
     }
 
@@ -640,23 +679,13 @@ impl Runtime {
         Ok(self.secrets.names(name)?)
     }
 
-    fn reload_secrets(&self, name: &str) -> Result<(), DeployError> {
-        let values = Arc::new(self.secrets.values(name)?);
-        self.secret_values
-            .write()
-            .expect("secrets lock")
-            .insert(name.to_string(), values);
+    /// Gives `app`'s revisions its secrets as they are now.
+    fn give_secrets(&self, app: &App) -> Result<(), DeployError> {
+        let secrets = self.secrets.values(&app.record.name)?;
+        for revision in app.revisions.values() {
+            revision.set_secrets(&secrets);
+        }
         Ok(())
-    }
-
-    /// App `name`'s secrets, decrypted, as its instances see them.
-    fn secrets_of(&self, name: &str) -> SecretValues {
-        self.secret_values
-            .read()
-            .expect("secrets lock")
-            .get(name)
-            .cloned()
-            .unwrap_or_default()
     }
 
     /// The deployed app called `name`.
@@ -719,7 +748,7 @@ impl Runtime {
     /// Creates an instance of `revision` and drops it unused (see
     /// [`instance::instantiate_only`]).
     pub async fn instantiate_only(&self, revision: &Arc<Revision>) -> Result<(), InvokeError> {
-        let _slot = self.admission.slot(revision.gate.as_ref()).await?;
+        let _slot = self.admission.slot(revision.gate.as_ref(), true).await?;
         let pre = self.warm(revision).await?;
         instance::instantiate_only(&pre, revision, &self.resources).await
     }
@@ -734,11 +763,16 @@ impl Runtime {
             .get()
             .and_then(Weak::upgrade)
             .ok_or_else(|| InvokeError::Instantiate("the node is shutting down".into()))?;
+        let (app, number) = (revision.record.app.clone(), revision.record.number);
         let digest = revision.record.digest.clone();
         revision
             .prepared(move || {
-                this.load_prepared(&digest)
-                    .map_err(|e| InvokeError::Instantiate(e.to_string()))
+                this.load_prepared(&digest).map_err(|error| {
+                    tracing::error!(%app, revision = number, %error, "a cold start failed");
+                    InvokeError::Unusable(format!(
+                        "revision {number} of app {app:?} cannot be prepared (the node's log says why)"
+                    ))
+                })
             })
             .await
     }

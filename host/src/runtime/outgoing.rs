@@ -4,11 +4,13 @@
 //! request to a host the revision's `[outbound] allowed_hosts` names goes out, within the
 //! revision's timeout; anything else is denied.
 
-use super::dispatch::{self, Admission};
+use super::admission::{read_body, BodyError};
+use super::dispatch::{self, Decision};
+use super::InvokeError;
 use super::Runtime;
 use crate::apps::outbound::{self, Destination};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use std::future::Future;
 use std::sync::Weak;
 use std::time::Duration;
@@ -109,7 +111,7 @@ impl WasiHttpHooks for OutgoingPolicy {
                         return Err(Error::HttpRequestDenied);
                     };
                     let response = if depth > max_depth {
-                        dispatch::error_response(&super::InvokeError::TooDeep(depth))
+                        dispatch::error_response(&InvokeError::TooDeep(depth))
                     } else {
                         call_app(&runtime, &app, request, &caller, depth).await
                     };
@@ -131,22 +133,34 @@ async fn call_app(
 ) -> http::Response<WasiBody> {
     let (parts, body) = request.into_parts();
     let admitted = match runtime.admit(app, None, &parts.headers, caller) {
-        Ok(Admission::Serve(admitted)) => admitted,
-        Ok(Admission::Degraded(response)) => return response,
+        Ok(Decision::Serve(admitted)) => admitted,
+        Ok(Decision::Degraded(response)) => return response,
         Err(error) => return dispatch::error_response(&error),
     };
-    let limit = admitted.revision.record.spec.max_body_bytes as usize;
-    let body = match Limited::new(body, limit).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(error) => {
-            let error = super::InvokeError::AppError(format!(
-                "the request body to app {app:?} could not be read (at most {limit} bytes): {error}"
+    // Bounded like a client's body: the callee's limit, and the node's budget for bodies in
+    // memory, which the body holds until the call is answered.
+    let limit = admitted.revision.record.spec.max_body_bytes;
+    let mut reservation = runtime.body_reservation();
+    let body = match read_body(body, limit, 0, &mut reservation).await {
+        Ok(body) => body,
+        Err(BodyError::TooLarge) => {
+            let error = InvokeError::TooLarge(format!(
+                "the request body is larger than app {app:?} accepts ({limit} bytes)"
+            ));
+            return dispatch::error_response(&error);
+        }
+        Err(BodyError::Refused(error)) => return dispatch::error_response(&error),
+        Err(BodyError::Broken(error)) => {
+            let error = InvokeError::AppError(format!(
+                "the request body to app {app:?} could not be read: {error}"
             ));
             return dispatch::error_response(&error);
         }
     };
     let request = http::Request::from_parts(parts, Full::<Bytes>::new(body));
-    match runtime.serve(admitted, request, depth).await {
+    let response = runtime.serve(admitted, request, depth).await;
+    drop(reservation);
+    match response {
         Ok(response) => response,
         Err(error) => dispatch::error_response(&error),
     }

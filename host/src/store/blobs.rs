@@ -47,6 +47,26 @@ impl Held {
     }
 }
 
+impl Held {
+    /// Lets the hold go without blocking async code: if it was the last, the blob is deleted
+    /// on the blocking pool (at once outside a tokio runtime).
+    pub fn release_in_background(self) {
+        let blobs = self.blobs.clone();
+        let digest = self.keep();
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(move || blobs.release(&digest))),
+            Err(_) => blobs.release(&digest),
+        }
+    }
+
+    /// Lets the hold go from async code and waits until a last hold's blob is deleted.
+    pub async fn release_async(self) {
+        let blobs = self.blobs.clone();
+        let digest = self.keep();
+        blobs.release_async(&digest).await;
+    }
+}
+
 impl Drop for Held {
     fn drop(&mut self) {
         if !self.kept {
@@ -155,8 +175,9 @@ impl Blobs {
         Ok(held)
     }
 
-    /// Takes a hold, so that the blob cannot be deleted while it is written and used.
-    fn hold(self: &Arc<Self>, digest: String) -> Held {
+    /// Takes a hold of `digest`, so that the blob cannot be deleted while it is written or a
+    /// record (a revision, a model) uses it.
+    pub fn hold(self: &Arc<Self>, digest: String) -> Held {
         self.adopt(&digest);
         Held {
             blobs: self.clone(),

@@ -138,7 +138,14 @@ fn handle(request: Request) -> Response {
             Response::text(200, "spun")
         }
         "/sleep" => {
-            monotonic_clock::subscribe_duration(nanos(&request)).block();
+            // `times=K` sleeps K times (a request that mostly waits, in many short waits).
+            let times: u32 = request
+                .query("times")
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(1);
+            for _ in 0..times {
+                monotonic_clock::subscribe_duration(nanos(&request)).block();
+            }
             Response::text(200, "slept")
         }
         _ => Response::error(
