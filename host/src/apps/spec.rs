@@ -266,7 +266,9 @@ impl Fallback {
     }
 }
 
-/// A revision's settings, settled against the node's defaults and limits.
+/// A revision's settings, settled against the node's defaults and limits (each field is the
+/// manifest key of the same name: [`LimitsSpec`], [`ScalingSpec`], [`AppSection`],
+/// `[config]`, [`OutboundSpec`], [`CacheSpec`]).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct RevisionSpec {
     pub timeout_secs: u64,

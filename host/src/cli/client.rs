@@ -81,16 +81,19 @@ impl AdminClient {
             .await
     }
 
+    /// PUTs `body` as JSON to the admin API's `path`.
     pub async fn put_json(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
         self.send(self.http.put(format!("{}{path}", self.base)).json(body))
             .await
     }
 
+    /// POSTs `body` as JSON to the admin API's `path`.
     pub async fn post_json(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
         self.send(self.http.post(format!("{}{path}", self.base)).json(body))
             .await
     }
 
+    /// PUTs raw bytes (a secret's value) to the admin API's `path`.
     pub async fn put_bytes(&self, path: &str, body: Vec<u8>) -> anyhow::Result<Value> {
         self.send(self.http.put(format!("{}{path}", self.base)).body(body))
             .await

@@ -27,6 +27,8 @@ pub struct Gate {
 }
 
 impl Gate {
+    /// `max_slots` at once (at least 1) for `holder`, with at most `max_waiting` requests
+    /// waiting at most `queue_timeout` for one.
     pub fn new(
         holder: String,
         max_slots: usize,
@@ -96,6 +98,7 @@ pub struct Admission {
 }
 
 impl Admission {
+    /// The node's limits as `[limits]` sets them.
     pub fn new(limits: &LimitsConfig) -> Self {
         let body_bytes = usize::try_from(limits.max_buffered_body_bytes)
             .unwrap_or(usize::MAX)

@@ -20,10 +20,13 @@ use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
 /// A deployed app, ready to route requests to its revisions.
 pub struct App {
+    /// What the node keeps about the app (traffic, rate limits, fallback, routes).
     pub record: AppRecord,
+    /// Its revisions that are kept, by number.
     pub revisions: BTreeMap<u32, Arc<Revision>>,
     split: Split,
     tags: HashMap<String, u32>,
+    /// Its rate limiters (kept across changes that leave the limits as they are).
     pub rate: Arc<RateLimits>,
 }
 

@@ -42,6 +42,8 @@ type ResponseFuture = Box<
 >;
 
 impl OutgoingPolicy {
+    /// The calls an instance of app `caller` may make: to `allowed_hosts`, at call depth
+    /// `depth` (of at most `max_depth`), outside calls waiting at most `timeout` at each step.
     pub fn new(
         runtime: Weak<Runtime>,
         caller: String,
