@@ -83,6 +83,17 @@ body = "busy, try again"
     }
 
     #[test]
+    fn the_pipeline_examples_manifest_is_valid() {
+        let spec = parse(include_str!("../../../components/pipeline/tensorlet.toml")).unwrap();
+        let limits = crate::config::LimitsConfig::default();
+        assert!(crate::apps::spec::settle(&spec, &limits).is_ok());
+        assert_eq!(
+            spec.outbound.allowed_hosts,
+            vec!["openai.internal".to_string()]
+        );
+    }
+
+    #[test]
     fn unknown_keys_are_refused_with_their_line() {
         let error = parse("[app]\nname = \"x\"\n\n[limits]\ntimeout = 5\n").unwrap_err();
         assert!(error.contains("line 5"), "{error}");
