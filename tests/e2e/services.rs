@@ -396,19 +396,22 @@ async fn an_idle_revision_scales_to_zero_and_its_next_request_starts_cold_from_t
         "name = \"hello\"\n[scaling]\nidle_timeout_secs = 1\n",
     );
     let revision = |app: serde_json::Value| app["app"]["revisions"][0].clone();
+    // Waits (the harness has the deadline) until the first revision has scaled to zero.
+    let scaled_to_zero = || async {
+        loop {
+            let state = revision(node.admin_json("/v1/admin/apps/hello").await);
+            if state["warm"] == false {
+                return state;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
     assert_eq!(node.get("/apps/hello/").await.0, 200);
     let warm = revision(node.admin_json("/v1/admin/apps/hello").await);
     assert_eq!(warm["warm"], true);
     assert_eq!(warm["stats"]["warm_starts"], 1);
-    let mut cold = warm.clone();
-    for _ in 0..100 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        cold = revision(node.admin_json("/v1/admin/apps/hello").await);
-        if cold["warm"] == false {
-            break;
-        }
-    }
-    assert_eq!(cold["warm"], false, "the revision did not scale to zero");
+    let cold = scaled_to_zero().await;
+    assert_eq!(cold["stats"]["cold_starts"], 0);
     assert_eq!(
         node.get("/apps/hello/?name=again").await,
         (200, "Hello, again!\n".into())
@@ -417,15 +420,20 @@ async fn an_idle_revision_scales_to_zero_and_its_next_request_starts_cold_from_t
     assert_eq!(restarted["stats"]["cold_starts"], 1);
     assert_eq!(restarted["warm"], true);
 
-    // min_instances keeps a revision warm however idle it is.
-    let _dir = deploy_manifest(
-        &node,
-        artifacts::HELLO,
-        "name = \"hello\"\n[scaling]\nidle_timeout_secs = 1\nmin_instances = 1\n",
+    // min_instances keeps a revision warm however idle it is; a revision made by settings
+    // alone (no component: the newest one's) while that one is cold is prepared at once.
+    scaled_to_zero().await;
+    let (_dir, path) = TestNode::manifest(
+        "[app]\nname = \"hello\"\n[scaling]\nidle_timeout_secs = 1\nmin_instances = 1\n",
     );
+    let deployed = node.cli_ok(&["deploy", "-f", path.to_str().unwrap()]);
+    assert!(deployed.contains("revision 2"), "{deployed}");
+    let kept = node.admin_json("/v1/admin/apps/hello").await;
+    assert_eq!(kept["app"]["revisions"][1]["warm"], true);
     tokio::time::sleep(Duration::from_secs(3)).await;
     let kept = node.admin_json("/v1/admin/apps/hello").await;
     assert_eq!(kept["app"]["revisions"][1]["warm"], true);
+    assert_eq!(kept["app"]["revisions"][1]["stats"]["cold_starts"], 0);
 }
 
 #[tokio::test]

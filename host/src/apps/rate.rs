@@ -6,8 +6,8 @@
 //! spending the app's budget, which stays for the others. A request the app limit refuses has
 //! still counted against its client's limit: retrying does not get around either.
 //!
-//! The caller decides what a client is (a hash of its API key, else its IP address; for IPv6
-//! a /64 prefix, since one host commonly holds a whole /64) and passes it as a string.
+//! The caller decides what a client is (its IP address, for IPv6 a /64 prefix since one host
+//! commonly holds a whole /64; `app:<name>` for calls between apps) and passes it as a string.
 //!
 //! One state is kept per client, up to `max_clients`. Past that, states that are back to
 //! fresh (their client has been quiet for `(burst + 1) / per_second` seconds at most) are

@@ -1,0 +1,451 @@
+//! Changing what the runtime serves: deployments (new revisions, the app-level settings),
+//! traffic splits and rollbacks, removals and secrets. Each change writes its records in one
+//! transaction and makes them durable before the apps in memory change, under one lock, so
+//! that records, apps and the holds on blobs change together.
+
+use super::app::{App, Revision};
+use super::{check_preamble, Runtime};
+use crate::apps;
+use crate::apps::secrets::SecretsError;
+use crate::apps::spec::{self, AppRecord, DeploySpec, RevisionRecord};
+use crate::apps::traffic::{self, RevisionRef, TrafficTarget};
+use crate::store::{self, StoreError};
+use bytes::Bytes;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// Why a deployment (or a change of traffic, a rollback) was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum DeployError {
+    #[error("invalid app name {0:?}: use 1-63 lower-case letters, digits or '-', starting with a letter or digit")]
+    InvalidName(String),
+    #[error("the upload is not a WebAssembly binary (it does not start with \\0asm)")]
+    NotWasm,
+    #[error("this is a core WebAssembly module, not a component: build it with `cargo build --target wasm32-wasip2` or `cargo component build`")]
+    CoreModule,
+    #[error("the component does not compile: {0}")]
+    Invalid(String),
+    #[error("the component does not fit the tensorlet world (wasi:http proxy + wasi:nn + wasi:keyvalue + wasi:config): {0}")]
+    WrongWorld(String),
+    #[error("{0}")]
+    InvalidSetting(String),
+    #[error("no app named {0:?} is deployed on this node")]
+    NotFound(String),
+    #[error(transparent)]
+    Secrets(#[from] SecretsError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("component file I/O failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// How a deployment applies.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DeployOptions {
+    /// Report what would change; change nothing.
+    pub dry_run: bool,
+    /// Change only what the request sets on the current deployment (a shorthand deploy),
+    /// instead of taking it as the whole app (a manifest).
+    pub overlay: bool,
+}
+
+/// Lets go of revisions taken out of service: at once when no request uses them any more
+/// (their components' files are deleted before this returns, if nothing else holds them),
+/// else when the last request using one ends.
+async fn retire(revisions: Vec<Arc<Revision>>) {
+    for revision in revisions {
+        revision.retire();
+        if let Ok(revision) = Arc::try_unwrap(revision) {
+            revision.release().await;
+        }
+    }
+}
+
+/// What a deployment did (or, for a dry run, would do).
+#[derive(Debug, Serialize)]
+pub struct Deployed {
+    pub app: AppRecord,
+    /// The revision the deployment's settings live in (new or unchanged).
+    pub revision: u32,
+    /// Whether a new revision was made.
+    pub created: bool,
+    /// What changed, one line per setting: `path: old → new`.
+    pub changes: Vec<String>,
+}
+
+impl Runtime {
+    /// Applies a deployment to `name`: a new revision when the component or the revision's
+    /// settings differ from the newest revision's (none otherwise: deploying the same
+    /// manifest twice changes nothing), and the app-level settings (traffic, rate limits,
+    /// fallback, routes). `component` `None` keeps the newest revision's component. A manifest
+    /// describes the whole app; with `options.overlay` the request only changes what it sets
+    /// on the current deployment (the CLI's flags, a bare component). A dry run checks and
+    /// reports the changes without applying them. Requests already running finish on the
+    /// revision they started on.
+    pub async fn deploy(
+        self: &Arc<Self>,
+        name: &str,
+        component: Option<Bytes>,
+        request: DeploySpec,
+        options: DeployOptions,
+    ) -> Result<Deployed, DeployError> {
+        if !apps::valid_name(name) {
+            return Err(DeployError::InvalidName(name.to_string()));
+        }
+        if let Some(named) = request.app.name.as_deref().filter(|named| *named != name) {
+            return Err(DeployError::InvalidSetting(format!(
+                "the manifest names app {named:?}, not {name:?}"
+            )));
+        }
+        // Storing and compiling are file and seconds of CPU work: on the blocking pool. The
+        // blob is stored first and held, so that its compiled artifact goes with it; a
+        // component that does not compile lets it go again.
+        let fresh = match component {
+            Some(bytes) => {
+                check_preamble(&bytes)?;
+                let runtime = self.clone();
+                let size = bytes.len() as u64;
+                let (held, pre) = tokio::task::spawn_blocking(move || {
+                    let held = runtime.blobs.put_bytes(&bytes)?;
+                    let pre = runtime.prepare(held.digest(), &bytes)?;
+                    Ok::<_, DeployError>((held, pre))
+                })
+                .await
+                .map_err(|e| DeployError::Invalid(format!("compilation failed: {e}")))??;
+                Some((held, pre, size))
+            }
+            None => None,
+        };
+        let _changing = self.changes.lock().await;
+        let stored = self.records.get(name)?;
+        let newest = stored
+            .as_ref()
+            .and_then(|app| app.revisions.get(&app.record.latest));
+        let request = match (options.overlay, &stored, newest) {
+            (true, Some(app), Some(newest)) => {
+                DeploySpec::of(&app.record, &newest.spec).overlay(request)
+            }
+            _ => request,
+        };
+        let settled = spec::settle(&request, &self.limits).map_err(DeployError::InvalidSetting)?;
+        let (digest, size_bytes) = match (&fresh, newest) {
+            (Some((held, _, size)), _) => (held.digest().to_string(), *size),
+            (None, Some(newest)) => (newest.digest.clone(), newest.size_bytes),
+            (None, None) => {
+                return Err(DeployError::InvalidSetting(format!(
+                    "app {name:?} is not deployed yet: give its component"
+                )))
+            }
+        };
+        let now = store::unix_now();
+        let before = match &stored {
+            Some(app) => app.record.clone(),
+            None => AppRecord::new(name, now),
+        };
+        let new_revision = newest
+            .is_none_or(|newest| newest.digest != digest || newest.spec != settled)
+            .then(|| RevisionRecord {
+                app: name.to_string(),
+                number: before.next_revision,
+                digest: digest.clone(),
+                size_bytes,
+                created_at: now,
+                spec: settled.clone(),
+            });
+        let mut after = before.with_policy(&request);
+        if let Some(revision) = &new_revision {
+            after.latest = revision.number;
+            after.next_revision = revision.number + 1;
+        }
+        let mut numbers: Vec<u32> = stored
+            .as_ref()
+            .map(|app| app.revisions.keys().copied().collect())
+            .unwrap_or_default();
+        numbers.extend(new_revision.as_ref().map(|r| r.number));
+        after
+            .validate(&numbers)
+            .map_err(DeployError::InvalidSetting)?;
+        for route in &after.routes {
+            if let Some(other) = self
+                .apps()
+                .into_iter()
+                .find(|other| other.record.name != name && other.record.routes.contains(route))
+            {
+                return Err(DeployError::InvalidSetting(format!(
+                    "app.routes: {route:?} is already app {:?}'s",
+                    other.record.name
+                )));
+            }
+        }
+        let pruned = self.prunable(&after, &numbers);
+        let view = |record: &AppRecord, revision: Option<&RevisionRecord>| {
+            serde_json::json!({
+                "component": revision.map(|r| r.digest.clone()),
+                "revision": revision.map(|r| &r.spec),
+                "traffic": record.traffic,
+                "sticky_header": record.sticky_header,
+                "rate_limit": record.rate_limit,
+                "client_rate_limit": record.client_rate_limit,
+                "fallback": record.fallback,
+                "routes": record.routes,
+            })
+        };
+        let changes = spec::diff(
+            &view(&before, newest),
+            &view(&after, new_revision.as_ref().or(newest)),
+        );
+        let unchanged = new_revision.is_none() && after == before;
+        if options.dry_run || unchanged {
+            return Ok(Deployed {
+                revision: after.latest,
+                app: if unchanged { before } else { after },
+                created: false,
+                changes,
+            });
+        }
+        after.updated_at = now;
+        self.records
+            .commit(&after, new_revision.as_ref(), &pruned)?;
+        self.store.make_durable().await?;
+
+        let current = self.app(name);
+        let mut revisions: BTreeMap<u32, Arc<Revision>> = current
+            .as_ref()
+            .map(|app| app.revisions.clone())
+            .unwrap_or_default();
+        let retired: Vec<Arc<Revision>> = pruned
+            .iter()
+            .filter_map(|number| revisions.remove(number))
+            .collect();
+        if let Some(record) = new_revision.clone() {
+            let (hold, prepared) = match fresh {
+                Some((held, pre, _)) => (held, Some(pre)),
+                // The same component with new settings: the newest revision's preparation
+                // serves it as well.
+                None => (
+                    self.blobs.hold(record.digest.clone()),
+                    newest
+                        .and_then(|n| revisions.get(&n.number))
+                        .and_then(|previous| previous.prepared_now()),
+                ),
+            };
+            let prepared = match prepared {
+                None if record.spec.min_instances > 0 => {
+                    let (runtime, digest) = (self.clone(), record.digest.clone());
+                    tokio::task::spawn_blocking(move || runtime.load_prepared(&digest))
+                        .await
+                        .map_err(|e| DeployError::Invalid(format!("preparing failed: {e}")))?
+                        .ok()
+                }
+                prepared => prepared,
+            };
+            let secrets = self.secrets.values(name)?;
+            revisions.insert(
+                record.number,
+                Arc::new(Revision::new(record, hold, prepared, &secrets)),
+            );
+        }
+        let rate = match &current {
+            Some(app)
+                if app.record.rate_limit == after.rate_limit
+                    && app.record.client_rate_limit == after.client_rate_limit =>
+            {
+                app.rate.clone()
+            }
+            _ => self.rate_limits(&after),
+        };
+        self.apps.write().expect("apps lock").insert(
+            name.to_string(),
+            Arc::new(App::new(after.clone(), revisions, rate)),
+        );
+        drop(current);
+        retire(retired).await;
+        Ok(Deployed {
+            revision: after.latest,
+            app: after,
+            created: new_revision.is_some(),
+            changes,
+        })
+    }
+
+    /// Revisions to delete so that at most `max_revisions_per_app` are kept: the oldest that
+    /// no traffic target, tag or fallback names.
+    fn prunable(&self, record: &AppRecord, numbers: &[u32]) -> Vec<u32> {
+        let keep = self.limits.max_revisions_per_app as usize;
+        let mut needed: Vec<u32> = traffic::referenced(&record.traffic, record.latest).collect();
+        needed.push(record.latest);
+        needed.extend(record.fallback.as_ref().and_then(|f| f.revision));
+        let mut candidates: Vec<u32> = numbers
+            .iter()
+            .copied()
+            .filter(|n| !needed.contains(n))
+            .collect();
+        candidates.sort_unstable();
+        let excess = numbers.len().saturating_sub(keep);
+        candidates.into_iter().take(excess).collect()
+    }
+
+    /// Sets how `name`'s requests are split across its revisions; `sticky_header` `None`
+    /// keeps the app's. Requests already running finish on theirs.
+    pub async fn set_traffic(
+        &self,
+        name: &str,
+        split: Vec<TrafficTarget>,
+        sticky_header: Option<Option<String>>,
+    ) -> Result<AppRecord, DeployError> {
+        let _changing = self.changes.lock().await;
+        self.set_traffic_locked(name, split, sticky_header).await
+    }
+
+    async fn set_traffic_locked(
+        &self,
+        name: &str,
+        split: Vec<TrafficTarget>,
+        sticky_header: Option<Option<String>>,
+    ) -> Result<AppRecord, DeployError> {
+        let stored = self
+            .records
+            .get(name)?
+            .ok_or_else(|| DeployError::NotFound(name.to_string()))?;
+        let mut after = stored.record.clone();
+        after.traffic = split;
+        if let Some(header) = sticky_header {
+            after.sticky_header = header.map(|h| h.to_ascii_lowercase());
+        }
+        let numbers: Vec<u32> = stored.revisions.keys().copied().collect();
+        after
+            .validate(&numbers)
+            .map_err(DeployError::InvalidSetting)?;
+        after.updated_at = store::unix_now();
+        self.records.commit(&after, None, &[])?;
+        self.store.make_durable().await?;
+        let current = self
+            .app(name)
+            .ok_or_else(|| DeployError::NotFound(name.to_string()))?;
+        self.apps.write().expect("apps lock").insert(
+            name.to_string(),
+            Arc::new(App::new(
+                after.clone(),
+                current.revisions.clone(),
+                current.rate.clone(),
+            )),
+        );
+        Ok(after)
+    }
+
+    /// Sends all of `name`'s traffic to `revision`, or, without one, to the revision before
+    /// the one that has all of it now. Tags stay, with no share.
+    pub async fn rollback(
+        &self,
+        name: &str,
+        revision: Option<u32>,
+    ) -> Result<AppRecord, DeployError> {
+        let _changing = self.changes.lock().await;
+        let stored = self
+            .records
+            .get(name)?
+            .ok_or_else(|| DeployError::NotFound(name.to_string()))?;
+        let record = &stored.record;
+        let target = match revision {
+            Some(number) => number,
+            None => {
+                let mut serving: Vec<u32> = record
+                    .traffic
+                    .iter()
+                    .filter(|t| t.percent > 0)
+                    .map(|t| traffic::resolve(t.revision, record.latest))
+                    .collect();
+                serving.dedup();
+                let [current] = serving[..] else {
+                    return Err(DeployError::InvalidSetting(
+                        "traffic is split across revisions: name the revision to roll back to"
+                            .into(),
+                    ));
+                };
+                *stored
+                    .revisions
+                    .range(..current)
+                    .next_back()
+                    .ok_or_else(|| {
+                        DeployError::InvalidSetting(format!(
+                            "revision {current} is the oldest one kept: there is none to roll back to"
+                        ))
+                    })?
+                    .0
+            }
+        };
+        let mut split = vec![TrafficTarget {
+            revision: RevisionRef::Number(target),
+            percent: 100,
+            tag: None,
+        }];
+        split.extend(
+            record
+                .traffic
+                .iter()
+                .filter(|t| t.tag.is_some())
+                .map(|t| TrafficTarget {
+                    percent: 0,
+                    ..t.clone()
+                }),
+        );
+        self.set_traffic_locked(name, split, None).await
+    }
+
+    /// Removes an app with its revisions and secrets; requests already running finish (their
+    /// revisions hold what they need). Its components' files go once nothing uses them.
+    pub async fn remove(&self, name: &str) -> Result<Option<AppRecord>, DeployError> {
+        let _changing = self.changes.lock().await;
+        let Some(stored) = self.records.get(name)? else {
+            return Ok(None);
+        };
+        self.records.remove_app(name)?;
+        self.secrets.remove_app(name)?;
+        self.store.make_durable().await?;
+        let removed = self.apps.write().expect("apps lock").remove(name);
+        if let Some(app) = removed {
+            let revisions = app.revisions.values().cloned().collect();
+            drop(app);
+            retire(revisions).await;
+        }
+        Ok(Some(stored.record))
+    }
+
+    /// Sets secret `key` of app `name` (stored encrypted); its next requests see it.
+    pub async fn set_secret(&self, name: &str, key: &str, value: &[u8]) -> Result<(), DeployError> {
+        let _changing = self.changes.lock().await;
+        let app = self
+            .app(name)
+            .ok_or_else(|| DeployError::NotFound(name.to_string()))?;
+        self.secrets.set(name, key, value)?;
+        self.store.make_durable().await?;
+        self.give_secrets(&app)
+    }
+
+    /// Removes secret `key` of app `name`; whether it was there.
+    pub async fn remove_secret(&self, name: &str, key: &str) -> Result<bool, DeployError> {
+        let _changing = self.changes.lock().await;
+        let app = self
+            .app(name)
+            .ok_or_else(|| DeployError::NotFound(name.to_string()))?;
+        let removed = self.secrets.remove(name, key)?;
+        self.store.make_durable().await?;
+        self.give_secrets(&app)?;
+        Ok(removed)
+    }
+
+    /// The names (never the values) of app `name`'s secrets.
+    pub fn secret_names(&self, name: &str) -> Result<Vec<String>, DeployError> {
+        Ok(self.secrets.names(name)?)
+    }
+
+    /// Gives `app`'s revisions its secrets as they are now.
+    fn give_secrets(&self, app: &App) -> Result<(), DeployError> {
+        let secrets = self.secrets.values(&app.record.name)?;
+        for revision in app.revisions.values() {
+            revision.set_secrets(&secrets);
+        }
+        Ok(())
+    }
+}
