@@ -129,6 +129,12 @@ pub struct NnConfig {
     /// runs it at the node's own), so that requests to other apps and key-value writes are
     /// served at once while every core is busy with models.
     pub inference_nice: u32,
+    /// Whether inference threads run under `SCHED_IDLE` (Linux): any other thread of the
+    /// node that becomes runnable (a request, a key-value flush) preempts them at once, where
+    /// a nice value still lets them finish a time slice of a few milliseconds first. The price:
+    /// while other work takes every core, inference gets almost none (false: it keeps the share
+    /// `inference_nice` gives it).
+    pub inference_sched_idle: bool,
     /// LLM generations of one model that are decoded together in one llama.cpp batch, per
     /// lane (a model has a lane per compute slot). Each lane that has run keeps a KV cache of
     /// this many × `max_context_tokens`; generations beyond lanes × this wait. 1 to 64.
@@ -268,6 +274,7 @@ impl Default for NnConfig {
             threads: 0,
             max_context_tokens: 2048,
             inference_nice: 10,
+            inference_sched_idle: true,
             llm_batch_sequences: 4,
             gpu_fallback: GpuFallback::Fail,
             default_backends: BTreeMap::new(),

@@ -28,13 +28,13 @@ pub struct CandleBertBackend {
 }
 
 impl CandleBertBackend {
-    /// A backend whose computations use `threads` threads, `nice` steps below the node's
-    /// priority (see [`super::InferenceThreads`]).
-    pub fn new(threads: usize, nice: u32) -> Self {
+    /// A backend whose computations use `threads` threads at `priority` below the node's
+    /// (see [`super::InferenceThreads`]).
+    pub fn new(threads: usize, priority: super::ThreadPriority) -> Self {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads.max(1))
             .thread_name(|i| format!("tensorlet-candle-{i}"))
-            .start_handler(move |_| super::lower_this_threads_priority(nice))
+            .start_handler(move |_| super::lower_this_threads_priority(priority))
             .build()
             .expect("building a thread pool only fails when threads cannot be spawned");
         Self {
@@ -353,7 +353,15 @@ mod tests {
     }
 
     fn load_error(bytes: &[u8]) -> String {
-        match CandleBertBackend::new(1, 0).load(bytes, ExecutionTarget::Cpu) {
+        match CandleBertBackend::new(
+            1,
+            crate::nn::backend::ThreadPriority {
+                nice: 0,
+                sched_idle: false,
+            },
+        )
+        .load(bytes, ExecutionTarget::Cpu)
+        {
             Err(BackendError::InvalidModel(message)) => message,
             Err(other) => panic!("wrong error kind: {other}"),
             Ok(_) => panic!("loaded"),

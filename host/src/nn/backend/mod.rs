@@ -240,10 +240,10 @@ pub trait ExecutionContext: Send {
 }
 
 /// The threads inference runs on: tokio blocking threads of their own, at a lower CPU priority
-/// than the threads that serve requests and flush the store (`[nn] inference_nice`). With every
-/// core decoding, a request to another app then still gets a core at once instead of waiting
-/// for a scheduler time slice. Threads a library starts from them (llama.cpp's, ONNX
-/// Runtime's) inherit the priority.
+/// than the threads that serve requests and flush the store (`[nn] inference_sched_idle`,
+/// `inference_nice`). With every core decoding, a request to another app then still gets a
+/// core at once instead of waiting for a scheduler time slice. Threads a library starts from
+/// them (llama.cpp's, ONNX Runtime's) inherit the priority.
 #[derive(Clone)]
 pub struct InferenceThreads(Arc<InferenceRuntime>);
 
@@ -259,12 +259,12 @@ impl Drop for InferenceRuntime {
 }
 
 impl InferenceThreads {
-    /// Blocking threads `nice` steps below the node's priority (0: the same).
-    pub fn new(nice: u32) -> std::io::Result<Self> {
+    /// Blocking threads at `priority` below the node's.
+    pub fn new(priority: ThreadPriority) -> std::io::Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("tensorlet-inference")
-            .on_thread_start(move || lower_this_threads_priority(nice))
+            .on_thread_start(move || lower_this_threads_priority(priority))
             .build()?;
         Ok(Self(Arc::new(InferenceRuntime(Some(runtime)))))
     }
@@ -295,8 +295,41 @@ impl InferenceThreads {
     }
 }
 
-/// Raises the calling thread's nice value by `steps` (on Linux, priority is per thread).
-pub fn lower_this_threads_priority(steps: u32) {
+/// How inference threads run beside the node's own (`[nn] inference_nice`,
+/// `inference_sched_idle`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ThreadPriority {
+    /// Nice steps below the node's priority.
+    pub nice: u32,
+    /// Run under `SCHED_IDLE`: any other runnable thread of the node preempts them at once.
+    pub sched_idle: bool,
+}
+
+impl ThreadPriority {
+    /// The priority `[nn]` gives inference threads.
+    pub fn of(config: &NnConfig) -> Self {
+        Self {
+            nice: config.inference_nice,
+            sched_idle: config.inference_sched_idle,
+        }
+    }
+}
+
+/// Lowers the calling thread's priority as `priority` says (on Linux, priority is per thread;
+/// threads it starts inherit it).
+pub fn lower_this_threads_priority(priority: ThreadPriority) {
+    if priority.sched_idle {
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: a plain system call on the calling thread (pid 0) with a valid parameter;
+        // a failure leaves the policy as it was.
+        if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
+            tracing::warn!(
+                error = %std::io::Error::last_os_error(),
+                "cannot run an inference thread under SCHED_IDLE"
+            );
+        }
+    }
+    let steps = priority.nice;
     if steps == 0 {
         return;
     }
@@ -509,7 +542,7 @@ impl Backends {
             #[cfg(feature = "candle")]
             Arc::new(candle::CandleBertBackend::new(
                 threads as usize,
-                config.inference_nice,
+                ThreadPriority::of(config),
             )),
         ];
         Self::with_compute_slots(all, config, compute_slots)
@@ -543,7 +576,7 @@ impl Backends {
             }
             default_backends.insert(encoding, name.clone());
         }
-        let threads = InferenceThreads::new(config.inference_nice)
+        let threads = InferenceThreads::new(ThreadPriority::of(config))
             .map_err(|e| format!("cannot start the inference threads: {e}"))?;
         Ok(Self {
             all,
@@ -846,18 +879,40 @@ mod inference_threads {
         unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }
     }
 
+    /// The calling thread's scheduling policy.
+    fn policy() -> i32 {
+        // SAFETY: a plain system call about the calling thread.
+        unsafe { libc::sched_getscheduler(0) }
+    }
+
     #[tokio::test]
     async fn inference_runs_below_the_request_path_and_panics_stay_its_own() {
-        let threads = InferenceThreads::new(5).unwrap();
+        let threads = InferenceThreads::new(ThreadPriority {
+            nice: 5,
+            sched_idle: false,
+        })
+        .unwrap();
         let here = priority();
         let there = threads.spawn(priority).await.unwrap();
         assert_eq!(there, (here + 5).min(19));
+        assert_eq!(threads.spawn(policy).await.unwrap(), policy());
         assert_eq!(priority(), here, "the caller's thread was lowered");
         let blocking = threads.clone();
         let run = tokio::task::spawn_blocking(move || blocking.run(priority)).await;
         assert_eq!(run.unwrap(), (here + 5).min(19));
         let panicked = tokio::task::spawn_blocking(move || threads.run(|| panic!("a bad model")));
         assert!(panicked.await.is_err());
+    }
+
+    #[tokio::test]
+    async fn idle_scheduling_leaves_the_callers_thread_as_it_was() {
+        let threads = InferenceThreads::new(ThreadPriority::of(&NnConfig::default())).unwrap();
+        assert_eq!(threads.spawn(policy).await.unwrap(), libc::SCHED_IDLE);
+        assert_ne!(
+            policy(),
+            libc::SCHED_IDLE,
+            "the caller's thread was changed"
+        );
     }
 }
 
