@@ -24,6 +24,10 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Model and inference settings.
     pub nn: NnConfig,
+    /// What the node keeps of its apps' logs and usage.
+    pub telemetry: crate::telemetry::TelemetryConfig,
+    /// Async invocation: workers, retries, what the queue keeps.
+    pub jobs: crate::jobs::JobsConfig,
 }
 
 /// `[tls]`: the certificate the node presents.
@@ -199,6 +203,8 @@ impl Default for Config {
             server: ServerConfig::default(),
             limits: LimitsConfig::default(),
             nn: NnConfig::default(),
+            telemetry: crate::telemetry::TelemetryConfig::default(),
+            jobs: crate::jobs::JobsConfig::default(),
         }
     }
 }
@@ -299,6 +305,8 @@ impl Config {
 
     /// Checks the values that parse but cannot work, naming the key and the range it takes.
     pub fn validate(&self) -> Result<(), String> {
+        self.telemetry.validate()?;
+        self.jobs.validate()?;
         let in_range = |key: &str, value: u64, range: std::ops::RangeInclusive<u64>| {
             if range.contains(&value) {
                 Ok(())

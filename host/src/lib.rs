@@ -10,11 +10,13 @@ pub mod api;
 pub mod apps;
 pub mod cli;
 pub mod config;
+pub mod jobs;
 pub mod kv;
 pub mod nn;
 pub mod node;
 pub mod runtime;
 pub mod store;
+pub mod telemetry;
 pub mod tenancy;
 #[cfg(test)]
 pub mod testing;

@@ -2,10 +2,12 @@
 //! (`cli::serve`) opens one and serves it.
 
 use crate::config::Config;
+use crate::jobs::JobStore;
 use crate::nn::{backend::Backends, ModelRegistry};
 use crate::runtime::Runtime;
 use crate::store::blobs::Blobs;
 use crate::store::Store;
+use crate::telemetry::Telemetry;
 use anyhow::Context;
 use std::sync::Arc;
 use std::time::Instant;
@@ -16,11 +18,19 @@ pub struct Node {
     pub store: Store,
     pub models: Arc<ModelRegistry>,
     pub runtime: Arc<Runtime>,
+    pub telemetry: Arc<Telemetry>,
+    /// Async invocations, stored until they are run and their results read.
+    pub jobs: JobStore,
+    /// Clients following app logs now (bounded: each holds a stream open).
+    pub log_followers: Arc<tokio::sync::Semaphore>,
     pub admin_token: String,
     /// SHA-256 fingerprint of the served certificate; `None` with plain HTTP.
     pub tls_fingerprint: Option<String>,
     pub started: Instant,
 }
+
+/// Clients that may follow app logs at once.
+pub const MAX_LOG_FOLLOWERS: usize = 64;
 
 /// The file in the data dir where a running node writes its URL, for the CLI to find.
 pub const ENDPOINT_FILE: &str = "endpoint";
@@ -54,7 +64,20 @@ pub fn open(config: Config, tls_fingerprint: Option<String>) -> anyhow::Result<N
         blobs.clone(),
         Backends::builtin(&config.nn).map_err(|e| anyhow::anyhow!("invalid config: {e}"))?,
     )?);
-    let runtime = Runtime::open(&config, store.clone(), blobs.clone(), models.clone())?;
+    let telemetry = Arc::new(
+        Telemetry::open(&store, &config.telemetry).context("cannot open the logs and usage")?,
+    );
+    let runtime = Runtime::open(
+        &config,
+        store.clone(),
+        blobs.clone(),
+        models.clone(),
+        telemetry.clone(),
+    )?;
+    let jobs = JobStore::open(&store, config.jobs.clone()).context("cannot open the job queue")?;
+    telemetry
+        .metrics
+        .register_collector(Box::new(crate::jobs::metrics::JobsCollector(jobs.clone())));
     // Every record now holds its blob: what none holds was left by a crash.
     let orphans = blobs.sweep().context("cannot clean blobs/")?;
     if orphans > 0 {
@@ -65,6 +88,9 @@ pub fn open(config: Config, tls_fingerprint: Option<String>) -> anyhow::Result<N
         store,
         models,
         runtime,
+        telemetry,
+        jobs,
+        log_followers: Arc::new(tokio::sync::Semaphore::new(MAX_LOG_FOLLOWERS)),
         admin_token,
         tls_fingerprint,
         started: Instant::now(),

@@ -22,6 +22,22 @@ pub struct TempStore {
     pub blobs: Arc<Blobs>,
 }
 
+/// Opens the store in `dir`. Reopening a folder just after the last handle on it went can
+/// find sled's background flusher still holding the file lock for a moment (in one process
+/// only: a restarted node never sees it): try again then, for up to 5 s.
+pub fn open_store(dir: &std::path::Path) -> Store {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match Store::open(dir) {
+            Ok(store) => return store,
+            Err(crate::store::StoreError::Open { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(error) => panic!("{error}"),
+        }
+    }
+}
+
 impl Default for TempStore {
     fn default() -> Self {
         Self::open_in(tempfile::tempdir().expect("a temporary folder"))
@@ -37,7 +53,7 @@ impl TempStore {
     }
 
     fn open_in(dir: tempfile::TempDir) -> Self {
-        let store = Store::open(&dir.path().join("db")).expect("the store opens");
+        let store = open_store(&dir.path().join("db"));
         let blobs = Blobs::open(&dir.path().join("blobs")).expect("the blob store opens");
         Self { dir, store, blobs }
     }

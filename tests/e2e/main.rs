@@ -12,4 +12,5 @@ mod failures;
 mod kv;
 mod llm;
 mod nn;
+mod operations;
 mod services;

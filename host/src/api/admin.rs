@@ -45,6 +45,17 @@ pub fn router(node: Arc<Node>) -> Router<Arc<Node>> {
         .route("/apps/{name}/traffic", put(set_traffic))
         .route("/apps/{name}/rollback", post(rollback))
         .route("/apps/{name}/secrets", get(list_secrets))
+        .route("/apps/{name}/logs", get(super::telemetry::logs))
+        .route("/usage", get(super::telemetry::usage))
+        .route("/jobs", get(super::jobs::stats))
+        .route(
+            "/apps/{name}/dead-letters",
+            get(super::jobs::dead_letters).delete(super::jobs::purge_dead),
+        )
+        .route(
+            "/apps/{name}/dead-letters/{id}/retry",
+            post(super::jobs::retry_dead),
+        )
         .route(
             "/apps/{name}/secrets/{key}",
             put(set_secret)
@@ -65,7 +76,12 @@ pub fn router(node: Arc<Node>) -> Router<Arc<Node>> {
         .layer(middleware::from_fn_with_state(node, require_admin))
 }
 
-async fn require_admin(State(node): State<Arc<Node>>, request: Request, next: Next) -> Response {
+/// Lets a request through only with the admin token.
+pub(super) async fn require_admin(
+    State(node): State<Arc<Node>>,
+    request: Request,
+    next: Next,
+) -> Response {
     let authorization = request
         .headers()
         .get(header::AUTHORIZATION)
@@ -155,7 +171,7 @@ async fn list_apps(State(node): State<Arc<Node>>) -> Json<Value> {
     Json(json!({ "apps": apps }))
 }
 
-fn app_not_found(name: &str) -> ApiError {
+pub(super) fn app_not_found(name: &str) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         "app_not_found",
@@ -380,7 +396,8 @@ async fn remove_app(
         .remove(&name)
         .await?
         .ok_or_else(|| app_not_found(&name))?;
-    Ok(Json(json!({ "removed": record })))
+    let jobs = node.jobs.remove_app(&name).await?;
+    Ok(Json(json!({ "removed": record, "jobs_removed": jobs })))
 }
 
 async fn list_models(State(node): State<Arc<Node>>) -> Json<Value> {

@@ -92,6 +92,69 @@ fn split_app_path(uri: &Uri) -> Option<(&str, Option<&str>, String)> {
     Some((app, selector, path))
 }
 
+/// Reads a request body for app `app_name` whole, before any instance starts (so a slow
+/// client never holds one): bounded by `limit` (413 past it, with the connection closed since
+/// the rest is left unread), by the node's budget for bodies in memory (`reservation`, 503
+/// when spent), and by the body timeout (408).
+pub async fn read_app_body(
+    node: &Node,
+    body: Body,
+    headers: &header::HeaderMap,
+    app_name: &str,
+    limit: u64,
+    reservation: &mut crate::runtime::BodyReservation,
+) -> Result<bytes::Bytes, Response> {
+    let too_large = || {
+        let mut response = ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("the request body is larger than app {app_name:?} accepts ({limit} bytes)"),
+        )
+        .into_response();
+        response.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
+        response
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit) {
+        return Err(too_large());
+    }
+    let read_timeout = Duration::from_secs(node.config.server.body_read_timeout_secs);
+    let read = read_body(body, limit, declared.unwrap_or(0), reservation);
+    match tokio::time::timeout(read_timeout, read).await {
+        Ok(Ok(body)) => Ok(body),
+        Ok(Err(BodyError::TooLarge)) => Err(too_large()),
+        Ok(Err(BodyError::Refused(error))) => Err(ApiError::from(error).into_response()),
+        Ok(Err(BodyError::Broken(error))) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_body",
+            format!("could not read the request body: {error}"),
+        )
+        .into_response()),
+        Err(_) => {
+            let mut response = ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                format!(
+                    "the request body did not arrive within {} s",
+                    read_timeout.as_secs()
+                ),
+            )
+            .into_response();
+            response.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+            Err(response)
+        }
+    }
+}
+
 /// Who a request comes from, for per-client rate limits: its address, for IPv6 its /64
 /// (which one host often holds whole). Not a header: the node checks no API key yet, and an
 /// unchecked value would give every request a fresh budget.
@@ -132,61 +195,19 @@ async fn run(node: &Node, request: Request, target: Target) -> Result<Response, 
     };
 
     let limit = admitted.revision.record.spec.max_body_bytes;
-    // The rest of the body is left unread, so the connection cannot carry another request:
-    // the client is told to close it rather than finding out on its next request.
-    let too_large = || {
-        let mut response = ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            format!("the request body is larger than app {app_name:?} accepts ({limit} bytes)"),
-        )
-        .into_response();
-        response.headers_mut().insert(
-            header::CONNECTION,
-            header::HeaderValue::from_static("close"),
-        );
-        response
-    };
-    let declared = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|length| length > limit) {
-        return Ok(too_large());
-    }
-    // The body is read whole (bounded by the app's limit, the node's body budget and the body
-    // timeout) before the instance starts, so a slow client never holds an instance.
     let mut reservation = node.runtime.body_reservation();
-    let read_timeout = Duration::from_secs(node.config.server.body_read_timeout_secs);
-    let read = read_body(body, limit, declared.unwrap_or(0), &mut reservation);
-    let body = match tokio::time::timeout(read_timeout, read).await {
-        Ok(Ok(body)) => body,
-        Ok(Err(BodyError::TooLarge)) => return Ok(too_large()),
-        Ok(Err(BodyError::Refused(error))) => return Err(error.into()),
-        Ok(Err(BodyError::Broken(error))) => {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "bad_body",
-                format!("could not read the request body: {error}"),
-            ));
-        }
-        Err(_) => {
-            let mut response = ApiError::new(
-                StatusCode::REQUEST_TIMEOUT,
-                "body_timeout",
-                format!(
-                    "the request body did not arrive within {} s",
-                    read_timeout.as_secs()
-                ),
-            )
-            .into_response();
-            response.headers_mut().insert(
-                header::CONNECTION,
-                header::HeaderValue::from_static("close"),
-            );
-            return Ok(response);
-        }
+    let body = match read_app_body(
+        node,
+        body,
+        &parts.headers,
+        app_name,
+        limit,
+        &mut reservation,
+    )
+    .await
+    {
+        Ok(body) => body,
+        Err(response) => return Ok(response),
     };
 
     let authority = parts

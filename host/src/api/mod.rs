@@ -1,30 +1,86 @@
-//! The HTTP edge: connections and their limits, the router, `/healthz`, the admin API under
-//! `/v1/admin`, and app invocation under `/apps/<app>/…` and the routes apps declare.
+//! The HTTP edge: connections and their limits, the router, `/healthz`, `/metrics`, the admin
+//! API under `/v1/admin`, app invocation under `/apps/<app>/…` and the routes apps declare,
+//! and async invocation under `/async/<app>/…` with its jobs at `/jobs/<id>`.
 
 mod admin;
 mod connection;
 mod error;
 mod invoke;
+mod jobs;
+mod telemetry;
 
 pub use connection::{raise_open_file_limit, ConnectionStats};
 pub use error::ApiError;
 
 use crate::node::Node;
-use axum::routing::{any, get};
+use crate::telemetry::{self as node_telemetry, REQUEST_ID_HEADER};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
 use axum::Router;
 use std::sync::Arc;
 use tokio::net::TcpListener;
+use tracing::Instrument;
 
 /// The whole router of a node.
 fn router(node: Arc<Node>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .route(
+            "/metrics",
+            get(metrics).route_layer(middleware::from_fn_with_state(
+                node.clone(),
+                admin::require_admin,
+            )),
+        )
         .nest("/v1/admin", admin::router(node.clone()))
+        .route("/async/{app}", post(jobs::enqueue))
+        .route("/async/{app}/", post(jobs::enqueue))
+        .route("/async/{app}/{*rest}", post(jobs::enqueue))
+        .route("/jobs/{id}", get(jobs::status))
+        .route("/jobs/{id}/result", get(jobs::result))
         .route("/apps/{app}", any(invoke::invoke))
         .route("/apps/{app}/", any(invoke::invoke))
         .route("/apps/{app}/{*rest}", any(invoke::invoke))
         .fallback(invoke::routed)
+        .layer(middleware::from_fn(request_id))
         .with_state(node)
+}
+
+/// Gives every request an id (the client's `x-request-id` when it is a valid one, else a
+/// fresh one): the app sees it, the response carries it back, and the request's trace span
+/// and log lines are tagged with it.
+async fn request_id(mut request: Request, next: Next) -> Response {
+    let id = request
+        .headers()
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|id| node_telemetry::valid_request_id(id))
+        .map_or_else(node_telemetry::new_request_id, str::to_string);
+    let value = HeaderValue::try_from(id.as_str()).expect("request ids are valid header values");
+    request
+        .headers_mut()
+        .insert(REQUEST_ID_HEADER, value.clone());
+    let span = tracing::info_span!(
+        "request",
+        id = %id,
+        method = %request.method(),
+        path = %request.uri().path()
+    );
+    let mut response = next.run(request).instrument(span).await;
+    response.headers_mut().insert(REQUEST_ID_HEADER, value);
+    response
+}
+
+/// The node's metrics in Prometheus' text format (admin token required).
+async fn metrics(State(node): State<Arc<Node>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, node_telemetry::metrics::CONTENT_TYPE)],
+        node.telemetry.metrics.encode(),
+    )
+        .into_response()
 }
 
 async fn healthz() -> &'static str {

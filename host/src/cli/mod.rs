@@ -109,6 +109,28 @@ enum Command {
     },
     /// Remove an app.
     Remove { app: String },
+    /// Show an app's log: its stdout, stderr and wasi:logging lines, newest last.
+    Logs {
+        app: String,
+        /// Keep printing new lines as they come.
+        #[arg(short, long)]
+        follow: bool,
+        /// How many of the newest lines to show first.
+        #[arg(short = 'n', long, default_value_t = 100)]
+        lines: usize,
+    },
+    /// Show metered usage per app: requests, errors, time, CPU, inference, tokens, bytes.
+    Usage {
+        /// One app only.
+        #[arg(long)]
+        app: Option<String>,
+        /// How far back: 90m, 24h, 7d.
+        #[arg(long, default_value = "24h")]
+        since: String,
+        /// Per hour instead of totals.
+        #[arg(long)]
+        hourly: bool,
+    },
     /// Manage models.
     Model {
         #[command(subcommand)]
@@ -472,6 +494,104 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }),
             );
         }
+        Command::Logs { app, follow, lines } => {
+            let path = format!("/v1/admin/apps/{app}/logs?limit={lines}");
+            if !follow {
+                let read = client.get(&path).await?;
+                for line in read["lines"].as_array().into_iter().flatten() {
+                    println!("{}", log_line(line));
+                }
+                return Ok(());
+            }
+            let mut response = client.get_streaming(&format!("{path}&follow=true")).await?;
+            let mut pending = Vec::new();
+            while let Some(chunk) = response.chunk().await? {
+                pending.extend_from_slice(&chunk);
+                while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = pending.drain(..=end).collect();
+                    let value: serde_json::Value = serde_json::from_slice(&line)?;
+                    match value.get("skipped") {
+                        Some(skipped) => {
+                            println!("… {skipped} lines skipped (this client fell behind)")
+                        }
+                        None => println!("{}", log_line(&value)),
+                    }
+                }
+            }
+        }
+        Command::Usage { app, since, hourly } => {
+            let mut path = format!("/v1/admin/usage?since={since}");
+            if let Some(app) = &app {
+                path.push_str(&format!("&app={app}"));
+            }
+            let usage = client.get(&path).await?;
+            let columns = |u: &serde_json::Value| {
+                let inference_ms: u64 = u["inference_us"]
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|(_, us)| us.as_u64())
+                    .sum::<u64>()
+                    / 1000;
+                vec![
+                    u["requests"].to_string(),
+                    format!(
+                        "{}/{}/{}/{}",
+                        u["errors_client"], u["errors_server"], u["shed"], u["timeouts"]
+                    ),
+                    (u["wall_us"].as_u64().unwrap_or(0) / 1000).to_string(),
+                    (u["cpu_us"].as_u64().unwrap_or(0) / 1000).to_string(),
+                    inference_ms.to_string(),
+                    format!("{}/{}", u["prompt_tokens"], u["completion_tokens"]),
+                    format!("{}/{}", u["bytes_in"], u["bytes_out"]),
+                    u["jobs"].to_string(),
+                ]
+            };
+            let headers = [
+                "REQUESTS",
+                "4XX/5XX/SHED/TIMEOUT",
+                "WALL MS",
+                "CPU MS",
+                "INFERENCE MS",
+                "TOKENS IN/OUT",
+                "BYTES IN/OUT",
+                "JOBS",
+            ];
+            if hourly {
+                let mut all = vec!["APP", "HOUR (UTC)"];
+                all.extend(headers);
+                print_table(
+                    &all,
+                    usage["rows"].as_array().into_iter().flatten().map(|row| {
+                        let hour = row["hour"].as_i64().unwrap_or(0) * 3600;
+                        let mut cells = vec![
+                            text(&row["app"]),
+                            jiff::Timestamp::from_second(hour).map_or_else(
+                                |_| hour.to_string(),
+                                |t| t.strftime("%Y-%m-%d %H:00").to_string(),
+                            ),
+                        ];
+                        cells.extend(columns(&row["usage"]));
+                        cells
+                    }),
+                );
+            } else {
+                let mut all = vec!["APP"];
+                all.extend(headers);
+                print_table(
+                    &all,
+                    usage["totals"]
+                        .as_object()
+                        .into_iter()
+                        .flatten()
+                        .map(|(app, u)| {
+                            let mut cells = vec![app.clone()];
+                            cells.extend(columns(u));
+                            cells
+                        }),
+                );
+            }
+        }
         Command::Status => {
             let status = client.get("/v1/admin/status").await?;
             println!("{}", serde_json::to_string_pretty(&status)?);
@@ -527,6 +647,21 @@ fn revision_traffic(record: &serde_json::Value, number: u64) -> String {
     } else {
         format!("{percent}% ({})", tags.join(", "))
     }
+}
+
+/// A log line as `time revision request level source: message`.
+fn log_line(line: &serde_json::Value) -> String {
+    let millis = line["time_ms"].as_i64().unwrap_or(0);
+    let time = jiff::Timestamp::from_millisecond(millis)
+        .map_or_else(|_| millis.to_string(), |t| t.to_string());
+    format!(
+        "{time} r{} {} {:<5} {}: {}",
+        line["revision"],
+        text(&line["request_id"]),
+        text(&line["level"]),
+        text(&line["source"]),
+        text(&line["message"]),
+    )
 }
 
 fn text(value: &serde_json::Value) -> String {

@@ -4,9 +4,15 @@
 
 use crate::api::{self, ConnectionStats};
 use crate::config::Config;
+use crate::jobs::run::RuntimeExecutor;
 use crate::node::{self, ENDPOINT_FILE};
 use anyhow::Context;
 use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// How long background work (usage, jobs) has to stop at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Runs a node until SIGINT or SIGTERM, then flushes the database and returns.
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -33,6 +39,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let node = tokio::task::spawn_blocking(move || node::open(config, fingerprint)).await??;
     let node = Arc::new(node);
     node.runtime.start_scaling_to_zero();
+    let shutdown = CancellationToken::new();
+    let mut background = node
+        .telemetry
+        .start_persisting(node.store.clone(), shutdown.clone());
+    let executor = RuntimeExecutor::new(
+        node.runtime.clone(),
+        node.telemetry.clone(),
+        &node.config.jobs,
+    )?;
+    background.extend(crate::jobs::spawn_workers(
+        node.jobs.clone(),
+        Arc::new(executor),
+        node.config.jobs.workers,
+        shutdown.clone(),
+    ));
 
     let scheme = if server_config.is_some() {
         "https"
@@ -60,6 +81,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tokio::select! {
         () = server => {}
         () = shutdown_signal() => println!("shutting down"),
+    }
+    shutdown.cancel();
+    for task in background {
+        if tokio::time::timeout(SHUTDOWN_GRACE, task).await.is_err() {
+            tracing::warn!("a background task did not stop in time");
+        }
     }
     node.store.flush_blocking()?;
     Ok(())

@@ -14,13 +14,21 @@ use wasmtime::component::Resource;
 pub struct GraphResource {
     graph: Arc<dyn Graph>,
     held_bytes: usize,
+    /// The model's name, for metering (models passed as bytes share one).
+    model: Arc<str>,
 }
+
+/// What models a guest passed as bytes are metered as.
+const GUEST_LOADED_MODEL: &str = "(guest-loaded)";
 
 /// The value behind a `graph-execution-context` resource. The mutex is per context, never
 /// per graph: it only lets `compute` move the context to a blocking thread.
 pub struct ContextResource {
     context: Arc<Mutex<Box<dyn ExecutionContext>>>,
     takes_compute_slots_itself: bool,
+    model: Arc<str>,
+    /// Completion tokens of the current generation already metered.
+    completion_metered: u64,
 }
 
 /// The value behind an `error` resource.
@@ -123,7 +131,11 @@ impl graph::Host for NnView<'_> {
             })
             .await?;
         match loaded {
-            Ok(graph) => Ok(Ok(self.table.push(GraphResource { graph, held_bytes })?)),
+            Ok(graph) => Ok(Ok(self.table.push(GraphResource {
+                graph,
+                held_bytes,
+                model: GUEST_LOADED_MODEL.into(),
+            })?)),
             Err(error) => {
                 self.ctx.release(held_bytes);
                 self.fail_backend(error)
@@ -142,6 +154,7 @@ impl graph::Host for NnView<'_> {
             Ok(graph) => Ok(Ok(self.table.push(GraphResource {
                 graph,
                 held_bytes: 0,
+                model: name.into(),
             })?)),
             Err(error @ ModelError::NotFound(_)) => self.fail(
                 errors::ErrorCode::NotFound,
@@ -157,9 +170,12 @@ impl graph::HostGraph for NnView<'_> {
         &mut self,
         graph: Resource<GraphResource>,
     ) -> NnResult<ContextResource> {
-        let graph = self.table.get(&graph)?.graph.clone();
-        match graph.init_execution_context() {
+        let graph = self.table.get(&graph)?;
+        let model = graph.model.clone();
+        match graph.graph.init_execution_context() {
             Ok(context) => Ok(Ok(self.table.push(ContextResource {
+                model,
+                completion_metered: 0,
                 takes_compute_slots_itself: context.takes_compute_slots_itself(),
                 context: Arc::new(Mutex::new(context)),
             })?)),
@@ -182,13 +198,15 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
         context: Resource<ContextResource>,
         inputs: Vec<inference::NamedTensor>,
     ) -> wasmtime::Result<Result<Vec<inference::NamedTensor>, Resource<NnError>>> {
+        let starts_anew = !inputs.is_empty();
         let mut tensors = Vec::with_capacity(inputs.len());
         for (name, tensor) in inputs {
             let tensor = self.table.delete(tensor)?;
             self.ctx.release(tensor.data.len());
             tensors.push((name, tensor));
         }
-        let resource = self.table.get(&context)?;
+        let context_handle = context;
+        let resource = self.table.get(&context_handle)?;
         let context = resource.context.clone();
         // Each inference uses `nn.threads` threads; running more at once than the cores can
         // hold makes all of them crawl (spinning thread pools), so computes take turns.
@@ -217,12 +235,15 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
                 let mut context = context
                     .lock()
                     .unwrap_or_else(|poisoned| poisoned.into_inner());
-                backend::catch_panic("compute", || context.compute(tensors, &cancel))
+                let started = std::time::Instant::now();
+                let outputs = backend::catch_panic("compute", || context.compute(tensors, &cancel));
+                outputs.map(|outputs| (outputs, started.elapsed()))
             })
             .await?;
         cancel_on_drop.disarm();
         match outputs {
-            Ok(outputs) => {
+            Ok((outputs, elapsed)) => {
+                self.meter_compute(&context_handle, starts_anew, &outputs, elapsed)?;
                 let mut named = Vec::with_capacity(outputs.len());
                 for (name, tensor) in outputs {
                     self.ctx.hold(tensor.data.len())?;
@@ -238,6 +259,51 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
         self.table.delete(context)?;
         Ok(())
     }
+}
+
+impl NnView<'_> {
+    /// Meters one compute of `context`: its time, and for a model that reports `usage` (LLMs,
+    /// embeddings) its tokens. A compute with inputs starts a new generation; later ones report
+    /// the generation's running total of completion tokens, of which only the new ones count.
+    fn meter_compute(
+        &mut self,
+        context: &Resource<ContextResource>,
+        starts_anew: bool,
+        outputs: &[backend::NamedTensor],
+        elapsed: std::time::Duration,
+    ) -> wasmtime::Result<()> {
+        let usage = outputs
+            .iter()
+            .find(|(name, _)| name == "usage")
+            .and_then(|(_, tensor)| serde_json::from_slice::<ReportedUsage>(&tensor.data).ok());
+        let resource = self.table.get_mut(context)?;
+        if starts_anew {
+            resource.completion_metered = 0;
+        }
+        let (mut prompt, mut completion) = (0, 0);
+        if let Some(usage) = usage {
+            if starts_anew {
+                prompt = usage.prompt_tokens;
+            }
+            completion = usage
+                .completion_tokens
+                .saturating_sub(resource.completion_metered);
+            resource.completion_metered = resource.completion_metered.max(usage.completion_tokens);
+        }
+        self.ctx
+            .meter
+            .model_computed(&resource.model, elapsed, prompt, completion);
+        Ok(())
+    }
+}
+
+/// The `usage` output of models that count tokens.
+#[derive(serde::Deserialize)]
+struct ReportedUsage {
+    #[serde(default)]
+    prompt_tokens: u64,
+    #[serde(default)]
+    completion_tokens: u64,
 }
 
 impl tensor::Host for NnView<'_> {}
@@ -336,11 +402,23 @@ mod tests {
         (error.code, error.message.clone())
     }
 
+    /// A meter for instances of app `app` on `store`.
+    fn test_meter(store: &TempStore) -> crate::telemetry::AppMeter {
+        let telemetry = crate::telemetry::Telemetry::open(&store.store, &Default::default())
+            .expect("telemetry opens");
+        crate::telemetry::AppMeter::new(Arc::new(telemetry), "app")
+    }
+
     #[tokio::test]
     async fn an_app_loads_only_the_models_it_declared_and_computes_on_them() {
         let store = TempStore::default();
         let models = registry_with_triple(&store).await;
-        let mut ctx = NnCtx::new(models, grant(&["triple", "ghost"]), Arc::default());
+        let mut ctx = NnCtx::new(
+            models,
+            grant(&["triple", "ghost"]),
+            Arc::default(),
+            test_meter(&store),
+        );
         let mut table = ResourceTable::new();
         let mut view = NnView {
             ctx: &mut ctx,
@@ -378,6 +456,7 @@ mod tests {
                 ..grant(&[])
             },
             memory_hit.clone(),
+            test_meter(&store),
         );
         let mut table = ResourceTable::new();
         let mut view = NnView {
@@ -412,7 +491,12 @@ mod tests {
         let mut table = ResourceTable::new();
 
         // The only backend here is not the pure-Rust one: without permission, refused.
-        let mut ctx = NnCtx::new(models.clone(), grant(&[]), Arc::default());
+        let mut ctx = NnCtx::new(
+            models.clone(),
+            grant(&[]),
+            Arc::default(),
+            test_meter(&store),
+        );
         let mut view = NnView {
             ctx: &mut ctx,
             table: &mut table,
@@ -437,6 +521,7 @@ mod tests {
                 ..grant(&[])
             },
             Arc::default(),
+            test_meter(&store),
         );
         let mut view = NnView {
             ctx: &mut ctx,

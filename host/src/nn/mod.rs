@@ -10,6 +10,7 @@ mod encoding;
 mod host;
 mod registry;
 
+use crate::telemetry::AppMeter;
 pub use encoding::Encoding;
 pub use registry::{ModelError, ModelRecord, ModelRegistry, ModelStatus, Upload};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -60,16 +61,24 @@ pub struct NnCtx {
     /// Set when the instance is stopped for holding too much, so that it is reported as a
     /// memory-limit failure.
     memory_hit: Arc<AtomicBool>,
+    /// Where the instance's inference time and tokens are counted.
+    meter: AppMeter,
 }
 
 impl NnCtx {
     /// State for one instance, sharing the node's loaded models.
-    pub fn new(models: Arc<ModelRegistry>, grant: NnGrant, memory_hit: Arc<AtomicBool>) -> Self {
+    pub fn new(
+        models: Arc<ModelRegistry>,
+        grant: NnGrant,
+        memory_hit: Arc<AtomicBool>,
+        meter: AppMeter,
+    ) -> Self {
         Self {
             models,
             grant,
             held_bytes: 0,
             memory_hit,
+            meter,
         }
     }
 

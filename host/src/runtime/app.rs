@@ -31,6 +31,11 @@ pub struct App {
 }
 
 impl App {
+    /// Its newest revision.
+    pub fn latest(&self) -> Option<&Arc<Revision>> {
+        self.revisions.get(&self.record.latest)
+    }
+
     /// The app `record` serving `revisions` (which must hold every revision its split and
     /// fallback name).
     pub fn new(

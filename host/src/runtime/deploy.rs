@@ -404,6 +404,13 @@ impl Runtime {
         self.secrets.remove_app(name)?;
         self.store.make_durable().await?;
         let removed = self.apps.write().expect("apps lock").remove(name);
+        self.resources
+            .telemetry
+            .metrics
+            .forget_app(name, 1..stored.record.next_revision);
+        if let Err(error) = self.resources.telemetry.logs.remove_app(name).await {
+            tracing::error!(app = name, %error, "deleting the removed app's log failed");
+        }
         if let Some(app) = removed {
             let revisions = app.revisions.values().cloned().collect();
             drop(app);

@@ -10,6 +10,7 @@ use super::instance::{self, InvokeError, Launch};
 use super::outgoing::OutgoingPolicy;
 use super::Runtime;
 use crate::apps::rate::Scope;
+use crate::telemetry::RequestObservation;
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 use http_body_util::{BodyExt, Full};
@@ -125,13 +126,24 @@ impl Runtime {
         };
         let fallback = match (limited.scope, &app.record.fallback) {
             (Scope::App, Some(fallback)) => fallback,
-            _ => return Err(limited_error),
+            _ => {
+                self.observe(&app, &revision, 0)
+                    .refused(limited_error.status().as_u16());
+                return Err(limited_error);
+            }
         };
         revision.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
         let Some(number) = fallback.revision else {
-            return Ok(Decision::Degraded(fixed_fallback(&app, "rate_limited")));
+            let response = fixed_fallback(&app, "rate_limited");
+            let status = response.status().as_u16();
+            let observation = self.observe(&app, &revision, 0);
+            return Ok(Decision::Degraded(
+                response.map(|body| observation.answered(status, body).boxed_unsync()),
+            ));
         };
         let Some(target) = app.revisions.get(&number).cloned() else {
+            self.observe(&app, &revision, 0)
+                .refused(limited_error.status().as_u16());
             return Err(limited_error);
         };
         Ok(Decision::Serve(Admitted {
@@ -143,8 +155,39 @@ impl Runtime {
 
     /// Serves an admitted request: from the cache when the revision keeps one and has the
     /// answer, else in a fresh instance; on a failure or when shedding, by the app's fallback.
-    /// `depth` counts the calls between apps that led here.
+    /// `depth` counts the calls between apps that led here. The request is recorded (metrics,
+    /// usage) under the revision it was routed to.
     pub async fn serve(
+        &self,
+        admitted: Admitted,
+        request: http::Request<Full<Bytes>>,
+        depth: u32,
+    ) -> Result<http::Response<ServedBody>, InvokeError> {
+        let bytes_in = hyper::body::Body::size_hint(request.body()).lower();
+        let observation = self.observe(&admitted.app, &admitted.revision, bytes_in);
+        match self.serve_observed(admitted, request, depth).await {
+            Ok(response) => {
+                let status = response.status().as_u16();
+                Ok(response.map(|body| observation.answered(status, body).boxed_unsync()))
+            }
+            Err(error) => {
+                observation.refused(error.status().as_u16());
+                Err(error)
+            }
+        }
+    }
+
+    /// Starts recording a request to `revision`.
+    pub fn observe(&self, app: &App, revision: &Revision, bytes_in: u64) -> RequestObservation {
+        RequestObservation::start(
+            self.resources.telemetry.clone(),
+            &app.record.name,
+            revision.record.number,
+            bytes_in,
+        )
+    }
+
+    async fn serve_observed(
         &self,
         admitted: Admitted,
         request: http::Request<Full<Bytes>>,
@@ -308,6 +351,12 @@ impl Runtime {
             depth,
             self.limits.max_call_depth,
             Duration::from_secs(revision.record.spec.timeout_secs),
+            request
+                .headers()
+                .get(crate::telemetry::REQUEST_ID_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string(),
         );
         let launch = Launch {
             pre,

@@ -4,8 +4,10 @@
 use super::admission::Slot;
 use super::app::Revision;
 use super::outgoing::OutgoingPolicy;
+use super::output::InstanceLog;
 use crate::kv::{KvCtx, KvView};
 use crate::nn::{NnCtx, NnGrant, NnView};
+use crate::telemetry::AppMeter;
 use bytes::Bytes;
 use http_body_util::Full;
 use std::future::Future;
@@ -39,6 +41,19 @@ pub struct InstanceState {
     /// The engine's epoch, and the epoch at the guest's last yield, for the CPU budget.
     epoch: Arc<std::sync::atomic::AtomicU64>,
     last_epoch: u64,
+    /// Epoch ticks the guest ran through (its CPU time, metered when the instance goes).
+    cpu_ticks_used: u64,
+    meter: AppMeter,
+    log: InstanceLog,
+}
+
+impl Drop for InstanceState {
+    fn drop(&mut self) {
+        if self.cpu_ticks_used > 0 {
+            let ticks = u32::try_from(self.cpu_ticks_used).unwrap_or(u32::MAX);
+            self.meter.cpu_used(super::engine::EPOCH_TICK * ticks);
+        }
+    }
 }
 
 impl WasiView for InstanceState {
@@ -108,6 +123,7 @@ pub fn build_linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<Instan
     wasmtime_wasi_config::add_to_linker(&mut linker, |s: &mut InstanceState| {
         WasiConfig::new(&s.config)
     })?;
+    super::output::add_to_linker(&mut linker, |s: &mut InstanceState| &mut s.log)?;
     Ok(linker)
 }
 
@@ -242,6 +258,7 @@ pub struct InstanceResources {
     pub max_guest_model_bytes: u64,
     /// The engine's epoch, as its ticker counts it.
     pub epoch: Arc<std::sync::atomic::AtomicU64>,
+    pub telemetry: Arc<crate::telemetry::Telemetry>,
 }
 
 /// A fresh store for one instance of `revision`, with its limits and its yield-on-tick policy.
@@ -252,10 +269,18 @@ fn new_store(
     memory_hit: Arc<AtomicBool>,
     config: Arc<WasiConfigVariables>,
     outgoing: OutgoingPolicy,
+    request_id: &str,
 ) -> Store<InstanceState> {
     let record = &revision.record;
     let spec = &record.spec;
-    let (stdout, stderr) = super::output::GuestOutput::pair(&record.app);
+    let log = InstanceLog::new(
+        resources.telemetry.logs.clone(),
+        &record.app,
+        record.number,
+        request_id,
+    );
+    let (stdout, stderr) = log.streams();
+    let meter = AppMeter::new(resources.telemetry.clone(), &record.app);
     let mut table = ResourceTable::new();
     table.set_max_capacity(MAX_RESOURCES);
     let state = InstanceState {
@@ -281,6 +306,7 @@ fn new_store(
                 native_guest_models: spec.native_guest_models,
             },
             memory_hit.clone(),
+            meter.clone(),
         ),
         kv: KvCtx::new(resources.store.clone(), &record.app, &resources.kv_usage),
         config,
@@ -293,6 +319,9 @@ fn new_store(
             .map(|ms| ms.div_ceil(super::engine::EPOCH_TICK.as_millis() as u64)),
         last_epoch: resources.epoch.load(Ordering::Relaxed),
         epoch: resources.epoch.clone(),
+        cpu_ticks_used: 0,
+        meter,
+        log,
     };
     let mut store = Store::new(pre.engine(), state);
     store.limiter(|s| &mut s.limiter);
@@ -308,6 +337,7 @@ fn new_store(
         // the first check back in guest code is not charged.
         let ran = epoch == state.last_epoch + 1;
         state.last_epoch = epoch;
+        state.cpu_ticks_used += u64::from(ran);
         if let (Some(left), true) = (&mut state.cpu_ticks_left, ran) {
             if *left == 0 {
                 return Err(CpuBudgetSpent.into());
@@ -333,6 +363,7 @@ pub async fn instantiate_only(
         Arc::new(AtomicBool::new(false)),
         Arc::new(WasiConfigVariables::new()),
         OutgoingPolicy::denied(),
+        "",
     );
     pre.instantiate_async(&mut store)
         .await
@@ -367,6 +398,12 @@ pub async fn invoke(
         outgoing,
     } = launch;
     let memory_hit = Arc::new(AtomicBool::new(false));
+    let request_id = request
+        .headers()
+        .get(crate::telemetry::REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
     let mut store = new_store(
         &pre,
         &revision,
@@ -374,6 +411,7 @@ pub async fn invoke(
         memory_hit.clone(),
         config,
         outgoing,
+        &request_id,
     );
 
     let (sender, mut receiver) = tokio::sync::oneshot::channel();

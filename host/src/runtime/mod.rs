@@ -5,6 +5,7 @@
 mod admission;
 mod app;
 mod cache;
+mod collector;
 mod deploy;
 pub mod dispatch;
 mod engine;
@@ -25,6 +26,7 @@ use crate::apps::AppRecords;
 use crate::config::{Config, LimitsConfig};
 use crate::store::blobs::{self, Blobs};
 use crate::store::Store;
+use crate::telemetry::Telemetry;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, OnceLock, RwLock, Weak};
 use std::time::Duration;
@@ -84,6 +86,7 @@ impl Runtime {
         store: Store,
         blobs: Arc<Blobs>,
         models: Arc<crate::nn::ModelRegistry>,
+        telemetry: Arc<Telemetry>,
     ) -> anyhow::Result<Arc<Self>> {
         let engine = engine::build_engine(&config.limits)
             .map_err(|e| anyhow::anyhow!("cannot configure wasmtime: {e:#}"))?;
@@ -110,6 +113,7 @@ impl Runtime {
                 models,
                 max_guest_model_bytes: config.nn.max_guest_model_bytes,
                 epoch: ticker.ticks(),
+                telemetry,
             },
             responses: cache::ResponseCache::new(config.limits.response_cache_bytes),
             secrets: Secrets::open(&store, &config.data_dir)
@@ -130,6 +134,13 @@ impl Runtime {
             .this
             .set(Arc::downgrade(&runtime))
             .expect("set once, here");
+        runtime
+            .resources
+            .telemetry
+            .metrics
+            .register_collector(Box::new(collector::RuntimeCollector(Arc::downgrade(
+                &runtime,
+            ))));
         let stored = runtime.records.load_all(&runtime.limits)?;
         // Records of an older node were rewritten: make that durable before serving.
         runtime.store.flush_blocking()?;

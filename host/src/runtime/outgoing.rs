@@ -9,6 +9,7 @@ use super::dispatch::{self, Decision};
 use super::InvokeError;
 use super::Runtime;
 use crate::apps::outbound::{self, Destination};
+use crate::telemetry::{valid_request_id, REQUEST_ID_HEADER};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use std::future::Future;
@@ -27,6 +28,9 @@ pub struct OutgoingPolicy {
     max_depth: u32,
     /// The longest an outside call may wait to connect, for its first byte, between bytes.
     timeout: Duration,
+    /// The id of the request the instance serves: calls to other apps carry it unless the
+    /// guest set a valid one itself, so one id ties a pipeline's log lines together.
+    request_id: String,
 }
 
 type ResponseFuture = Box<
@@ -51,6 +55,7 @@ impl OutgoingPolicy {
         depth: u32,
         max_depth: u32,
         timeout: Duration,
+        request_id: String,
     ) -> Self {
         Self {
             runtime,
@@ -59,12 +64,21 @@ impl OutgoingPolicy {
             depth,
             max_depth,
             timeout,
+            request_id,
         }
     }
 
     /// A policy that allows nothing.
     pub fn denied() -> Self {
-        Self::new(Weak::new(), String::new(), Vec::new(), 0, 0, Duration::ZERO)
+        Self::new(
+            Weak::new(),
+            String::new(),
+            Vec::new(),
+            0,
+            0,
+            Duration::ZERO,
+            String::new(),
+        )
     }
 }
 
@@ -108,6 +122,17 @@ impl WasiHttpHooks for OutgoingPolicy {
                 let caller = format!("app:{}", self.caller);
                 let depth = self.depth + 1;
                 let max_depth = self.max_depth;
+                let mut request = request;
+                let guest_set_one = request
+                    .headers()
+                    .get(REQUEST_ID_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(valid_request_id);
+                if !guest_set_one {
+                    if let Ok(id) = http::HeaderValue::try_from(self.request_id.as_str()) {
+                        request.headers_mut().insert(REQUEST_ID_HEADER, id);
+                    }
+                }
                 Box::new(async move {
                     let Some(runtime) = runtime.upgrade() else {
                         return Err(Error::HttpRequestDenied);

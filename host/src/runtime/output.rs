@@ -1,9 +1,11 @@
-//! Where a guest's stdout and stderr go: the node's log, one line per event, tagged with the
-//! app and the stream. Control characters are escaped (a guest cannot write terminal escape
-//! sequences into the operator's log or forge log lines), and each instance may log at most
-//! [`MAX_BYTES_PER_INSTANCE`]; the rest is dropped and counted, so a chatty or hostile guest
-//! costs neither memory nor the log's disk.
+//! Where a guest's stdout, stderr and `wasi:logging` lines go: its app's log
+//! (`tensorlet logs <app>`), one line per event, tagged with the revision, the request id, a
+//! level and the source. Control characters are escaped (a guest cannot write terminal escape
+//! sequences into the operator's terminal or forge log lines), and each instance may log at
+//! most [`MAX_BYTES_PER_INSTANCE`]; the rest is dropped and counted, so a chatty or hostile
+//! guest costs neither memory nor the log's disk.
 
+use crate::telemetry::logs::{AppLogs, Level, LogLine, Source};
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,35 +14,125 @@ use std::task::{Context, Poll};
 use tokio::io::AsyncWrite;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 
-/// Output one instance may log, stdout and stderr together.
+/// Output one instance may log, stdout, stderr and wasi:logging together.
 pub const MAX_BYTES_PER_INSTANCE: usize = 64 << 10;
 
 /// The longest line logged as one event; longer ones are split.
 const MAX_LINE_BYTES: usize = 4096;
 
-/// One instance's stdout or stderr.
+/// Where one instance's lines go: its app's log, tagged with its revision and request.
 #[derive(Clone)]
-pub struct GuestOutput {
+pub struct InstanceLog {
+    logs: AppLogs,
     app: Arc<str>,
-    stream: &'static str,
-    /// Bytes this instance may still log, shared by its two streams.
+    revision: u64,
+    request_id: Arc<str>,
+    /// Bytes this instance may still log, shared by all its outputs.
     left: Arc<AtomicUsize>,
 }
 
-impl GuestOutput {
-    /// The stdout and stderr of one instance of `app`.
-    pub fn pair(app: &str) -> (Self, Self) {
-        let (app, left): (Arc<str>, _) = (
-            app.into(),
-            Arc::new(AtomicUsize::new(MAX_BYTES_PER_INSTANCE)),
-        );
-        let stream = |stream| Self {
-            app: app.clone(),
-            stream,
-            left: left.clone(),
-        };
-        (stream("stdout"), stream("stderr"))
+impl InstanceLog {
+    pub fn new(logs: AppLogs, app: &str, revision: u32, request_id: &str) -> Self {
+        Self {
+            logs,
+            app: app.into(),
+            revision: revision.into(),
+            request_id: request_id.into(),
+            left: Arc::new(AtomicUsize::new(MAX_BYTES_PER_INSTANCE)),
+        }
     }
+
+    /// Takes up to `wanted` bytes of the instance's budget; how many it got.
+    fn take_budget(&self, wanted: usize) -> usize {
+        self.left
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                Some(left.saturating_sub(wanted))
+            })
+            .unwrap_or(0)
+            .min(wanted)
+    }
+
+    fn append(&self, level: Level, source: Source, message: String) {
+        tracing::debug!(target: "tensorlet::guest", app = %self.app, ?source, "{message}");
+        self.logs.append(LogLine::new(
+            &*self.app,
+            self.revision,
+            &*self.request_id,
+            level,
+            source,
+            message,
+        ));
+    }
+
+    /// A `wasi:logging` line: `context` (if any) before the message, cut to the budget.
+    pub fn log(&self, level: Level, context: &str, message: &str) {
+        let text = if context.is_empty() {
+            message.to_string()
+        } else {
+            format!("{context}: {message}")
+        };
+        let granted = self.take_budget(text.len());
+        if granted == 0 {
+            return;
+        }
+        let mut cut = granted.min(MAX_LINE_BYTES);
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        self.append(level, Source::Logging, escape(&text.as_bytes()[..cut]));
+    }
+
+    /// The instance's stdout (lines at level info) and stderr (level error).
+    pub fn streams(&self) -> (GuestOutput, GuestOutput) {
+        let stream = |source, level| GuestOutput {
+            log: self.clone(),
+            source,
+            level,
+        };
+        (
+            stream(Source::Stdout, Level::Info),
+            stream(Source::Stderr, Level::Error),
+        )
+    }
+}
+
+mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "wasi:logging/imports",
+    });
+}
+
+use bindings::wasi::logging::logging;
+
+impl logging::Host for InstanceLog {
+    fn log(&mut self, level: logging::Level, context: String, message: String) {
+        let level = match level {
+            logging::Level::Trace => Level::Trace,
+            logging::Level::Debug => Level::Debug,
+            logging::Level::Info => Level::Info,
+            logging::Level::Warn => Level::Warn,
+            logging::Level::Error => Level::Error,
+            logging::Level::Critical => Level::Critical,
+        };
+        InstanceLog::log(self, level, &context, &message);
+    }
+}
+
+/// Gives components `wasi:logging`, writing to the instance's log that `view` finds.
+pub fn add_to_linker<T: Send + 'static>(
+    linker: &mut wasmtime::component::Linker<T>,
+    view: fn(&mut T) -> &mut InstanceLog,
+) -> wasmtime::Result<()> {
+    logging::add_to_linker::<T, wasmtime::component::HasSelf<InstanceLog>>(linker, view)
+}
+
+/// One instance's stdout or stderr.
+#[derive(Clone)]
+pub struct GuestOutput {
+    log: InstanceLog,
+    source: Source,
+    level: Level,
 }
 
 impl IsTerminal for GuestOutput {
@@ -69,14 +161,7 @@ struct LineWriter {
 
 impl LineWriter {
     fn take(&mut self, bytes: &[u8]) {
-        let granted = self
-            .output
-            .left
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
-                Some(left.saturating_sub(bytes.len()))
-            })
-            .unwrap_or(0)
-            .min(bytes.len());
+        let granted = self.output.log.take_budget(bytes.len());
         self.dropped += bytes.len() - granted;
         for &byte in &bytes[..granted] {
             if byte == b'\n' {
@@ -93,7 +178,9 @@ impl LineWriter {
     fn emit(&mut self) {
         let text = escape(&self.line);
         self.line.clear();
-        tracing::info!(target: "tensorlet::guest", app = %self.output.app, stream = self.output.stream, "{text}");
+        self.output
+            .log
+            .append(self.output.level, self.output.source, text);
     }
 }
 
@@ -103,7 +190,14 @@ impl Drop for LineWriter {
             self.emit();
         }
         if self.dropped > 0 {
-            tracing::warn!(target: "tensorlet::guest", app = %self.output.app, stream = self.output.stream, dropped_bytes = self.dropped, "guest output past the instance's {MAX_BYTES_PER_INSTANCE}-byte log budget was dropped");
+            self.output.log.append(
+                Level::Warn,
+                self.output.source,
+                format!(
+                    "{} bytes of output past the instance's {MAX_BYTES_PER_INSTANCE}-byte log budget were dropped",
+                    self.dropped
+                ),
+            );
         }
     }
 }
@@ -155,9 +249,49 @@ mod tests {
         assert_eq!(escape(b"bad \xff utf-8"), "bad \u{fffd} utf-8");
     }
 
+    #[tokio::test]
+    async fn lines_reach_the_app_log_with_their_request_level_and_source() {
+        let temp = crate::testing::TempStore::default();
+        let logs = AppLogs::open(&temp.store, 100).unwrap();
+        let log = InstanceLog::new(logs.clone(), "app", 3, "req-1");
+        let (stdout, _) = log.streams();
+        let mut out = LineWriter {
+            output: stdout,
+            line: Vec::new(),
+            dropped: 0,
+        };
+        out.take(b"hello\x1b[2J\nunfinished");
+        drop(out);
+        log.log(Level::Warn, "db", "slow");
+        logs.flush_pending().await.unwrap();
+        let lines = logs.read("app", None, 10).unwrap();
+        let seen: Vec<_> = lines
+            .iter()
+            .map(|l| {
+                (
+                    l.message.as_str(),
+                    l.level,
+                    l.source,
+                    l.revision,
+                    l.request_id.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("hello\\u{1b}[2J", Level::Info, Source::Stdout, 3, "req-1"),
+                ("unfinished", Level::Info, Source::Stdout, 3, "req-1"),
+                ("db: slow", Level::Warn, Source::Logging, 3, "req-1"),
+            ]
+        );
+    }
+
     #[test]
     fn an_instance_logs_at_most_its_budget() {
-        let (stdout, stderr) = GuestOutput::pair("app");
+        let temp = crate::testing::TempStore::default();
+        let logs = AppLogs::open(&temp.store, 100).unwrap();
+        let (stdout, stderr) = InstanceLog::new(logs, "app", 1, "req").streams();
         let mut out = LineWriter {
             output: stdout,
             line: Vec::new(),

@@ -14,6 +14,7 @@
 pub mod blobs;
 pub mod files;
 
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use serde::{de::DeserializeOwned, Serialize};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -40,6 +41,8 @@ pub enum StoreError {
 pub struct Store {
     db: sled::Db,
     commits: Arc<GroupCommit>,
+    /// How long each flush took (exported as a metric).
+    flush_seconds: Histogram,
 }
 
 struct GroupCommit {
@@ -68,6 +71,7 @@ type FlushRequest = tokio::sync::oneshot::Sender<Result<(), StoreError>>;
 /// Starts the thread that flushes `db` on request; it ends when the last [`Store`] is gone.
 fn start_flusher(
     db: sled::Db,
+    flush_seconds: Histogram,
 ) -> std::io::Result<(
     std::sync::mpsc::Sender<FlushRequest>,
     std::thread::JoinHandle<()>,
@@ -79,7 +83,10 @@ fn start_flusher(
         .name("tensorlet-flush".into())
         .spawn(move || {
             for reply in receiver {
-                let _ = reply.send(db.flush().map(drop).map_err(StoreError::from));
+                let started = std::time::Instant::now();
+                let flushed = db.flush().map(drop).map_err(StoreError::from);
+                flush_seconds.observe(started.elapsed().as_secs_f64());
+                let _ = reply.send(flushed);
             }
         })?;
     Ok((sender, thread))
@@ -95,7 +102,9 @@ impl Store {
                 path: dir.display().to_string(),
                 source,
             })?;
-        let (flusher, thread) = start_flusher(db.clone())
+        // 50 µs … 0.8 s.
+        let flush_seconds = Histogram::new(exponential_buckets(0.00005, 2.0, 15));
+        let (flusher, thread) = start_flusher(db.clone(), flush_seconds.clone())
             .map_err(|e| StoreError::Flush(format!("cannot start the flush thread: {e}")))?;
         Ok(Self {
             db,
@@ -105,7 +114,13 @@ impl Store {
                 flusher: Some(flusher),
                 thread: Some(thread),
             }),
+            flush_seconds,
         })
+    }
+
+    /// The latency of this store's flushes.
+    pub fn flush_seconds(&self) -> Histogram {
+        self.flush_seconds.clone()
     }
 
     /// Opens a named tree.
@@ -222,7 +237,7 @@ mod tests {
         }
         drop(tree);
         drop(store);
-        let reopened = Store::open(dir.path()).unwrap();
+        let reopened = crate::testing::open_store(dir.path());
         assert_eq!(reopened.tree("t").unwrap().len(), 64);
     }
 

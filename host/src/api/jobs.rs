@@ -1,0 +1,299 @@
+//! Async invocation: `POST /async/<app>/<path>` stores the request as a job and answers 202
+//! with its id once it is durable; `/jobs/<id>` tells its state and `/jobs/<id>/result` gives
+//! the app's answer. Dead letters are the operator's, under `/v1/admin/apps/<app>/dead-letters`.
+//!
+//! A job id is 128 random bits: whoever holds it may read the job, as with a capability URL.
+
+use super::invoke::read_app_body;
+use super::ApiError;
+use crate::apps::outbound::{self, Destination};
+use crate::jobs::run::status_json;
+use crate::jobs::{JobError, JobState, NewJob};
+use crate::node::Node;
+use axum::body::Body;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+/// The header that asks for a callback once the job is completed or dead.
+pub const CALLBACK_HEADER: &str = "tensorlet-callback";
+/// The header that asks for another number of attempts than `[jobs] max_attempts`.
+pub const MAX_ATTEMPTS_HEADER: &str = "tensorlet-max-attempts";
+/// The header that makes a retried POST return the job it made the first time.
+pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
+
+/// Headers a job does not keep: the connection's own, and those that steer the job.
+const UNSTORED_HEADERS: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    CALLBACK_HEADER,
+    MAX_ATTEMPTS_HEADER,
+    IDEMPOTENCY_HEADER,
+];
+
+impl From<JobError> for ApiError {
+    fn from(error: JobError) -> Self {
+        match error {
+            JobError::Invalid(message) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_job", message)
+            }
+            JobError::QueueFull { .. } => ApiError {
+                retry_after_secs: Some(5),
+                ..ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "queue_full",
+                    error.to_string(),
+                )
+            },
+            JobError::NotFound => {
+                ApiError::new(StatusCode::NOT_FOUND, "job_not_found", "no such job")
+            }
+            JobError::Store(error) => error.into(),
+        }
+    }
+}
+
+fn bad_header(name: &str, why: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "bad_header",
+        format!("{name}: {why}"),
+    )
+}
+
+fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiError> {
+    headers
+        .get(name)
+        .map(|v| {
+            v.to_str()
+                .map_err(|_| bad_header(name, "not visible ASCII"))
+        })
+        .transpose()
+}
+
+/// `POST /async/<app>[/<path>]`.
+pub async fn enqueue(
+    State(node): State<Arc<Node>>,
+    Path(params): Path<Vec<(String, String)>>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let app_name = params
+        .iter()
+        .find(|(key, _)| key == "app")
+        .map(|(_, value)| value.clone())
+        .unwrap_or_default();
+    let rest = params
+        .iter()
+        .find(|(key, _)| key == "rest")
+        .map_or("", |(_, value)| value.as_str());
+    let app = node
+        .runtime
+        .app(&app_name)
+        .ok_or_else(|| super::admin::app_not_found(&app_name))?;
+    let (parts, body) = request.into_parts();
+    let callback = header_text(&parts.headers, CALLBACK_HEADER)?.map(str::to_string);
+    if let Some(url) = &callback {
+        let parsed: axum::http::Uri = url
+            .parse()
+            .map_err(|_| bad_header(CALLBACK_HEADER, "not a URL"))?;
+        let allowed = app
+            .latest()
+            .map(|revision| revision.record.spec.allowed_hosts.clone())
+            .unwrap_or_default();
+        let reachable = matches!(
+            outbound::destination(
+                &allowed,
+                parsed.scheme_str().unwrap_or_default(),
+                parsed.authority().map_or("", |a| a.as_str()),
+            ),
+            Destination::Network
+        );
+        if !reachable {
+            return Err(bad_header(
+                CALLBACK_HEADER,
+                "a callback goes only to an http(s) host the app's [outbound] allowed_hosts names",
+            ));
+        }
+    }
+    let max_attempts = match header_text(&parts.headers, MAX_ATTEMPTS_HEADER)? {
+        Some(text) => text
+            .parse()
+            .map_err(|_| bad_header(MAX_ATTEMPTS_HEADER, "not a number"))?,
+        None => node.config.jobs.max_attempts,
+    };
+    let idempotency_key = header_text(&parts.headers, IDEMPOTENCY_HEADER)?.map(str::to_string);
+    let limit = app.latest().map_or(node.config.limits.max_body_bytes, |r| {
+        r.record.spec.max_body_bytes
+    });
+    let mut reservation = node.runtime.body_reservation();
+    let body = match read_app_body(
+        &node,
+        body,
+        &parts.headers,
+        &app_name,
+        limit,
+        &mut reservation,
+    )
+    .await
+    {
+        Ok(body) => body,
+        Err(response) => return Ok(response),
+    };
+    let path = match parts.uri.query() {
+        Some(query) => format!("/{rest}?{query}"),
+        None => format!("/{rest}"),
+    };
+    let headers = parts
+        .headers
+        .iter()
+        .filter(|(name, _)| !UNSTORED_HEADERS.contains(&name.as_str()))
+        .filter_map(|(name, value)| Some((name.to_string(), value.to_str().ok()?.to_string())))
+        .collect();
+    let enqueued = node
+        .jobs
+        .enqueue(NewJob {
+            app: app_name,
+            method: parts.method.to_string(),
+            path,
+            headers,
+            body,
+            max_attempts,
+            callback,
+            idempotency_key,
+        })
+        .await?;
+    drop(reservation);
+    let status_url = format!("/jobs/{}", enqueued.id);
+    Ok((
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, status_url.clone())],
+        Json(json!({
+            "id": enqueued.id,
+            "existing": enqueued.existing,
+            "status_url": status_url,
+            "result_url": format!("/jobs/{}/result", enqueued.id),
+        })),
+    )
+        .into_response())
+}
+
+/// A job id as the node makes them: 32 lowercase hex digits.
+fn valid_job_id(id: &str) -> bool {
+    id.len() == 32 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+fn job(node: &Node, id: &str) -> Result<crate::jobs::JobRecord, ApiError> {
+    if !valid_job_id(id) {
+        return Err(JobError::NotFound.into());
+    }
+    node.jobs.get(id)?.ok_or_else(|| JobError::NotFound.into())
+}
+
+/// `GET /jobs/<id>`: the job's state, attempts, last error and result's status.
+pub async fn status(
+    State(node): State<Arc<Node>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(status_json(&job(&node, &id)?)))
+}
+
+/// `GET /jobs/<id>/result`: the app's answer (status, headers, body) once the job is
+/// completed; 409 before, or when it is dead.
+pub async fn result(
+    State(node): State<Arc<Node>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let job = job(&node, &id)?;
+    let (JobState::Completed, Some(result)) = (job.state, &job.result) else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "job_not_completed",
+            format!(
+                "the job is {}{}",
+                serde_json::to_value(job.state)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default(),
+                job.last_error
+                    .as_deref()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default()
+            ),
+        ));
+    };
+    let body = node.jobs.result_body(&id)?.unwrap_or_default();
+    let mut response = Response::new(Body::from(body));
+    *response.status_mut() = StatusCode::from_u16(result.status).unwrap_or(StatusCode::OK);
+    for (name, value) in &result.headers {
+        if let (Ok(name), Ok(value)) = (
+            header::HeaderName::try_from(name.as_str()),
+            header::HeaderValue::try_from(value.as_str()),
+        ) {
+            if !UNSTORED_HEADERS.contains(&name.as_str()) {
+                response.headers_mut().append(name, value);
+            }
+        }
+    }
+    Ok(response)
+}
+
+#[derive(Deserialize)]
+pub struct DeadQuery {
+    limit: Option<usize>,
+}
+
+/// `GET /v1/admin/apps/<app>/dead-letters`: the app's dead jobs, newest first.
+pub async fn dead_letters(
+    State(node): State<Arc<Node>>,
+    Path(app): Path<String>,
+    Query(query): Query<DeadQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let jobs = node
+        .jobs
+        .list_dead(&app, query.limit.unwrap_or(100).min(1000))?;
+    Ok(Json(json!({
+        "dead_letters": jobs.iter().map(status_json).collect::<Vec<_>>(),
+    })))
+}
+
+/// `POST /v1/admin/apps/<app>/dead-letters/<id>/retry`: the job is queued again, its attempts
+/// reset.
+pub async fn retry_dead(
+    State(node): State<Arc<Node>>,
+    Path((app, id)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    if !node.jobs.retry_dead(&app, &id).await? {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_a_dead_letter",
+            format!("{id} is not a dead letter of app {app:?}"),
+        ));
+    }
+    Ok(Json(json!({ "retried": id })))
+}
+
+/// `DELETE /v1/admin/apps/<app>/dead-letters`: deletes them all.
+pub async fn purge_dead(
+    State(node): State<Arc<Node>>,
+    Path(app): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let purged = node.jobs.purge_dead(&app).await?;
+    Ok(Json(json!({ "purged": purged })))
+}
+
+/// `GET /v1/admin/jobs`: jobs queued, running and dead, per app and in total.
+pub async fn stats(State(node): State<Arc<Node>>) -> Json<Value> {
+    Json(json!({
+        "total": node.jobs.stats(),
+        "apps": node.jobs.stats_by_app(),
+    }))
+}
