@@ -22,6 +22,7 @@ pub mod config;
 pub mod http;
 pub mod kv;
 pub mod llm;
+pub mod log;
 pub mod nn;
 
 /// The raw bindings of the `tensorlet:platform/inference-app` world, for what the helpers do

@@ -16,6 +16,10 @@
 //!   `status <code>\n<body>`, or 502 with the error's text.
 //! - `/spin?ms=N`: burns CPU for N ms of the monotonic clock, then 200 `spun`.
 //! - `/sleep?ms=N`: waits N ms on a monotonic-clock pollable (no CPU), then 200 `slept`.
+//! - `/log?text=T`: writes T to stdout, to stderr and through `wasi:logging` (level warn,
+//!   context `misbehave`), then 200 `logged`.
+//! - `/flaky?key=K&fail=N`: counts its calls with key K (key-value); the first N answer 503,
+//!   later ones 200 `ok after C calls`.
 
 use tensorlet_sdk::bindings::wasi::clocks::monotonic_clock;
 use tensorlet_sdk::config;
@@ -148,11 +152,33 @@ fn handle(request: Request) -> Response {
             }
             Response::text(200, "slept")
         }
+        "/log" => {
+            let text = percent_decode(request.query("text").unwrap_or_default());
+            println!("{text}");
+            eprintln!("{text}");
+            tensorlet_sdk::log::log(tensorlet_sdk::log::Level::Warn, "misbehave", &text);
+            Response::text(200, "logged")
+        }
+        "/flaky" => {
+            let key = request.query("key").unwrap_or("flaky");
+            let fail: i64 = request
+                .query("fail")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            let calls = tensorlet_sdk::kv::Bucket::open("flaky").and_then(|b| b.increment(key, 1));
+            match calls {
+                Ok(calls) if calls <= fail => {
+                    Response::text(503, format!("failing (call {calls})"))
+                }
+                Ok(calls) => Response::text(200, format!("ok after {calls} calls")),
+                Err(error) => Response::text(500, error.to_string()),
+            }
+        }
         _ => Response::error(
             404,
             "not_found",
             "routes: /trap /loop /membomb /tensor-bomb /nn-missing /infer /nn-load /config \
-             /config-all /fetch /spin /sleep",
+             /config-all /fetch /spin /sleep /log /flaky",
         ),
     }
 }
