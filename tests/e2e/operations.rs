@@ -618,3 +618,103 @@ async fn accepted_jobs_survive_sigkill_and_each_completes_once() {
     assert_eq!(jobs["total"]["running"], 0);
     assert_eq!(jobs["total"]["dead"], 0);
 }
+
+/// Runs `script` (in tests/e2e) with `args`, feeding it `input`; its stdout, or a panic with
+/// its stderr.
+fn python(script: &str, args: &[&str], input: &[u8]) -> Vec<u8> {
+    let mut child = Command::new("python3")
+        .arg(format!(
+            "{}/../tests/e2e/{script}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "{script} failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output.stdout
+}
+
+#[tokio::test]
+async fn the_admin_api_is_described_by_a_valid_openapi_document() {
+    let node = TestNode::start();
+    let (status, document) = node.get("/openapi.json").await;
+    assert_eq!(status, 200);
+    let paths: Vec<String> =
+        serde_json::from_slice(&python("validate_openapi.py", &[], document.as_bytes())).unwrap();
+    for path in [
+        "/v1/admin/status",
+        "/v1/admin/apps/{name}",
+        "/v1/admin/apps/{name}/traffic",
+        "/v1/admin/apps/{name}/rollback",
+        "/v1/admin/apps/{name}/logs",
+        "/v1/admin/apps/{name}/dead-letters",
+        "/v1/admin/usage",
+        "/v1/admin/models/{name}",
+    ] {
+        assert!(paths.iter().any(|p| p == path), "{path} in {paths:?}");
+    }
+    // Every documented route is served, and needs the token.
+    for path in &paths {
+        let concrete = path
+            .replace("{name}", "nobody")
+            .replace("{key}", "k")
+            .replace("{id}", "0");
+        let (status, _) = node.get(&concrete).await;
+        assert!(
+            status == 401 || status == 405,
+            "{concrete}: {status} without the token"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_dashboard_works_in_a_real_browser() {
+    let _heavy = crate::support::heavy().await;
+    let node = TestNode::start();
+    node.deploy_ok("hello", artifacts::HELLO, "").await;
+    node.deploy_ok("hello", artifacts::HELLO, "timeout_secs=7")
+        .await;
+    node.deploy_ok("worker", artifacts::MISBEHAVE, "").await;
+    for _ in 0..3 {
+        assert_eq!(node.get("/apps/hello/").await.0, 200);
+    }
+    assert_eq!(
+        node.get("/apps/worker/log?text=dashboard-line").await.0,
+        200
+    );
+    let response = post_async(
+        &node,
+        "/async/worker/flaky?key=d&fail=100",
+        &[("tensorlet-max-attempts", "1")],
+    )
+    .await;
+    let id: String = response.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .into();
+    job_reaches(&node, &id, "dead", 30).await;
+
+    let page = node.client.get(node.at("/dashboard")).send().await.unwrap();
+    assert!(page.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .contains("script-src 'self'"));
+    let summary = python("dashboard_browser.py", &[&node.url, &node.token], b"");
+    let summary: Value = serde_json::from_slice(&summary).unwrap();
+    assert_eq!(summary["ok"], true, "{summary}");
+    let app = node.admin_json("/v1/admin/apps/hello").await;
+    assert_eq!(
+        app["app"]["record"]["traffic"][0]["revision"], 1,
+        "the dashboard rolled hello back"
+    );
+}

@@ -6,14 +6,14 @@ use super::ApiError;
 use crate::apps::spec::DeploySpec;
 use crate::nn::{Encoding, Upload};
 use crate::node::Node;
+use crate::runtime::dispatch::ErrorBody;
 use crate::runtime::{App, DeployOptions};
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
-use axum::{Json, Router};
+use axum::Json;
 use futures_util::StreamExt;
 use http_body_util::BodyExt;
 use serde::Deserialize;
@@ -21,57 +21,45 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// Largest component the admin API accepts.
 const MAX_COMPONENT_BYTES: usize = 256 << 20;
 /// Largest deployment manifest (as JSON) the admin API accepts.
 const MAX_MANIFEST_BYTES: usize = 32 << 20;
 
-/// The admin routes, all behind the admin-token check.
-pub fn router(node: Arc<Node>) -> Router<Arc<Node>> {
-    Router::new()
-        .route("/status", get(status))
-        .route("/backends", get(backends))
-        .route("/apps", get(list_apps))
-        .route(
-            "/apps/{name}",
-            get(get_app)
-                .put(deploy)
-                .delete(remove_app)
-                .layer(DefaultBodyLimit::max(
-                    MAX_COMPONENT_BYTES + MAX_MANIFEST_BYTES,
-                )),
-        )
-        .route("/apps/{name}/traffic", put(set_traffic))
-        .route("/apps/{name}/rollback", post(rollback))
-        .route("/apps/{name}/secrets", get(list_secrets))
-        .route("/apps/{name}/logs", get(super::telemetry::logs))
-        .route("/usage", get(super::telemetry::usage))
-        .route("/jobs", get(super::jobs::stats))
-        .route(
-            "/apps/{name}/dead-letters",
-            get(super::jobs::dead_letters).delete(super::jobs::purge_dead),
-        )
-        .route(
-            "/apps/{name}/dead-letters/{id}/retry",
-            post(super::jobs::retry_dead),
-        )
-        .route(
-            "/apps/{name}/secrets/{key}",
-            put(set_secret)
-                .delete(remove_secret)
-                .layer(DefaultBodyLimit::max(
-                    crate::apps::secrets::MAX_VALUE_BYTES + 1,
-                )),
-        )
-        .route("/models", get(list_models))
-        .route(
-            "/models/{name}",
-            get(get_model)
-                .put(add_model)
-                .delete(remove_model)
-                .layer(DefaultBodyLimit::disable()),
-        )
+/// The admin routes, all behind the admin-token check, with their OpenAPI description.
+pub fn router(node: Arc<Node>) -> OpenApiRouter<Arc<Node>> {
+    let deploys = OpenApiRouter::new()
+        .routes(routes!(get_app, deploy, remove_app))
+        .layer(DefaultBodyLimit::max(
+            MAX_COMPONENT_BYTES + MAX_MANIFEST_BYTES,
+        ));
+    let secrets = OpenApiRouter::new()
+        .routes(routes!(set_secret, remove_secret))
+        .layer(DefaultBodyLimit::max(
+            crate::apps::secrets::MAX_VALUE_BYTES + 1,
+        ));
+    let models = OpenApiRouter::new()
+        .routes(routes!(get_model, add_model, remove_model))
+        .layer(DefaultBodyLimit::disable());
+    OpenApiRouter::new()
+        .routes(routes!(status))
+        .routes(routes!(backends))
+        .routes(routes!(list_apps))
+        .merge(deploys)
+        .routes(routes!(set_traffic))
+        .routes(routes!(rollback))
+        .routes(routes!(list_secrets))
+        .merge(secrets)
+        .routes(routes!(super::telemetry::logs))
+        .routes(routes!(super::telemetry::usage))
+        .routes(routes!(super::jobs::stats))
+        .routes(routes!(super::jobs::dead_letters, super::jobs::purge_dead))
+        .routes(routes!(super::jobs::retry_dead))
+        .routes(routes!(list_models))
+        .merge(models)
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(node, require_admin))
 }
@@ -125,10 +113,12 @@ async fn describe_backends(node: &Arc<Node>) -> Vec<crate::nn::backend::BackendI
         .unwrap_or_default()
 }
 
+#[utoipa::path(get, path = "/backends", tag = "node", responses((status = 200, description = "Every inference backend, whether it is available, and why not", body = serde_json::Value), (status = 401, description = "No or a wrong admin token", body = ErrorBody)))]
 async fn backends(State(node): State<Arc<Node>>) -> Json<Value> {
     Json(json!({ "backends": describe_backends(&node).await }))
 }
 
+#[utoipa::path(get, path = "/status", tag = "node", responses((status = 200, description = "Version, uptime, instances, queues, connections and backends", body = serde_json::Value), (status = 401, description = "No or a wrong admin token", body = ErrorBody)))]
 async fn status(
     State(node): State<Arc<Node>>,
     axum::Extension(connections): axum::Extension<Arc<super::ConnectionStats>>,
@@ -161,6 +151,7 @@ fn describe_app(node: &Node, app: &App) -> Value {
     })
 }
 
+#[utoipa::path(get, path = "/apps", tag = "apps", responses((status = 200, description = "Every app with its record, secrets' names and revisions", body = serde_json::Value), (status = 401, description = "No or a wrong admin token", body = ErrorBody)))]
 async fn list_apps(State(node): State<Arc<Node>>) -> Json<Value> {
     let apps: Vec<Value> = node
         .runtime
@@ -179,6 +170,7 @@ pub(super) fn app_not_found(name: &str) -> ApiError {
     )
 }
 
+#[utoipa::path(get, path = "/apps/{name}", tag = "apps", params(("name" = String, Path, description = "The app's name")), responses((status = 200, description = "The app, its record and revisions", body = serde_json::Value), (status = 401, description = "No or a wrong admin token", body = ErrorBody), (status = 404, description = "No such app", body = ErrorBody)))]
 async fn get_app(
     State(node): State<Arc<Node>>,
     Path(name): Path<String>,
@@ -192,8 +184,9 @@ async fn get_app(
 
 /// The shorthand settings of a deployment sent as a bare component (`curl -T app.wasm
 /// '…/apps/hello?timeout_secs=5'`); a manifest says more.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct DeployQuery {
     timeout_secs: Option<u64>,
     memory_mib: Option<u64>,
@@ -234,6 +227,7 @@ fn bad_deploy(message: impl Into<String>) -> ApiError {
 /// `PUT /apps/{name}`: either `multipart/form-data` with a `manifest` part (the deployment as
 /// JSON) and an optional `component` part, or the component alone as the body with the
 /// shorthand settings in the query. `?dry_run=true` reports the changes without applying them.
+#[utoipa::path(put, path = "/apps/{name}", tag = "apps", params(("name" = String, Path, description = "The app's name"), DeployQuery), request_body(description = "multipart/form-data with a `manifest` part (JSON) and an optional `component` part, or the component alone (application/wasm) with the shorthand settings in the query", content((String = "multipart/form-data"), (Vec<u8> = "application/wasm"))), responses((status = 200, description = "Deployed (or, with dry_run, what would change)", body = serde_json::Value), (status = 400, description = "Not a component, or an invalid manifest or setting", body = ErrorBody), (status = 401, description = "No or a wrong admin token", body = ErrorBody), (status = 413, description = "Component or manifest too large", body = ErrorBody)))]
 async fn deploy(
     State(node): State<Arc<Node>>,
     Path(name): Path<String>,
@@ -314,6 +308,7 @@ where
 }
 
 /// `PUT /apps/{name}/traffic`: a new split (and sticky header).
+#[utoipa::path(put, path = "/apps/{name}/traffic", tag = "apps", params(("name" = String, Path, description = "The app's name")), request_body(description = "`{\"split\": [{\"revision\": 3|\"latest\", \"percent\": 90, \"tag\": \"stable\"}], \"sticky_header\": \"x-user\"}`", content_type = "application/json", content = serde_json::Value), responses((status = 200, description = "The app's new record", body = serde_json::Value), (status = 400, description = "An invalid split", body = ErrorBody), (status = 401, description = "No or a wrong admin token", body = ErrorBody), (status = 404, description = "No such app", body = ErrorBody)))]
 async fn set_traffic(
     State(node): State<Arc<Node>>,
     Path(name): Path<String>,
@@ -335,6 +330,7 @@ struct RollbackRequest {
 }
 
 /// `POST /apps/{name}/rollback`: all traffic to a revision (by default the one before).
+#[utoipa::path(post, path = "/apps/{name}/rollback", tag = "apps", params(("name" = String, Path, description = "The app's name")), request_body(description = "Optional `{\"revision\": N}`; without it the revision before the current one", content_type = "application/json", content = serde_json::Value), responses((status = 200, description = "The app's new record", body = serde_json::Value), (status = 401, description = "No or a wrong admin token", body = ErrorBody), (status = 404, description = "No such app", body = ErrorBody)))]
 async fn rollback(
     State(node): State<Arc<Node>>,
     Path(name): Path<String>,
@@ -350,6 +346,7 @@ async fn rollback(
     Ok(Json(json!({ "app": record })))
 }
 
+#[utoipa::path(get, path = "/apps/{name}/secrets", tag = "apps", params(("name" = String, Path, description = "The app's name")), responses((status = 200, description = "The names of the app's secrets (never their values)", body = serde_json::Value), (status = 401, description = "No or a wrong admin token", body = ErrorBody), (status = 404, description = "No such app", body = ErrorBody)))]
 async fn list_secrets(
     State(node): State<Arc<Node>>,
     Path(name): Path<String>,
@@ -364,6 +361,7 @@ async fn list_secrets(
 
 /// `PUT /apps/{name}/secrets/{key}`: the body is the value. It is stored encrypted and never
 /// shown again.
+#[utoipa::path(put, path = "/apps/{name}/secrets/{key}", tag = "apps", params(("name" = String, Path, description = "The app's name"), ("key" = String, Path, description = "The secret's key")), request_body(description = "The value", content_type = "application/octet-stream", content = Vec<u8>), responses((status = 200, description = "Stored, encrypted", body = serde_json::Value), (status = 400, description = "An invalid key or value", body = ErrorBody), (status = 401, description = "No or a wrong admin token", body = ErrorBody), (status = 404, description = "No such app", body = ErrorBody)))]
 async fn set_secret(
     State(node): State<Arc<Node>>,
     Path((name, key)): Path<(String, String)>,
@@ -373,6 +371,7 @@ async fn set_secret(
     Ok(Json(json!({ "app": name, "secret": key })))
 }
 
+#[utoipa::path(delete, path = "/apps/{name}/secrets/{key}", tag = "apps", params(("name" = String, Path, description = "The app's name"), ("key" = String, Path, description = "The secret's key")), responses((status = 200, description = "Removed", body = serde_json::Value), (status = 401, description = "No or a wrong admin token", body = ErrorBody), (status = 404, description = "No such app or secret", body = ErrorBody)))]
 async fn remove_secret(
     State(node): State<Arc<Node>>,
     Path((name, key)): Path<(String, String)>,
@@ -387,6 +386,7 @@ async fn remove_secret(
     Ok(Json(json!({ "removed": key })))
 }
 
+#[utoipa::path(delete, path = "/apps/{name}", tag = "apps", params(("name" = String, Path, description = "The app's name")), responses((status = 200, description = "Removed, with its jobs", body = serde_json::Value), (status = 401, description = "No or a wrong admin token", body = ErrorBody), (status = 404, description = "No such app", body = ErrorBody)))]
 async fn remove_app(
     State(node): State<Arc<Node>>,
     Path(name): Path<String>,
@@ -400,10 +400,12 @@ async fn remove_app(
     Ok(Json(json!({ "removed": record, "jobs_removed": jobs })))
 }
 
+#[utoipa::path(get, path = "/models", tag = "models", responses((status = 200, description = "Every registered model, whether it is loaded, and LLM activity", body = serde_json::Value), (status = 401, description = "No or a wrong admin token", body = ErrorBody)))]
 async fn list_models(State(node): State<Arc<Node>>) -> Json<Value> {
     Json(json!({ "models": node.models.list() }))
 }
 
+#[utoipa::path(get, path = "/models/{name}", tag = "models", params(("name" = String, Path, description = "The model's name")), responses((status = 200, description = "The model", body = serde_json::Value), (status = 401, description = "No or a wrong admin token", body = ErrorBody), (status = 404, description = "No such model", body = ErrorBody)))]
 async fn get_model(
     State(node): State<Arc<Node>>,
     Path(name): Path<String>,
@@ -417,13 +419,15 @@ async fn get_model(
     Ok(Json(json!({ "model": record })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ModelQuery {
     encoding: Option<String>,
     backend: Option<String>,
     target: Option<String>,
 }
 
+#[utoipa::path(put, path = "/models/{name}", tag = "models", params(("name" = String, Path, description = "The model's name"), ModelQuery), request_body(description = "The model file (or a model bundle)", content_type = "application/octet-stream", content = Vec<u8>), responses((status = 200, description = "Registered and loaded", body = serde_json::Value), (status = 400, description = "An invalid model, encoding or backend", body = ErrorBody), (status = 401, description = "No or a wrong admin token", body = ErrorBody), (status = 413, description = "Larger than nn.max_model_bytes", body = ErrorBody)))]
 async fn add_model(
     State(node): State<Arc<Node>>,
     Path(name): Path<String>,
@@ -497,6 +501,7 @@ async fn add_model(
     Ok(Json(json!({ "model": record })))
 }
 
+#[utoipa::path(delete, path = "/models/{name}", tag = "models", params(("name" = String, Path, description = "The model's name")), responses((status = 200, description = "Unregistered", body = serde_json::Value), (status = 401, description = "No or a wrong admin token", body = ErrorBody), (status = 404, description = "No such model", body = ErrorBody), (status = 409, description = "An app still declares it", body = ErrorBody)))]
 async fn remove_model(
     State(node): State<Arc<Node>>,
     Path(name): Path<String>,

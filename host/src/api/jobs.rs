@@ -10,6 +10,7 @@ use crate::apps::outbound::{self, Destination};
 use crate::jobs::run::status_json;
 use crate::jobs::{JobError, JobState, NewJob};
 use crate::node::Node;
+use crate::runtime::dispatch::ErrorBody;
 use axum::body::Body;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -246,12 +247,14 @@ pub async fn result(
     Ok(response)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct DeadQuery {
     limit: Option<usize>,
 }
 
 /// `GET /v1/admin/apps/<app>/dead-letters`: the app's dead jobs, newest first.
+#[utoipa::path(get, path = "/apps/{name}/dead-letters", tag = "jobs", params(("name" = String, Path, description = "The app's name"), DeadQuery), responses((status = 200, description = "The app's dead jobs, newest first", body = serde_json::Value), (status = 401, description = "No or a wrong admin token", body = ErrorBody)))]
 pub async fn dead_letters(
     State(node): State<Arc<Node>>,
     Path(app): Path<String>,
@@ -267,6 +270,7 @@ pub async fn dead_letters(
 
 /// `POST /v1/admin/apps/<app>/dead-letters/<id>/retry`: the job is queued again, its attempts
 /// reset.
+#[utoipa::path(post, path = "/apps/{name}/dead-letters/{id}/retry", tag = "jobs", params(("name" = String, Path, description = "The app's name"), ("id" = String, Path, description = "The job's id")), responses((status = 200, description = "Queued again, attempts reset", body = serde_json::Value), (status = 401, description = "No or a wrong admin token", body = ErrorBody), (status = 404, description = "Not a dead letter of this app", body = ErrorBody), (status = 429, description = "The app's queue is full", body = ErrorBody)))]
 pub async fn retry_dead(
     State(node): State<Arc<Node>>,
     Path((app, id)): Path<(String, String)>,
@@ -282,6 +286,7 @@ pub async fn retry_dead(
 }
 
 /// `DELETE /v1/admin/apps/<app>/dead-letters`: deletes them all.
+#[utoipa::path(delete, path = "/apps/{name}/dead-letters", tag = "jobs", params(("name" = String, Path, description = "The app's name")), responses((status = 200, description = "How many were deleted", body = serde_json::Value), (status = 401, description = "No or a wrong admin token", body = ErrorBody)))]
 pub async fn purge_dead(
     State(node): State<Arc<Node>>,
     Path(app): Path<String>,
@@ -291,6 +296,7 @@ pub async fn purge_dead(
 }
 
 /// `GET /v1/admin/jobs`: jobs queued, running and dead, per app and in total.
+#[utoipa::path(get, path = "/jobs", tag = "jobs", responses((status = 200, description = "Jobs queued, running and dead, in total and per app", body = serde_json::Value), (status = 401, description = "No or a wrong admin token", body = ErrorBody)))]
 pub async fn stats(State(node): State<Arc<Node>>) -> Json<Value> {
     Json(json!({
         "total": node.jobs.stats(),

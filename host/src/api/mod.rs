@@ -4,9 +4,11 @@
 
 mod admin;
 mod connection;
+mod dashboard;
 mod error;
 mod invoke;
 mod jobs;
+mod openapi;
 mod telemetry;
 
 pub use connection::{raise_open_file_limit, ConnectionStats};
@@ -26,8 +28,25 @@ use tracing::Instrument;
 
 /// The whole router of a node.
 fn router(node: Arc<Node>) -> Router {
+    let (admin, admin_api) = admin::router(node.clone()).split_for_parts();
+    let document: Arc<str> = openapi::document(admin_api)
+        .to_json()
+        .expect("the OpenAPI document serialises")
+        .into();
     Router::new()
+        .route(
+            "/openapi.json",
+            get(move || async move {
+                (
+                    [(header::CONTENT_TYPE, "application/json")],
+                    document.to_string(),
+                )
+            }),
+        )
         .route("/healthz", get(healthz))
+        .route("/dashboard", get(dashboard::page))
+        .route("/dashboard/app.js", get(dashboard::script))
+        .route("/dashboard/style.css", get(dashboard::style))
         .route(
             "/metrics",
             get(metrics).route_layer(middleware::from_fn_with_state(
@@ -35,7 +54,7 @@ fn router(node: Arc<Node>) -> Router {
                 admin::require_admin,
             )),
         )
-        .nest("/v1/admin", admin::router(node.clone()))
+        .nest("/v1/admin", admin)
         .route("/async/{app}", post(jobs::enqueue))
         .route("/async/{app}/", post(jobs::enqueue))
         .route("/async/{app}/{*rest}", post(jobs::enqueue))

@@ -3,6 +3,7 @@
 
 use super::ApiError;
 use crate::node::{Node, MAX_LOG_FOLLOWERS};
+use crate::runtime::dispatch::ErrorBody;
 use crate::telemetry::logs::{LogLine, MAX_READ_LINES};
 use crate::telemetry::usage::{self, UsageRow};
 use axum::body::Body;
@@ -20,7 +21,8 @@ use tokio::sync::broadcast::error::RecvError;
 /// Lines a log read returns unless `limit` says otherwise.
 const DEFAULT_LOG_LINES: usize = 100;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct LogQuery {
     /// Lines after this sequence number (oldest first); without it, the newest lines.
     after: Option<u64>,
@@ -34,6 +36,7 @@ pub struct LogQuery {
 /// `{"lines": [...]}`; with `follow=true`, those lines then every new one, one JSON object
 /// per line (NDJSON), until the client goes or the app is removed. A follower that falls
 /// behind is told how many lines it missed (`{"skipped": n}`).
+#[utoipa::path(get, path = "/apps/{name}/logs", tag = "operations", params(("name" = String, Path, description = "The app's name"), LogQuery), responses((status = 200, description = "`{\"lines\": [...]}`, or with follow=true one JSON line per log line (application/x-ndjson)", body = serde_json::Value), (status = 401, description = "No or a wrong admin token", body = ErrorBody), (status = 404, description = "No such app", body = ErrorBody), (status = 503, description = "Too many followers", body = ErrorBody)))]
 pub async fn logs(
     State(node): State<Arc<Node>>,
     Path(name): Path<String>,
@@ -99,7 +102,8 @@ fn ndjson(line: &LogLine) -> String {
     text
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct UsageQuery {
     app: Option<String>,
     /// How far back: `90m`, `24h`, `7d` (default `24h`).
@@ -121,6 +125,7 @@ pub fn parse_since(text: &str) -> Option<Duration> {
 
 /// `GET /v1/admin/usage?app=&since=`: metered usage per app and hour (the current hour
 /// included), and each app's totals over the period.
+#[utoipa::path(get, path = "/usage", tag = "operations", params(UsageQuery), responses((status = 200, description = "Usage per app and hour, and totals per app", body = serde_json::Value), (status = 400, description = "An invalid period", body = ErrorBody), (status = 401, description = "No or a wrong admin token", body = ErrorBody)))]
 pub async fn usage(
     State(node): State<Arc<Node>>,
     Query(query): Query<UsageQuery>,

@@ -124,7 +124,16 @@ pub struct AppSection {
 }
 
 /// Paths the node keeps for itself: no app route may be one of them or lie below one.
-const RESERVED_ROUTES: &[&str] = &["/apps", "/v1/admin", "/healthz", "/metrics"];
+const RESERVED_ROUTES: &[&str] = &[
+    "/apps",
+    "/v1/admin",
+    "/healthz",
+    "/metrics",
+    "/async",
+    "/jobs",
+    "/dashboard",
+    "/openapi.json",
+];
 
 /// Checks an app route: `/` or `/segment[/segment…]` of URL-safe characters, not a path the
 /// node keeps for itself.
@@ -698,6 +707,10 @@ mod tests {
             "/v1/admin/x",
             "/healthz",
             "/metrics",
+            "/jobs",
+            "/async/x",
+            "/dashboard",
+            "/openapi.json",
         ] {
             assert!(validate_route(bad).is_err(), "{bad}");
         }

@@ -58,9 +58,26 @@ fn set_header(response: &mut http::Response<ServedBody>, name: &'static str, val
     }
 }
 
+/// The body of every error the node answers.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorBody<'a> {
+    error: ErrorDetail<'a>,
+}
+
+/// What went wrong: a code a program can match on, and a message for a person.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct ErrorDetail<'a> {
+    /// E.g. `app_not_found`, `rate_limited`, `invalid_deployment`.
+    code: &'a str,
+    message: &'a str,
+}
+
 /// The JSON body of every error the node answers: `{"error": {"code", "message"}}`.
 pub fn error_body(code: &str, message: &str) -> String {
-    serde_json::json!({ "error": { "code": code, "message": message } }).to_string()
+    serde_json::to_string(&ErrorBody {
+        error: ErrorDetail { code, message },
+    })
+    .expect("error bodies serialise")
 }
 
 /// An error as a response, for calls between apps (the API edge answers clients the same).
