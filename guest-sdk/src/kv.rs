@@ -1,7 +1,7 @@
 //! State through `wasi:keyvalue`: buckets private to the app, kept in the node's database.
-//! A write that returns `Ok` is on disk.
+//! A write that returns `Ok` is on disk; a batch (`set_many`, `delete_many`) is atomic.
 
-use crate::bindings::wasi::keyvalue::{atomics, store};
+use crate::bindings::wasi::keyvalue::{atomics, batch, store};
 
 /// A key-value failure, as the host described it.
 #[derive(Debug, Clone)]
@@ -86,5 +86,30 @@ impl Bucket {
                 Err(atomics::CasError::StoreError(error)) => return Err(error.into()),
             }
         }
+    }
+
+    /// The values of `keys`, in their order (`None` for a missing key).
+    pub fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<Vec<u8>>>, KvError> {
+        let keys: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
+        Ok(batch::get_many(&self.0, &keys)?
+            .into_iter()
+            .map(|pair| pair.map(|(_, value)| value))
+            .collect())
+    }
+
+    /// Sets every pair at once: on tensorlet all of them are written or none (one
+    /// transaction), and they are on disk when this returns `Ok`.
+    pub fn set_many(&self, pairs: &[(&str, &[u8])]) -> Result<(), KvError> {
+        let pairs: Vec<(String, Vec<u8>)> = pairs
+            .iter()
+            .map(|(key, value)| (key.to_string(), value.to_vec()))
+            .collect();
+        Ok(batch::set_many(&self.0, &pairs)?)
+    }
+
+    /// Deletes every key at once (missing ones are ignored), all or none.
+    pub fn delete_many(&self, keys: &[&str]) -> Result<(), KvError> {
+        let keys: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
+        Ok(batch::delete_many(&self.0, &keys)?)
     }
 }

@@ -21,6 +21,7 @@
 pub mod config;
 pub mod http;
 pub mod kv;
+pub mod lease;
 pub mod llm;
 pub mod log;
 pub mod nn;

@@ -1,8 +1,9 @@
-//! `wasi:keyvalue` (store + atomics, 0.2.0-draft2) on the node's sled database.
+//! `wasi:keyvalue` (store, atomics, batch; 0.2.0-draft2) on the node's sled database.
 //!
 //! Buckets are namespaced per app: bucket `b` of app `a` is the sled tree `kv/a/b`, so apps
-//! never see each other's data. Every write (`set`, `delete`, `increment`, a successful
-//! `swap`) returns to the guest only once it is on disk — acknowledged means durable — and
+//! never see each other's data. A batch (`set-many`, `delete-many`) is one sled batch: all its
+//! keys or none, checked against the quotas as a whole. Every write (`set`, `delete`,
+//! `increment`, a successful `swap`, a batch) returns to the guest only once it is on disk — acknowledged means durable — and
 //! concurrent writers share one flush (see [`Store::make_durable`]).
 
 mod quota;
@@ -11,6 +12,7 @@ pub use quota::{KvQuotas, KvUsage};
 
 use crate::store::Store;
 use quota::AppUsage;
+use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::Arc;
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
@@ -24,6 +26,8 @@ mod bindings {
             "wasi:keyvalue/store.[method]bucket.delete": async | trappable,
             "wasi:keyvalue/atomics.increment": async | trappable,
             "wasi:keyvalue/atomics.swap": async | trappable,
+            "wasi:keyvalue/batch.set-many": async | trappable,
+            "wasi:keyvalue/batch.delete-many": async | trappable,
             default: trappable,
         },
         with: {
@@ -34,7 +38,7 @@ mod bindings {
     });
 }
 
-use bindings::wasi::keyvalue::{atomics, store};
+use bindings::wasi::keyvalue::{atomics, batch, store};
 
 /// Keys a `list-keys` page returns at most.
 const LIST_PAGE: usize = 1000;
@@ -249,6 +253,124 @@ impl store::HostBucket for KvView<'_> {
         self.table.delete(bucket)?;
         Ok(())
     }
+}
+
+/// Keys one batch call may name.
+const MAX_BATCH_KEYS: usize = 1000;
+
+fn check_batch_size(keys: usize) -> Result<(), store::Error> {
+    if keys > MAX_BATCH_KEYS {
+        return Err(store::Error::Other(format!(
+            "a batch may name at most {MAX_BATCH_KEYS} keys, not {keys}"
+        )));
+    }
+    Ok(())
+}
+
+impl batch::Host for KvView<'_> {
+    fn get_many(
+        &mut self,
+        bucket: Resource<Bucket>,
+        keys: Vec<String>,
+    ) -> wasmtime::Result<Result<Vec<Option<(String, Vec<u8>)>>, store::Error>> {
+        if let Err(error) = check_batch_size(keys.len()) {
+            return Ok(Err(error));
+        }
+        let tree = &self.table.get(&bucket)?.tree;
+        let mut values = Vec::with_capacity(keys.len());
+        for key in keys {
+            match tree.get(key.as_bytes()) {
+                Ok(value) => values.push(value.map(|v| (key, v.to_vec()))),
+                Err(error) => return Ok(Err(other(error))),
+            }
+        }
+        Ok(Ok(values))
+    }
+
+    async fn set_many(
+        &mut self,
+        bucket: Resource<Bucket>,
+        key_values: Vec<(String, Vec<u8>)>,
+    ) -> wasmtime::Result<Result<(), store::Error>> {
+        if let Err(error) = check_batch_size(key_values.len()) {
+            return Ok(Err(error));
+        }
+        // The last value given for a key wins, as it would with one `set` after another.
+        let writes: BTreeMap<String, Vec<u8>> = key_values.into_iter().collect();
+        let tree = &self.table.get(&bucket)?.tree;
+        let written = {
+            let usage = &self.ctx.usage;
+            let _writing = usage.writing();
+            write_batch(tree, usage, writes.into_iter().map(|(k, v)| (k, Some(v))))
+        };
+        if let Err(error) = written {
+            return Ok(Err(error));
+        }
+        Ok(durable(self.ctx.store.clone()).await)
+    }
+
+    async fn delete_many(
+        &mut self,
+        bucket: Resource<Bucket>,
+        keys: Vec<String>,
+    ) -> wasmtime::Result<Result<(), store::Error>> {
+        if let Err(error) = check_batch_size(keys.len()) {
+            return Ok(Err(error));
+        }
+        let deletes: BTreeMap<String, Option<Vec<u8>>> =
+            keys.into_iter().map(|key| (key, None)).collect();
+        let tree = &self.table.get(&bucket)?.tree;
+        let written = {
+            let usage = &self.ctx.usage;
+            let _writing = usage.writing();
+            write_batch(tree, usage, deletes.into_iter())
+        };
+        if let Err(error) = written {
+            return Ok(Err(error));
+        }
+        Ok(durable(self.ctx.store.clone()).await)
+    }
+}
+
+/// Writes (`Some`) and deletes (`None`) every key at once, in one sled batch, once the app's
+/// quotas admit the whole change; then counts it. The caller holds the app's write guard.
+fn write_batch(
+    tree: &sled::Tree,
+    usage: &AppUsage,
+    changes: impl Iterator<Item = (String, Option<Vec<u8>>)>,
+) -> Result<(), store::Error> {
+    let mut batch = sled::Batch::default();
+    let mut counted = Vec::new();
+    let (mut grows, mut shrinks, mut new_keys) = (0u64, 0u64, 0u64);
+    for (key, value) in changes {
+        let old = tree.get(key.as_bytes()).map_err(other)?.map(|v| v.len());
+        if let Some(value) = &value {
+            if value.len() > MAX_VALUE_BYTES {
+                return Err(store::Error::Other(format!(
+                    "a value may be at most {MAX_VALUE_BYTES} bytes, not {}",
+                    value.len()
+                )));
+            }
+        }
+        let size = |len: Option<usize>| len.map_or(0, |l| (l + key.len()) as u64);
+        let (before, after) = (size(old), size(value.as_ref().map(Vec::len)));
+        grows += after.saturating_sub(before);
+        shrinks += before.saturating_sub(after);
+        new_keys += u64::from(old.is_none() && value.is_some());
+        counted.push((key.len(), old, value.as_ref().map(Vec::len)));
+        match value {
+            Some(value) => batch.insert(key.as_bytes(), value),
+            None => batch.remove(key.as_bytes()),
+        }
+    }
+    usage
+        .admit_change(grows.saturating_sub(shrinks), new_keys)
+        .map_err(store::Error::Other)?;
+    tree.apply_batch(batch).map_err(other)?;
+    for (key_len, old, new) in counted {
+        usage.record(key_len, old, new);
+    }
+    Ok(())
 }
 
 /// Adds `delta` to the decimal counter in `current` (absent counts as 0).

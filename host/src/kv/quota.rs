@@ -103,6 +103,11 @@ impl AppUsage {
     pub fn admit(&self, key_len: usize, old: Option<usize>, new: usize) -> Result<(), String> {
         let grows = (new as u64).saturating_sub(old.unwrap_or(0) as u64)
             + if old.is_none() { key_len as u64 } else { 0 };
+        self.admit_change(grows, u64::from(old.is_none()))
+    }
+
+    /// Admits a change that adds `grows` bytes (net) and `new_keys` keys.
+    pub fn admit_change(&self, grows: u64, new_keys: u64) -> Result<(), String> {
         let bytes = self.bytes.load(Ordering::Relaxed);
         if bytes + grows > self.quotas.max_bytes {
             return Err(format!(
@@ -111,7 +116,7 @@ impl AppUsage {
                 self.quotas.max_bytes
             ));
         }
-        if old.is_none() && self.keys.load(Ordering::Relaxed) >= self.quotas.max_keys {
+        if new_keys > 0 && self.keys.load(Ordering::Relaxed) + new_keys > self.quotas.max_keys {
             return Err(format!(
                 "the app has its quota of {} keys (limits.kv_max_keys_per_app)",
                 self.quotas.max_keys

@@ -3,6 +3,7 @@
 
 use super::admission::Slot;
 use super::app::Revision;
+use super::lease::{LeaseCtx, LeaseView};
 use super::outgoing::OutgoingPolicy;
 use super::output::InstanceLog;
 use crate::kv::{KvCtx, KvView};
@@ -45,6 +46,7 @@ pub struct InstanceState {
     cpu_ticks_used: u64,
     meter: AppMeter,
     log: InstanceLog,
+    lease: LeaseCtx,
 }
 
 impl Drop for InstanceState {
@@ -107,7 +109,7 @@ impl ResourceLimiter for MemoryLimiter {
 }
 
 /// Adds every interface a component may import to the node's linker: WASI p2 (sandboxed per
-/// store), wasi:http, wasi:nn, wasi:keyvalue and wasi:config.
+/// store), wasi:http, wasi:nn, wasi:keyvalue, wasi:config, wasi:logging and leases.
 pub fn build_linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<InstanceState>> {
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
@@ -124,6 +126,10 @@ pub fn build_linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<Instan
         WasiConfig::new(&s.config)
     })?;
     super::output::add_to_linker(&mut linker, |s: &mut InstanceState| &mut s.log)?;
+    super::lease::add_to_linker(&mut linker, |s: &mut InstanceState| LeaseView {
+        ctx: &s.lease,
+        table: &mut s.table,
+    })?;
     Ok(linker)
 }
 
@@ -259,6 +265,8 @@ pub struct InstanceResources {
     /// The engine's epoch, as its ticker counts it.
     pub epoch: Arc<std::sync::atomic::AtomicU64>,
     pub telemetry: Arc<crate::telemetry::Telemetry>,
+    /// Every app's leases.
+    pub leases: Arc<super::lease::Leases>,
 }
 
 /// A fresh store for one instance of `revision`, with its limits and its yield-on-tick policy.
@@ -322,6 +330,7 @@ fn new_store(
         cpu_ticks_used: 0,
         meter,
         log,
+        lease: LeaseCtx::new(resources.leases.clone(), &record.app),
     };
     let mut store = Store::new(pre.engine(), state);
     store.limiter(|s| &mut s.limiter);

@@ -10,6 +10,7 @@ mod deploy;
 pub mod dispatch;
 mod engine;
 mod instance;
+mod lease;
 mod outgoing;
 mod output;
 
@@ -114,6 +115,7 @@ impl Runtime {
                 max_guest_model_bytes: config.nn.max_guest_model_bytes,
                 epoch: ticker.ticks(),
                 telemetry,
+                leases: Arc::default(),
             },
             responses: cache::ResponseCache::new(config.limits.response_cache_bytes),
             secrets: Secrets::open(&store, &config.data_dir)

@@ -20,10 +20,23 @@
 //!   context `misbehave`), then 200 `logged`.
 //! - `/flaky?key=K&fail=N`: counts its calls with key K (key-value); the first N answer 503,
 //!   later ones 200 `ok after C calls`.
+//! - `/order?id=I&fail=1`: a two-step workflow under lease `order-I`: step 1 reserves
+//!   (`order/I` = `reserved`, `stock/I` = `1`, one atomic batch), step 2 charges (`order/I` =
+//!   `charged`). With `fail=1` step 2 fails and the compensation deletes what step 1 wrote
+//!   (one batch): 500 `compensated`. 409 `busy` while another instance holds the lease.
+//! - `/kv?keys=A,B`: the values of keys A, B (bucket `orders`) as JSON (null when absent).
+//! - `/lease?name=N&ttl=MS&hold=MS`: takes lease N for `ttl`, keeps it `hold` ms, 200 `held`;
+//!   409 `busy` when another instance holds it.
+//! - `/lease-trap?name=N`: takes lease N for a minute and traps.
+//! - `/batch?keys=A,B,…`: sets every key (bucket `orders`) to `x` in one batch: 200 or 500
+//!   with the error.
 
+use std::time::Duration;
 use tensorlet_sdk::bindings::wasi::clocks::monotonic_clock;
 use tensorlet_sdk::config;
 use tensorlet_sdk::http::{Request, Response};
+use tensorlet_sdk::kv::Bucket;
+use tensorlet_sdk::lease;
 use tensorlet_sdk::nn::{ExecutionTarget, Graph, GraphEncoding, Tensor};
 
 fn handle(request: Request) -> Response {
@@ -174,13 +187,109 @@ fn handle(request: Request) -> Response {
                 Err(error) => Response::text(500, error.to_string()),
             }
         }
+        "/order" => order(&request),
+        "/kv" => {
+            let keys: Vec<&str> = request
+                .query("keys")
+                .unwrap_or_default()
+                .split(',')
+                .collect();
+            let values = Bucket::open("orders").and_then(|b| b.get_many(&keys));
+            match values {
+                Ok(values) => {
+                    let map: serde_json::Map<String, serde_json::Value> = keys
+                        .iter()
+                        .zip(values)
+                        .map(|(key, value)| {
+                            let value = value.map_or(serde_json::Value::Null, |v| {
+                                String::from_utf8_lossy(&v).into_owned().into()
+                            });
+                            (key.to_string(), value)
+                        })
+                        .collect();
+                    Response::json(200, &serde_json::Value::Object(map))
+                }
+                Err(error) => Response::text(500, error.to_string()),
+            }
+        }
+        "/lease" => {
+            let name = request.query("name").unwrap_or("lease");
+            let ttl = millis(&request, "ttl", 10_000);
+            match lease::acquire(name, ttl) {
+                Ok(Some(held)) => {
+                    monotonic_clock::subscribe_duration(
+                        millis(&request, "hold", 0).as_nanos() as u64
+                    )
+                    .block();
+                    drop(held);
+                    Response::text(200, "held")
+                }
+                Ok(None) => Response::text(409, "busy"),
+                Err(error) => Response::text(400, error),
+            }
+        }
+        "/lease-trap" => {
+            let name = request.query("name").unwrap_or("lease");
+            let _held = lease::acquire(name, Duration::from_secs(60));
+            panic!("misbehave: trapping while holding lease {name}")
+        }
+        "/batch" => {
+            let keys: Vec<&str> = request
+                .query("keys")
+                .unwrap_or_default()
+                .split(',')
+                .collect();
+            let pairs: Vec<(&str, &[u8])> = keys.iter().map(|k| (*k, &b"x"[..])).collect();
+            match Bucket::open("orders").and_then(|b| b.set_many(&pairs)) {
+                Ok(()) => Response::text(200, "set"),
+                Err(error) => Response::text(500, error.to_string()),
+            }
+        }
         _ => Response::error(
             404,
             "not_found",
             "routes: /trap /loop /membomb /tensor-bomb /nn-missing /infer /nn-load /config \
-             /config-all /fetch /spin /sleep /log /flaky",
+             /config-all /fetch /spin /sleep /log /flaky /order /kv /lease /lease-trap /batch",
         ),
     }
+}
+
+/// The two-step workflow of `/order`, with its compensation.
+fn order(request: &Request) -> Response {
+    let id = request.query("id").unwrap_or("0");
+    let Ok(Some(_lease)) = lease::acquire(&format!("order-{id}"), Duration::from_secs(10)) else {
+        return Response::text(409, "busy");
+    };
+    let bucket = match Bucket::open("orders") {
+        Ok(bucket) => bucket,
+        Err(error) => return Response::text(500, error.to_string()),
+    };
+    let (order_key, stock_key) = (format!("order/{id}"), format!("stock/{id}"));
+    // Step 1: reserve, atomically.
+    if let Err(error) = bucket.set_many(&[(&order_key, b"reserved"), (&stock_key, b"1")]) {
+        return Response::text(500, error.to_string());
+    }
+    // Step 2: charge. When it fails, undo step 1 (compensation), atomically.
+    if request.query("fail") == Some("1") {
+        return match bucket.delete_many(&[&order_key, &stock_key]) {
+            Ok(()) => Response::text(500, "compensated"),
+            Err(error) => Response::text(500, format!("compensation failed: {error}")),
+        };
+    }
+    match bucket.set(&order_key, b"charged") {
+        Ok(()) => Response::text(200, "charged"),
+        Err(error) => Response::text(500, error.to_string()),
+    }
+}
+
+/// `?NAME=N` milliseconds, `default` when absent or not a number.
+fn millis(request: &Request, name: &str, default: u64) -> Duration {
+    Duration::from_millis(
+        request
+            .query(name)
+            .and_then(|ms| ms.parse().ok())
+            .unwrap_or(default),
+    )
 }
 
 /// `?ms=N` in nanoseconds, 0 when absent or not a number.
