@@ -25,6 +25,7 @@ pub mod lease;
 pub mod llm;
 pub mod log;
 pub mod nn;
+pub mod queue;
 
 /// The raw bindings of the `tensorlet:platform/inference-app` world, for what the helpers do
 /// not cover.

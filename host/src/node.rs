@@ -78,6 +78,10 @@ pub fn open(config: Config, tls_fingerprint: Option<String>) -> anyhow::Result<N
     telemetry
         .metrics
         .register_collector(Box::new(crate::jobs::metrics::JobsCollector(jobs.clone())));
+    runtime.set_queue_sink(Arc::new(crate::jobs::run::JobQueueSink::new(
+        jobs.clone(),
+        &config.jobs,
+    )));
     // Every record now holds its blob: what none holds was left by a crash.
     let orphans = blobs.sweep().context("cannot clean blobs/")?;
     if orphans > 0 {

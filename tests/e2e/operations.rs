@@ -718,3 +718,39 @@ async fn the_dashboard_works_in_a_real_browser() {
         "the dashboard rolled hello back"
     );
 }
+
+#[tokio::test]
+async fn a_message_sent_to_a_named_queue_triggers_the_app_that_consumes_it() {
+    let node = TestNode::start();
+    node.deploy_ok("producer", artifacts::MISBEHAVE, "").await;
+    let (_dir, manifest) = TestNode::manifest(&format!(
+        "[app]\nname = \"consumer\"\ncomponent = {:?}\nconsumes = [\"events\"]\n",
+        artifacts::MISBEHAVE
+    ));
+    node.cli_ok(&["deploy", "-f", manifest.to_str().unwrap()]);
+
+    let (status, id) = node
+        .get("/apps/producer/send?queue=events&text=order%2042")
+        .await;
+    assert_eq!(status, 200, "{id}");
+    job_reaches(&node, &id, "completed", 30).await;
+    let (status, received) = node.get("/apps/consumer/kv?keys=received/events").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        serde_json::from_str::<Value>(&received).unwrap()["received/events"],
+        "order 42 from producer"
+    );
+
+    // No consumer: a clean error for the producer.
+    let (status, body) = node.get("/apps/producer/send?queue=nobody&text=x").await;
+    assert_eq!(status, 500);
+    assert!(body.contains("no app consumes queue"), "{body}");
+    // One consumer per queue.
+    let (_dir, second) = TestNode::manifest(&format!(
+        "[app]\nname = \"second\"\ncomponent = {:?}\nconsumes = [\"events\"]\n",
+        artifacts::MISBEHAVE
+    ));
+    let refused = node.cli(&["deploy", "-f", second.to_str().unwrap()]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("already consumed by app"));
+}

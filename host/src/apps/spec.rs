@@ -40,6 +40,7 @@ impl DeploySpec {
                 models: revision.models.clone(),
                 native_guest_models: revision.native_guest_models,
                 routes: record.routes.clone(),
+                consumes: record.consumes.clone(),
             },
             limits: LimitsSpec {
                 timeout_secs: Some(revision.timeout_secs),
@@ -93,6 +94,9 @@ impl DeploySpec {
         if !changes.app.routes.is_empty() {
             self.app.routes = changes.app.routes;
         }
+        if !changes.app.consumes.is_empty() {
+            self.app.consumes = changes.app.consumes;
+        }
         self.config.extend(changes.config);
         if !changes.outbound.allowed_hosts.is_empty() {
             self.outbound = changes.outbound;
@@ -121,6 +125,9 @@ pub struct AppSection {
     /// Paths the app is also served at, besides `/apps/<app>/`: `"/chat"` serves
     /// `/chat/<rest>` as `/<rest>`; `"/"` takes every path no other route or the node claims.
     pub routes: Vec<String>,
+    /// Named queues whose messages this app is triggered by: each message becomes an async
+    /// job, `POST /queues/<queue>` with the message as its body. One app consumes a queue.
+    pub consumes: Vec<String>,
 }
 
 /// Paths the node keeps for itself: no app route may be one of them or lie below one.
@@ -326,6 +333,9 @@ pub struct AppRecord {
     /// Paths the app is also served at (see [`AppSection::routes`]).
     #[serde(default)]
     pub routes: Vec<String>,
+    /// Queues the app is triggered by (see [`AppSection::consumes`]).
+    #[serde(default)]
+    pub consumes: Vec<String>,
     /// Seconds since the Unix epoch.
     pub created_at: u64,
     pub updated_at: u64,
@@ -344,6 +354,7 @@ impl AppRecord {
             client_rate_limit: None,
             fallback: None,
             routes: Vec::new(),
+            consumes: Vec::new(),
             created_at: now,
             updated_at: now,
         }
@@ -363,6 +374,7 @@ impl AppRecord {
             client_rate_limit: spec.client_rate_limit.clone(),
             fallback: spec.fallback.clone(),
             routes: spec.app.routes.clone(),
+            consumes: spec.app.consumes.clone(),
             ..self.clone()
         }
     }
@@ -384,6 +396,16 @@ impl AppRecord {
             validate_route(route)?;
             if self.routes[..index].contains(route) {
                 return Err(format!("app.routes: {route:?} is given twice"));
+            }
+        }
+        for (index, queue) in self.consumes.iter().enumerate() {
+            if !super::valid_name(queue) {
+                return Err(format!(
+                    "app.consumes: {queue:?} is not a queue name (the rules of app names)"
+                ));
+            }
+            if self.consumes[..index].contains(queue) {
+                return Err(format!("app.consumes: {queue:?} is given twice"));
             }
         }
         if let Some(fallback) = &self.fallback {

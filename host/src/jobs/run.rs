@@ -2,11 +2,13 @@
 //! (the app's rate limits, traffic split, limits and fallback; the job id is its request id),
 //! its answer is kept (bounded), and each attempt is counted in the metrics and the app's
 //! usage. A job's callback URL, which only a host the app may call can be, is POSTed the
-//! job's status once it is completed or dead.
+//! job's status once it is completed or dead. Messages components send to named queues
+//! become jobs of the app that consumes the queue.
 
 use super::worker::{BoxFuture, Executor, Outcome};
 use super::{JobRecord, JobState, JobsConfig};
 use crate::runtime::dispatch::Decision;
+use crate::runtime::queue::{Message, QueueSink, PRODUCER_HEADER, QUEUE_HEADER};
 use crate::runtime::Runtime;
 use crate::telemetry::metrics::JobLabels;
 use crate::telemetry::{Telemetry, REQUEST_ID_HEADER};
@@ -199,6 +201,51 @@ impl Executor for RuntimeExecutor {
                     tracing::warn!(job = %job.id, %error, "the job's callback could not be reached")
                 }
             }
+        })
+    }
+}
+
+/// Delivers queue messages as jobs of their consumer (`POST /queues/<queue>`).
+pub struct JobQueueSink {
+    jobs: super::JobStore,
+    max_attempts: u32,
+}
+
+impl JobQueueSink {
+    pub fn new(jobs: super::JobStore, config: &JobsConfig) -> Self {
+        Self {
+            jobs,
+            max_attempts: config.max_attempts,
+        }
+    }
+}
+
+impl QueueSink for JobQueueSink {
+    fn send(
+        &self,
+        message: Message,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, String>> + Send + '_>>
+    {
+        Box::pin(async move {
+            let job = super::NewJob {
+                app: message.consumer,
+                method: "POST".into(),
+                path: format!("/queues/{}", message.queue),
+                headers: vec![
+                    ("content-type".into(), "application/octet-stream".into()),
+                    (QUEUE_HEADER.into(), message.queue),
+                    (PRODUCER_HEADER.into(), message.producer),
+                ],
+                body: Bytes::from(message.body),
+                max_attempts: self.max_attempts,
+                callback: None,
+                idempotency_key: None,
+            };
+            self.jobs
+                .enqueue(job)
+                .await
+                .map(|enqueued| enqueued.id)
+                .map_err(|error| error.to_string())
         })
     }
 }

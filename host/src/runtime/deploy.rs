@@ -178,6 +178,13 @@ impl Runtime {
                 )));
             }
         }
+        for queue in &after.consumes {
+            if let Some(other) = self.consumer_of(queue).filter(|other| other != name) {
+                return Err(DeployError::InvalidSetting(format!(
+                    "app.consumes: queue {queue:?} is already consumed by app {other:?}"
+                )));
+            }
+        }
         let pruned = self.prunable(&after, &numbers);
         let view = |record: &AppRecord, revision: Option<&RevisionRecord>| {
             serde_json::json!({
@@ -189,6 +196,7 @@ impl Runtime {
                 "client_rate_limit": record.client_rate_limit,
                 "fallback": record.fallback,
                 "routes": record.routes,
+                "consumes": record.consumes,
             })
         };
         let changes = spec::diff(

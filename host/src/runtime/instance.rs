@@ -6,6 +6,7 @@ use super::app::Revision;
 use super::lease::{LeaseCtx, LeaseView};
 use super::outgoing::OutgoingPolicy;
 use super::output::InstanceLog;
+use super::queue::QueueCtx;
 use crate::kv::{KvCtx, KvView};
 use crate::nn::{NnCtx, NnGrant, NnView};
 use crate::telemetry::AppMeter;
@@ -47,6 +48,7 @@ pub struct InstanceState {
     meter: AppMeter,
     log: InstanceLog,
     lease: LeaseCtx,
+    queue: QueueCtx,
 }
 
 impl Drop for InstanceState {
@@ -109,7 +111,7 @@ impl ResourceLimiter for MemoryLimiter {
 }
 
 /// Adds every interface a component may import to the node's linker: WASI p2 (sandboxed per
-/// store), wasi:http, wasi:nn, wasi:keyvalue, wasi:config, wasi:logging and leases.
+/// store), wasi:http, wasi:nn, wasi:keyvalue, wasi:config, wasi:logging, leases and queues.
 pub fn build_linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<InstanceState>> {
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
@@ -130,6 +132,7 @@ pub fn build_linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<Instan
         ctx: &s.lease,
         table: &mut s.table,
     })?;
+    super::queue::add_to_linker(&mut linker, |s: &mut InstanceState| &mut s.queue)?;
     Ok(linker)
 }
 
@@ -289,6 +292,7 @@ fn new_store(
     );
     let (stdout, stderr) = log.streams();
     let meter = AppMeter::new(resources.telemetry.clone(), &record.app);
+    let queue = QueueCtx::new(outgoing.runtime(), &record.app);
     let mut table = ResourceTable::new();
     table.set_max_capacity(MAX_RESOURCES);
     let state = InstanceState {
@@ -331,6 +335,7 @@ fn new_store(
         meter,
         log,
         lease: LeaseCtx::new(resources.leases.clone(), &record.app),
+        queue,
     };
     let mut store = Store::new(pre.engine(), state);
     store.limiter(|s| &mut s.limiter);

@@ -13,6 +13,7 @@ mod instance;
 mod lease;
 mod outgoing;
 mod output;
+pub mod queue;
 
 pub use admission::{read_body, BodyError, BodyReservation};
 pub use app::{App, Revision, RevisionConfig};
@@ -56,6 +57,8 @@ pub struct Runtime {
     secrets: Secrets,
     /// The runtime itself, for calls between apps made from inside an instance.
     this: OnceLock<Weak<Runtime>>,
+    /// Where queue messages go; set once the node has opened its job queue.
+    queue_sink: OnceLock<Arc<dyn queue::QueueSink>>,
     _ticker: engine::EpochTicker,
 }
 
@@ -130,6 +133,7 @@ impl Runtime {
             changes: tokio::sync::Mutex::new(()),
             limits: config.limits.clone(),
             this: OnceLock::new(),
+            queue_sink: OnceLock::new(),
             _ticker: ticker,
         });
         runtime
@@ -270,6 +274,21 @@ impl Runtime {
     /// The deployed app called `name`.
     pub fn app(&self, name: &str) -> Option<Arc<App>> {
         self.apps.read().expect("apps lock").get(name).cloned()
+    }
+
+    /// The app whose manifest consumes `queue`, if one does.
+    pub fn consumer_of(&self, queue: &str) -> Option<String> {
+        let apps = self.apps.read().expect("apps lock");
+        apps.values()
+            .find(|app| app.record.consumes.iter().any(|q| q == queue))
+            .map(|app| app.record.name.clone())
+    }
+
+    /// Where messages that components send to queues go (the node's job queue).
+    pub fn set_queue_sink(&self, sink: Arc<dyn queue::QueueSink>) {
+        if self.queue_sink.set(sink).is_err() {
+            tracing::error!("the queue sink was set twice");
+        }
     }
 
     /// The app a path outside `/apps/` is routed to by an app's `routes`, with the path the

@@ -68,6 +68,11 @@ impl OutgoingPolicy {
         }
     }
 
+    /// The runtime the instance runs on (none for a policy that allows nothing).
+    pub fn runtime(&self) -> Weak<Runtime> {
+        self.runtime.clone()
+    }
+
     /// A policy that allows nothing.
     pub fn denied() -> Self {
         Self::new(

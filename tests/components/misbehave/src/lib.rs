@@ -30,6 +30,10 @@
 //! - `/lease-trap?name=N`: takes lease N for a minute and traps.
 //! - `/batch?keys=A,B,…`: sets every key (bucket `orders`) to `x` in one batch: 200 or 500
 //!   with the error.
+//! - `/send?queue=Q&text=T`: sends T to queue Q; 200 with the delivering job's id, or 500
+//!   with the error.
+//! - `POST /queues/Q` (a queue message): stores `<body> from <producer>` at key
+//!   `received/Q` (bucket `orders`), 200.
 
 use std::time::Duration;
 use tensorlet_sdk::bindings::wasi::clocks::monotonic_clock;
@@ -188,6 +192,23 @@ fn handle(request: Request) -> Response {
             }
         }
         "/order" => order(&request),
+        "/send" => {
+            let queue = request.query("queue").unwrap_or_default();
+            let text = percent_decode(request.query("text").unwrap_or_default());
+            match tensorlet_sdk::queue::send(queue, text.as_bytes()) {
+                Ok(id) => Response::text(200, id),
+                Err(error) => Response::text(500, error),
+            }
+        }
+        path if path.starts_with("/queues/") => {
+            let queue = &path["/queues/".len()..];
+            let producer = request.header("tensorlet-producer").unwrap_or_default();
+            let text = format!("{} from {producer}", String::from_utf8_lossy(&request.body));
+            match Bucket::open("orders").and_then(|b| b.set(&format!("received/{queue}"), text.as_bytes())) {
+                Ok(()) => Response::text(200, "received"),
+                Err(error) => Response::text(500, error.to_string()),
+            }
+        }
         "/kv" => {
             let keys: Vec<&str> = request
                 .query("keys")
@@ -249,7 +270,7 @@ fn handle(request: Request) -> Response {
             404,
             "not_found",
             "routes: /trap /loop /membomb /tensor-bomb /nn-missing /infer /nn-load /config \
-             /config-all /fetch /spin /sleep /log /flaky /order /kv /lease /lease-trap /batch",
+             /config-all /fetch /spin /sleep /log /flaky /order /kv /lease /lease-trap /batch /send /queues/Q",
         ),
     }
 }
