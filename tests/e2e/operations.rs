@@ -387,9 +387,12 @@ async fn post_async(node: &TestNode, path: &str, headers: &[(&str, &str)]) -> re
     request.send().await.unwrap()
 }
 
-/// A plain-HTTP server on loopback that answers 200 to every request and sends each body it
-/// got to the returned channel.
-async fn callback_server() -> (String, tokio::sync::mpsc::UnboundedReceiver<Value>) {
+/// A plain-HTTP server on loopback that answers 200 to every request and sends each request
+/// it got (head and body) to the returned channel.
+async fn http_sink() -> (
+    String,
+    tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
@@ -411,10 +414,11 @@ async fn callback_server() -> (String, tokio::sync::mpsc::UnboundedReceiver<Valu
                         return;
                     }
                     request.extend_from_slice(&buffer[..read]);
-                    let text = String::from_utf8_lossy(&request).to_string();
-                    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+                    let Some(end) = request.windows(4).position(|w| w == b"\r\n\r\n") else {
                         continue;
                     };
+                    let head = String::from_utf8_lossy(&request[..end]).to_string();
+                    let body = request[end + 4..].to_vec();
                     let length: usize = head
                         .lines()
                         .find_map(|l| {
@@ -426,7 +430,7 @@ async fn callback_server() -> (String, tokio::sync::mpsc::UnboundedReceiver<Valu
                     if body.len() < length {
                         continue;
                     }
-                    let _ = sender.send(serde_json::from_str(body).unwrap());
+                    let _ = sender.send((head, body));
                     let _ = socket
                         .write_all(
                             b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
@@ -443,7 +447,7 @@ async fn callback_server() -> (String, tokio::sync::mpsc::UnboundedReceiver<Valu
 #[tokio::test]
 async fn async_jobs_are_retried_report_to_their_callback_and_end_in_dead_letters() {
     let node = TestNode::start();
-    let (callback, mut callbacks) = callback_server().await;
+    let (callback, mut callbacks) = http_sink().await;
     let (_dir, manifest) = TestNode::manifest(&format!(
         "[app]\nname = \"worker\"\ncomponent = {:?}\n[outbound]\nallowed_hosts = [{callback:?}]\n",
         artifacts::MISBEHAVE
@@ -467,10 +471,12 @@ async fn async_jobs_are_retried_report_to_their_callback_and_end_in_dead_letters
     assert_eq!(done["result"]["status"], 200);
     let (status, body) = node.get(&format!("/jobs/{id}/result")).await;
     assert_eq!((status, body.as_str()), (200, "ok after 2 calls"));
-    let reported = tokio::time::timeout(std::time::Duration::from_secs(10), callbacks.recv())
+    let (head, body) = tokio::time::timeout(std::time::Duration::from_secs(10), callbacks.recv())
         .await
         .expect("the callback was called")
         .unwrap();
+    assert!(head.starts_with("POST /done "), "{head}");
+    let reported: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(reported["id"], id.as_str());
     assert_eq!(reported["state"], "completed");
 
@@ -753,4 +759,43 @@ async fn a_message_sent_to_a_named_queue_triggers_the_app_that_consumes_it() {
     let refused = node.cli(&["deploy", "-f", second.to_str().unwrap()]);
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("already consumed by app"));
+}
+
+#[tokio::test]
+async fn request_spans_are_exported_to_an_otlp_collector() {
+    let (collector, mut exports) = http_sink().await;
+    let config = crate::support::config_file(&format!(
+        "[telemetry]\notlp_endpoint = {collector:?}\notlp_service_name = \"edge-7\"\n"
+    ));
+    let node = TestNode::start_with(&["--config", config.path().to_str().unwrap()]);
+    node.deploy_ok("hello", artifacts::HELLO, "").await;
+    let response = node
+        .client
+        .get(node.at("/apps/hello/"))
+        .header("x-request-id", "trace-me-4242")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    // Spans are batched and sent every second; look for the request's among them.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (head, body) = tokio::time::timeout_at(deadline, exports.recv())
+            .await
+            .expect("the request's span was exported")
+            .unwrap();
+        assert!(head.starts_with("POST /v1/traces "), "{head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("content-type: application/x-protobuf"),
+            "{head}"
+        );
+        let contains = |needle: &[u8]| body.windows(needle.len()).any(|w| w == needle);
+        if contains(b"trace-me-4242") {
+            assert!(contains(b"edge-7"), "the service name is on the spans");
+            assert!(contains(b"hello"), "the app span is there");
+            break;
+        }
+    }
+    node.assert_healthy().await;
 }

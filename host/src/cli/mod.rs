@@ -8,10 +8,13 @@ mod manifest;
 mod serve;
 
 use crate::config::{default_data_dir, Config};
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use client::AdminClient;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use tracing_subscriber::layer::{Layer, SubscriberExt};
+use tracing_subscriber::util::SubscriberInitExt;
 
 #[derive(Parser)]
 #[command(
@@ -191,24 +194,7 @@ enum ModelCommand {
 /// Runs the CLI; the exit code is non-zero on any error, which is printed.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TENSORLET_LOG")
-                .unwrap_or_else(|_| "tensorlet=info,warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("error: cannot start the async runtime: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(cli)) {
+    match main_with(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
@@ -217,30 +203,77 @@ pub fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
-    let data_dir = cli.data_dir.clone().unwrap_or_else(default_data_dir);
-    if let Command::Serve {
+/// The node's configuration for `serve`: the file, then the flags.
+fn serve_config(cli: &Cli) -> anyhow::Result<Option<Config>> {
+    let Command::Serve {
         config,
         listen,
         plain_http,
-    } = cli.command
-    {
-        let mut node_config = match config {
-            Some(path) => Config::from_file(&path)?,
-            None => Config::default(),
-        };
-        if let Some(dir) = cli.data_dir {
-            node_config.data_dir = dir;
-        }
-        if let Some(listen) = listen {
-            node_config.listen = listen;
-        }
-        node_config.plain_http |= plain_http;
-        return serve::run(node_config).await;
+    } = &cli.command
+    else {
+        return Ok(None);
+    };
+    let mut node_config = match config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(dir) = &cli.data_dir {
+        node_config.data_dir = dir.clone();
     }
+    if let Some(listen) = listen {
+        node_config.listen = *listen;
+    }
+    node_config.plain_http |= plain_http;
+    Ok(Some(node_config))
+}
+
+fn main_with(cli: Cli) -> anyhow::Result<()> {
+    let serve = serve_config(&cli)?;
+    // Built before the async runtime: the exporter's HTTP client blocks on its own thread.
+    let traces = match &serve {
+        Some(config) => crate::telemetry::otlp::provider(&config.telemetry)?,
+        None => None,
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TENSORLET_LOG")
+        .unwrap_or_else(|_| "tensorlet=info,warn".into());
+    // The log's level (`TENSORLET_LOG`) does not decide which spans are exported: those are
+    // the node's own at info and above, always.
+    let exported =
+        tracing_subscriber::filter::Targets::new().with_target("tensorlet", tracing::Level::INFO);
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_filter(filter),
+        )
+        .with(
+            traces
+                .as_ref()
+                .map(|provider| crate::telemetry::otlp::layer(provider).with_filter(exported)),
+        )
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let outcome = match serve {
+        Some(config) => runtime.block_on(serve::run(config)),
+        None => runtime.block_on(run(cli)),
+    };
+    drop(runtime);
+    if let Some(traces) = traces {
+        if let Err(error) = traces.shutdown() {
+            eprintln!("warning: the last trace spans were not exported: {error}");
+        }
+    }
+    outcome
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let data_dir = cli.data_dir.clone().unwrap_or_else(default_data_dir);
     let client = AdminClient::connect(cli.server.as_deref(), cli.token.as_deref(), &data_dir)?;
     match cli.command {
-        Command::Serve { .. } => unreachable!("handled above"),
+        Command::Serve { .. } => unreachable!("main_with serves"),
         Command::Deploy {
             app,
             component,

@@ -222,12 +222,14 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
         let cancel = Cancellation::default();
         let cancel_on_drop = CancelOnDrop::new(cancel.clone());
         let running = self.ctx.models.backends().running_computes().clone();
+        let span = tracing::info_span!("compute", model = %resource.model);
         let outputs = self
             .ctx
             .models
             .backends()
             .threads()
             .spawn(move || {
+                let _span = span.entered();
                 let _running = running.enter();
                 // The slot is held until the computation ends, even if the guest is gone.
                 let _slot = slot;

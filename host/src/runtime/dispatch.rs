@@ -17,6 +17,7 @@ use http_body_util::{BodyExt, Full};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument;
 
 /// The body of every response the runtime serves: an instance's, a cached one, a fixed one.
 pub type ServedBody = http_body_util::combinators::UnsyncBoxBody<Bytes, wasmtime_wasi_http::Error>;
@@ -182,7 +183,17 @@ impl Runtime {
     ) -> Result<http::Response<ServedBody>, InvokeError> {
         let bytes_in = hyper::body::Body::size_hint(request.body()).lower();
         let observation = self.observe(&admitted.app, &admitted.revision, bytes_in);
-        match self.serve_observed(admitted, request, depth).await {
+        let span = tracing::info_span!(
+            "app",
+            app = %admitted.app.record.name,
+            revision = admitted.revision.record.number,
+            depth
+        );
+        match self
+            .serve_observed(admitted, request, depth)
+            .instrument(span)
+            .await
+        {
             Ok(response) => {
                 let status = response.status().as_u16();
                 Ok(response.map(|body| observation.answered(status, body).boxed_unsync()))

@@ -1,12 +1,14 @@
 //! What the node tells its operator about the work it does: Prometheus metrics
 //! ([`metrics`]), per-app logs on disk ([`logs`]), metering per app and hour ([`usage`]),
-//! and the request ids that tie a response, its log lines and its trace together.
+//! trace spans exported over OTLP ([`otlp`]), and the request ids that tie a response, its
+//! log lines and its trace together.
 //!
 //! Every request an app serves (from a client, another app or a job worker) goes through one
 //! [`RequestObservation`], which records it once for all three.
 
 pub mod logs;
 pub mod metrics;
+pub mod otlp;
 pub mod usage;
 
 use crate::store::{Store, StoreError};
@@ -35,6 +37,11 @@ pub struct TelemetryConfig {
     pub usage_retention_hours: u64,
     /// How often usage counted in memory is written to the database, in seconds.
     pub usage_persist_secs: u64,
+    /// An OpenTelemetry collector's OTLP/HTTP base URL (`http://collector:4318`): request
+    /// spans are exported there. Unset: no export.
+    pub otlp_endpoint: Option<String>,
+    /// The `service.name` the spans carry.
+    pub otlp_service_name: String,
 }
 
 impl Default for TelemetryConfig {
@@ -43,6 +50,8 @@ impl Default for TelemetryConfig {
             log_lines_per_app: 10_000,
             usage_retention_hours: usage::DEFAULT_RETENTION_HOURS,
             usage_persist_secs: usage::DEFAULT_PERSIST_INTERVAL.as_secs(),
+            otlp_endpoint: None,
+            otlp_service_name: "tensorlet".into(),
         }
     }
 }
@@ -58,6 +67,16 @@ impl TelemetryConfig {
         }
         if !(1..=3600).contains(&self.usage_persist_secs) {
             return Err("telemetry.usage_persist_secs must be 1–3600".into());
+        }
+        if let Some(endpoint) = &self.otlp_endpoint {
+            let uri: http::Uri = endpoint
+                .parse()
+                .map_err(|_| format!("telemetry.otlp_endpoint {endpoint:?} is not a URL"))?;
+            if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+                return Err(format!(
+                    "telemetry.otlp_endpoint {endpoint:?} must be an http(s) URL"
+                ));
+            }
         }
         Ok(())
     }
