@@ -267,6 +267,22 @@ impl Tx<'_> {
         }
     }
 
+    /// Job `id` taken off the queue to be made final, with the state it had; `None` when it
+    /// is final already. NotFound when there is no such job.
+    fn unfinished(&self, id: &str) -> TxResult<Option<(JobState, JobRecord)>> {
+        let Some(mut record) = self.record(id)? else {
+            return Err(ConflictableTransactionError::Abort(JobError::NotFound));
+        };
+        let previous = record.state;
+        if matches!(previous, JobState::Completed | JobState::Dead) {
+            return Ok(None);
+        }
+        if let Some(due) = record.next_attempt_ms.take() {
+            self.queue.remove(queue_key(due, id))?;
+        }
+        Ok(Some((previous, record)))
+    }
+
     fn put<E>(&self, record: &JobRecord) -> TxResult<(), E> {
         let bytes = serde_json::to_vec(record).expect("records serialise");
         self.jobs.insert(record.id.as_bytes(), bytes)?;
@@ -598,16 +614,9 @@ impl JobStore {
             ..result
         };
         let completed = self.transact(|tx| {
-            let Some(mut record) = tx.record(id)? else {
-                return Err(ConflictableTransactionError::Abort(JobError::NotFound));
-            };
-            let previous = record.state;
-            if matches!(previous, JobState::Completed | JobState::Dead) {
+            let Some((previous, mut record)) = tx.unfinished(id)? else {
                 return Ok(None);
-            }
-            if let Some(due) = record.next_attempt_ms.take() {
-                tx.queue.remove(queue_key(due, id))?;
-            }
+            };
             record.state = JobState::Completed;
             record.updated_ms = now;
             record.result = Some(result.clone());
@@ -665,16 +674,9 @@ impl JobStore {
             None
         };
         let changed = self.transact(|tx| {
-            let Some(mut record) = tx.record(id)? else {
-                return Err(ConflictableTransactionError::Abort(JobError::NotFound));
-            };
-            let previous = record.state;
-            if matches!(previous, JobState::Completed | JobState::Dead) {
+            let Some((previous, mut record)) = tx.unfinished(id)? else {
                 return Ok(None);
-            }
-            if let Some(due) = record.next_attempt_ms.take() {
-                tx.queue.remove(queue_key(due, id))?;
-            }
+            };
             record.last_error = Some(error.clone());
             record.updated_ms = now_ms;
             let mut evicted = None;
