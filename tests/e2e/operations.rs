@@ -747,6 +747,22 @@ async fn a_message_sent_to_a_named_queue_triggers_the_app_that_consumes_it() {
         "order 42 from producer"
     );
 
+    // A client cannot pass itself off as a producer: the node strips the queue headers.
+    let forged = node
+        .client
+        .post(node.at("/apps/consumer/queues/forged"))
+        .header("tensorlet-producer", "billing")
+        .body("fake")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), 200);
+    let (_, received) = node.get("/apps/consumer/kv?keys=received/forged").await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&received).unwrap()["received/forged"],
+        "fake from "
+    );
+
     // No consumer: a clean error for the producer.
     let (status, body) = node.get("/apps/producer/send?queue=nobody&text=x").await;
     assert_eq!(status, 500);

@@ -17,6 +17,11 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
             (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
             (header::CACHE_CONTROL, "no-store"),
             (header::REFERRER_POLICY, "no-referrer"),
+            // A page of an app (same origin) that opens the dashboard gets no handle on it.
+            (
+                header::HeaderName::from_static("cross-origin-opener-policy"),
+                "same-origin",
+            ),
         ],
         body,
     )

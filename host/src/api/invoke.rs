@@ -158,7 +158,7 @@ pub async fn read_app_body(
 /// Who a request comes from, for per-client rate limits: its address, for IPv6 its /64
 /// (which one host often holds whole). Not a header: the node checks no API key yet, and an
 /// unchecked value would give every request a fresh budget.
-fn client_key(peer: Option<SocketAddr>) -> String {
+pub(super) fn client_key(peer: Option<SocketAddr>) -> String {
     match peer.map(|p| p.ip()) {
         Some(std::net::IpAddr::V6(ip)) if ip.to_ipv4_mapped().is_none() => {
             let segments = ip.segments();
@@ -177,7 +177,8 @@ async fn run(node: &Node, request: Request, target: Target) -> Result<Response, 
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|info| info.0);
-    let (parts, body) = request.into_parts();
+    let (mut parts, body) = request.into_parts();
+    crate::runtime::queue::strip_queue_headers(&mut parts.headers);
     let Target {
         app: app_name,
         selector,

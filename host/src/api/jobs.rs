@@ -10,7 +10,9 @@ use crate::apps::outbound::{self, Destination};
 use crate::jobs::run::status_json;
 use crate::jobs::{JobError, JobState, NewJob};
 use crate::node::Node;
+use crate::runtime::dispatch::Decision;
 use crate::runtime::dispatch::ErrorBody;
+use crate::runtime::queue::{PRODUCER_HEADER, QUEUE_HEADER};
 use axum::body::Body;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -27,6 +29,9 @@ pub const MAX_ATTEMPTS_HEADER: &str = "tensorlet-max-attempts";
 /// The header that makes a retried POST return the job it made the first time.
 pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
 
+/// The longest idempotency key a client may send.
+const MAX_IDEMPOTENCY_KEY_BYTES: usize = 128;
+
 /// Headers a job does not keep: the connection's own, and those that steer the job.
 const UNSTORED_HEADERS: &[&str] = &[
     "connection",
@@ -39,6 +44,8 @@ const UNSTORED_HEADERS: &[&str] = &[
     CALLBACK_HEADER,
     MAX_ATTEMPTS_HEADER,
     IDEMPOTENCY_HEADER,
+    QUEUE_HEADER,
+    PRODUCER_HEADER,
 ];
 
 impl From<JobError> for ApiError {
@@ -47,7 +54,7 @@ impl From<JobError> for ApiError {
             JobError::Invalid(message) => {
                 ApiError::new(StatusCode::BAD_REQUEST, "invalid_job", message)
             }
-            JobError::QueueFull { .. } => ApiError {
+            JobError::QueueFull { .. } | JobError::ResultsFull { .. } => ApiError {
                 retry_after_secs: Some(5),
                 ..ApiError::new(
                     StatusCode::TOO_MANY_REQUESTS,
@@ -96,23 +103,29 @@ pub async fn enqueue(
         .iter()
         .find(|(key, _)| key == "rest")
         .map_or("", |(_, value)| value.as_str());
-    let app = node
-        .runtime
-        .app(&app_name)
-        .ok_or_else(|| super::admin::app_not_found(&app_name))?;
+    let peer = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|info| info.0);
+    let client = super::invoke::client_key(peer);
     let (parts, body) = request.into_parts();
+    // The app's rate limits apply when a job is asked for, as to a request, and the body
+    // limit is that of the revision the split picks now.
+    let admitted = match node
+        .runtime
+        .admit(&app_name, None, &parts.headers, &client)?
+    {
+        Decision::Serve(admitted) => admitted,
+        Decision::Degraded(response) => return Ok(response.map(Body::new)),
+    };
     let callback = header_text(&parts.headers, CALLBACK_HEADER)?.map(str::to_string);
     if let Some(url) = &callback {
         let parsed: axum::http::Uri = url
             .parse()
             .map_err(|_| bad_header(CALLBACK_HEADER, "not a URL"))?;
-        let allowed = app
-            .latest()
-            .map(|revision| revision.record.spec.allowed_hosts.clone())
-            .unwrap_or_default();
         let reachable = matches!(
             outbound::destination(
-                &allowed,
+                &admitted.revision.record.spec.allowed_hosts,
                 parsed.scheme_str().unwrap_or_default(),
                 parsed.authority().map_or("", |a| a.as_str()),
             ),
@@ -131,10 +144,19 @@ pub async fn enqueue(
             .map_err(|_| bad_header(MAX_ATTEMPTS_HEADER, "not a number"))?,
         None => node.config.jobs.max_attempts,
     };
-    let idempotency_key = header_text(&parts.headers, IDEMPOTENCY_HEADER)?.map(str::to_string);
-    let limit = app.latest().map_or(node.config.limits.max_body_bytes, |r| {
-        r.record.spec.max_body_bytes
-    });
+    // Keys are the client's own: another client sending the same key gets a job of its own,
+    // never the id (and so the result) of this one.
+    let idempotency_key = match header_text(&parts.headers, IDEMPOTENCY_HEADER)? {
+        Some(key) if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_BYTES => {
+            return Err(bad_header(
+                IDEMPOTENCY_HEADER,
+                &format!("1 to {MAX_IDEMPOTENCY_KEY_BYTES} bytes"),
+            ))
+        }
+        key => key.map(|key| format!("{client} {key}")),
+    };
+    let limit = admitted.revision.record.spec.max_body_bytes;
+    drop(admitted);
     let mut reservation = node.runtime.body_reservation();
     let body = match read_app_body(
         &node,
@@ -170,6 +192,7 @@ pub async fn enqueue(
             max_attempts,
             callback,
             idempotency_key,
+            client: Some(client),
         })
         .await?;
     drop(reservation);

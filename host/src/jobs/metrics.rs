@@ -1,5 +1,5 @@
 //! The job queue's depth as Prometheus metrics, read at each scrape: jobs queued, running and
-//! dead, per app.
+//! dead, and completed ones kept, per app.
 
 use super::JobStore;
 use prometheus_client::collector::Collector;
@@ -26,7 +26,7 @@ impl Collector for JobsCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let mut metric = encoder.encode_descriptor(
             "jobs",
-            "Async jobs now, by app and state (queued, running, dead)",
+            "Async jobs now, by app and state (queued, running, dead, completed and kept)",
             None,
             MetricType::Gauge,
         )?;
@@ -35,6 +35,7 @@ impl Collector for JobsCollector {
                 ("queued", stats.queued),
                 ("running", stats.running),
                 ("dead", stats.dead),
+                ("completed", stats.completed),
             ] {
                 let labels = JobStateLabels {
                     app: app.clone(),

@@ -61,6 +61,9 @@ pub struct JobsConfig {
     pub max_queued_per_app: usize,
     /// The most attempts a client may ask for.
     pub max_attempts_cap: u32,
+    /// Completed jobs (with their results) an app may have at once; past it new jobs are
+    /// refused until old results expire.
+    pub max_completed_per_app: usize,
     /// How long a completed job and its result are kept.
     pub result_ttl_secs: u64,
     /// Dead letters kept per app; the oldest goes when another job dies.
@@ -76,6 +79,7 @@ impl Default for JobsConfig {
             max_attempts: 3,
             callback_timeout_secs: 10,
             max_queued_per_app: 1000,
+            max_completed_per_app: 10_000,
             max_attempts_cap: 10,
             result_ttl_secs: 86_400,
             max_dead_per_app: 1000,
@@ -99,7 +103,10 @@ impl JobsConfig {
         if !(1..=300).contains(&self.callback_timeout_secs) {
             return Err("jobs.callback_timeout_secs must be 1–300".into());
         }
-        if self.max_queued_per_app == 0 || self.max_dead_per_app == 0 {
+        if self.max_queued_per_app == 0
+            || self.max_dead_per_app == 0
+            || self.max_completed_per_app == 0
+        {
             return Err(
                 "jobs.max_queued_per_app and jobs.max_dead_per_app must be at least 1".into(),
             );
@@ -160,6 +167,9 @@ pub struct JobRecord {
     /// Where the runtime reports the outcome ([`Executor::notify`]).
     pub callback: Option<String>,
     pub idempotency_key: Option<String>,
+    /// Who asked for it: the rate-limit key its runs are admitted under (`None`: the node's).
+    #[serde(default)]
+    pub client: Option<String>,
 }
 
 /// A request to run later, as the API layer hands it over.
@@ -173,6 +183,7 @@ pub struct NewJob {
     pub max_attempts: u32,
     pub callback: Option<String>,
     pub idempotency_key: Option<String>,
+    pub client: Option<String>,
 }
 
 /// The answer to an enqueue: the job's id, and whether it already existed (same idempotency
@@ -189,6 +200,8 @@ pub struct JobStats {
     pub queued: u64,
     pub running: u64,
     pub dead: u64,
+    /// Completed jobs whose results are kept.
+    pub completed: u64,
 }
 
 impl JobStats {
@@ -197,7 +210,7 @@ impl JobStats {
             JobState::Queued => Some(&mut self.queued),
             JobState::Running => Some(&mut self.running),
             JobState::Dead => Some(&mut self.dead),
-            JobState::Completed => None,
+            JobState::Completed => Some(&mut self.completed),
         }
     }
 
@@ -215,6 +228,10 @@ pub enum JobError {
     Invalid(String),
     #[error("app {app} already has {limit} jobs queued or running; try again later")]
     QueueFull { app: String, limit: usize },
+    #[error(
+        "app {app} keeps {limit} completed jobs' results already; try again once older ones expire"
+    )]
+    ResultsFull { app: String, limit: usize },
     #[error("no such job")]
     NotFound,
 }
@@ -426,6 +443,7 @@ impl JobStore {
             result: None,
             callback: job.callback,
             idempotency_key: job.idempotency_key,
+            client: job.client,
         };
         let written = self.transact(|tx| {
             if let Some(key) = &key {
@@ -622,12 +640,14 @@ impl JobStore {
             record.result = Some(result.clone());
             tx.put(&record)?;
             tx.results.insert(id.as_bytes(), &body[..kept])?;
+            // A completed job never runs again: its request body is of no more use.
+            tx.bodies.remove(id.as_bytes())?;
             Ok(Some((previous, record)))
         })?;
         let Some((previous, record)) = completed else {
             return Ok(None);
         };
-        self.shift(&record.app, Some(previous), None);
+        self.shift(&record.app, Some(previous), Some(JobState::Completed));
         self.inner.store.make_durable().await?;
         Ok(Some(record))
     }
@@ -872,7 +892,7 @@ impl JobStore {
         Ok(deleted)
     }
 
-    /// Jobs queued, running and dead across all apps.
+    /// Jobs queued, running, dead and completed across all apps.
     pub fn stats(&self) -> JobStats {
         self.counts()
             .values()
@@ -880,10 +900,11 @@ impl JobStore {
                 queued: total.queued + app.queued,
                 running: total.running + app.running,
                 dead: total.dead + app.dead,
+                completed: total.completed + app.completed,
             })
     }
 
-    /// Jobs queued, running and dead per app (apps with none are left out).
+    /// Jobs queued, running, dead and completed per app (apps with none are left out).
     pub fn stats_by_app(&self) -> BTreeMap<String, JobStats> {
         self.counts()
             .iter()
@@ -909,6 +930,16 @@ impl JobStore {
         let limit = self.inner.limits.max_queued_per_app;
         let mut counts = self.counts();
         let stats = counts.entry(app.to_string()).or_default();
+        let kept = self.inner.limits.max_completed_per_app;
+        if stats.completed >= kept as u64 {
+            if stats.is_empty() {
+                counts.remove(app);
+            }
+            return Err(JobError::ResultsFull {
+                app: app.to_string(),
+                limit: kept,
+            });
+        }
         if stats.queued + stats.running >= limit as u64 {
             if stats.is_empty() {
                 counts.remove(app);

@@ -17,7 +17,7 @@ use http_body_util::{BodyExt, Full};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// The client key jobs are rate-limited under (the app's own limit applies to them all).
+/// The client key of jobs the node made itself (queue messages), for rate limits.
 const JOB_CLIENT: &str = "jobs";
 
 /// Runs jobs on a node's runtime.
@@ -64,9 +64,12 @@ impl RuntimeExecutor {
                 retryable: status >= 500 || status == 429 || status == 408,
             }
         };
+        // Admitted under the rate limits of the client that asked for it: one client's flood
+        // of jobs is that client's to wait for, not everyone's.
+        let client = job.client.as_deref().unwrap_or(JOB_CLIENT);
         let response = match self
             .runtime
-            .admit(&job.app, None, request.headers(), JOB_CLIENT)
+            .admit(&job.app, None, request.headers(), client)
         {
             Ok(Decision::Serve(admitted)) => match self.runtime.serve(admitted, request, 0).await {
                 Ok(response) => response,
@@ -240,6 +243,7 @@ impl QueueSink for JobQueueSink {
                 max_attempts: self.max_attempts,
                 callback: None,
                 idempotency_key: None,
+                client: None,
             };
             self.jobs
                 .enqueue(job)

@@ -21,6 +21,7 @@ fn new_job(app: &str) -> NewJob {
         max_attempts: 3,
         callback: None,
         idempotency_key: None,
+        client: None,
     }
 }
 
@@ -74,11 +75,15 @@ async fn enqueue_claim_complete_round_trip() {
         jobs.result_body(&job.id).unwrap().unwrap(),
         Bytes::from_static(b"answer")
     );
+    // A completed job never runs again: its request body is gone.
+    assert_eq!(jobs.request_body(&job.id).unwrap(), None);
     assert_eq!(
-        jobs.request_body(&job.id).unwrap().unwrap(),
-        Bytes::from_static(b"request")
+        jobs.stats(),
+        JobStats {
+            completed: 1,
+            ..JobStats::default()
+        }
     );
-    assert_eq!(jobs.stats(), JobStats::default());
     assert!(jobs.next_due_ms().unwrap().is_none());
 }
 
@@ -113,7 +118,8 @@ async fn a_running_job_is_requeued_on_reopening_with_its_attempts_kept() {
         JobStats {
             queued: 1,
             running: 0,
-            dead: 0
+            dead: 0,
+            completed: 0
         }
     );
     let (job, _) = jobs.claim(now_ms()).await.unwrap().unwrap();
@@ -177,7 +183,8 @@ async fn concurrent_claims_take_each_job_exactly_once() {
         JobStats {
             queued: 0,
             running: 200,
-            dead: 0
+            dead: 0,
+            completed: 0
         }
     );
 }
@@ -254,7 +261,8 @@ async fn dead_letters_are_retried_and_purged() {
         JobStats {
             queued: 1,
             running: 0,
-            dead: 2
+            dead: 2,
+            completed: 0
         }
     );
     assert_eq!(jobs.claim(now_ms()).await.unwrap().unwrap().0.id, ids[0]);
@@ -270,7 +278,8 @@ async fn dead_letters_are_retried_and_purged() {
         JobStats {
             queued: 0,
             running: 1,
-            dead: 0
+            dead: 0,
+            completed: 0
         }
     );
     // The purged jobs' idempotency keys are free again.
@@ -329,6 +338,46 @@ async fn an_idempotency_key_returns_the_same_job() {
         "keys are per app"
     );
     assert_eq!(jobs.stats().queued, 2);
+}
+
+#[tokio::test]
+async fn an_app_keeps_a_bounded_number_of_results_and_no_request_body_of_a_completed_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = JobsConfig {
+        max_completed_per_app: 2,
+        ..JobsConfig::default()
+    };
+    let jobs = open(&dir, limits);
+    for _ in 0..2 {
+        let id = jobs.enqueue(new_job("app")).await.unwrap().id;
+        let (job, body) = jobs.claim(now_ms()).await.unwrap().unwrap();
+        assert_eq!((job.id.as_str(), &body[..]), (id.as_str(), &b"request"[..]));
+        jobs.complete(&id, answer(200), Bytes::from_static(b"done"))
+            .await
+            .unwrap();
+        assert_eq!(jobs.request_body(&id).unwrap(), None);
+        assert_eq!(jobs.result_body(&id).unwrap().unwrap(), &b"done"[..]);
+    }
+    assert_eq!(jobs.app_stats("app").completed, 2);
+    match jobs.enqueue(new_job("app")).await {
+        Err(JobError::ResultsFull { app, limit }) => {
+            assert_eq!((app.as_str(), limit), ("app", 2))
+        }
+        other => panic!("{other:?}"),
+    }
+    jobs.enqueue(new_job("other")).await.unwrap();
+    // Expired results make room again, and the counts survive a restart.
+    drop(jobs);
+    let jobs = open(
+        &dir,
+        JobsConfig {
+            max_completed_per_app: 2,
+            ..JobsConfig::default()
+        },
+    );
+    assert_eq!(jobs.app_stats("app").completed, 2);
+    assert_eq!(jobs.expire(now_ms() + 86_400_001).await.unwrap(), 2);
+    jobs.enqueue(new_job("app")).await.unwrap();
 }
 
 #[tokio::test]
@@ -577,7 +626,13 @@ async fn workers_retry_a_503_then_complete_every_job() {
     // Notified once for each job with a callback, after it completed.
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(executor.notified.load(Ordering::SeqCst), 10);
-    assert_eq!(jobs.stats(), JobStats::default());
+    assert_eq!(
+        jobs.stats(),
+        JobStats {
+            completed: 20,
+            ..JobStats::default()
+        }
+    );
     shutdown.cancel();
     for handle in handles {
         handle.await.unwrap();

@@ -257,6 +257,9 @@ impl store::HostBucket for KvView<'_> {
 
 /// Keys one batch call may name.
 const MAX_BATCH_KEYS: usize = 1000;
+/// Bytes of values one `get-many` may return: the host copies them before the guest's memory
+/// limit can refuse them.
+const MAX_BATCH_READ_BYTES: usize = 64 << 20;
 
 fn check_batch_size(keys: usize) -> Result<(), store::Error> {
     if keys > MAX_BATCH_KEYS {
@@ -278,9 +281,18 @@ impl batch::Host for KvView<'_> {
         }
         let tree = &self.table.get(&bucket)?.tree;
         let mut values = Vec::with_capacity(keys.len());
+        let mut bytes = 0usize;
         for key in keys {
             match tree.get(key.as_bytes()) {
-                Ok(value) => values.push(value.map(|v| (key, v.to_vec()))),
+                Ok(value) => {
+                    bytes += value.as_ref().map_or(0, |v| v.len());
+                    if bytes > MAX_BATCH_READ_BYTES {
+                        return Ok(Err(store::Error::Other(format!(
+                            "a get-many may return at most {MAX_BATCH_READ_BYTES} bytes of values: ask for fewer keys"
+                        ))));
+                    }
+                    values.push(value.map(|v| (key, v.to_vec())));
+                }
                 Err(error) => return Ok(Err(other(error))),
             }
         }

@@ -223,6 +223,7 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
         let cancel_on_drop = CancelOnDrop::new(cancel.clone());
         let running = self.ctx.models.backends().running_computes().clone();
         let span = tracing::info_span!("compute", model = %resource.model);
+        let (meter, model) = (self.ctx.meter.clone(), resource.model.clone());
         let outputs = self
             .ctx
             .models
@@ -239,13 +240,15 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
                     .unwrap_or_else(|poisoned| poisoned.into_inner());
                 let started = std::time::Instant::now();
                 let outputs = backend::catch_panic("compute", || context.compute(tensors, &cancel));
-                outputs.map(|outputs| (outputs, started.elapsed()))
+                // Metered here, whatever the outcome and whether or not the guest still waits.
+                meter.model_computed(&model, started.elapsed());
+                outputs
             })
             .await?;
         cancel_on_drop.disarm();
         match outputs {
-            Ok((outputs, elapsed)) => {
-                self.meter_compute(&context_handle, starts_anew, &outputs, elapsed)?;
+            Ok(outputs) => {
+                self.meter_tokens(&context_handle, starts_anew, &outputs)?;
                 let mut named = Vec::with_capacity(outputs.len());
                 for (name, tensor) in outputs {
                     self.ctx.hold(tensor.data.len())?;
@@ -264,15 +267,14 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
 }
 
 impl NnView<'_> {
-    /// Meters one compute of `context`: its time, and for a model that reports `usage` (LLMs,
-    /// embeddings) its tokens. A compute with inputs starts a new generation; later ones report
-    /// the generation's running total of completion tokens, of which only the new ones count.
-    fn meter_compute(
+    /// Meters the tokens of one compute of `context`, for a model that reports `usage` (LLMs,
+    /// embeddings). A compute with inputs starts a new generation; later ones report the
+    /// generation's running total of completion tokens, of which only the new ones count.
+    fn meter_tokens(
         &mut self,
         context: &Resource<ContextResource>,
         starts_anew: bool,
         outputs: &[backend::NamedTensor],
-        elapsed: std::time::Duration,
     ) -> wasmtime::Result<()> {
         let usage = outputs
             .iter()
@@ -292,9 +294,7 @@ impl NnView<'_> {
                 .saturating_sub(resource.completion_metered);
             resource.completion_metered = resource.completion_metered.max(usage.completion_tokens);
         }
-        self.ctx
-            .meter
-            .model_computed(&resource.model, elapsed, prompt, completion);
+        self.ctx.meter.tokens(&resource.model, prompt, completion);
         Ok(())
     }
 }

@@ -216,6 +216,10 @@ impl Runtime {
         self.records
             .commit(&after, new_revision.as_ref(), &pruned)?;
         self.store.make_durable().await?;
+        self.resources
+            .telemetry
+            .metrics
+            .forget_revisions(name, pruned.iter().copied());
 
         let current = self.app(name);
         let mut revisions: BTreeMap<u32, Arc<Revision>> = current

@@ -163,7 +163,8 @@ async fn call_app(
     caller: &str,
     depth: u32,
 ) -> http::Response<WasiBody> {
-    let (parts, body) = request.into_parts();
+    let (mut parts, body) = request.into_parts();
+    super::queue::strip_queue_headers(&mut parts.headers);
     let admitted = match runtime.admit(app, None, &parts.headers, caller) {
         Ok(Decision::Serve(admitted)) => admitted,
         Ok(Decision::Degraded(response)) => return response,

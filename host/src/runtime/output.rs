@@ -29,6 +29,8 @@ pub struct InstanceLog {
     request_id: Arc<str>,
     /// Bytes this instance may still log, shared by all its outputs.
     left: Arc<AtomicUsize>,
+    /// Whether the instance was told that its wasi:logging lines are being dropped.
+    warned: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl InstanceLog {
@@ -39,6 +41,7 @@ impl InstanceLog {
             revision: revision.into(),
             request_id: request_id.into(),
             left: Arc::new(AtomicUsize::new(MAX_BYTES_PER_INSTANCE)),
+            warned: Arc::default(),
         }
     }
 
@@ -72,6 +75,13 @@ impl InstanceLog {
             format!("{context}: {message}")
         };
         let granted = self.take_budget(text.len());
+        if granted < text.len() && !self.warned.swap(true, Ordering::Relaxed) {
+            self.append(
+                Level::Warn,
+                Source::Logging,
+                format!("wasi:logging output past the instance's {MAX_BYTES_PER_INSTANCE}-byte log budget is dropped"),
+            );
+        }
         if granted == 0 {
             return;
         }

@@ -28,6 +28,13 @@ pub const QUEUE_HEADER: &str = "tensorlet-queue";
 /// The header that tells a consumer which app sent the message.
 pub const PRODUCER_HEADER: &str = "tensorlet-producer";
 
+/// Removes the queue headers from a request that did not come from a queue: only the node
+/// sets them, so a consumer can trust them.
+pub fn strip_queue_headers(headers: &mut http::HeaderMap) {
+    headers.remove(QUEUE_HEADER);
+    headers.remove(PRODUCER_HEADER);
+}
+
 /// A message on its way to a queue's consumer.
 pub struct Message {
     pub queue: String,

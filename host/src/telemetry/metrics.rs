@@ -145,8 +145,20 @@ impl Metrics {
         text
     }
 
-    /// Drops every series of a removed app (its revisions' request counts and latencies).
+    /// Drops every series of a removed app (its revisions' request counts and latencies, its
+    /// jobs' outcomes).
     pub fn forget_app(&self, app: &str, revisions: impl IntoIterator<Item = u32>) {
+        self.forget_revisions(app, revisions);
+        for outcome in JOB_OUTCOMES {
+            self.jobs.remove(&JobLabels {
+                app: app.to_string(),
+                outcome,
+            });
+        }
+    }
+
+    /// Drops the series of deleted revisions of `app`.
+    pub fn forget_revisions(&self, app: &str, revisions: impl IntoIterator<Item = u32>) {
         for revision in revisions {
             let revision = revision.to_string();
             for class in STATUS_CLASSES {
@@ -159,12 +171,6 @@ impl Metrics {
             self.request_duration.remove(&RevisionLabels {
                 app: app.to_string(),
                 revision,
-            });
-        }
-        for outcome in JOB_OUTCOMES {
-            self.jobs.remove(&JobLabels {
-                app: app.to_string(),
-                outcome,
             });
         }
     }

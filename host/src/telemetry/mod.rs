@@ -190,23 +190,33 @@ impl AppMeter {
         }
     }
 
-    /// One compute on `model` took `elapsed` and processed these tokens.
-    pub fn model_computed(&self, model: &str, elapsed: Duration, prompt: u64, completion: u64) {
+    /// One compute on `model` ran for `elapsed` (whether it succeeded or not).
+    pub fn model_computed(&self, model: &str, elapsed: Duration) {
         self.telemetry
             .meter
             .record(&self.app, |usage: &mut UsageRecord| {
                 *usage.inference_us.entry(model.to_string()).or_default() +=
                     elapsed.as_micros() as u64;
-                usage.prompt_tokens += prompt;
-                usage.completion_tokens += completion;
             });
-        let metrics = &self.telemetry.metrics;
-        metrics
+        self.telemetry
+            .metrics
             .model_compute
             .get_or_create(&metrics::ModelLabels {
                 model: model.to_string(),
             })
             .observe(elapsed.as_secs_f64());
+    }
+
+    /// `model` processed these tokens.
+    pub fn tokens(&self, model: &str, prompt: u64, completion: u64) {
+        if prompt == 0 && completion == 0 {
+            return;
+        }
+        self.telemetry.meter.record(&self.app, |usage| {
+            usage.prompt_tokens += prompt;
+            usage.completion_tokens += completion;
+        });
+        let metrics = &self.telemetry.metrics;
         for (kind, tokens) in [("prompt", prompt), ("completion", completion)] {
             if tokens > 0 {
                 metrics
