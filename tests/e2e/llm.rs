@@ -288,4 +288,20 @@ async fn a_prompt_longer_than_one_batch_is_decoded_whole() {
     let text = body["choices"][0]["text"].as_str().unwrap();
     assert!(text.trim_start().starts_with("401, 402"), "{text:?}");
     assert!(body["usage"]["prompt_tokens"].as_u64().unwrap() > 1024);
+
+    // The node metered the same tokens for the app, and the model's inference time.
+    let usage = node.admin_json("/v1/admin/usage?app=openai").await;
+    let metered = &usage["totals"]["openai"];
+    assert_eq!(
+        metered["prompt_tokens"], body["usage"]["prompt_tokens"],
+        "{usage}"
+    );
+    assert_eq!(
+        metered["completion_tokens"], body["usage"]["completion_tokens"],
+        "{usage}"
+    );
+    assert!(
+        metered["inference_us"]["smollm2"].as_u64().unwrap() > 0,
+        "{usage}"
+    );
 }
