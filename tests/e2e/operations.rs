@@ -1,7 +1,7 @@
 //! Operating a node, against a real daemon: Prometheus metrics read by the official Python
 //! client's parser, request ids, per-app logs, metering, async jobs that survive SIGKILL.
 
-use crate::support::{artifacts, error_code, TestNode};
+use crate::support::{artifacts, error_code, http_sink, TestNode};
 use serde_json::Value;
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -387,67 +387,10 @@ async fn post_async(node: &TestNode, path: &str, headers: &[(&str, &str)]) -> re
     request.send().await.unwrap()
 }
 
-/// A plain-HTTP server on loopback that answers 200 to every request and sends each request
-/// it got (head and body) to the returned channel.
-async fn http_sink() -> (
-    String,
-    tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>,
-) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut socket, _)) = listener.accept().await else {
-                return;
-            };
-            let sender = sender.clone();
-            tokio::spawn(async move {
-                let mut request = Vec::new();
-                let mut buffer = [0u8; 4096];
-                loop {
-                    let Ok(read) = socket.read(&mut buffer).await else {
-                        return;
-                    };
-                    if read == 0 {
-                        return;
-                    }
-                    request.extend_from_slice(&buffer[..read]);
-                    let Some(end) = request.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        continue;
-                    };
-                    let head = String::from_utf8_lossy(&request[..end]).to_string();
-                    let body = request[end + 4..].to_vec();
-                    let length: usize = head
-                        .lines()
-                        .find_map(|l| {
-                            l.to_ascii_lowercase()
-                                .strip_prefix("content-length:")
-                                .map(|v| v.trim().parse().unwrap())
-                        })
-                        .unwrap_or(0);
-                    if body.len() < length {
-                        continue;
-                    }
-                    let _ = sender.send((head, body));
-                    let _ = socket
-                        .write_all(
-                            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
-                        )
-                        .await;
-                    return;
-                }
-            });
-        }
-    });
-    (format!("http://{address}"), receiver)
-}
-
 #[tokio::test]
 async fn async_jobs_are_retried_report_to_their_callback_and_end_in_dead_letters() {
     let node = TestNode::start();
-    let (callback, mut callbacks) = http_sink().await;
+    let (callback, mut callbacks) = http_sink(b"").await;
     let (_dir, manifest) = TestNode::manifest(&format!(
         "[app]\nname = \"worker\"\ncomponent = {:?}\n[outbound]\nallowed_hosts = [{callback:?}]\n",
         artifacts::MISBEHAVE
@@ -779,7 +722,7 @@ async fn a_message_sent_to_a_named_queue_triggers_the_app_that_consumes_it() {
 
 #[tokio::test]
 async fn request_spans_are_exported_to_an_otlp_collector() {
-    let (collector, mut exports) = http_sink().await;
+    let (collector, mut exports) = http_sink(b"").await;
     let config = crate::support::config_file(&format!(
         "[telemetry]\notlp_endpoint = {collector:?}\notlp_service_name = \"edge-7\"\n"
     ));

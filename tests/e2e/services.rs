@@ -506,22 +506,8 @@ async fn rate_limits_answer_429_with_retry_after_and_the_fallback_serves_when_sh
 async fn apps_call_each_other_on_the_node_and_reach_only_allowed_hosts() {
     let node = TestNode::start();
     node.cli_ok(&["deploy", "hello", artifacts::HELLO]);
-    let outside = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let outside_port = outside.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((mut socket, _)) = outside.accept().await {
-            tokio::spawn(async move {
-                use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                let mut buffer = [0u8; 4096];
-                let _ = socket.read(&mut buffer).await;
-                let _ = socket
-                    .write_all(
-                        b"HTTP/1.1 200 OK\r\ncontent-length: 7\r\nconnection: close\r\n\r\noutside",
-                    )
-                    .await;
-            });
-        }
-    });
+    let (outside, _requests) = crate::support::http_sink(b"outside").await;
+    let outside_port: u16 = outside.rsplit(':').next().unwrap().parse().unwrap();
     let _dir = deploy_manifest(
         &node,
         artifacts::MISBEHAVE,

@@ -2,9 +2,9 @@
 //! dead, and completed ones kept, per app.
 
 use super::JobStore;
+use crate::telemetry::metrics::family;
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet};
 use prometheus_client::metrics::MetricType;
 
 /// Reads a job store's counts.
@@ -24,26 +24,32 @@ struct JobStateLabels {
 
 impl Collector for JobsCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let mut metric = encoder.encode_descriptor(
+        let values = self
+            .0
+            .stats_by_app()
+            .into_iter()
+            .flat_map(|(app, stats)| {
+                [
+                    ("queued", stats.queued),
+                    ("running", stats.running),
+                    ("dead", stats.dead),
+                    ("completed", stats.completed),
+                ]
+                .map(|(state, count)| {
+                    let labels = JobStateLabels {
+                        app: app.clone(),
+                        state,
+                    };
+                    (labels, count)
+                })
+            })
+            .collect();
+        family(
+            &mut encoder,
             "jobs",
             "Async jobs now, by app and state (queued, running, dead, completed and kept)",
-            None,
             MetricType::Gauge,
-        )?;
-        for (app, stats) in self.0.stats_by_app() {
-            for (state, count) in [
-                ("queued", stats.queued),
-                ("running", stats.running),
-                ("dead", stats.dead),
-                ("completed", stats.completed),
-            ] {
-                let labels = JobStateLabels {
-                    app: app.clone(),
-                    state,
-                };
-                ConstGauge::new(count as i64).encode(metric.encode_family(&labels)?)?;
-            }
-        }
-        Ok(())
+            values,
+        )
     }
 }

@@ -3,9 +3,9 @@
 //! starts, cache hits and fallbacks, and each LLM's running and waiting generations.
 
 use super::Runtime;
+use crate::telemetry::metrics::family;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
-use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use std::sync::atomic::Ordering;
@@ -25,25 +25,6 @@ struct RevisionLabels {
 struct GenerationLabels {
     model: String,
     state: &'static str,
-}
-
-/// Writes one metric family of `kind` whose series are `values`.
-fn family<L: EncodeLabelSet>(
-    encoder: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    kind: MetricType,
-    values: Vec<(L, u64)>,
-) -> Result<(), std::fmt::Error> {
-    let mut metric = encoder.encode_descriptor(name, help, None, kind)?;
-    for (labels, value) in values {
-        let series = metric.encode_family(&labels)?;
-        match kind {
-            MetricType::Counter => ConstCounter::new(value).encode(series)?,
-            _ => ConstGauge::new(value as i64).encode(series)?,
-        }
-    }
-    Ok(())
 }
 
 impl Collector for RuntimeCollector {
