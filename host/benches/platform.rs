@@ -139,7 +139,7 @@ async fn edge_fitness() {
             let deployed = Command::new(env!("CARGO_BIN_EXE_tensorlet"))
                 .arg("--data-dir")
                 .arg(dir.path())
-                .args(["deploy", &format!("app-{n}"), artifacts::HELLO])
+                .args(["deploy", "--public", &format!("app-{n}"), artifacts::HELLO])
                 .output()
                 .unwrap();
             assert!(deployed.status.success());
@@ -206,7 +206,7 @@ fn serve_hello(plain_http: bool) -> ServedNode {
     let deployed = Command::new(env!("CARGO_BIN_EXE_tensorlet"))
         .arg("--data-dir")
         .arg(dir.path())
-        .args(["deploy", "hello", artifacts::HELLO])
+        .args(["deploy", "--public", "hello", artifacts::HELLO])
         .output()
         .unwrap();
     assert!(
@@ -688,6 +688,7 @@ async fn register_model(
         target: "cpu".to_string(),
         digest: tensorlet::store::blobs::digest_of_file(path).unwrap(),
         size_bytes: std::fs::metadata(path).unwrap().len(),
+        tenant: None,
     };
     node.models.add(name, staged, upload).await.unwrap();
 }
@@ -804,7 +805,7 @@ async fn onnx_backends(node: &tensorlet::node::Node, scratch: &std::path::Path) 
     for backend in ["tract", "onnxruntime", "openvino"] {
         let name = format!("on-{backend}");
         register_model(node, &name, Encoding::Onnx, Some(backend), &model, scratch).await;
-        let graph = node.models.graph(&name).unwrap();
+        let graph = node.models.graph_for(&name, "default").unwrap();
         let input = input.clone();
         let samples = tokio::task::spawn_blocking(move || {
             let mut context = graph.init_execution_context().unwrap();
@@ -851,7 +852,7 @@ async fn embeddings(node: &tensorlet::node::Node, scratch: &std::path::Path) {
     )
     .await;
     let app = deploy_with_model(node, "openai-embed", artifacts::OPENAI, "minilm").await;
-    let graph = node.models.graph("minilm").unwrap();
+    let graph = node.models.graph_for("minilm", "default").unwrap();
     println!("Embeddings, all-MiniLM-L6-v2 (candle), p50 over 50 requests:");
     for texts in [1usize, 8] {
         let inputs: Vec<String> = (0..texts)
@@ -1103,11 +1104,13 @@ async fn llm_concurrency(node: &tensorlet::node::Node, idle: f64) {
 /// increments on the idle node: durability work must not queue behind inference.
 async fn orphaned_generations(node: &tensorlet::node::Node) {
     const BURST: usize = 20;
+    let mut counter_spec = tensorlet::apps::DeploySpec::default();
+    counter_spec.app.buckets = vec!["default".to_string()];
     node.runtime
         .deploy(
             "kv-counter",
             Some(std::fs::read(artifacts::KV_COUNTER).unwrap().into()),
-            Default::default(),
+            counter_spec,
             Default::default(),
         )
         .await

@@ -28,6 +28,8 @@ pub struct Config {
     pub telemetry: crate::telemetry::TelemetryConfig,
     /// Async invocation: workers, retries, what the queue keeps.
     pub jobs: crate::jobs::JobsConfig,
+    /// The node's identity in a cluster and its node port.
+    pub cluster: crate::cluster::ClusterConfig,
 }
 
 /// `[tls]`: the certificate the node presents.
@@ -205,6 +207,7 @@ impl Default for Config {
             nn: NnConfig::default(),
             telemetry: crate::telemetry::TelemetryConfig::default(),
             jobs: crate::jobs::JobsConfig::default(),
+            cluster: crate::cluster::ClusterConfig::default(),
         }
     }
 }
@@ -307,6 +310,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), String> {
         self.telemetry.validate()?;
         self.jobs.validate()?;
+        self.cluster.validate()?;
         let in_range = |key: &str, value: u64, range: std::ops::RangeInclusive<u64>| {
             if range.contains(&value) {
                 Ok(())

@@ -9,6 +9,7 @@
 pub mod api;
 pub mod apps;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod jobs;
 pub mod kv;

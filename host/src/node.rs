@@ -23,7 +23,8 @@ pub struct Node {
     pub jobs: JobStore,
     /// Clients following app logs now (bounded: each holds a stream open).
     pub log_followers: Arc<tokio::sync::Semaphore>,
-    pub admin_token: String,
+    /// Tenants and API keys: who may do what.
+    pub tenancy: crate::tenancy::Tenancy,
     /// SHA-256 fingerprint of the served certificate; `None` with plain HTTP.
     pub tls_fingerprint: Option<String>,
     pub started: Instant,
@@ -42,8 +43,8 @@ pub fn open(config: Config, tls_fingerprint: Option<String>) -> anyhow::Result<N
         .map_err(|e| anyhow::anyhow!("invalid config: {e}"))?;
     crate::store::files::create_private_dir(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
-    let admin_token =
-        crate::tenancy::load_or_create_admin_token(&config.data_dir).with_context(|| {
+    let admin_token = crate::tenancy::token::load_or_create_admin_token(&config.data_dir)
+        .with_context(|| {
             format!(
                 "cannot read or create the admin token in {}",
                 config.data_dir.display()
@@ -55,6 +56,11 @@ pub fn open(config: Config, tls_fingerprint: Option<String>) -> anyhow::Result<N
         std::fs::remove_dir_all(&tmp).with_context(|| format!("cannot empty {}", tmp.display()))?;
     }
     let store = Store::open(&config.data_dir.join("db"))?;
+    let tenancy = crate::tenancy::Tenancy::open(&store, &admin_token)
+        .context("cannot open the tenants and API keys")?;
+    store
+        .flush_blocking()
+        .context("cannot store the admin token's key")?;
     let blobs = Blobs::open(&config.data_dir.join("blobs"))?;
     blobs
         .adopt_legacy_folders(&config.data_dir)
@@ -95,7 +101,7 @@ pub fn open(config: Config, tls_fingerprint: Option<String>) -> anyhow::Result<N
         telemetry,
         jobs,
         log_followers: Arc::new(tokio::sync::Semaphore::new(MAX_LOG_FOLLOWERS)),
-        admin_token,
+        tenancy,
         tls_fingerprint,
         started: Instant::now(),
     })

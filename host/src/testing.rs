@@ -96,6 +96,7 @@ impl TempStore {
             target: "cpu".into(),
             digest: blobs::digest_of(bytes),
             size_bytes: bytes.len() as u64,
+            tenant: None,
         };
         (staged, upload)
     }

@@ -23,7 +23,7 @@ async fn hello_is_served_over_https_with_the_generated_certificate() {
         Some(expected.join(":").as_str())
     );
 
-    let deployed = node.cli_ok(&["deploy", "hello", artifacts::HELLO]);
+    let deployed = node.cli_ok(&["deploy", "--public", "hello", artifacts::HELLO]);
     assert!(deployed.contains("deployed hello"), "{deployed}");
     assert_eq!(
         node.get("/apps/hello/?name=edge").await,

@@ -52,7 +52,14 @@ async fn the_openai_client_gets_normalised_embeddings_that_rank_meaning() {
     let from_pypi = node.admin_json("/v1/admin/models/minilm-from-pypi").await;
     assert_eq!(local["model"]["digest"], from_pypi["model"]["digest"]);
     assert!(local["model"]["digest"].is_string(), "{local}");
-    node.cli_ok(&["deploy", "openai", artifacts::OPENAI, "--model", "minilm"]);
+    node.cli_ok(&[
+        "deploy",
+        "--public",
+        "openai",
+        artifacts::OPENAI,
+        "--model",
+        "minilm",
+    ]);
 
     let seen = node.run_openai_script("openai_embeddings.py", "minilm");
     let floats = vectors(&seen["float"]);

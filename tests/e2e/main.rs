@@ -5,6 +5,7 @@ mod support;
 
 mod attacks;
 mod backends;
+mod cluster;
 mod crash;
 mod deploy;
 mod embeddings;
@@ -14,3 +15,4 @@ mod llm;
 mod nn;
 mod operations;
 mod services;
+mod tenancy;

@@ -263,6 +263,7 @@ async fn apps_load_only_the_models_they_declared() {
 
     let deployed = node.cli_ok(&[
         "deploy",
+        "--public",
         "declared",
         artifacts::MISBEHAVE,
         "--model",

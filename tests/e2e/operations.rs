@@ -392,10 +392,10 @@ async fn async_jobs_are_retried_report_to_their_callback_and_end_in_dead_letters
     let node = TestNode::start();
     let (callback, mut callbacks) = http_sink(b"").await;
     let (_dir, manifest) = TestNode::manifest(&format!(
-        "[app]\nname = \"worker\"\ncomponent = {:?}\n[outbound]\nallowed_hosts = [{callback:?}]\n",
+        "[app]\nname = \"worker\"\ncomponent = {:?}\nbuckets = [\"flaky\", \"orders\"]\n[outbound]\nallowed_hosts = [{callback:?}]\n",
         artifacts::MISBEHAVE
     ));
-    node.cli_ok(&["deploy", "-f", manifest.to_str().unwrap()]);
+    node.cli_ok(&["deploy", "--public", "-f", manifest.to_str().unwrap()]);
 
     // Fails once, then succeeds: retried after a backoff, completed on the second attempt.
     let response = post_async(
@@ -673,10 +673,10 @@ async fn a_message_sent_to_a_named_queue_triggers_the_app_that_consumes_it() {
     let node = TestNode::start();
     node.deploy_ok("producer", artifacts::MISBEHAVE, "").await;
     let (_dir, manifest) = TestNode::manifest(&format!(
-        "[app]\nname = \"consumer\"\ncomponent = {:?}\nconsumes = [\"events\"]\n",
+        "[app]\nname = \"consumer\"\ncomponent = {:?}\nbuckets = [\"orders\"]\nconsumes = [\"events\"]\n",
         artifacts::MISBEHAVE
     ));
-    node.cli_ok(&["deploy", "-f", manifest.to_str().unwrap()]);
+    node.cli_ok(&["deploy", "--public", "-f", manifest.to_str().unwrap()]);
 
     let (status, id) = node
         .get("/apps/producer/send?queue=events&text=order%2042")
@@ -709,13 +709,16 @@ async fn a_message_sent_to_a_named_queue_triggers_the_app_that_consumes_it() {
     // No consumer: a clean error for the producer.
     let (status, body) = node.get("/apps/producer/send?queue=nobody&text=x").await;
     assert_eq!(status, 500);
-    assert!(body.contains("no app consumes queue"), "{body}");
+    assert!(
+        body.contains("no app of this tenant consumes queue"),
+        "{body}"
+    );
     // One consumer per queue.
     let (_dir, second) = TestNode::manifest(&format!(
-        "[app]\nname = \"second\"\ncomponent = {:?}\nconsumes = [\"events\"]\n",
+        "[app]\nname = \"second\"\ncomponent = {:?}\nbuckets = [\"orders\"]\nconsumes = [\"events\"]\n",
         artifacts::MISBEHAVE
     ));
-    let refused = node.cli(&["deploy", "-f", second.to_str().unwrap()]);
+    let refused = node.cli(&["deploy", "--public", "-f", second.to_str().unwrap()]);
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("already consumed by app"));
 }

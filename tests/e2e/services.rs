@@ -17,7 +17,7 @@ fn manifest_for(component: &str, rest: &str) -> String {
 /// as long as the handle.
 fn deploy_manifest(node: &TestNode, component: &str, rest: &str) -> tempfile::TempDir {
     let (dir, path) = TestNode::manifest(&manifest_for(component, rest));
-    node.cli_ok(&["deploy", "-f", path.to_str().unwrap()]);
+    node.cli_ok(&["deploy", "--public", "-f", path.to_str().unwrap()]);
     dir
 }
 
@@ -38,9 +38,9 @@ async fn manifests_apply_idempotently_show_their_diff_and_refuse_unknown_keys() 
         "name = \"hello\"\n[limits]\ntimeout_secs = 5\n",
     ));
     let manifest = path.to_str().unwrap();
-    let first = node.cli_ok(&["deploy", "-f", manifest]);
+    let first = node.cli_ok(&["deploy", "--public", "-f", manifest]);
     assert!(first.contains("deployed hello: revision 1"), "{first}");
-    let again = node.cli_ok(&["deploy", "-f", manifest]);
+    let again = node.cli_ok(&["deploy", "--public", "-f", manifest]);
     assert!(again.contains("unchanged (revision 1)"), "{again}");
 
     std::fs::write(
@@ -51,14 +51,14 @@ async fn manifests_apply_idempotently_show_their_diff_and_refuse_unknown_keys() 
         ),
     )
     .unwrap();
-    let dry = node.cli_ok(&["deploy", "-f", manifest, "--dry-run"]);
+    let dry = node.cli_ok(&["deploy", "--public", "-f", manifest, "--dry-run"]);
     assert!(dry.contains("revision.timeout_secs: 5 → 6"), "{dry}");
     let app = node.admin_json("/v1/admin/apps/hello").await;
     assert_eq!(
         app["app"]["record"]["latest"], 1,
         "a dry run changed nothing"
     );
-    let second = node.cli_ok(&["deploy", "-f", manifest]);
+    let second = node.cli_ok(&["deploy", "--public", "-f", manifest]);
     assert!(second.contains("deployed hello: revision 2"), "{second}");
     assert!(second.contains("revision.timeout_secs: 5 → 6"), "{second}");
 
@@ -70,7 +70,7 @@ async fn manifests_apply_idempotently_show_their_diff_and_refuse_unknown_keys() 
         ),
     )
     .unwrap();
-    let refused = node.cli(&["deploy", "-f", manifest]);
+    let refused = node.cli(&["deploy", "--public", "-f", manifest]);
     assert!(!refused.status.success());
     let message = String::from_utf8_lossy(&refused.stderr);
     assert!(
@@ -83,8 +83,22 @@ async fn manifests_apply_idempotently_show_their_diff_and_refuse_unknown_keys() 
 
 /// Deploys hello twice (two revisions differing in one config value).
 fn two_revisions(node: &TestNode) {
-    node.cli_ok(&["deploy", "hello", artifacts::HELLO, "--config", "v=1"]);
-    node.cli_ok(&["deploy", "hello", artifacts::HELLO, "--config", "v=2"]);
+    node.cli_ok(&[
+        "deploy",
+        "--public",
+        "hello",
+        artifacts::HELLO,
+        "--config",
+        "v=1",
+    ]);
+    node.cli_ok(&[
+        "deploy",
+        "--public",
+        "hello",
+        artifacts::HELLO,
+        "--config",
+        "v=2",
+    ]);
 }
 
 #[tokio::test]
@@ -239,6 +253,7 @@ async fn config_and_secrets_reach_the_component_and_secrets_are_never_shown_nor_
     let node = TestNode::start();
     node.cli_ok(&[
         "deploy",
+        "--public",
         "misbehave",
         artifacts::MISBEHAVE,
         "--config",
@@ -354,7 +369,7 @@ async fn a_revision_runs_at_most_its_concurrency_queues_within_bounds_and_sheds_
     assert_eq!(running.await.unwrap().unwrap().status(), 200);
     assert_eq!(queued.await.unwrap().unwrap().status(), 200);
     // Another app is not held back by misbehave's limit.
-    node.cli_ok(&["deploy", "hello", artifacts::HELLO]);
+    node.cli_ok(&["deploy", "--public", "hello", artifacts::HELLO]);
     assert_eq!(node.get("/apps/hello/").await.0, 200);
 }
 
@@ -426,7 +441,7 @@ async fn an_idle_revision_scales_to_zero_and_its_next_request_starts_cold_from_t
     let (_dir, path) = TestNode::manifest(
         "[app]\nname = \"hello\"\n[scaling]\nidle_timeout_secs = 1\nmin_instances = 1\n",
     );
-    let deployed = node.cli_ok(&["deploy", "-f", path.to_str().unwrap()]);
+    let deployed = node.cli_ok(&["deploy", "--public", "-f", path.to_str().unwrap()]);
     assert!(deployed.contains("revision 2"), "{deployed}");
     let kept = node.admin_json("/v1/admin/apps/hello").await;
     assert_eq!(kept["app"]["revisions"][1]["warm"], true);
@@ -505,7 +520,7 @@ async fn rate_limits_answer_429_with_retry_after_and_the_fallback_serves_when_sh
 #[tokio::test]
 async fn apps_call_each_other_on_the_node_and_reach_only_allowed_hosts() {
     let node = TestNode::start();
-    node.cli_ok(&["deploy", "hello", artifacts::HELLO]);
+    node.cli_ok(&["deploy", "--public", "hello", artifacts::HELLO]);
     let (outside, _requests) = crate::support::http_sink(b"outside").await;
     let outside_port: u16 = outside.rsplit(':').next().unwrap().parse().unwrap();
     let _dir = deploy_manifest(
@@ -561,7 +576,14 @@ async fn a_two_app_pipeline_classifies_text_by_embeddings_from_another_app() {
     let node = TestNode::start();
     let model = artifacts::minilm_model();
     node.cli_ok(&["model", "add", "minilm", model.to_str().unwrap()]);
-    node.cli_ok(&["deploy", "openai", artifacts::OPENAI, "--model", "minilm"]);
+    node.cli_ok(&[
+        "deploy",
+        "--public",
+        "openai",
+        artifacts::OPENAI,
+        "--model",
+        "minilm",
+    ]);
     let _dir = deploy_manifest(
         &node,
         artifacts::PIPELINE,
@@ -679,7 +701,7 @@ async fn routes_serve_an_app_at_its_own_paths_and_cannot_be_taken_twice() {
 
     // A shorthand deploy (flags, no manifest, no component) changes only what it sets: a
     // new revision with the new timeout, the route kept.
-    let updated = node.cli_ok(&["deploy", "hello", "--timeout-secs", "9"]);
+    let updated = node.cli_ok(&["deploy", "--public", "hello", "--timeout-secs", "9"]);
     assert!(updated.contains("revision 2"), "{updated}");
     assert_eq!(
         node.get("/greet?name=kept").await,
@@ -692,13 +714,13 @@ async fn routes_serve_an_app_at_its_own_paths_and_cannot_be_taken_twice() {
         artifacts::HELLO,
         "name = \"other\"\nroutes = [\"/greet\"]\n",
     ));
-    let refused = node.cli(&["deploy", "-f", taken.to_str().unwrap()]);
+    let refused = node.cli(&["deploy", "--public", "-f", taken.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&refused.stderr).contains("already app \"hello\"'s"));
     let (_dir, reserved) = TestNode::manifest(&manifest_for(
         artifacts::HELLO,
         "name = \"other\"\nroutes = [\"/v1/admin/apps\"]\n",
     ));
-    let refused = node.cli(&["deploy", "-f", reserved.to_str().unwrap()]);
+    let refused = node.cli(&["deploy", "--public", "-f", reserved.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&refused.stderr).contains("keeps for itself"));
     assert_eq!(
         node.get("/apps/other/").await.0,

@@ -226,9 +226,20 @@ impl TestNode {
         String::from_utf8_lossy(&output.stdout).into_owned()
     }
 
-    /// Deploys a component through the admin API with the given query settings.
+    /// Deploys a component through the admin API with the given query settings. Unless the
+    /// query says otherwise, the app is public and may open the buckets the test components
+    /// use (kv-counter: `default`; misbehave: `flaky`, `orders`).
     pub async fn deploy(&self, app: &str, component: &str, query: &str) -> reqwest::Response {
         let bytes = std::fs::read(component).expect("component built");
+        let mut query = query.to_string();
+        for (setting, default) in [("public", "true"), ("buckets", "default,flaky,orders")] {
+            if !query
+                .split('&')
+                .any(|pair| pair.starts_with(&format!("{setting}=")))
+            {
+                query = format!("{query}&{setting}={default}");
+            }
+        }
         self.client
             .put(self.at(&format!("/v1/admin/apps/{app}?{query}")))
             .bearer_auth(&self.token)
@@ -275,6 +286,7 @@ impl TestNode {
         ]);
         self.cli_ok(&[
             "deploy",
+            "--public",
             "openai",
             artifacts::OPENAI,
             "--model",

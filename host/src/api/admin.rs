@@ -1,21 +1,26 @@
-//! The admin API under `/v1/admin`, for the operator holding the admin token: deploy apps
-//! (a manifest and a component), split their traffic, roll back, set their secrets, remove
-//! them; add and remove models; node status. The CLI is its client.
+//! The admin API under `/v1/admin`, for holders of API keys: deploy apps (a manifest and a
+//! component), split their traffic, roll back, set their secrets, remove them; add and remove
+//! models; tenants and keys; node status. Each key sees its tenant's things (the operator
+//! sees all) and may do what its role allows. The CLI is its client.
 
+use super::auth;
 use super::ApiError;
 use crate::apps::spec::DeploySpec;
+use crate::nn::ModelRecord;
 use crate::nn::{Encoding, Upload};
 use crate::node::Node;
 use crate::runtime::dispatch::ErrorBody;
 use crate::runtime::{App, DeployOptions};
+use crate::tenancy::{Action, Principal};
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Query, Request, State};
+use axum::extract::{
+    DefaultBodyLimit, Extension, FromRequest, Multipart, Path, Query, Request, State,
+};
 use axum::http::{header, StatusCode};
-use axum::middleware::{self, Next};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::StreamExt;
-use http_body_util::BodyExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -60,44 +65,22 @@ pub fn router(node: Arc<Node>) -> OpenApiRouter<Arc<Node>> {
         .routes(routes!(super::jobs::retry_dead))
         .routes(routes!(list_models))
         .merge(models)
+        .routes(routes!(super::tenants::whoami))
+        .routes(routes!(super::tenants::list_tenants))
+        .routes(routes!(
+            super::tenants::add_tenant,
+            super::tenants::remove_tenant
+        ))
+        .routes(routes!(
+            super::tenants::list_keys,
+            super::tenants::create_key
+        ))
+        .routes(routes!(super::tenants::revoke_key))
         .fallback(not_found)
-        .layer(middleware::from_fn_with_state(node, require_admin))
-}
-
-/// Lets a request through only with the admin token.
-pub(super) async fn require_admin(
-    State(node): State<Arc<Node>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let authorization = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    if crate::tenancy::is_admin(authorization, &node.admin_token) {
-        next.run(request).await
-    } else {
-        // Read (and drop) what the client is uploading before answering: an HTTP/1.1 client
-        // still writing its body would otherwise see the connection close instead of the 401.
-        // Each chunk is dropped as it comes: nothing is buffered for an unauthenticated client.
-        let mut body = request.into_body();
-        let drain = async {
-            let mut drained = 0usize;
-            while let Some(Ok(frame)) = body.frame().await {
-                drained += frame.data_ref().map_or(0, |data| data.len());
-                if drained > MAX_COMPONENT_BYTES {
-                    break;
-                }
-            }
-        };
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), drain).await;
-        ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "the admin API needs `Authorization: Bearer <admin token>`; the token is in the node's data dir (admin-token)",
-        )
-        .into_response()
-    }
+        .layer(middleware::from_fn_with_state(
+            node,
+            super::auth::require_key,
+        ))
 }
 
 async fn not_found() -> ApiError {
@@ -114,17 +97,23 @@ async fn describe_backends(node: &Arc<Node>) -> Vec<crate::nn::backend::BackendI
 }
 
 #[utoipa::path(get, path = "/backends", tag = "node", responses((status = 200, description = "Every inference backend, whether it is available, and why not", body = serde_json::Value), (status = 401, description = "No or a wrong admin token", body = ErrorBody)))]
-async fn backends(State(node): State<Arc<Node>>) -> Json<Value> {
-    Json(json!({ "backends": describe_backends(&node).await }))
+async fn backends(
+    State(node): State<Arc<Node>>,
+    Extension(principal): Extension<Principal>,
+) -> Result<Json<Value>, ApiError> {
+    auth::operator(&principal)?;
+    Ok(Json(json!({ "backends": describe_backends(&node).await })))
 }
 
 #[utoipa::path(get, path = "/status", tag = "node", responses((status = 200, description = "Version, uptime, instances, queues, connections and backends", body = serde_json::Value), (status = 401, description = "No or a wrong admin token", body = ErrorBody)))]
 async fn status(
     State(node): State<Arc<Node>>,
-    axum::Extension(connections): axum::Extension<Arc<super::ConnectionStats>>,
-) -> Json<Value> {
+    Extension(principal): Extension<Principal>,
+    Extension(connections): Extension<Arc<super::ConnectionStats>>,
+) -> Result<Json<Value>, ApiError> {
+    auth::operator(&principal)?;
     let backends = describe_backends(&node).await;
-    Json(json!({
+    Ok(Json(json!({
         "version": env!("CARGO_PKG_VERSION"),
         "listen": node.config.listen.to_string(),
         "tls_fingerprint": node.tls_fingerprint,
@@ -137,7 +126,7 @@ async fn status(
         "connections": connections.to_json(),
         "computes_running": node.models.backends().running_computes().count(),
         "backends": backends,
-    }))
+    })))
 }
 
 /// What the API shows of an app: its record, its secrets' names and its revisions with their
@@ -152,14 +141,19 @@ fn describe_app(node: &Node, app: &App) -> Value {
 }
 
 #[utoipa::path(get, path = "/apps", tag = "apps", responses((status = 200, description = "Every app with its record, secrets' names and revisions", body = serde_json::Value), (status = 401, description = "No or a wrong admin token", body = ErrorBody)))]
-async fn list_apps(State(node): State<Arc<Node>>) -> Json<Value> {
+async fn list_apps(
+    State(node): State<Arc<Node>>,
+    Extension(principal): Extension<Principal>,
+) -> Result<Json<Value>, ApiError> {
+    auth::allow(&principal, Action::Read)?;
     let apps: Vec<Value> = node
         .runtime
         .apps()
         .iter()
+        .filter(|app| principal.sees(&app.record.tenant))
         .map(|app| describe_app(&node, app))
         .collect();
-    Json(json!({ "apps": apps }))
+    Ok(Json(json!({ "apps": apps })))
 }
 
 pub(super) fn app_not_found(name: &str) -> ApiError {
@@ -173,12 +167,10 @@ pub(super) fn app_not_found(name: &str) -> ApiError {
 #[utoipa::path(get, path = "/apps/{name}", tag = "apps", params(("name" = String, Path, description = "The app's name")), responses((status = 200, description = "The app, its record and revisions", body = serde_json::Value), (status = 401, description = "No or a wrong admin token", body = ErrorBody), (status = 404, description = "No such app", body = ErrorBody)))]
 async fn get_app(
     State(node): State<Arc<Node>>,
+    Extension(principal): Extension<Principal>,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let app = node
-        .runtime
-        .app(&name)
-        .ok_or_else(|| app_not_found(&name))?;
+    let app = auth::visible_app(&node, &principal, &name, Action::Read)?;
     Ok(Json(json!({ "app": describe_app(&node, &app) })))
 }
 
@@ -194,6 +186,10 @@ struct DeployQuery {
     /// Comma-separated names of the models the app may load.
     models: Option<String>,
     native_guest_models: Option<bool>,
+    /// Anyone may invoke the app without a key.
+    public: Option<bool>,
+    /// Comma-separated names of the key-value buckets the app may open.
+    buckets: Option<String>,
     dry_run: Option<bool>,
     /// With a manifest: change only what it sets on the current deployment (the CLI's
     /// shorthand flags). A bare component always does.
@@ -206,18 +202,22 @@ impl DeployQuery {
         spec.limits.timeout_secs = self.timeout_secs;
         spec.limits.memory_mib = self.memory_mib;
         spec.limits.max_body_bytes = self.max_body_bytes;
-        spec.app.models = self
-            .models
-            .as_deref()
-            .unwrap_or_default()
-            .split(',')
-            .map(str::trim)
-            .filter(|name| !name.is_empty())
-            .map(str::to_string)
-            .collect();
+        spec.app.models = comma_separated(self.models.as_deref());
+        spec.app.buckets = comma_separated(self.buckets.as_deref());
         spec.app.native_guest_models = self.native_guest_models.unwrap_or(false);
+        spec.app.public = self.public;
         spec
     }
+}
+
+/// The names in a comma-separated list, blanks left out.
+fn comma_separated(list: Option<&str>) -> Vec<String> {
+    list.unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|name| !name.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 fn bad_deploy(message: impl Into<String>) -> ApiError {
@@ -230,9 +230,19 @@ fn bad_deploy(message: impl Into<String>) -> ApiError {
 #[utoipa::path(put, path = "/apps/{name}", tag = "apps", params(("name" = String, Path, description = "The app's name"), DeployQuery), request_body(description = "multipart/form-data with a `manifest` part (JSON) and an optional `component` part, or the component alone (application/wasm) with the shorthand settings in the query", content((String = "multipart/form-data"), (Vec<u8> = "application/wasm"))), responses((status = 200, description = "Deployed (or, with dry_run, what would change)", body = serde_json::Value), (status = 400, description = "Not a component, or an invalid manifest or setting", body = ErrorBody), (status = 401, description = "No or a wrong admin token", body = ErrorBody), (status = 413, description = "Component or manifest too large", body = ErrorBody)))]
 async fn deploy(
     State(node): State<Arc<Node>>,
+    Extension(principal): Extension<Principal>,
     Path(name): Path<String>,
     request: Request,
 ) -> Result<Response, ApiError> {
+    auth::allow(&principal, Action::Deploy)?;
+    // An existing app stays its tenant's (the operator may change any); a new one is the
+    // caller's. An app of a tenant the caller cannot see makes the deployment fail as taken.
+    let tenant = node
+        .runtime
+        .app(&name)
+        .map(|app| app.record.tenant.clone())
+        .filter(|tenant| principal.sees(tenant))
+        .unwrap_or_else(|| principal.tenant.clone());
     let Query(query) =
         Query::<DeployQuery>::try_from_uri(request.uri()).map_err(|e| bad_deploy(e.body_text()))?;
     let multipart = request
@@ -278,6 +288,7 @@ async fn deploy(
         (query.spec(), Some(body), true)
     };
     let options = DeployOptions {
+        tenant,
         dry_run: query.dry_run.unwrap_or(false),
         overlay,
     };
@@ -311,9 +322,11 @@ where
 #[utoipa::path(put, path = "/apps/{name}/traffic", tag = "apps", params(("name" = String, Path, description = "The app's name")), request_body(description = "`{\"split\": [{\"revision\": 3|\"latest\", \"percent\": 90, \"tag\": \"stable\"}], \"sticky_header\": \"x-user\"}`", content_type = "application/json", content = serde_json::Value), responses((status = 200, description = "The app's new record", body = serde_json::Value), (status = 400, description = "An invalid split", body = ErrorBody), (status = 401, description = "No or a wrong admin token", body = ErrorBody), (status = 404, description = "No such app", body = ErrorBody)))]
 async fn set_traffic(
     State(node): State<Arc<Node>>,
+    Extension(principal): Extension<Principal>,
     Path(name): Path<String>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
+    auth::visible_app(&node, &principal, &name, Action::Deploy)?;
     let change: TrafficChange = serde_json::from_slice(&body)
         .map_err(|e| bad_deploy(format!("invalid traffic change: {e}")))?;
     let record = node
@@ -333,9 +346,11 @@ struct RollbackRequest {
 #[utoipa::path(post, path = "/apps/{name}/rollback", tag = "apps", params(("name" = String, Path, description = "The app's name")), request_body(description = "Optional `{\"revision\": N}`; without it the revision before the current one", content_type = "application/json", content = serde_json::Value), responses((status = 200, description = "The app's new record", body = serde_json::Value), (status = 401, description = "No or a wrong admin token", body = ErrorBody), (status = 404, description = "No such app", body = ErrorBody)))]
 async fn rollback(
     State(node): State<Arc<Node>>,
+    Extension(principal): Extension<Principal>,
     Path(name): Path<String>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
+    auth::visible_app(&node, &principal, &name, Action::Deploy)?;
     let request: RollbackRequest = if body.is_empty() {
         RollbackRequest::default()
     } else {
@@ -349,11 +364,10 @@ async fn rollback(
 #[utoipa::path(get, path = "/apps/{name}/secrets", tag = "apps", params(("name" = String, Path, description = "The app's name")), responses((status = 200, description = "The names of the app's secrets (never their values)", body = serde_json::Value), (status = 401, description = "No or a wrong admin token", body = ErrorBody), (status = 404, description = "No such app", body = ErrorBody)))]
 async fn list_secrets(
     State(node): State<Arc<Node>>,
+    Extension(principal): Extension<Principal>,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    node.runtime
-        .app(&name)
-        .ok_or_else(|| app_not_found(&name))?;
+    auth::visible_app(&node, &principal, &name, Action::Read)?;
     Ok(Json(
         json!({ "secrets": node.runtime.secret_names(&name)? }),
     ))
@@ -364,9 +378,11 @@ async fn list_secrets(
 #[utoipa::path(put, path = "/apps/{name}/secrets/{key}", tag = "apps", params(("name" = String, Path, description = "The app's name"), ("key" = String, Path, description = "The secret's key")), request_body(description = "The value", content_type = "application/octet-stream", content = Vec<u8>), responses((status = 200, description = "Stored, encrypted", body = serde_json::Value), (status = 400, description = "An invalid key or value", body = ErrorBody), (status = 401, description = "No or a wrong admin token", body = ErrorBody), (status = 404, description = "No such app", body = ErrorBody)))]
 async fn set_secret(
     State(node): State<Arc<Node>>,
+    Extension(principal): Extension<Principal>,
     Path((name, key)): Path<(String, String)>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
+    auth::visible_app(&node, &principal, &name, Action::Deploy)?;
     node.runtime.set_secret(&name, &key, &body).await?;
     Ok(Json(json!({ "app": name, "secret": key })))
 }
@@ -374,8 +390,10 @@ async fn set_secret(
 #[utoipa::path(delete, path = "/apps/{name}/secrets/{key}", tag = "apps", params(("name" = String, Path, description = "The app's name"), ("key" = String, Path, description = "The secret's key")), responses((status = 200, description = "Removed", body = serde_json::Value), (status = 401, description = "No or a wrong admin token", body = ErrorBody), (status = 404, description = "No such app or secret", body = ErrorBody)))]
 async fn remove_secret(
     State(node): State<Arc<Node>>,
+    Extension(principal): Extension<Principal>,
     Path((name, key)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
+    auth::visible_app(&node, &principal, &name, Action::Deploy)?;
     if !node.runtime.remove_secret(&name, &key).await? {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -389,8 +407,10 @@ async fn remove_secret(
 #[utoipa::path(delete, path = "/apps/{name}", tag = "apps", params(("name" = String, Path, description = "The app's name")), responses((status = 200, description = "Removed, with its jobs", body = serde_json::Value), (status = 401, description = "No or a wrong admin token", body = ErrorBody), (status = 404, description = "No such app", body = ErrorBody)))]
 async fn remove_app(
     State(node): State<Arc<Node>>,
+    Extension(principal): Extension<Principal>,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
+    auth::visible_app(&node, &principal, &name, Action::Deploy)?;
     let record = node
         .runtime
         .remove(&name)
@@ -401,20 +421,38 @@ async fn remove_app(
 }
 
 #[utoipa::path(get, path = "/models", tag = "models", responses((status = 200, description = "Every registered model, whether it is loaded, and LLM activity", body = serde_json::Value), (status = 401, description = "No or a wrong admin token", body = ErrorBody)))]
-async fn list_models(State(node): State<Arc<Node>>) -> Json<Value> {
-    Json(json!({ "models": node.models.list() }))
+async fn list_models(
+    State(node): State<Arc<Node>>,
+    Extension(principal): Extension<Principal>,
+) -> Result<Json<Value>, ApiError> {
+    auth::allow(&principal, Action::Read)?;
+    let models: Vec<_> = node
+        .models
+        .list()
+        .into_iter()
+        .filter(|model| model_visible(&principal, &model.record))
+        .collect();
+    Ok(Json(json!({ "models": models })))
+}
+
+/// Whether the caller sees a model: the node's own models are everyone's to see (and load),
+/// a tenant's only its own and the operator's.
+fn model_visible(principal: &Principal, model: &ModelRecord) -> bool {
+    principal.is_operator() || model.usable_by(&principal.tenant)
 }
 
 #[utoipa::path(get, path = "/models/{name}", tag = "models", params(("name" = String, Path, description = "The model's name")), responses((status = 200, description = "The model", body = serde_json::Value), (status = 401, description = "No or a wrong admin token", body = ErrorBody), (status = 404, description = "No such model", body = ErrorBody)))]
 async fn get_model(
     State(node): State<Arc<Node>>,
+    Extension(principal): Extension<Principal>,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
+    auth::allow(&principal, Action::Read)?;
     let record = node
         .models
         .list()
         .into_iter()
-        .find(|m| m.record.name == name)
+        .find(|m| m.record.name == name && model_visible(&principal, &m.record))
         .ok_or_else(|| ApiError::from(crate::nn::ModelError::NotFound(name)))?;
     Ok(Json(json!({ "model": record })))
 }
@@ -430,10 +468,12 @@ struct ModelQuery {
 #[utoipa::path(put, path = "/models/{name}", tag = "models", params(("name" = String, Path, description = "The model's name"), ModelQuery), request_body(description = "The model file (or a model bundle)", content_type = "application/octet-stream", content = Vec<u8>), responses((status = 200, description = "Registered and loaded", body = serde_json::Value), (status = 400, description = "An invalid model, encoding or backend", body = ErrorBody), (status = 401, description = "No or a wrong admin token", body = ErrorBody), (status = 413, description = "Larger than nn.max_model_bytes", body = ErrorBody)))]
 async fn add_model(
     State(node): State<Arc<Node>>,
+    Extension(principal): Extension<Principal>,
     Path(name): Path<String>,
     Query(query): Query<ModelQuery>,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
+    auth::allow(&principal, Action::Deploy)?;
     let encoding = match query.encoding.as_deref() {
         None => Encoding::Onnx,
         Some(name) => name
@@ -495,6 +535,8 @@ async fn add_model(
         target: query.target.unwrap_or_else(|| "cpu".to_string()),
         digest,
         size_bytes: size,
+        // The operator's models are the node's, every app's to load; a tenant's are its own.
+        tenant: (!principal.is_operator()).then(|| principal.tenant.clone()),
     };
     let record = node.models.add(&name, staged, upload).await?;
     tracing::info!(model = %record.name, digest = %record.digest, "model added");
@@ -504,8 +546,21 @@ async fn add_model(
 #[utoipa::path(delete, path = "/models/{name}", tag = "models", params(("name" = String, Path, description = "The model's name")), responses((status = 200, description = "Unregistered", body = serde_json::Value), (status = 401, description = "No or a wrong admin token", body = ErrorBody), (status = 404, description = "No such model", body = ErrorBody), (status = 409, description = "An app still declares it", body = ErrorBody)))]
 async fn remove_model(
     State(node): State<Arc<Node>>,
+    Extension(principal): Extension<Principal>,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
+    let owner = node
+        .models
+        .list()
+        .into_iter()
+        .find(|m| m.record.name == name && model_visible(&principal, &m.record))
+        .ok_or_else(|| ApiError::from(crate::nn::ModelError::NotFound(name.clone())))?
+        .record
+        .tenant;
+    auth::allow(&principal, Action::Deploy)?;
+    if owner.is_none() {
+        auth::operator(&principal)?;
+    }
     let record = node.models.remove(&name).await?;
     Ok(Json(json!({ "removed": record })))
 }

@@ -89,17 +89,36 @@ pub fn raise_open_file_limit() -> u64 {
     limit.rlim_cur
 }
 
+/// Where a listener's TLS configuration comes from: asked at each new connection, so that a
+/// certificate, CA or CRL loaded again applies from the next connection on.
+pub trait TlsSource: Send + Sync + 'static {
+    fn current(&self) -> Arc<rustls::ServerConfig>;
+}
+
+/// A configuration that never changes.
+pub struct FixedTls(pub Arc<rustls::ServerConfig>);
+
+impl TlsSource for FixedTls {
+    fn current(&self) -> Arc<rustls::ServerConfig> {
+        self.0.clone()
+    }
+}
+
+/// The certificate a client presented in the TLS handshake (verified by the listener's
+/// configuration), given to handlers as a request extension.
+#[derive(Debug, Clone)]
+pub struct PeerCertificate(pub Arc<rustls::pki_types::CertificateDer<'static>>);
+
 /// Accepts connections on `listener` until the task is dropped; HTTPS when `tls` is given.
 /// Each connection is served on its own task, HTTP/1.1 or HTTP/2.
 pub async fn accept_loop(
     router: Router,
     listener: TcpListener,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    tls: Option<Arc<dyn TlsSource>>,
     limits: ServerConfig,
     stats: Arc<ConnectionStats>,
 ) {
     let http = Arc::new(http_builder(&limits));
-    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let limits = Arc::new(limits);
     loop {
         let (tcp, peer) = match listener.accept().await {
@@ -126,7 +145,9 @@ pub async fn accept_loop(
             stats: stats.clone(),
             _slot: slot,
         };
-        let acceptor = acceptor.clone();
+        let acceptor = tls
+            .as_ref()
+            .map(|tls| tokio_rustls::TlsAcceptor::from(tls.current()));
         tokio::spawn(async move {
             connection.serve(tcp, acceptor).await;
             tracing::trace!(%peer, "connection closed");
@@ -180,7 +201,15 @@ impl Connection {
             Some(acceptor) => {
                 let handshake = Duration::from_secs(self.limits.tls_handshake_timeout_secs);
                 match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => self.serve_http(stream, activity).await,
+                    Ok(Ok(stream)) => {
+                        let peer_certificate = stream
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|chain| chain.first())
+                            .map(|cert| PeerCertificate(Arc::new(cert.clone().into_owned())));
+                        self.serve_http(stream, activity, peer_certificate).await
+                    }
                     Ok(Err(error)) => tracing::debug!(%error, "TLS handshake failed"),
                     Err(_) => {
                         self.stats
@@ -189,15 +218,19 @@ impl Connection {
                     }
                 }
             }
-            None => self.serve_http(tcp, activity).await,
+            None => self.serve_http(tcp, activity, None).await,
         }
     }
 
     /// Serves HTTP on `io` while a watchdog closes it gracefully once no request has been in
     /// flight for the idle timeout, and at once when a response write has been stuck (the
     /// client does not read) for the write timeout.
-    async fn serve_http<IO>(&self, io: IO, activity: Arc<Activity>)
-    where
+    async fn serve_http<IO>(
+        &self,
+        io: IO,
+        activity: Arc<Activity>,
+        peer_certificate: Option<PeerCertificate>,
+    ) where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         activity.mark();
@@ -206,6 +239,9 @@ impl Connection {
         let peer = axum::extract::ConnectInfo(self.peer);
         let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
             request.extensions_mut().insert(peer);
+            if let Some(certificate) = &peer_certificate {
+                request.extensions_mut().insert(certificate.clone());
+            }
             let in_flight = InFlight::begin(requests.clone());
             let mut router = router.clone();
             async move {

@@ -6,6 +6,7 @@ use crate::nn::backend::ChoiceError;
 use crate::nn::ModelError;
 use crate::runtime::{DeployError, InvokeError};
 use crate::store::StoreError;
+use crate::tenancy::TenancyError;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
@@ -75,6 +76,7 @@ impl From<DeployError> for ApiError {
             DeployError::WrongWorld(_) => "wrong_world",
             DeployError::InvalidSetting(_) => "invalid_setting",
             DeployError::NotFound(_) => "app_not_found",
+            DeployError::NameTaken(_) => "name_taken",
             DeployError::Secrets(SecretsError::InvalidName(_) | SecretsError::InvalidApp(_)) => {
                 "invalid_name"
             }
@@ -86,6 +88,7 @@ impl From<DeployError> for ApiError {
         let status = match code {
             "store_error" => StatusCode::INTERNAL_SERVER_ERROR,
             "app_not_found" => StatusCode::NOT_FOUND,
+            "name_taken" => StatusCode::CONFLICT,
             _ => StatusCode::BAD_REQUEST,
         };
         Self::new(status, code, error.to_string())
@@ -109,9 +112,27 @@ impl From<ModelError> for ApiError {
             ModelError::NotLoaded { .. } => (StatusCode::SERVICE_UNAVAILABLE, "model_not_loaded"),
             ModelError::InvalidModel(_) => (StatusCode::BAD_REQUEST, "invalid_model"),
             ModelError::NotFound(_) => (StatusCode::NOT_FOUND, "model_not_found"),
+            ModelError::Taken(_) => (StatusCode::CONFLICT, "name_taken"),
             ModelError::Store(_) | ModelError::Io(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "store_error")
             }
+        };
+        Self::new(status, code, error.to_string())
+    }
+}
+
+impl From<TenancyError> for ApiError {
+    fn from(error: TenancyError) -> Self {
+        let (status, code) = match &error {
+            TenancyError::InvalidName(_) => (StatusCode::BAD_REQUEST, "invalid_name"),
+            TenancyError::DescriptionTooLong => (StatusCode::BAD_REQUEST, "invalid_key"),
+            TenancyError::TenantExists(_) => (StatusCode::CONFLICT, "tenant_exists"),
+            TenancyError::NoSuchTenant(_) => (StatusCode::NOT_FOUND, "tenant_not_found"),
+            TenancyError::NoSuchKey(_) => (StatusCode::NOT_FOUND, "key_not_found"),
+            TenancyError::OperatorTenant | TenancyError::AdminTokenKey => {
+                (StatusCode::CONFLICT, "protected")
+            }
+            TenancyError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "store_error"),
         };
         Self::new(status, code, error.to_string())
     }

@@ -7,6 +7,7 @@ use super::ApiError;
 use crate::node::Node;
 use crate::runtime::dispatch::Decision;
 use crate::runtime::{read_body, BodyError};
+use crate::tenancy::Principal;
 use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::extract::{Request, State};
@@ -155,10 +156,13 @@ pub async fn read_app_body(
     }
 }
 
-/// Who a request comes from, for per-client rate limits: its address, for IPv6 its /64
-/// (which one host often holds whole). Not a header: the node checks no API key yet, and an
-/// unchecked value would give every request a fresh budget.
-pub(super) fn client_key(peer: Option<SocketAddr>) -> String {
+/// Who a request comes from, for per-client rate limits: the API key it was authenticated
+/// with, else its address, for IPv6 its /64 (which one host often holds whole). Never an
+/// unchecked header, which would give every request a fresh budget.
+pub(super) fn client_key(caller: Option<&Principal>, peer: Option<SocketAddr>) -> String {
+    if let Some(caller) = caller {
+        return format!("key:{}", caller.key_id);
+    }
     match peer.map(|p| p.ip()) {
         Some(std::net::IpAddr::V6(ip)) if ip.to_ipv4_mapped().is_none() => {
             let segments = ip.segments();
@@ -186,7 +190,8 @@ async fn run(node: &Node, request: Request, target: Target) -> Result<Response, 
     } = target;
     let app_name = app_name.as_str();
     let selector = selector.as_deref();
-    let client = client_key(peer);
+    let caller = super::auth::invoker(node, app_name, &mut parts.headers)?;
+    let client = client_key(caller.as_ref(), peer);
     let admitted = match node
         .runtime
         .admit(app_name, selector, &parts.headers, &client)?

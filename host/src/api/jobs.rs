@@ -13,8 +13,9 @@ use crate::node::Node;
 use crate::runtime::dispatch::Decision;
 use crate::runtime::dispatch::ErrorBody;
 use crate::runtime::queue::{PRODUCER_HEADER, QUEUE_HEADER};
+use crate::tenancy::{Action, Principal};
 use axum::body::Body;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Extension, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -107,8 +108,9 @@ pub async fn enqueue(
         .extensions()
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map(|info| info.0);
-    let client = super::invoke::client_key(peer);
-    let (parts, body) = request.into_parts();
+    let (mut parts, body) = request.into_parts();
+    let caller = super::auth::invoker(&node, &app_name, &mut parts.headers)?;
+    let client = super::invoke::client_key(caller.as_ref(), peer);
     // The app's rate limits apply when a job is asked for, as to a request, and the body
     // limit is that of the revision the split picks now.
     let admitted = match node
@@ -280,9 +282,11 @@ pub struct DeadQuery {
 #[utoipa::path(get, path = "/apps/{name}/dead-letters", tag = "jobs", params(("name" = String, Path, description = "The app's name"), DeadQuery), responses((status = 200, description = "The app's dead jobs, newest first", body = serde_json::Value), (status = 401, description = "No or a wrong admin token", body = ErrorBody)))]
 pub async fn dead_letters(
     State(node): State<Arc<Node>>,
+    Extension(principal): Extension<Principal>,
     Path(app): Path<String>,
     Query(query): Query<DeadQuery>,
 ) -> Result<Json<Value>, ApiError> {
+    super::auth::visible_app(&node, &principal, &app, Action::Read)?;
     let jobs = node
         .jobs
         .list_dead(&app, query.limit.unwrap_or(100).min(1000))?;
@@ -296,8 +300,10 @@ pub async fn dead_letters(
 #[utoipa::path(post, path = "/apps/{name}/dead-letters/{id}/retry", tag = "jobs", params(("name" = String, Path, description = "The app's name"), ("id" = String, Path, description = "The job's id")), responses((status = 200, description = "Queued again, attempts reset", body = serde_json::Value), (status = 401, description = "No or a wrong admin token", body = ErrorBody), (status = 404, description = "Not a dead letter of this app", body = ErrorBody), (status = 429, description = "The app's queue is full", body = ErrorBody)))]
 pub async fn retry_dead(
     State(node): State<Arc<Node>>,
+    Extension(principal): Extension<Principal>,
     Path((app, id)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
+    super::auth::visible_app(&node, &principal, &app, Action::Deploy)?;
     if !node.jobs.retry_dead(&app, &id).await? {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -312,17 +318,23 @@ pub async fn retry_dead(
 #[utoipa::path(delete, path = "/apps/{name}/dead-letters", tag = "jobs", params(("name" = String, Path, description = "The app's name")), responses((status = 200, description = "How many were deleted", body = serde_json::Value), (status = 401, description = "No or a wrong admin token", body = ErrorBody)))]
 pub async fn purge_dead(
     State(node): State<Arc<Node>>,
+    Extension(principal): Extension<Principal>,
     Path(app): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
+    super::auth::visible_app(&node, &principal, &app, Action::Deploy)?;
     let purged = node.jobs.purge_dead(&app).await?;
     Ok(Json(json!({ "purged": purged })))
 }
 
 /// `GET /v1/admin/jobs`: jobs queued, running and dead, per app and in total.
 #[utoipa::path(get, path = "/jobs", tag = "jobs", responses((status = 200, description = "Jobs queued, running and dead, in total and per app", body = serde_json::Value), (status = 401, description = "No or a wrong admin token", body = ErrorBody)))]
-pub async fn stats(State(node): State<Arc<Node>>) -> Json<Value> {
-    Json(json!({
+pub async fn stats(
+    State(node): State<Arc<Node>>,
+    Extension(principal): Extension<Principal>,
+) -> Result<Json<Value>, ApiError> {
+    super::auth::operator(&principal)?;
+    Ok(Json(json!({
         "total": node.jobs.stats(),
         "apps": node.jobs.stats_by_app(),
-    }))
+    })))
 }

@@ -3,16 +3,20 @@
 //! and async invocation under `/async/<app>/…` with its jobs at `/jobs/<id>`.
 
 mod admin;
+mod auth;
 mod connection;
 mod dashboard;
 mod error;
 mod invoke;
 mod jobs;
 mod openapi;
+mod peers;
 mod telemetry;
+mod tenants;
 
-pub use connection::{raise_open_file_limit, ConnectionStats};
+pub use connection::{raise_open_file_limit, ConnectionStats, PeerCertificate, TlsSource};
 pub use error::ApiError;
+pub use telemetry::parse_since;
 
 use crate::node::Node;
 use crate::telemetry::{self as node_telemetry, REQUEST_ID_HEADER};
@@ -51,7 +55,7 @@ fn router(node: Arc<Node>) -> Router {
             "/metrics",
             get(metrics).route_layer(middleware::from_fn_with_state(
                 node.clone(),
-                admin::require_admin,
+                auth::require_key,
             )),
         )
         .nest("/v1/admin", admin)
@@ -94,8 +98,14 @@ async fn request_id(mut request: Request, next: Next) -> Response {
     response
 }
 
-/// The node's metrics in Prometheus' text format (admin token required).
-async fn metrics(State(node): State<Arc<Node>>) -> Response {
+/// The node's metrics in Prometheus' text format (the operator's key required).
+async fn metrics(
+    State(node): State<Arc<Node>>,
+    axum::Extension(principal): axum::Extension<crate::tenancy::Principal>,
+) -> Response {
+    if let Err(error) = auth::operator(&principal) {
+        return error.into_response();
+    }
     (
         [(header::CONTENT_TYPE, node_telemetry::metrics::CONTENT_TYPE)],
         node.telemetry.metrics.encode(),
@@ -117,5 +127,19 @@ pub async fn serve(
 ) {
     let limits = node.config.server.clone();
     let router = router(node).layer(axum::Extension(connections.clone()));
+    let tls = tls.map(|tls| Arc::new(connection::FixedTls(tls)) as Arc<dyn TlsSource>);
     connection::accept_loop(router, listener, tls, limits, connections).await;
+}
+
+/// Serves the node port on `listener` until the task is dropped: mutual TLS as `tls` has it
+/// now (reloaded files apply to new connections), under the same connection limits.
+pub async fn serve_peers(
+    node: Arc<Node>,
+    listener: TcpListener,
+    tls: Arc<crate::tls::peer::PeerTls>,
+    connections: Arc<ConnectionStats>,
+) {
+    let limits = node.config.server.clone();
+    let router = peers::router(tls.clone());
+    connection::accept_loop(router, listener, Some(tls), limits, connections).await;
 }

@@ -13,10 +13,11 @@ pub fn document(admin: OpenApi) -> OpenApi {
                 .title("tensorlet admin API")
                 .version(env!("CARGO_PKG_VERSION"))
                 .description(Some(
-                    "Deploy apps, split their traffic, roll back, manage secrets, models, jobs; \
-                     read logs and usage. Every route needs `Authorization: Bearer <admin token>` \
-                     (the token is in the node's data dir, `admin-token`). Errors are \
-                     `{\"error\": {\"code\", \"message\"}}`.",
+                    "Deploy apps, split their traffic, roll back, manage secrets, models, jobs, \
+                     tenants and API keys; read logs and usage. Every route needs \
+                     `Authorization: Bearer <API key>`; a key sees its tenant's things and may do \
+                     what its role allows (the node's admin token, in its data dir, is the \
+                     operator's key). Errors are `{\"error\": {\"code\", \"message\"}}`.",
                 ))
                 .build(),
         )
@@ -24,11 +25,11 @@ pub fn document(admin: OpenApi) -> OpenApi {
         .nest("/v1/admin", admin);
     let components = document.components.get_or_insert_with(Default::default);
     components.add_security_scheme(
-        "admin_token",
+        "api_key",
         SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
     );
     document.security = Some(vec![SecurityRequirement::new(
-        "admin_token",
+        "api_key",
         Vec::<String>::new(),
     )]);
     document

@@ -1,13 +1,14 @@
-//! The operator's view of apps at work, under `/v1/admin`: an app's log (read, or followed
-//! as it grows) and metered usage per app and hour.
+//! A tenant's view of its apps at work, under `/v1/admin`: an app's log (read, or followed
+//! as it grows) and metered usage per app and hour (the operator sees every tenant's).
 
 use super::ApiError;
 use crate::node::{Node, MAX_LOG_FOLLOWERS};
 use crate::runtime::dispatch::ErrorBody;
 use crate::telemetry::logs::{LogLine, MAX_READ_LINES};
 use crate::telemetry::usage::{self, UsageRow};
+use crate::tenancy::{Action, Principal};
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -39,12 +40,11 @@ pub struct LogQuery {
 #[utoipa::path(get, path = "/apps/{name}/logs", tag = "operations", params(("name" = String, Path, description = "The app's name"), LogQuery), responses((status = 200, description = "`{\"lines\": [...]}`, or with follow=true one JSON line per log line (application/x-ndjson)", body = serde_json::Value), (status = 401, description = "No or a wrong admin token", body = ErrorBody), (status = 404, description = "No such app", body = ErrorBody), (status = 503, description = "Too many followers", body = ErrorBody)))]
 pub async fn logs(
     State(node): State<Arc<Node>>,
+    Extension(principal): Extension<Principal>,
     Path(name): Path<String>,
     Query(query): Query<LogQuery>,
 ) -> Result<Response, ApiError> {
-    if node.runtime.app(&name).is_none() {
-        return Err(super::admin::app_not_found(&name));
-    }
+    super::auth::visible_app(&node, &principal, &name, Action::Read)?;
     let limit = query.limit.unwrap_or(DEFAULT_LOG_LINES).min(MAX_READ_LINES);
     let logs = &node.telemetry.logs;
     if !query.follow {
@@ -128,8 +128,10 @@ pub fn parse_since(text: &str) -> Option<Duration> {
 #[utoipa::path(get, path = "/usage", tag = "operations", params(UsageQuery), responses((status = 200, description = "Usage per app and hour, and totals per app", body = serde_json::Value), (status = 400, description = "An invalid period", body = ErrorBody), (status = 401, description = "No or a wrong admin token", body = ErrorBody)))]
 pub async fn usage(
     State(node): State<Arc<Node>>,
+    Extension(principal): Extension<Principal>,
     Query(query): Query<UsageQuery>,
 ) -> Result<Json<Value>, ApiError> {
+    super::auth::allow(&principal, Action::Read)?;
     let since = query.since.as_deref().unwrap_or("24h");
     let Some(back) = parse_since(since) else {
         return Err(ApiError::new(
@@ -142,10 +144,15 @@ pub async fn usage(
     };
     let now = crate::store::unix_now();
     let since_hour = usage::unix_hour(now.saturating_sub(back.as_secs()));
+    // Each row names its tenant: a caller gets its tenant's (the operator every tenant's).
     let rows: Vec<UsageRow> = node
         .telemetry
         .meter
-        .query(query.app.as_deref(), since_hour, None)?;
+        .query(None, since_hour, None)?
+        .into_iter()
+        .filter(|row| principal.sees(&row.tenant))
+        .filter(|row| query.app.as_ref().is_none_or(|app| *app == row.app))
+        .collect();
     let totals = usage::totals(&rows);
     Ok(Json(json!({
         "since_hour": since_hour,

@@ -83,6 +83,7 @@ impl LegacyAppRecord {
                 idle_timeout_secs: limits.app_idle_timeout_secs,
                 models: self.models,
                 native_guest_models: self.native_guest_models,
+                buckets: None,
                 config: BTreeMap::new(),
                 allowed_hosts: Vec::new(),
                 cache: None,
@@ -92,7 +93,12 @@ impl LegacyAppRecord {
             record: AppRecord {
                 latest: 1,
                 next_revision: 2,
-                ..AppRecord::new(&self.name, self.deployed_at)
+                public: true,
+                ..AppRecord::new(
+                    &self.name,
+                    crate::tenancy::OPERATOR_TENANT,
+                    self.deployed_at,
+                )
             },
             revisions: BTreeMap::from([(1, revision)]),
         }
@@ -295,7 +301,7 @@ mod tests {
                 spec: spec.clone(),
             };
             records
-                .commit(&AppRecord::new(app, 0), Some(&revision), &[])
+                .commit(&AppRecord::new(app, "default", 0), Some(&revision), &[])
                 .unwrap();
         }
         assert_eq!(records.revisions_of("a").unwrap().len(), 2);
@@ -303,7 +309,7 @@ mod tests {
         assert_eq!(records.revisions_of("ab").unwrap().len(), 1);
         assert!(records.get("a").unwrap().is_none());
         records
-            .commit(&AppRecord::new("ab", 0), None, &[1])
+            .commit(&AppRecord::new("ab", "default", 0), None, &[1])
             .unwrap();
         assert!(records.revisions_of("ab").unwrap().is_empty());
         assert!(records.revisions_of("a").unwrap().is_empty());

@@ -41,6 +41,8 @@ impl DeploySpec {
                 native_guest_models: revision.native_guest_models,
                 routes: record.routes.clone(),
                 consumes: record.consumes.clone(),
+                public: Some(record.public),
+                buckets: revision.buckets.clone().unwrap_or_default(),
             },
             limits: LimitsSpec {
                 timeout_secs: Some(revision.timeout_secs),
@@ -97,6 +99,10 @@ impl DeploySpec {
         if !changes.app.consumes.is_empty() {
             self.app.consumes = changes.app.consumes;
         }
+        self.app.public = changes.app.public.or(self.app.public);
+        if !changes.app.buckets.is_empty() {
+            self.app.buckets = changes.app.buckets;
+        }
         self.config.extend(changes.config);
         if !changes.outbound.allowed_hosts.is_empty() {
             self.outbound = changes.outbound;
@@ -128,6 +134,11 @@ pub struct AppSection {
     /// Named queues whose messages this app is triggered by: each message becomes an async
     /// job, `POST /queues/<queue>` with the message as its body. One app consumes a queue.
     pub consumes: Vec<String>,
+    /// Anyone may invoke the app, without an API key (else an invoker key of its tenant is
+    /// needed). Left out: not public.
+    pub public: Option<bool>,
+    /// Key-value buckets the app may open; others are refused.
+    pub buckets: Vec<String>,
 }
 
 /// Paths the node keeps for itself: no app route may be one of them or lie below one.
@@ -298,6 +309,10 @@ pub struct RevisionSpec {
     pub idle_timeout_secs: u64,
     pub models: Vec<String>,
     pub native_guest_models: bool,
+    /// Key-value buckets the app may open. `None` in revisions made before allow-lists
+    /// existed: those may open any of their app's buckets, as they could then.
+    #[serde(default)]
+    pub buckets: Option<Vec<String>>,
     pub config: BTreeMap<String, String>,
     pub allowed_hosts: Vec<String>,
     pub cache: Option<CacheSpec>,
@@ -321,6 +336,14 @@ pub struct RevisionRecord {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct AppRecord {
     pub name: String,
+    /// The tenant that owns the app and everything below it (records made before tenants
+    /// existed belong to the operator's).
+    #[serde(default = "operator_tenant")]
+    pub tenant: String,
+    /// Anyone may invoke it without a key (records made before keys existed were open to
+    /// anyone, and stay so until deployed again).
+    #[serde(default = "open_before_keys")]
+    pub public: bool,
     /// The newest revision.
     pub latest: u32,
     /// The number the next revision gets (numbers are never reused).
@@ -341,11 +364,21 @@ pub struct AppRecord {
     pub updated_at: u64,
 }
 
+fn operator_tenant() -> String {
+    crate::tenancy::OPERATOR_TENANT.to_string()
+}
+
+fn open_before_keys() -> bool {
+    true
+}
+
 impl AppRecord {
-    /// A new app, with no revision yet and all traffic to the newest.
-    pub fn new(name: &str, now: u64) -> Self {
+    /// A new app of `tenant`, with no revision yet and all traffic to the newest.
+    pub fn new(name: &str, tenant: &str, now: u64) -> Self {
         Self {
             name: name.to_string(),
+            tenant: tenant.to_string(),
+            public: false,
             latest: 0,
             next_revision: 1,
             traffic: traffic::all_to_latest(),
@@ -375,6 +408,7 @@ impl AppRecord {
             fallback: spec.fallback.clone(),
             routes: spec.app.routes.clone(),
             consumes: spec.app.consumes.clone(),
+            public: spec.app.public.unwrap_or(false),
             ..self.clone()
         }
     }
@@ -543,6 +577,17 @@ pub fn settle(spec: &DeploySpec, limits: &LimitsConfig) -> Result<RevisionSpec, 
             models.push(model.clone());
         }
     }
+    let mut buckets = Vec::new();
+    for bucket in &spec.app.buckets {
+        if !crate::kv::valid_bucket(bucket) {
+            return Err(format!(
+                "app.buckets: {bucket:?} is not a bucket name (1-64 letters, digits, '.', '_' or '-')"
+            ));
+        }
+        if !buckets.contains(bucket) {
+            buckets.push(bucket.clone());
+        }
+    }
     Ok(RevisionSpec {
         timeout_secs: timeout,
         memory_mib: memory,
@@ -555,6 +600,7 @@ pub fn settle(spec: &DeploySpec, limits: &LimitsConfig) -> Result<RevisionSpec, 
         idle_timeout_secs: idle_timeout,
         models,
         native_guest_models: spec.app.native_guest_models,
+        buckets: Some(buckets),
         config: spec.config.clone(),
         allowed_hosts: spec.outbound.allowed_hosts.clone(),
         cache: spec.cache.clone(),
@@ -672,7 +718,7 @@ mod tests {
             ..Fallback::default()
         });
         let revision = settle(&first, &limits).unwrap();
-        let record = AppRecord::new("hello", 0).with_policy(&first);
+        let record = AppRecord::new("hello", "default", 0).with_policy(&first);
         let mut shorthand = DeploySpec::default();
         shorthand.limits.timeout_secs = Some(7);
         shorthand.config.insert("more".into(), "yes".into());
@@ -752,5 +798,17 @@ mod tests {
             vec!["config.k: null → \"v\"", "limits.timeout_secs: 30 → 60"]
         );
         assert!(diff(&before, &before).is_empty());
+    }
+
+    #[test]
+    fn an_app_recorded_before_tenants_is_the_operators_and_stays_open() {
+        let mut old = serde_json::to_value(AppRecord::new("legacy", "acme", 7)).unwrap();
+        let fields = old.as_object_mut().unwrap();
+        fields.remove("tenant");
+        fields.remove("public");
+        let upgraded: AppRecord = serde_json::from_value(old).unwrap();
+        assert_eq!(upgraded.tenant, crate::tenancy::OPERATOR_TENANT);
+        assert!(upgraded.public);
+        assert!(!AppRecord::new("fresh", "acme", 7).public);
     }
 }

@@ -28,7 +28,7 @@ impl AdminClient {
         };
         let token = match token {
             Some(token) => token.to_string(),
-            None => std::fs::read_to_string(crate::tenancy::admin_token_path(data_dir))
+            None => std::fs::read_to_string(crate::tenancy::token::admin_token_path(data_dir))
                 .map(|t| t.trim().to_string())
                 .with_context(|| format!("no admin token: pass --token, or run on the node with --data-dir pointing at its data dir ({})", data_dir.display()))?,
         };

@@ -3,6 +3,7 @@
 
 pub mod bundle;
 mod client;
+mod cluster;
 mod fetch;
 mod manifest;
 mod serve;
@@ -82,6 +83,15 @@ enum Command {
         /// OpenVINO); without it they go to tract, the pure-Rust backend, only.
         #[arg(long)]
         native_guest_models: bool,
+        /// A key-value bucket the app may open (repeat for several); others are refused.
+        #[arg(long = "bucket")]
+        buckets: Vec<String>,
+        /// Anyone may invoke the app without an API key.
+        #[arg(long, conflicts_with = "private")]
+        public: bool,
+        /// Only invoker keys of the app's tenant may invoke it (the default for a new app).
+        #[arg(long)]
+        private: bool,
         /// A config value the component reads through wasi:config (KEY=VALUE, repeatable).
         #[arg(long = "config", value_parser = parse_key_value)]
         config: Vec<(String, String)>,
@@ -143,6 +153,59 @@ enum Command {
     Models,
     /// Show the node's status.
     Status,
+    /// Manage tenants (the node's operator).
+    Tenant {
+        #[command(subcommand)]
+        command: TenantCommand,
+    },
+    /// Manage API keys (a tenant's admins; the operator for every tenant).
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
+    /// Show whose key the CLI uses: its id, tenant and role.
+    Whoami,
+    /// The cluster CA: make it, issue node certificates, revoke them (offline).
+    Cluster {
+        #[command(subcommand)]
+        command: cluster::ClusterCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TenantCommand {
+    /// Add a tenant.
+    Add { name: String },
+    /// List tenants.
+    List,
+    /// Remove a tenant that owns no apps or models; its keys are revoked.
+    Remove { name: String },
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Make a key and print it: it is shown this once and stored only hashed.
+    Create {
+        /// The tenant (default: the CLI key's own).
+        #[arg(long)]
+        tenant: Option<String>,
+        /// admin, deployer, invoker or reader.
+        #[arg(long)]
+        role: crate::tenancy::Role,
+        /// What the key is for.
+        #[arg(long)]
+        description: Option<String>,
+        /// How long it works: 90m, 24h, 30d (default: until revoked).
+        #[arg(long)]
+        expires_in: Option<String>,
+    },
+    /// List keys (never their secrets), revoked and expired ones included.
+    List {
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Revoke a key by id: it never works again.
+    Revoke { id: String },
 }
 
 #[derive(Subcommand)]
@@ -270,10 +333,15 @@ fn main_with(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    let command = match cli.command {
+        Command::Cluster { command } => return cluster::run(command),
+        command => command,
+    };
     let data_dir = cli.data_dir.clone().unwrap_or_else(default_data_dir);
     let client = AdminClient::connect(cli.server.as_deref(), cli.token.as_deref(), &data_dir)?;
-    match cli.command {
+    match command {
         Command::Serve { .. } => unreachable!("main_with serves"),
+        Command::Cluster { .. } => unreachable!("run above"),
         Command::Deploy {
             app,
             component,
@@ -284,6 +352,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             max_body_bytes,
             models,
             native_guest_models,
+            buckets,
+            public,
+            private,
             config,
         } => {
             let (mut spec, manifest_component) = match &manifest {
@@ -296,6 +367,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             limits.max_body_bytes = max_body_bytes.or(limits.max_body_bytes);
             spec.app.models.extend(models);
             spec.app.native_guest_models |= native_guest_models;
+            spec.app.buckets.extend(buckets);
+            if public || private {
+                spec.app.public = Some(public);
+            }
             spec.config.extend(config);
             let app = app
                 .or_else(|| spec.app.name.clone())
@@ -449,6 +524,112 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("removed secret {key} of {app}");
             }
         },
+        Command::Tenant { command } => match command {
+            TenantCommand::Add { name } => {
+                client
+                    .put_json(
+                        &format!("/v1/admin/tenants/{name}"),
+                        &serde_json::Value::Null,
+                    )
+                    .await?;
+                println!("added tenant {name}");
+            }
+            TenantCommand::List => {
+                let answer = client.get("/v1/admin/tenants").await?;
+                for tenant in answer["tenants"].as_array().into_iter().flatten() {
+                    println!("{}", text(&tenant["name"]));
+                }
+            }
+            TenantCommand::Remove { name } => {
+                let answer = client.delete(&format!("/v1/admin/tenants/{name}")).await?;
+                println!(
+                    "removed tenant {name} ({} keys revoked)",
+                    answer["keys_revoked"]
+                );
+            }
+        },
+        Command::Key { command } => match command {
+            KeyCommand::Create {
+                tenant,
+                role,
+                description,
+                expires_in,
+            } => {
+                let expires_in_secs = match expires_in {
+                    None => None,
+                    Some(text) => Some(
+                        crate::api::parse_since(&text)
+                            .ok_or_else(|| {
+                                anyhow::anyhow!(
+                                    "--expires-in takes minutes, hours or days (90m, 24h, 30d), not {text:?}"
+                                )
+                            })?
+                            .as_secs(),
+                    ),
+                };
+                let answer = client
+                    .post_json(
+                        "/v1/admin/keys",
+                        &serde_json::json!({
+                            "tenant": tenant,
+                            "role": role,
+                            "description": description,
+                            "expires_in_secs": expires_in_secs,
+                        }),
+                    )
+                    .await?;
+                let key = &answer["key"];
+                eprintln!(
+                    "key {} for tenant {} ({}): shown this once, store it now",
+                    text(&key["id"]),
+                    text(&key["tenant"]),
+                    text(&key["role"])
+                );
+                println!("{}", text(&key["key"]));
+            }
+            KeyCommand::List { tenant } => {
+                let path = match tenant {
+                    Some(tenant) => format!("/v1/admin/keys?tenant={tenant}"),
+                    None => "/v1/admin/keys".to_string(),
+                };
+                let answer = client.get(&path).await?;
+                let now = crate::store::unix_now();
+                for key in answer["keys"].as_array().into_iter().flatten() {
+                    let state = if !key["revoked_at"].is_null() {
+                        "revoked"
+                    } else if key["expires_at"].as_u64().is_some_and(|at| at <= now) {
+                        "expired"
+                    } else {
+                        "active"
+                    };
+                    println!(
+                        "{}  {}  {}  {state}  {}",
+                        text(&key["id"]),
+                        text(&key["tenant"]),
+                        text(&key["role"]),
+                        key["description"].as_str().unwrap_or("")
+                    );
+                }
+            }
+            KeyCommand::Revoke { id } => {
+                client.delete(&format!("/v1/admin/keys/{id}")).await?;
+                println!("revoked key {id}");
+            }
+        },
+        Command::Whoami => {
+            let answer = client.get("/v1/admin/whoami").await?;
+            println!(
+                "key {} of tenant {} ({}{})",
+                text(&answer["key_id"]),
+                text(&answer["tenant"]),
+                text(&answer["role"]),
+                if answer["operator"].as_bool() == Some(true) {
+                    ", the node's operator"
+                } else {
+                    ""
+                }
+            );
+        }
         Command::Remove { app } => {
             client.delete(&format!("/v1/admin/apps/{app}")).await?;
             println!("removed {app}");

@@ -36,6 +36,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let address = listener.local_addr()?;
+    // The node port: its identity is checked before anything else starts.
+    let peers = match config.cluster.peer_files() {
+        Some((node_id, files)) => {
+            let tls = crate::tls::peer::PeerTls::load(files, &node_id)
+                .context("cannot load the node's cluster identity ([cluster])")?;
+            let listen = config.cluster.listen.expect("peer files need listen");
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen} (cluster.listen)"))?;
+            Some((Arc::new(tls), listener))
+        }
+        None => None,
+    };
     let node = tokio::task::spawn_blocking(move || node::open(config, fingerprint)).await??;
     let node = Arc::new(node);
     node.runtime.start_scaling_to_zero();
@@ -73,9 +86,29 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     println!("data dir: {}", node.config.data_dir.display());
     println!(
         "admin token: {}",
-        crate::tenancy::admin_token_path(&node.config.data_dir).display()
+        crate::tenancy::token::admin_token_path(&node.config.data_dir).display()
     );
 
+    if let Some((tls, listener)) = peers {
+        println!(
+            "node {} of cluster {} serves peers on {}",
+            tls.node_id(),
+            tls.cluster(),
+            listener.local_addr()?
+        );
+        background.push(spawn_reloading(
+            tls.clone(),
+            Duration::from_secs(node.config.cluster.reload_secs),
+            shutdown.clone(),
+        ));
+        let connections = Arc::new(ConnectionStats::new(node.config.cluster.max_connections));
+        background.push(tokio::spawn(api::serve_peers(
+            node.clone(),
+            listener,
+            tls,
+            connections,
+        )));
+    }
     let connections = Arc::new(ConnectionStats::new(max_connections));
     let server = api::serve(node.clone(), listener, server_config, connections);
     tokio::select! {
@@ -90,6 +123,36 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     node.store.flush_blocking()?;
     Ok(())
+}
+
+/// Checks the cluster identity's files every `every` until `shutdown`, loading them again when
+/// they change (a failed load keeps the previous identity, and is logged).
+fn spawn_reloading(
+    tls: Arc<crate::tls::peer::PeerTls>,
+    every: Duration,
+    shutdown: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                _ = ticks.tick() => {}
+                () = shutdown.cancelled() => return,
+            }
+            let tls = tls.clone();
+            match tokio::task::spawn_blocking(move || tls.reload_if_changed()).await {
+                Ok(Ok(true)) => tracing::info!("cluster certificate, CA or CRL loaded again"),
+                Ok(Ok(false)) => {}
+                Ok(Err(error)) => {
+                    tracing::error!(
+                        error = format!("{error:#}"),
+                        "the changed cluster identity does not load; keeping the previous one"
+                    )
+                }
+                Err(error) => tracing::error!(%error, "reloading the cluster identity failed"),
+            }
+        }
+    })
 }
 
 async fn shutdown_signal() {

@@ -50,15 +50,19 @@ pub struct KvCtx {
     store: Store,
     app: String,
     usage: Arc<AppUsage>,
+    /// The buckets the app declared (`None`: any of its buckets, for revisions made before
+    /// allow-lists).
+    allowed: Option<Vec<String>>,
 }
 
 impl KvCtx {
-    /// State for one instance of `app`.
-    pub fn new(store: Store, app: &str, usage: &KvUsage) -> Self {
+    /// State for one instance of `app`, which may open the buckets in `allowed`.
+    pub fn new(store: Store, app: &str, usage: &KvUsage, allowed: Option<Vec<String>>) -> Self {
         Self {
             store,
             app: app.to_string(),
             usage: usage.of(app),
+            allowed,
         }
     }
 }
@@ -126,7 +130,8 @@ fn other(error: impl std::fmt::Display) -> store::Error {
     store::Error::Other(error.to_string())
 }
 
-fn valid_bucket(identifier: &str) -> bool {
+/// Whether `identifier` can name a bucket: 1-64 letters, digits, '.', '_' or '-'.
+pub fn valid_bucket(identifier: &str) -> bool {
     (1..=64).contains(&identifier.len())
         && identifier
             .chars()
@@ -148,6 +153,14 @@ impl store::Host for KvView<'_> {
             return Ok(Err(store::Error::Other(format!(
                 "invalid bucket name {identifier:?}: use 1-64 letters, digits, '.', '_' or '-'"
             ))));
+        }
+        if self
+            .ctx
+            .allowed
+            .as_ref()
+            .is_some_and(|allowed| !allowed.contains(&identifier))
+        {
+            return Ok(Err(store::Error::AccessDenied));
         }
         if let Err(message) = self.ctx.usage.open_bucket(&identifier) {
             return Ok(Err(store::Error::Other(message)));
@@ -524,7 +537,7 @@ mod tests {
     /// One instance of `app`: its key-value state and resource table.
     fn instance(store: &TempStore, usage: &KvUsage, app: &str) -> (KvCtx, ResourceTable) {
         (
-            KvCtx::new(store.store.clone(), app, usage),
+            KvCtx::new(store.store.clone(), app, usage, None),
             ResourceTable::new(),
         )
     }
@@ -560,6 +573,32 @@ mod tests {
             (1..=400).collect::<Vec<i64>>(),
             "every increment saw its own value"
         );
+    }
+
+    #[test]
+    fn only_the_declared_buckets_open_and_others_are_access_denied() {
+        let store = TempStore::default();
+        let usage = usage(&store, 1 << 20);
+        let mut ctx = KvCtx::new(
+            store.store.clone(),
+            "listed",
+            &usage,
+            Some(vec!["cache".into()]),
+        );
+        let mut table = ResourceTable::new();
+        let mut view = KvView {
+            ctx: &mut ctx,
+            table: &mut table,
+        };
+        assert!(view.open("cache".into()).unwrap().is_ok());
+        assert!(matches!(
+            view.open("other".into()).unwrap(),
+            Err(store::Error::AccessDenied)
+        ));
+        assert!(!store
+            .store
+            .tree_names(TREE_PREFIX)
+            .contains(&tree_name("listed", "other")));
     }
 
     #[tokio::test]

@@ -150,7 +150,7 @@ impl graph::Host for NnView<'_> {
                 format!("this app did not declare model {name:?}: deploy it with `--model {name}`"),
             );
         }
-        match self.ctx.models.graph(&name) {
+        match self.ctx.models.graph_for(&name, &self.ctx.grant.tenant) {
             Ok(graph) => Ok(Ok(self.table.push(GraphResource {
                 graph,
                 held_bytes: 0,
@@ -385,6 +385,7 @@ mod tests {
 
     fn grant(models: &[&str]) -> NnGrant {
         NnGrant {
+            tenant: "default".into(),
             models: models.iter().map(|m| m.to_string()).collect(),
             max_guest_model_bytes: 1 << 20,
             max_host_bytes: 1 << 20,
@@ -408,7 +409,7 @@ mod tests {
     fn test_meter(store: &TempStore) -> crate::telemetry::AppMeter {
         let telemetry = crate::telemetry::Telemetry::open(&store.store, &Default::default())
             .expect("telemetry opens");
-        crate::telemetry::AppMeter::new(Arc::new(telemetry), "app")
+        crate::telemetry::AppMeter::new(Arc::new(telemetry), "default", "app")
     }
 
     #[tokio::test]

@@ -39,6 +39,8 @@ pub(crate) mod bindings {
 /// What one app's instances may do with wasi-nn.
 #[derive(Debug, Clone)]
 pub struct NnGrant {
+    /// The app's tenant: it may load node-wide models and its tenant's own.
+    pub tenant: String,
     /// Models the app declared; `load-by-name` refuses the rest.
     pub models: Vec<String>,
     /// Largest model the guest may pass as bytes to `load`.

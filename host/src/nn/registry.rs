@@ -32,6 +32,16 @@ pub struct ModelRecord {
     pub size_bytes: u64,
     /// Seconds since the Unix epoch.
     pub added_at: u64,
+    /// The tenant that owns it; `None` for the node's own models, which every app may load.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+}
+
+impl ModelRecord {
+    /// Whether apps of `tenant` may load it.
+    pub fn usable_by(&self, tenant: &str) -> bool {
+        self.tenant.as_deref().is_none_or(|owner| owner == tenant)
+    }
 }
 
 fn cpu() -> String {
@@ -64,6 +74,10 @@ pub enum ModelError {
     InvalidModel(String),
     #[error("no model named {0:?} is registered on this node")]
     NotFound(String),
+    #[error(
+        "model name {0:?} is taken by another tenant: model names are node-wide, pick another"
+    )]
+    Taken(String),
     #[error("model {name:?} is registered but did not load: {reason}")]
     NotLoaded { name: String, reason: String },
     #[error(transparent)]
@@ -89,6 +103,8 @@ pub struct Upload {
     /// SHA-256 of the file, hex.
     pub digest: String,
     pub size_bytes: u64,
+    /// The tenant that owns it; `None` for a node-wide model.
+    pub tenant: Option<String>,
 }
 
 /// The registry; one per node.
@@ -170,9 +186,13 @@ impl ModelRegistry {
         &self.backends
     }
 
-    /// The loaded graph registered as `name`.
-    pub fn graph(&self, name: &str) -> Result<Arc<dyn Graph>, ModelError> {
+    /// The loaded graph registered as `name`, for an app of `tenant`: a model another tenant
+    /// owns is not found.
+    pub fn graph_for(&self, name: &str, tenant: &str) -> Result<Arc<dyn Graph>, ModelError> {
         match self.entries.read().expect("registry lock").get(name) {
+            Some(entry) if !entry.record.usable_by(tenant) => {
+                Err(ModelError::NotFound(name.to_string()))
+            }
             None => Err(ModelError::NotFound(name.to_string())),
             Some(Entry {
                 graph: Ok(graph), ..
@@ -242,6 +262,15 @@ impl ModelRegistry {
             Err(error) => return refuse(error, &staged),
         };
         let _changing = self.changes.lock().await;
+        let owner = self
+            .entries
+            .read()
+            .expect("registry lock")
+            .get(name)
+            .map(|entry| entry.record.tenant.clone());
+        if owner.is_some_and(|owner| owner != upload.tenant) {
+            return refuse(ModelError::Taken(name.to_string()), &staged);
+        }
         let (blobs, digest) = (self.blobs.clone(), upload.digest.clone());
         let backend = choice.backend.clone();
         let target = choice.target;
@@ -273,6 +302,7 @@ impl ModelRegistry {
             fallback: choice.fallback,
             size_bytes: upload.size_bytes,
             added_at: store::unix_now(),
+            tenant: upload.tenant,
         };
         store::put_json(&self.tree, name, &record)?;
         self.store.make_durable().await?;
@@ -339,8 +369,8 @@ mod tests {
             ("fake", Encoding::Onnx)
         );
         let (first, second) = (
-            registry.graph("triple").unwrap(),
-            registry.graph("triple").unwrap(),
+            registry.graph_for("triple", "default").unwrap(),
+            registry.graph_for("triple", "default").unwrap(),
         );
         assert!(Arc::ptr_eq(&first, &second), "each user got its own copy");
         assert_eq!(product(&first, &[1, 2]), vec![3, 6]);
@@ -350,8 +380,38 @@ mod tests {
         let store = store.reopen();
         let registry = store.registry(&fake);
         store.blobs.sweep().unwrap();
-        assert_eq!(product(&registry.graph("triple").unwrap(), &[5]), vec![15]);
+        assert_eq!(
+            product(&registry.graph_for("triple", "default").unwrap(), &[5]),
+            vec![15]
+        );
         assert_eq!(store.blob_files(), vec![record.digest]);
+    }
+
+    #[tokio::test]
+    async fn a_tenants_model_is_its_own_and_its_name_is_taken_for_others() {
+        let store = TempStore::default();
+        let registry = store.registry(&Arc::new(FakeBackend::default()));
+        let (staged, mut upload) = store.upload(&fake_model(2));
+        upload.tenant = Some("acme".into());
+        registry.add("double", staged, upload).await.unwrap();
+        assert!(registry.graph_for("double", "acme").is_ok());
+        assert!(matches!(
+            registry.graph_for("double", "globex"),
+            Err(ModelError::NotFound(_))
+        ));
+        let (staged, mut upload) = store.upload(&fake_model(3));
+        upload.tenant = Some("globex".into());
+        let taken = registry.add("double", staged.clone(), upload).await;
+        assert!(matches!(taken, Err(ModelError::Taken(_))), "{taken:?}");
+        assert!(!staged.exists());
+        assert_eq!(
+            product(&registry.graph_for("double", "acme").unwrap(), &[4]),
+            vec![8]
+        );
+        // The node's own models are every tenant's to load.
+        let (staged, upload) = store.upload(&fake_model(5));
+        registry.add("node-wide", staged, upload).await.unwrap();
+        assert!(registry.graph_for("node-wide", "globex").is_ok());
     }
 
     #[tokio::test]

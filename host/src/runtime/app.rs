@@ -115,6 +115,9 @@ pub struct RevisionConfig {
 /// revision removed while requests still use it keeps its files until the last one ends.
 pub struct Revision {
     pub record: RevisionRecord,
+    /// The tenant its app belongs to: what its instances may reach (models, buckets) is that
+    /// tenant's.
+    pub tenant: String,
     /// Its own concurrency limit and queue, when it declares `max_concurrency`.
     pub gate: Option<Gate>,
     /// What its cached responses are filed under: its app, component and settings, so that a
@@ -153,6 +156,7 @@ impl Revision {
     /// not, with its app's `secrets`.
     pub fn new(
         record: RevisionRecord,
+        tenant: &str,
         hold: Held,
         prepared: Option<ProxyPre<InstanceState>>,
         secrets: &[(String, String)],
@@ -182,6 +186,7 @@ impl Revision {
             hold: Some(hold),
             retired: AtomicBool::new(false),
             record,
+            tenant: tenant.to_string(),
             gate,
             prepared: tokio::sync::Mutex::new(prepared),
             last_used_ms: AtomicU64::new(0),

@@ -32,6 +32,8 @@ pub enum DeployError {
     InvalidSetting(String),
     #[error("no app named {0:?} is deployed on this node")]
     NotFound(String),
+    #[error("app name {0:?} is taken on this node: app names are node-wide (they are URLs), pick another")]
+    NameTaken(String),
     #[error(transparent)]
     Secrets(#[from] SecretsError),
     #[error(transparent)]
@@ -41,13 +43,26 @@ pub enum DeployError {
 }
 
 /// How a deployment applies.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone)]
 pub struct DeployOptions {
+    /// The tenant the app belongs to. An app of another tenant by that name is not changed.
+    pub tenant: String,
     /// Report what would change; change nothing.
     pub dry_run: bool,
     /// Change only what the request sets on the current deployment (a shorthand deploy),
     /// instead of taking it as the whole app (a manifest).
     pub overlay: bool,
+}
+
+impl Default for DeployOptions {
+    /// A whole deployment, applied, of an app of the operator's tenant.
+    fn default() -> Self {
+        Self {
+            tenant: crate::tenancy::OPERATOR_TENANT.to_string(),
+            dry_run: false,
+            overlay: false,
+        }
+    }
 }
 
 /// Lets go of revisions taken out of service: at once when no request uses them any more
@@ -119,6 +134,12 @@ impl Runtime {
         };
         let _changing = self.changes.lock().await;
         let stored = self.records.get(name)?;
+        if stored
+            .as_ref()
+            .is_some_and(|app| app.record.tenant != options.tenant)
+        {
+            return Err(DeployError::NameTaken(name.to_string()));
+        }
         let newest = stored
             .as_ref()
             .and_then(|app| app.revisions.get(&app.record.latest));
@@ -141,7 +162,7 @@ impl Runtime {
         let now = store::unix_now();
         let before = match &stored {
             Some(app) => app.record.clone(),
-            None => AppRecord::new(name, now),
+            None => AppRecord::new(name, &options.tenant, now),
         };
         let new_revision = newest
             .is_none_or(|newest| newest.digest != digest || newest.spec != settled)
@@ -197,6 +218,7 @@ impl Runtime {
                 "fallback": record.fallback,
                 "routes": record.routes,
                 "consumes": record.consumes,
+                "public": record.public,
             })
         };
         let changes = spec::diff(
@@ -255,7 +277,13 @@ impl Runtime {
             let secrets = self.secrets.values(name)?;
             revisions.insert(
                 record.number,
-                Arc::new(Revision::new(record, hold, prepared, &secrets)),
+                Arc::new(Revision::new(
+                    record,
+                    &after.tenant,
+                    hold,
+                    prepared,
+                    &secrets,
+                )),
             );
         }
         let rate = match &current {

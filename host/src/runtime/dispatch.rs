@@ -209,6 +209,7 @@ impl Runtime {
     pub fn observe(&self, app: &App, revision: &Revision, bytes_in: u64) -> RequestObservation {
         RequestObservation::start(
             self.resources.telemetry.clone(),
+            &app.record.tenant,
             &app.record.name,
             revision.record.number,
             bytes_in,
@@ -374,7 +375,10 @@ impl Runtime {
         let pre = self.warm(revision).await?;
         let outgoing = OutgoingPolicy::new(
             self.this.get().cloned().unwrap_or_default(),
-            revision.record.app.clone(),
+            super::outgoing::Caller {
+                app: revision.record.app.clone(),
+                tenant: revision.tenant.clone(),
+            },
             revision.record.spec.allowed_hosts.clone(),
             depth,
             self.limits.max_call_depth,

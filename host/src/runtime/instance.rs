@@ -291,8 +291,8 @@ fn new_store(
         request_id,
     );
     let (stdout, stderr) = log.streams();
-    let meter = AppMeter::new(resources.telemetry.clone(), &record.app);
-    let queue = QueueCtx::new(outgoing.runtime(), &record.app);
+    let meter = AppMeter::new(resources.telemetry.clone(), &revision.tenant, &record.app);
+    let queue = QueueCtx::new(outgoing.runtime(), &record.app, &revision.tenant);
     let mut table = ResourceTable::new();
     table.set_max_capacity(MAX_RESOURCES);
     let state = InstanceState {
@@ -312,6 +312,7 @@ fn new_store(
         nn: NnCtx::new(
             resources.models.clone(),
             NnGrant {
+                tenant: revision.tenant.clone(),
                 models: spec.models.clone(),
                 max_guest_model_bytes: resources.max_guest_model_bytes,
                 max_host_bytes: spec.memory_mib << 20,
@@ -320,7 +321,12 @@ fn new_store(
             memory_hit.clone(),
             meter.clone(),
         ),
-        kv: KvCtx::new(resources.store.clone(), &record.app, &resources.kv_usage),
+        kv: KvCtx::new(
+            resources.store.clone(),
+            &record.app,
+            &resources.kv_usage,
+            spec.buckets.clone(),
+        ),
         config,
         limiter: MemoryLimiter {
             max_bytes: (spec.memory_mib as usize) << 20,

@@ -175,7 +175,13 @@ impl Runtime {
                 let prepared = prepared.filter(|_| record.spec.min_instances > 0);
                 revisions.insert(
                     number,
-                    Arc::new(Revision::new(record, hold, prepared, &secrets)),
+                    Arc::new(Revision::new(
+                        record,
+                        &app.record.tenant,
+                        hold,
+                        prepared,
+                        &secrets,
+                    )),
                 );
             }
             let rate = runtime.rate_limits(&app.record);

@@ -20,8 +20,7 @@ use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
 /// The outgoing calls one instance may make.
 pub struct OutgoingPolicy {
     runtime: Weak<Runtime>,
-    /// The calling app, the client key its calls to other apps are rate-limited under.
-    caller: String,
+    caller: Caller,
     allowed_hosts: Vec<String>,
     /// Calls between apps that led to this instance.
     depth: u32,
@@ -45,12 +44,21 @@ type ResponseFuture = Box<
         > + Send,
 >;
 
+/// The app an instance runs for.
+#[derive(Debug, Clone, Default)]
+pub struct Caller {
+    /// Its name, the client key its calls to other apps are rate-limited under.
+    pub app: String,
+    /// Its tenant: it may call that tenant's apps and public ones.
+    pub tenant: String,
+}
+
 impl OutgoingPolicy {
     /// The calls an instance of app `caller` may make: to `allowed_hosts`, at call depth
     /// `depth` (of at most `max_depth`), outside calls waiting at most `timeout` at each step.
     pub fn new(
         runtime: Weak<Runtime>,
-        caller: String,
+        caller: Caller,
         allowed_hosts: Vec<String>,
         depth: u32,
         max_depth: u32,
@@ -77,7 +85,7 @@ impl OutgoingPolicy {
     pub fn denied() -> Self {
         Self::new(
             Weak::new(),
-            String::new(),
+            Caller::default(),
             Vec::new(),
             0,
             0,
@@ -124,7 +132,7 @@ impl WasiHttpHooks for OutgoingPolicy {
             }
             Destination::App(app) => {
                 let runtime = self.runtime.clone();
-                let caller = format!("app:{}", self.caller);
+                let caller = self.caller.clone();
                 let depth = self.depth + 1;
                 let max_depth = self.max_depth;
                 let mut request = request;
@@ -160,12 +168,23 @@ async fn call_app(
     runtime: &Runtime,
     app: &str,
     request: http::Request<WasiBody>,
-    caller: &str,
+    caller: &Caller,
     depth: u32,
 ) -> http::Response<WasiBody> {
     let (mut parts, body) = request.into_parts();
     super::queue::strip_queue_headers(&mut parts.headers);
-    let admitted = match runtime.admit(app, None, &parts.headers, caller) {
+    // Another tenant's private app is not there for this caller.
+    let reachable = runtime
+        .app(app)
+        .is_some_and(|callee| callee.record.public || callee.record.tenant == caller.tenant);
+    if !reachable {
+        let error = InvokeError::NotFound(format!(
+            "no app named {app:?} this app may call is deployed on this node"
+        ));
+        return dispatch::error_response(&error);
+    }
+    let client = format!("app:{}", caller.app);
+    let admitted = match runtime.admit(app, None, &parts.headers, &client) {
         Ok(Decision::Serve(admitted)) => admitted,
         Ok(Decision::Degraded(response)) => return response,
         Err(error) => return dispatch::error_response(&error),

@@ -56,13 +56,16 @@ pub trait QueueSink: Send + Sync {
 pub struct QueueCtx {
     runtime: Weak<Runtime>,
     producer: Arc<str>,
+    /// The producer's tenant: its messages go only to its tenant's consumers.
+    tenant: Arc<str>,
 }
 
 impl QueueCtx {
-    pub fn new(runtime: Weak<Runtime>, producer: &str) -> Self {
+    pub fn new(runtime: Weak<Runtime>, producer: &str, tenant: &str) -> Self {
         Self {
             runtime,
             producer: producer.into(),
+            tenant: tenant.into(),
         }
     }
 }
@@ -90,9 +93,14 @@ impl queue::Host for &mut QueueCtx {
         let Some(runtime) = self.runtime.upgrade() else {
             return Ok(Err("the node is shutting down".into()));
         };
-        let Some(consumer) = runtime.consumer_of(&name) else {
+        let consumer = runtime.consumer_of(&name).filter(|consumer| {
+            runtime
+                .app(consumer)
+                .is_some_and(|app| *app.record.tenant == *self.tenant)
+        });
+        let Some(consumer) = consumer else {
             return Ok(Err(format!(
-                "no app consumes queue {name:?} (a consumer lists it in `app.consumes`)"
+                "no app of this tenant consumes queue {name:?} (a consumer lists it in `app.consumes`)"
             )));
         };
         let limit = runtime

@@ -179,14 +179,16 @@ impl prometheus_client::collector::Collector for LogsCollector {
 #[derive(Clone)]
 pub struct AppMeter {
     telemetry: Arc<Telemetry>,
-    app: Arc<str>,
+    /// What the usage is metered under (see [`usage::subject`]).
+    subject: Arc<str>,
 }
 
 impl AppMeter {
-    pub fn new(telemetry: Arc<Telemetry>, app: &str) -> Self {
+    /// The meter of app `app` of `tenant`.
+    pub fn new(telemetry: Arc<Telemetry>, tenant: &str, app: &str) -> Self {
         Self {
             telemetry,
-            app: app.into(),
+            subject: usage::subject(tenant, app).into(),
         }
     }
 
@@ -194,7 +196,7 @@ impl AppMeter {
     pub fn model_computed(&self, model: &str, elapsed: Duration) {
         self.telemetry
             .meter
-            .record(&self.app, |usage: &mut UsageRecord| {
+            .record(&self.subject, |usage: &mut UsageRecord| {
                 *usage.inference_us.entry(model.to_string()).or_default() +=
                     elapsed.as_micros() as u64;
             });
@@ -212,7 +214,7 @@ impl AppMeter {
         if prompt == 0 && completion == 0 {
             return;
         }
-        self.telemetry.meter.record(&self.app, |usage| {
+        self.telemetry.meter.record(&self.subject, |usage| {
             usage.prompt_tokens += prompt;
             usage.completion_tokens += completion;
         });
@@ -234,7 +236,7 @@ impl AppMeter {
 impl AppMeter {
     /// An instance ran guest code for `cpu`.
     pub fn cpu_used(&self, cpu: Duration) {
-        self.telemetry.meter.record(&self.app, |usage| {
+        self.telemetry.meter.record(&self.subject, |usage| {
             usage.cpu_us += cpu.as_micros() as u64;
         });
     }
@@ -258,6 +260,8 @@ pub fn new_request_id() -> String {
 pub struct RequestObservation {
     telemetry: Arc<Telemetry>,
     app: String,
+    /// What its usage is metered under (see [`usage::subject`]).
+    subject: String,
     revision: u32,
     started: Instant,
     bytes_in: u64,
@@ -266,10 +270,17 @@ pub struct RequestObservation {
 
 impl RequestObservation {
     /// A request with a body of `bytes_in` bytes.
-    pub fn start(telemetry: Arc<Telemetry>, app: &str, revision: u32, bytes_in: u64) -> Self {
+    pub fn start(
+        telemetry: Arc<Telemetry>,
+        tenant: &str,
+        app: &str,
+        revision: u32,
+        bytes_in: u64,
+    ) -> Self {
         Self {
             telemetry,
             app: app.to_string(),
+            subject: usage::subject(tenant, app),
             revision,
             started: Instant::now(),
             bytes_in,
@@ -282,7 +293,7 @@ impl RequestObservation {
     fn meter(&self, bytes_out: u64) {
         let status = self.status;
         let wall_us = self.started.elapsed().as_micros() as u64;
-        self.telemetry.meter.record(&self.app, |usage| {
+        self.telemetry.meter.record(&self.subject, |usage| {
             usage.requests += 1;
             match status {
                 429 | 503 => usage.shed += 1,

@@ -95,10 +95,30 @@ impl UsageRecord {
 /// One app's usage in one hour.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UsageRow {
+    /// The tenant that owns the app.
+    pub tenant: String,
     pub app: String,
     /// `unix_secs / 3600` at the start of the hour.
     pub hour: u64,
     pub usage: UsageRecord,
+}
+
+/// What an app's usage is metered under: its name for the operator's tenant (as before
+/// tenants existed), `<tenant>/<app>` for others, so that an app name another tenant used
+/// before never shows that tenant's usage.
+pub fn subject(tenant: &str, app: &str) -> String {
+    if tenant == crate::tenancy::OPERATOR_TENANT {
+        app.to_string()
+    } else {
+        format!("{tenant}/{app}")
+    }
+}
+
+/// The tenant and app a usage subject names (see [`subject`]).
+pub fn split_subject(subject: &str) -> (&str, &str) {
+    subject
+        .split_once('/')
+        .unwrap_or((crate::tenancy::OPERATOR_TENANT, subject))
 }
 
 /// The hour (`unix_secs / 3600`) that a time falls in.
@@ -110,7 +130,10 @@ pub fn unix_hour(unix_secs: u64) -> u64 {
 pub fn totals(rows: &[UsageRow]) -> BTreeMap<String, UsageRecord> {
     let mut totals: BTreeMap<String, UsageRecord> = BTreeMap::new();
     for row in rows {
-        totals.entry(row.app.clone()).or_default().merge(&row.usage);
+        totals
+            .entry(subject(&row.tenant, &row.app))
+            .or_default()
+            .merge(&row.usage);
     }
     totals
 }
@@ -233,8 +256,8 @@ impl Meter {
         Ok(())
     }
 
-    /// Usage per app and hour, stored and pending together, sorted by app then hour: of `app`
-    /// (all apps when `None`), in the hours `since_hour <= hour < until_hour` (no upper bound
+    /// Usage per app and hour, stored and pending together, sorted by subject then hour: of
+    /// the subject `app` (see [`subject`]; all when `None`), in the hours `since_hour <= hour < until_hour` (no upper bound
     /// when `None`).
     pub fn query(
         &self,
@@ -253,7 +276,7 @@ impl Meter {
         for entry in stored {
             let (key, value) = entry?;
             let (row_app, hour) = parse_row_key(&key)?;
-            if wanted_hour(hour) {
+            if wanted_hour(hour) && app.is_none_or(|app| app == row_app) {
                 let usage =
                     serde_json::from_slice(&value).map_err(|source| StoreError::Corrupt {
                         key: row_key(&row_app, hour),
@@ -275,7 +298,15 @@ impl Meter {
         }
         Ok(rows
             .into_iter()
-            .map(|((app, hour), usage)| UsageRow { app, hour, usage })
+            .map(|((subject, hour), usage)| {
+                let (tenant, app) = split_subject(&subject);
+                UsageRow {
+                    tenant: tenant.to_string(),
+                    app: app.to_string(),
+                    hour,
+                    usage,
+                }
+            })
             .collect())
     }
 

@@ -1,9 +1,8 @@
-//! Who may do what. For now one principal: the node's operator, holding the admin token that
-//! the node generates on first start and keeps in its data dir (mode 0600). Tenants and API
-//! keys come later and plug in here.
+//! The node's admin token: generated on first start and kept in the data dir (mode 0600). It
+//! is the first admin key of the operator's tenant (see [`super::keys`]); replacing the file
+//! and restarting the node rotates it.
 
 use rand::RngCore;
-use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 
 /// File name of the admin token inside the data dir.
@@ -33,20 +32,6 @@ pub fn load_or_create_admin_token(data_dir: &Path) -> std::io::Result<String> {
     Ok(token)
 }
 
-/// Checks an `Authorization` header value against the admin token in constant time.
-pub fn is_admin(authorization: Option<&str>, admin_token: &str) -> bool {
-    let Some(presented) = authorization.and_then(|v| v.strip_prefix("Bearer ")) else {
-        return false;
-    };
-    // Comparing digests keeps the comparison's time independent of where the strings differ.
-    let a = Sha256::digest(presented.trim().as_bytes());
-    let b = Sha256::digest(admin_token.as_bytes());
-    a.iter()
-        .zip(b.iter())
-        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-        == 0
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -67,13 +52,5 @@ mod tests {
                 .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
-    }
-
-    #[test]
-    fn only_the_exact_bearer_token_is_admin() {
-        assert!(is_admin(Some("Bearer abc"), "abc"));
-        assert!(!is_admin(Some("Bearer abd"), "abc"));
-        assert!(!is_admin(Some("abc"), "abc"));
-        assert!(!is_admin(None, "abc"));
     }
 }

@@ -1,5 +1,9 @@
 //! The node's TLS identity: the configured certificate, or a self-signed one for localhost
-//! generated on first start with rcgen and kept in the data dir.
+//! generated on first start with rcgen and kept in the data dir. The cluster's CA and the
+//! mutual TLS between nodes are in [`cluster`] and [`peer`].
+
+pub mod cluster;
+pub mod peer;
 
 use crate::config::TlsConfig;
 use anyhow::{anyhow, Context};
@@ -67,16 +71,22 @@ pub fn load_or_generate(config: &TlsConfig, data_dir: &Path) -> anyhow::Result<I
     }
 }
 
-fn load(cert: &Path, key: &Path) -> anyhow::Result<Identity> {
-    let chain = rustls_pemfile::certs(&mut std::io::BufReader::new(
-        std::fs::File::open(cert)
-            .with_context(|| format!("cannot open certificate {}", cert.display()))?,
+/// The certificates of a PEM file (at least one).
+fn read_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(
+        std::fs::File::open(path)
+            .with_context(|| format!("cannot open certificate {}", path.display()))?,
     ))
     .collect::<Result<Vec<_>, _>>()
-    .with_context(|| format!("{} is not a PEM certificate", cert.display()))?;
-    if chain.is_empty() {
-        return Err(anyhow!("{} holds no certificate", cert.display()));
+    .with_context(|| format!("{} is not a PEM certificate", path.display()))?;
+    if certs.is_empty() {
+        return Err(anyhow!("{} holds no certificate", path.display()));
     }
+    Ok(certs)
+}
+
+fn load(cert: &Path, key: &Path) -> anyhow::Result<Identity> {
+    let chain = read_certs(cert)?;
     let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(
         std::fs::File::open(key).with_context(|| format!("cannot open key {}", key.display()))?,
     ))

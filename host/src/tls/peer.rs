@@ -1,0 +1,298 @@
+//! TLS between nodes: mutual, with the cluster CA as the only root. rustls (webpki) checks the
+//! chain, the validity period, the usage (client auth for a caller, server auth for a callee)
+//! and the CRL; tensorlet then checks the name: a caller must be a node of this cluster (its
+//! `spiffe://<cluster>/node/<id>` URI), a callee the very node it dialled. A failure of either
+//! check fails the handshake. The files are read again when they change, so a new certificate,
+//! CA bundle or CRL applies to the next connection without a restart.
+
+use super::cluster::{cluster_of_ca, node_id_of};
+use anyhow::{anyhow, bail, Context};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme,
+};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::SystemTime;
+
+/// The files of a node's cluster identity.
+#[derive(Debug, Clone)]
+pub struct PeerFiles {
+    /// The cluster CA's certificate (PEM).
+    pub ca: PathBuf,
+    /// This node's certificate (PEM) and key.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The cluster's CRL (PEM), when it has one.
+    pub crl: Option<PathBuf>,
+}
+
+impl PeerFiles {
+    fn paths(&self) -> Vec<&PathBuf> {
+        [&self.ca, &self.cert, &self.key]
+            .into_iter()
+            .chain(self.crl.as_ref())
+            .collect()
+    }
+
+    /// When each file last changed (`None`: unreadable).
+    fn stamps(&self) -> Vec<Option<SystemTime>> {
+        self.paths()
+            .into_iter()
+            .map(|path| std::fs::metadata(path).and_then(|m| m.modified()).ok())
+            .collect()
+    }
+}
+
+/// The node port's TLS configurations, as last loaded.
+pub struct PeerTls {
+    files: PeerFiles,
+    node_id: String,
+    loaded: RwLock<Loaded>,
+}
+
+struct Loaded {
+    cluster: String,
+    server: Arc<rustls::ServerConfig>,
+    client: Arc<rustls::ClientConfig>,
+    stamps: Vec<Option<SystemTime>>,
+}
+
+impl PeerTls {
+    /// Loads the identity of node `node_id` from `files`; its certificate must name it.
+    pub fn load(files: PeerFiles, node_id: &str) -> anyhow::Result<Self> {
+        let loaded = build(&files, node_id)?;
+        Ok(Self {
+            files,
+            node_id: node_id.to_string(),
+            loaded: RwLock::new(loaded),
+        })
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// The cluster this node is a member of (from its CA's certificate).
+    pub fn cluster(&self) -> String {
+        self.read().cluster.clone()
+    }
+
+    /// What the node port accepts connections with now.
+    pub fn server_config(&self) -> Arc<rustls::ServerConfig> {
+        self.read().server.clone()
+    }
+
+    /// What this node dials peers with now: ALPN h2, its certificate as the client's.
+    pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
+        self.read().client.clone()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Loaded> {
+        self.loaded.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Loads the files again if any changed since the last load. A set of files that does not
+    /// load (half-copied, mismatched) leaves the previous configuration in place.
+    pub fn reload_if_changed(&self) -> anyhow::Result<bool> {
+        if self.files.stamps() == self.read().stamps {
+            return Ok(false);
+        }
+        let loaded = build(&self.files, &self.node_id)?;
+        *self.loaded.write().unwrap_or_else(|e| e.into_inner()) = loaded;
+        Ok(true)
+    }
+}
+
+impl crate::api::TlsSource for PeerTls {
+    fn current(&self) -> Arc<rustls::ServerConfig> {
+        self.server_config()
+    }
+}
+
+fn build(files: &PeerFiles, node_id: &str) -> anyhow::Result<Loaded> {
+    // Stamps first: a file changed while it is read is read again at the next check.
+    let stamps = files.stamps();
+    let ca = super::read_certs(&files.ca)?;
+    let cluster = cluster_of_ca(&ca[0]).ok_or_else(|| {
+        anyhow!(
+            "{} is not a tensorlet cluster CA (no spiffe:// name)",
+            files.ca.display()
+        )
+    })?;
+    let mut roots = RootCertStore::empty();
+    for cert in ca {
+        roots
+            .add(cert)
+            .with_context(|| format!("{} holds an unusable CA certificate", files.ca.display()))?;
+    }
+    let roots = Arc::new(roots);
+    let crls: Vec<CertificateRevocationListDer<'static>> = match &files.crl {
+        None => Vec::new(),
+        Some(path) => rustls_pemfile::crls(&mut std::io::BufReader::new(
+            std::fs::File::open(path)
+                .with_context(|| format!("cannot open CRL {}", path.display()))?,
+        ))
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("{} is not a PEM CRL", path.display()))?,
+    };
+    let identity = super::load(&files.cert, &files.key)?;
+    match node_id_of(&identity.chain[0], &cluster) {
+        Some(named) if named == node_id => {}
+        named => bail!(
+            "{} is not a certificate of node {node_id:?} of cluster {cluster:?} (it names {named:?})",
+            files.cert.display()
+        ),
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let client_verifier =
+        WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+            .with_crls(crls.clone())
+            .build()
+            .context("the cluster CA or CRL is unusable")?;
+    let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(Arc::new(MemberClientVerifier {
+            inner: client_verifier,
+            cluster: cluster.clone(),
+        }))
+        .with_single_cert(identity.chain.clone(), identity.key.clone_key())
+        .context("the node certificate and key do not match")?;
+    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let server_verifier = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
+        .with_crls(crls)
+        .build()
+        .context("the cluster CA or CRL is unusable")?;
+    let mut client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(MemberServerVerifier {
+            inner: server_verifier,
+            cluster: cluster.clone(),
+        }))
+        .with_client_auth_cert(identity.chain, identity.key)
+        .context("the node certificate and key do not match")?;
+    client.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Loaded {
+        cluster,
+        server: Arc::new(server),
+        client: Arc::new(client),
+        stamps,
+    })
+}
+
+/// Accepts a caller whose chain webpki accepts and whose certificate names a node of the
+/// cluster.
+#[derive(Debug)]
+struct MemberClientVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    cluster: String,
+}
+
+impl ClientCertVerifier for MemberClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        match node_id_of(end_entity, &self.cluster) {
+            Some(_) => Ok(verified),
+            None => Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName,
+            )),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Accepts a callee whose chain webpki accepts for the node id dialled (its DNS name) and
+/// whose certificate names that very node of the cluster.
+#[derive(Debug)]
+struct MemberServerVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    cluster: String,
+}
+
+impl ServerCertVerifier for MemberServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let verified = self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        let dialled = match server_name {
+            ServerName::DnsName(name) => name.as_ref().to_string(),
+            _ => String::new(),
+        };
+        match node_id_of(end_entity, &self.cluster) {
+            Some(named) if named == dialled => Ok(verified),
+            _ => Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName,
+            )),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
