@@ -36,6 +36,9 @@ pub const MAX_LOG_FOLLOWERS: usize = 64;
 /// The file in the data dir where a running node writes its URL, for the CLI to find.
 pub const ENDPOINT_FILE: &str = "endpoint";
 
+/// The folder in the data dir for uploads in progress (emptied at start).
+pub const TMP_DIR: &str = "tmp";
+
 /// Opens the node's state in `config.data_dir`. Blocking (loads models, prepares apps).
 pub fn open(config: Config, tls_fingerprint: Option<String>) -> anyhow::Result<Node> {
     config
@@ -51,7 +54,7 @@ pub fn open(config: Config, tls_fingerprint: Option<String>) -> anyhow::Result<N
             )
         })?;
     // Uploads in progress when the node stopped are of no use now.
-    let tmp = config.data_dir.join("tmp");
+    let tmp = config.data_dir.join(TMP_DIR);
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).with_context(|| format!("cannot empty {}", tmp.display()))?;
     }

@@ -715,7 +715,9 @@ async fn routes_serve_an_app_at_its_own_paths_and_cannot_be_taken_twice() {
         "name = \"other\"\nroutes = [\"/greet\"]\n",
     ));
     let refused = node.cli(&["deploy", "--public", "-f", taken.to_str().unwrap()]);
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("already app \"hello\"'s"));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("is already a route of app \"hello\"")
+    );
     let (_dir, reserved) = TestNode::manifest(&manifest_for(
         artifacts::HELLO,
         "name = \"other\"\nroutes = [\"/v1/admin/apps\"]\n",

@@ -49,6 +49,32 @@ async fn deploy_with(node: &TestNode, key: &str, app: &str, query: &str) -> (u16
     (status, response.text().await.unwrap())
 }
 
+/// Deploys `component` as `app` with `key` and the manifest `manifest` (as JSON).
+async fn deploy_manifest(
+    node: &TestNode,
+    key: &str,
+    app: &str,
+    component: &str,
+    manifest: Value,
+) -> (u16, String) {
+    let form = reqwest::multipart::Form::new()
+        .text("manifest", manifest.to_string())
+        .part(
+            "component",
+            reqwest::multipart::Part::bytes(std::fs::read(component).unwrap()),
+        );
+    let response = node
+        .client
+        .put(node.at(&format!("/v1/admin/apps/{app}")))
+        .bearer_auth(key)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.text().await.unwrap())
+}
+
 /// The keys of the matrix: one per kind of caller.
 struct Keys {
     operator: String,
@@ -333,26 +359,6 @@ async fn another_tenants_app_answers_like_an_absent_one_in_time_too() {
 async fn capabilities_outside_the_allow_lists_are_clean_guest_errors() {
     let node = TestNode::start();
     let keys = setup(&node).await;
-    let deploy = |key: String, app: &'static str, manifest: Value| {
-        let node = &node;
-        async move {
-            let form = reqwest::multipart::Form::new()
-                .text("manifest", manifest.to_string())
-                .part(
-                    "component",
-                    reqwest::multipart::Part::bytes(std::fs::read(artifacts::MISBEHAVE).unwrap()),
-                );
-            let response = node
-                .client
-                .put(node.at(&format!("/v1/admin/apps/{app}")))
-                .bearer_auth(key)
-                .multipart(form)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
-        }
-    };
     // A tenant's model is its own: another tenant neither sees it nor loads it.
     let model = std::fs::read(artifacts::text_orientation_model()).unwrap();
     let response = node
@@ -390,18 +396,24 @@ async fn capabilities_outside_the_allow_lists_are_clean_guest_errors() {
             "outbound": { "allowed_hosts": ["acme-app.internal", "acme-open.internal"] },
         })
     };
-    deploy(
-        keys.acme_deployer.clone(),
+    let (status, body) = deploy_manifest(
+        &node,
+        &keys.acme_deployer,
         "acme-worker",
+        artifacts::MISBEHAVE,
         all_open(&["acme-model"]),
     )
     .await;
-    deploy(
-        keys.globex_admin.clone(),
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = deploy_manifest(
+        &node,
+        &keys.globex_admin,
         "globex-worker",
+        artifacts::MISBEHAVE,
         all_open(&["acme-model"]),
     )
     .await;
+    assert_eq!(status, 200, "{body}");
     let (status, body) = call(
         &node,
         Method::GET,
@@ -525,4 +537,81 @@ async fn a_new_admin_token_replaces_the_operators_key_and_private_apps_stay_priv
     assert_eq!(status, 200, "{body}");
     let (status, _) = call(&node, Method::GET, "/apps/hello/", "").await;
     assert_eq!(status, 404);
+}
+
+#[tokio::test]
+async fn a_tenant_takes_no_other_tenants_paths_data_or_keys() {
+    let node = TestNode::start();
+    let keys = setup(&node).await;
+    // Routes: not another tenant's, nor under one, nor `/`; and its app is not named.
+    let routed = json!({ "app": { "public": true, "routes": ["/acme-svc"] } });
+    let (status, body) = deploy_manifest(
+        &node,
+        &keys.acme_deployer,
+        "acme-routed",
+        artifacts::HELLO,
+        routed,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    for (routes, expected) in [
+        (json!(["/acme-svc"]), 409),
+        (json!(["/acme-svc/v1"]), 409),
+        (json!(["/"]), 400),
+    ] {
+        let manifest = json!({ "app": { "public": true, "routes": routes } });
+        let (status, body) = deploy_manifest(
+            &node,
+            &keys.globex_admin,
+            "globex-routed",
+            artifacts::HELLO,
+            manifest,
+        )
+        .await;
+        assert_eq!(status, expected, "{routes}: {body}");
+        assert!(!body.contains("acme-routed"), "{body}");
+    }
+    let (status, body) = call(&node, Method::GET, "/acme-svc/?name=route", "").await;
+    assert_eq!((status, body.as_str()), (200, "Hello, route!\n"));
+
+    // Key-value data stays with its tenant: another tenant taking a removed app's name starts
+    // from nothing.
+    let counter = json!({ "app": { "public": true, "buckets": ["default"] } });
+    let count = |node: &TestNode| {
+        let client = node.client.clone();
+        let url = node.at("/apps/counter/count");
+        async move {
+            let response = client.post(url).send().await.unwrap();
+            response.json::<Value>().await.unwrap()["count"].clone()
+        }
+    };
+    let (status, body) = deploy_manifest(
+        &node,
+        &keys.acme_deployer,
+        "counter",
+        artifacts::KV_COUNTER,
+        counter.clone(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(count(&node).await, 1);
+    assert_eq!(count(&node).await, 2);
+    let (status, _) = call(
+        &node,
+        Method::DELETE,
+        "/v1/admin/apps/counter",
+        &keys.acme_deployer,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, body) = deploy_manifest(
+        &node,
+        &keys.globex_admin,
+        "counter",
+        artifacts::KV_COUNTER,
+        counter,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(count(&node).await, 1, "globex saw acme's counter");
 }

@@ -411,12 +411,13 @@ async fn remove_app(
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     auth::visible_app(&node, &principal, &name, Action::Deploy)?;
+    // Jobs go first: they are filed by the app's name, which another tenant may take next.
+    let jobs = node.jobs.remove_app(&name).await?;
     let record = node
         .runtime
         .remove(&name)
         .await?
         .ok_or_else(|| app_not_found(&name))?;
-    let jobs = node.jobs.remove_app(&name).await?;
     Ok(Json(json!({ "removed": record, "jobs_removed": jobs })))
 }
 
@@ -447,14 +448,26 @@ async fn get_model(
     Extension(principal): Extension<Principal>,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    auth::allow(&principal, Action::Read)?;
-    let record = node
+    let record = visible_model(&node, &principal, &name, Action::Read)?;
+    Ok(Json(json!({ "model": record })))
+}
+
+/// The model `name` if the caller may see it (404 as for an absent model otherwise), once its
+/// role allows `action` (403).
+fn visible_model(
+    node: &Node,
+    principal: &Principal,
+    name: &str,
+    action: Action,
+) -> Result<crate::nn::ModelStatus, ApiError> {
+    let model = node
         .models
         .list()
         .into_iter()
-        .find(|m| m.record.name == name && model_visible(&principal, &m.record))
-        .ok_or_else(|| ApiError::from(crate::nn::ModelError::NotFound(name)))?;
-    Ok(Json(json!({ "model": record })))
+        .find(|m| m.record.name == name && model_visible(principal, &m.record))
+        .ok_or_else(|| ApiError::from(crate::nn::ModelError::NotFound(name.to_string())))?;
+    auth::allow(principal, action)?;
+    Ok(model)
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
@@ -481,7 +494,7 @@ async fn add_model(
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "unknown_encoding", e))?,
     };
     let limit = node.config.nn.max_model_bytes;
-    let tmp_dir = node.config.data_dir.join("tmp");
+    let tmp_dir = node.config.data_dir.join(crate::node::TMP_DIR);
     tokio::fs::create_dir_all(&tmp_dir)
         .await
         .map_err(io_error)?;
@@ -549,15 +562,9 @@ async fn remove_model(
     Extension(principal): Extension<Principal>,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let owner = node
-        .models
-        .list()
-        .into_iter()
-        .find(|m| m.record.name == name && model_visible(&principal, &m.record))
-        .ok_or_else(|| ApiError::from(crate::nn::ModelError::NotFound(name.clone())))?
+    let owner = visible_model(&node, &principal, &name, Action::Deploy)?
         .record
         .tenant;
-    auth::allow(&principal, Action::Deploy)?;
     if owner.is_none() {
         auth::operator(&principal)?;
     }

@@ -144,18 +144,21 @@ pub fn invoker(
 ) -> Result<Option<Principal>, ApiError> {
     let app = node.runtime.app(name);
     if app.as_ref().is_some_and(|app| app.record.public) {
+        // The app's own credentials pass; a tensorlet key never reaches an app.
+        let ours = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(crate::tenancy::keys::looks_like_key);
+        if ours {
+            headers.remove(header::AUTHORIZATION);
+        }
         return Ok(None);
     }
-    let principal = match headers.remove(header::AUTHORIZATION) {
-        None => None,
-        Some(value) => Some(
-            value
-                .to_str()
-                .ok()
-                .and_then(|value| node.tenancy.authenticate(value))
-                .ok_or_else(unauthorized)?,
-        ),
+    let principal = match headers.contains_key(header::AUTHORIZATION) {
+        false => None,
+        true => Some(principal(node, headers).ok_or_else(unauthorized)?),
     };
+    headers.remove(header::AUTHORIZATION);
     match (app, principal) {
         (Some(app), Some(principal)) if principal.sees(&app.record.tenant) => {
             allow(&principal, Action::Invoke)?;

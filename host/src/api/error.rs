@@ -76,7 +76,7 @@ impl From<DeployError> for ApiError {
             DeployError::WrongWorld(_) => "wrong_world",
             DeployError::InvalidSetting(_) => "invalid_setting",
             DeployError::NotFound(_) => "app_not_found",
-            DeployError::NameTaken(_) => "name_taken",
+            DeployError::NameTaken(_) | DeployError::Taken(_) => "name_taken",
             DeployError::Secrets(SecretsError::InvalidName(_) | SecretsError::InvalidApp(_)) => {
                 "invalid_name"
             }

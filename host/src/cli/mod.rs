@@ -170,6 +170,15 @@ enum Command {
         #[command(subcommand)]
         command: cluster::ClusterCommand,
     },
+    /// Back up the stopped node in --data-dir to one file (database, components, models,
+    /// certificate, keys), for disaster recovery.
+    Backup {
+        /// The backup file to write (mode 0600: it holds the node's secrets).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Restore a backup into --data-dir, which must be new or empty.
+    Restore { backup: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -338,10 +347,40 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         command => command,
     };
     let data_dir = cli.data_dir.clone().unwrap_or_else(default_data_dir);
+    match &command {
+        Command::Backup { out } => {
+            let manifest = crate::store::backup::backup(
+                &data_dir,
+                out,
+                &[crate::node::ENDPOINT_FILE, crate::node::TMP_DIR],
+            )?;
+            let bytes: u64 = manifest.files.iter().map(|f| f.size).sum();
+            println!(
+                "backed up {} ({} files, {bytes} bytes) to {}",
+                data_dir.display(),
+                manifest.files.len(),
+                out.display()
+            );
+            return Ok(());
+        }
+        Command::Restore { backup } => {
+            let manifest = crate::store::backup::restore(backup, &data_dir)?;
+            println!(
+                "restored {} files of a tensorlet {} backup into {}",
+                manifest.files.len(),
+                manifest.version,
+                data_dir.display()
+            );
+            return Ok(());
+        }
+        _ => {}
+    }
     let client = AdminClient::connect(cli.server.as_deref(), cli.token.as_deref(), &data_dir)?;
     match command {
         Command::Serve { .. } => unreachable!("main_with serves"),
-        Command::Cluster { .. } => unreachable!("run above"),
+        Command::Cluster { .. } | Command::Backup { .. } | Command::Restore { .. } => {
+            unreachable!("run above")
+        }
         Command::Deploy {
             app,
             component,

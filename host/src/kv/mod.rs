@@ -1,7 +1,8 @@
 //! `wasi:keyvalue` (store, atomics, batch; 0.2.0-draft2) on the node's sled database.
 //!
-//! Buckets are namespaced per app: bucket `b` of app `a` is the sled tree `kv/a/b`, so apps
-//! never see each other's data. A batch (`set-many`, `delete-many`) is one sled batch: all its
+//! Buckets are namespaced per app and tenant: bucket `b` of app `a` is the sled tree `kv/a/b`
+//! for the operator's tenant and `kv/t/a/b` for tenant `t`, so apps never see each other's
+//! data, nor an app of another tenant that takes a removed app's name. A batch (`set-many`, `delete-many`) is one sled batch: all its
 //! keys or none, checked against the quotas as a whole. Every write (`set`, `delete`,
 //! `increment`, a successful `swap`, a batch) returns to the guest only once it is on disk — acknowledged means durable — and
 //! concurrent writers share one flush (see [`Store::make_durable`]).
@@ -56,7 +57,8 @@ pub struct KvCtx {
 }
 
 impl KvCtx {
-    /// State for one instance of `app`, which may open the buckets in `allowed`.
+    /// State for one instance of the app whose [`crate::tenancy::scoped_name`] is `app`, which
+    /// may open the buckets in `allowed`.
     pub fn new(store: Store, app: &str, usage: &KvUsage, allowed: Option<Vec<String>>) -> Self {
         Self {
             store,
@@ -121,7 +123,7 @@ pub fn add_to_linker<T: Send + 'static>(
 /// The prefix of every key-value tree's name.
 const TREE_PREFIX: &str = "kv/";
 
-/// The sled tree that holds bucket `bucket` of app `app`.
+/// The sled tree that holds bucket `bucket` of the app whose scoped name is `app`.
 pub fn tree_name(app: &str, bucket: &str) -> String {
     format!("{TREE_PREFIX}{app}/{bucket}")
 }

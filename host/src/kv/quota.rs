@@ -41,7 +41,8 @@ impl KvUsage {
             apps: Mutex::new(HashMap::new()),
         };
         for name in store.tree_names(super::TREE_PREFIX) {
-            let Some((app, bucket)) = name[super::TREE_PREFIX.len()..].split_once('/') else {
+            // Bucket names hold no '/'; what is before the last one is the app's scoped name.
+            let Some((app, bucket)) = name[super::TREE_PREFIX.len()..].rsplit_once('/') else {
                 continue;
             };
             let tree = store.tree(&name).map_err(|e| e.to_string())?;

@@ -172,7 +172,7 @@ impl Revision {
         let settings = serde_json::to_vec(&record.spec).expect("records serialise");
         let cache_scope = format!(
             "{}/{}/{}",
-            record.app,
+            crate::tenancy::scoped_name(tenant, &record.app),
             record.digest,
             crate::store::blobs::digest_of(&settings)
         );

@@ -34,6 +34,8 @@ pub enum DeployError {
     NotFound(String),
     #[error("app name {0:?} is taken on this node: app names are node-wide (they are URLs), pick another")]
     NameTaken(String),
+    #[error("{0}: routes and queues are node-wide, pick another")]
+    Taken(String),
     #[error(transparent)]
     Secrets(#[from] SecretsError),
     #[error(transparent)]
@@ -143,13 +145,22 @@ impl Runtime {
         let newest = stored
             .as_ref()
             .and_then(|app| app.revisions.get(&app.record.latest));
+        // A shorthand deploy that names no buckets keeps a revision from before bucket
+        // allow-lists able to open any of its buckets, as it could.
+        let keeps_any_bucket = options.overlay
+            && request.app.buckets.is_empty()
+            && newest.is_some_and(|newest| newest.spec.buckets.is_none());
         let request = match (options.overlay, &stored, newest) {
             (true, Some(app), Some(newest)) => {
                 DeploySpec::of(&app.record, &newest.spec).overlay(request)
             }
             _ => request,
         };
-        let settled = spec::settle(&request, &self.limits).map_err(DeployError::InvalidSetting)?;
+        let mut settled =
+            spec::settle(&request, &self.limits).map_err(DeployError::InvalidSetting)?;
+        if keeps_any_bucket {
+            settled.buckets = None;
+        }
         let (digest, size_bytes) = match (&fresh, newest) {
             (Some((held, _, size)), _) => (held.digest().to_string(), *size),
             (None, Some(newest)) => (newest.digest.clone(), newest.size_bytes),
@@ -187,25 +198,7 @@ impl Runtime {
         after
             .validate(&numbers)
             .map_err(DeployError::InvalidSetting)?;
-        for route in &after.routes {
-            if let Some(other) = self
-                .apps()
-                .into_iter()
-                .find(|other| other.record.name != name && other.record.routes.contains(route))
-            {
-                return Err(DeployError::InvalidSetting(format!(
-                    "app.routes: {route:?} is already app {:?}'s",
-                    other.record.name
-                )));
-            }
-        }
-        for queue in &after.consumes {
-            if let Some(other) = self.consumer_of(queue).filter(|other| other != name) {
-                return Err(DeployError::InvalidSetting(format!(
-                    "app.consumes: queue {queue:?} is already consumed by app {other:?}"
-                )));
-            }
-        }
+        self.check_claims(&after)?;
         let pruned = self.prunable(&after, &numbers);
         let view = |record: &AppRecord, revision: Option<&RevisionRecord>| {
             serde_json::json!({
@@ -307,6 +300,58 @@ impl Runtime {
             created: new_revision.is_some(),
             changes,
         })
+    }
+
+    /// Refuses routes and queues that another app holds. A route may not lie under another
+    /// tenant's route either (it would take part of that app's paths, and the requests its
+    /// clients send there), and only the operator's tenant may take `/`. Another tenant's app
+    /// is not named.
+    fn check_claims(&self, app: &AppRecord) -> Result<(), DeployError> {
+        let others: Vec<Arc<App>> = self
+            .apps()
+            .into_iter()
+            .filter(|other| other.record.name != app.name)
+            .collect();
+        let refuse = |other: &App, what: String| {
+            if other.record.tenant == app.tenant {
+                DeployError::InvalidSetting(format!("{what} app {:?}", other.record.name))
+            } else {
+                DeployError::Taken(format!("{what} another tenant's app"))
+            }
+        };
+        for route in &app.routes {
+            if route == "/" && app.tenant != crate::tenancy::OPERATOR_TENANT {
+                return Err(DeployError::InvalidSetting(
+                    "app.routes: \"/\" (every path no app claims) is the operator's to take".into(),
+                ));
+            }
+            for other in &others {
+                for theirs in &other.record.routes {
+                    let under = other.record.tenant != app.tenant
+                        && theirs != "/"
+                        && spec::route_covers(theirs, route);
+                    if theirs == route || under {
+                        let how = if theirs == route { "already" } else { "under" };
+                        return Err(refuse(
+                            other,
+                            format!("app.routes: {route:?} is {how} a route of"),
+                        ));
+                    }
+                }
+            }
+        }
+        for queue in &app.consumes {
+            if let Some(other) = others
+                .iter()
+                .find(|other| other.record.consumes.contains(queue))
+            {
+                return Err(refuse(
+                    other,
+                    format!("app.consumes: queue {queue:?} is already consumed by"),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Revisions to delete so that at most `max_revisions_per_app` are kept: the oldest that

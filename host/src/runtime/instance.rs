@@ -323,7 +323,7 @@ fn new_store(
         ),
         kv: KvCtx::new(
             resources.store.clone(),
-            &record.app,
+            &crate::tenancy::scoped_name(&revision.tenant, &record.app),
             &resources.kv_usage,
             spec.buckets.clone(),
         ),

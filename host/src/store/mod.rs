@@ -11,6 +11,7 @@
 //! store's own flush thread: never on the async reactor, and never queued behind inference on
 //! tokio's blocking pool, so a node busy with generations still acknowledges writes promptly.
 
+pub mod backup;
 pub mod blobs;
 pub mod files;
 

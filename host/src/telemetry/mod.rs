@@ -179,7 +179,7 @@ impl prometheus_client::collector::Collector for LogsCollector {
 #[derive(Clone)]
 pub struct AppMeter {
     telemetry: Arc<Telemetry>,
-    /// What the usage is metered under (see [`usage::subject`]).
+    /// What the usage is metered under (see [`crate::tenancy::scoped_name`]).
     subject: Arc<str>,
 }
 
@@ -188,7 +188,7 @@ impl AppMeter {
     pub fn new(telemetry: Arc<Telemetry>, tenant: &str, app: &str) -> Self {
         Self {
             telemetry,
-            subject: usage::subject(tenant, app).into(),
+            subject: crate::tenancy::scoped_name(tenant, app).into(),
         }
     }
 
@@ -260,7 +260,7 @@ pub fn new_request_id() -> String {
 pub struct RequestObservation {
     telemetry: Arc<Telemetry>,
     app: String,
-    /// What its usage is metered under (see [`usage::subject`]).
+    /// What its usage is metered under (see [`crate::tenancy::scoped_name`]).
     subject: String,
     revision: u32,
     started: Instant,
@@ -280,7 +280,7 @@ impl RequestObservation {
         Self {
             telemetry,
             app: app.to_string(),
-            subject: usage::subject(tenant, app),
+            subject: crate::tenancy::scoped_name(tenant, app),
             revision,
             started: Instant::now(),
             bytes_in,

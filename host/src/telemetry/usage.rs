@@ -103,24 +103,6 @@ pub struct UsageRow {
     pub usage: UsageRecord,
 }
 
-/// What an app's usage is metered under: its name for the operator's tenant (as before
-/// tenants existed), `<tenant>/<app>` for others, so that an app name another tenant used
-/// before never shows that tenant's usage.
-pub fn subject(tenant: &str, app: &str) -> String {
-    if tenant == crate::tenancy::OPERATOR_TENANT {
-        app.to_string()
-    } else {
-        format!("{tenant}/{app}")
-    }
-}
-
-/// The tenant and app a usage subject names (see [`subject`]).
-pub fn split_subject(subject: &str) -> (&str, &str) {
-    subject
-        .split_once('/')
-        .unwrap_or((crate::tenancy::OPERATOR_TENANT, subject))
-}
-
 /// The hour (`unix_secs / 3600`) that a time falls in.
 pub fn unix_hour(unix_secs: u64) -> u64 {
     unix_secs / 3600
@@ -131,7 +113,7 @@ pub fn totals(rows: &[UsageRow]) -> BTreeMap<String, UsageRecord> {
     let mut totals: BTreeMap<String, UsageRecord> = BTreeMap::new();
     for row in rows {
         totals
-            .entry(subject(&row.tenant, &row.app))
+            .entry(crate::tenancy::scoped_name(&row.tenant, &row.app))
             .or_default()
             .merge(&row.usage);
     }
@@ -257,7 +239,7 @@ impl Meter {
     }
 
     /// Usage per app and hour, stored and pending together, sorted by subject then hour: of
-    /// the subject `app` (see [`subject`]; all when `None`), in the hours `since_hour <= hour < until_hour` (no upper bound
+    /// the subject `app` (a [`crate::tenancy::scoped_name`]; all when `None`), in the hours `since_hour <= hour < until_hour` (no upper bound
     /// when `None`).
     pub fn query(
         &self,
@@ -299,7 +281,7 @@ impl Meter {
         Ok(rows
             .into_iter()
             .map(|((subject, hour), usage)| {
-                let (tenant, app) = split_subject(&subject);
+                let (tenant, app) = crate::tenancy::split_scoped_name(&subject);
                 UsageRow {
                     tenant: tenant.to_string(),
                     app: app.to_string(),

@@ -88,6 +88,20 @@ pub struct Tenancy {
     key_ids: sled::Tree,
 }
 
+/// The credentials of a `Bearer` authorization (the scheme's case does not matter).
+fn bearer(authorization: &str) -> Option<&str> {
+    let (scheme, credentials) = authorization.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| credentials.trim())
+}
+
+/// Whether an `Authorization` value carries what looks like a tensorlet key or admin token:
+/// the node takes those out of requests to public apps, so that no app collects them.
+pub fn looks_like_key(authorization: &str) -> bool {
+    bearer(authorization).is_some_and(|c| c.starts_with("tlk_") || c.starts_with("tlt_"))
+}
+
 fn digest_of(key: &str) -> String {
     hex::encode(Sha256::digest(key.as_bytes()))
 }
@@ -138,7 +152,7 @@ impl Tenancy {
 
     /// The caller an `Authorization` header value proves, if it carries a valid key.
     pub fn authenticate(&self, authorization: &str) -> Option<Principal> {
-        let presented = authorization.strip_prefix("Bearer ")?.trim();
+        let presented = bearer(authorization)?;
         let record: KeyRecord = store::get_json(&self.keys, &digest_of(presented))
             .ok()
             .flatten()?;
@@ -289,6 +303,8 @@ mod tests {
             assert!(principal.is_operator());
             assert_eq!(principal.key_id, ADMIN_TOKEN_KEY_ID);
             assert!(tenancy.authenticate("tlt_first").is_none());
+            assert!(tenancy.authenticate("bearer tlt_first").is_some());
+            assert!(looks_like_key("Bearer tlt_first") && !looks_like_key("Bearer sk-1"));
             assert!(tenancy.authenticate("Bearer tlt_firsT").is_none());
             assert!(matches!(
                 tenancy.revoke(ADMIN_TOKEN_KEY_ID),

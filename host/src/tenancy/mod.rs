@@ -14,6 +14,22 @@ use serde::{Deserialize, Serialize};
 /// metrics), and apps deployed before tenants existed belong to it.
 pub const OPERATOR_TENANT: &str = "default";
 
+/// A tenant's name for something named by its app: the app's name for the operator's tenant
+/// (as before tenants existed), `<tenant>/<app>` for others. Key-value trees and usage are
+/// filed under it, so that an app name another tenant used before never reaches its data.
+pub fn scoped_name(tenant: &str, app: &str) -> String {
+    if tenant == OPERATOR_TENANT {
+        app.to_string()
+    } else {
+        format!("{tenant}/{app}")
+    }
+}
+
+/// The tenant and app a [`scoped_name`] names.
+pub fn split_scoped_name(scoped: &str) -> (&str, &str) {
+    scoped.split_once('/').unwrap_or((OPERATOR_TENANT, scoped))
+}
+
 /// What a key may do within its tenant. Each role includes the ones below it in this list,
 /// except that an invoker cannot read and a reader cannot invoke.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]

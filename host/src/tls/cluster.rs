@@ -44,6 +44,17 @@ pub fn node_id_of(cert_der: &[u8], cluster: &str) -> Option<String> {
         .filter(|id| crate::apps::valid_name(id))
 }
 
+/// Checks that the CRL `crl_der` is signed by the CA certificate `ca_der`.
+pub fn check_crl_signed_by(crl_der: &[u8], ca_der: &[u8]) -> anyhow::Result<()> {
+    use x509_parser::prelude::FromDer;
+    let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(crl_der)
+        .map_err(|e| anyhow!("not a CRL: {e}"))?;
+    let (_, ca) = x509_parser::parse_x509_certificate(ca_der)
+        .map_err(|e| anyhow!("not a certificate: {e}"))?;
+    crl.verify_signature(ca.public_key())
+        .map_err(|e| anyhow!("its signature is not the CA's: {e}"))
+}
+
 fn uris(der: &[u8]) -> Option<Vec<String>> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let names = cert.subject_alternative_name().ok()??;

@@ -118,6 +118,7 @@ fn build(files: &PeerFiles, node_id: &str) -> anyhow::Result<Loaded> {
     // Stamps first: a file changed while it is read is read again at the next check.
     let stamps = files.stamps();
     let ca = super::read_certs(&files.ca)?;
+    let ca_first = ca[0].clone();
     let cluster = cluster_of_ca(&ca[0]).ok_or_else(|| {
         anyhow!(
             "{} is not a tensorlet cluster CA (no spiffe:// name)",
@@ -140,6 +141,17 @@ fn build(files: &PeerFiles, node_id: &str) -> anyhow::Result<Loaded> {
         .collect::<Result<_, _>>()
         .with_context(|| format!("{} is not a PEM CRL", path.display()))?,
     };
+    // An empty file (one being copied in, say) would turn revocation off: refused, and so is
+    // a CRL the cluster CA did not sign, which would refuse every peer.
+    if let Some(path) = &files.crl {
+        if crls.is_empty() {
+            bail!("{} holds no CRL", path.display());
+        }
+        for crl in &crls {
+            super::cluster::check_crl_signed_by(crl, &ca_first)
+                .with_context(|| format!("{} is not the cluster CA's CRL", path.display()))?;
+        }
+    }
     let identity = super::load(&files.cert, &files.key)?;
     match node_id_of(&identity.chain[0], &cluster) {
         Some(named) if named == node_id => {}
