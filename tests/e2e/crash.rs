@@ -201,3 +201,112 @@ async fn nothing_acknowledged_is_lost_across_a_loop_of_sigkills() {
         seen.models.len()
     );
 }
+
+/// `tensorlet --data-dir <dir> <args>`.
+fn cli_in(dir: &Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(crate::support::BINARY)
+        .arg("--data-dir")
+        .arg(dir)
+        .args(args)
+        .output()
+        .expect("running the CLI")
+}
+
+#[tokio::test]
+async fn a_backup_restores_a_node_whole_and_a_damaged_one_restores_nothing() {
+    let mut node = TestNode::start();
+    node.deploy_ok("kv-counter", artifacts::KV_COUNTER, "")
+        .await;
+    for _ in 0..3 {
+        assert!(node
+            .post("/apps/kv-counter/count")
+            .await
+            .status()
+            .is_success());
+    }
+    node.add_text_orientation_model();
+    node.deploy_ok(
+        "worker",
+        artifacts::MISBEHAVE,
+        "models=text-orientation&public=false",
+    )
+    .await;
+    node.cli_ok(&["tenant", "add", "acme"]);
+    let key = node.cli_ok(&["key", "create", "--tenant", "acme", "--role", "reader"]);
+    let key = key.trim().to_string();
+    let scratch = tempfile::tempdir().unwrap();
+    let backup = scratch.path().join("node.backup");
+    let backup_arg = backup.to_str().unwrap();
+
+    // A running node is not backed up: its files would not be one state.
+    let refused = cli_in(&node.data_dir, &["backup", "--out", backup_arg]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("stop the node"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let token = node.token.clone();
+    node.terminate();
+    let made = cli_in(&node.data_dir, &["backup", "--out", backup_arg]);
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&backup).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    let restored_dir = scratch.path().join("restored");
+    let restored = cli_in(&restored_dir, &["restore", backup_arg]);
+    assert!(
+        restored.status.success(),
+        "{}",
+        String::from_utf8_lossy(&restored.stderr)
+    );
+    let again = cli_in(&restored_dir, &["restore", backup_arg]);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("not empty"));
+
+    let restored = TestNode::start_in(&restored_dir, &[]);
+    assert_eq!(restored.token, token, "the admin token came back");
+    let count: serde_json::Value = restored
+        .post("/apps/kv-counter/count")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(count["count"], 4);
+    let inferred = restored
+        .client
+        .get(restored.at("/apps/worker/infer"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(inferred.status(), 200, "{}", inferred.text().await.unwrap());
+    let whoami = restored.cli_ok(&["--token", &key, "whoami"]);
+    assert!(whoami.contains("tenant acme (reader)"), "{whoami}");
+
+    // One flipped byte anywhere after the manifest: the restore fails and leaves nothing.
+    let mut bytes = std::fs::read(&backup).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    let damaged = scratch.path().join("damaged.backup");
+    std::fs::write(&damaged, bytes).unwrap();
+    let target = scratch.path().join("from-damaged");
+    let outcome = cli_in(&target, &["restore", damaged.to_str().unwrap()]);
+    assert!(!outcome.status.success());
+    assert!(!target.exists());
+    let leftovers = std::fs::read_dir(scratch.path())
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with(".tensorlet-restore-")
+        })
+        .count();
+    assert_eq!(leftovers, 0);
+}
