@@ -25,6 +25,8 @@ pub struct Node {
     pub log_followers: Arc<tokio::sync::Semaphore>,
     /// Tenants and API keys: who may do what.
     pub tenancy: crate::tenancy::Tenancy,
+    /// This node's membership of its cluster, once `serve` has started it (`[cluster]`).
+    pub membership: std::sync::OnceLock<Arc<crate::cluster::Membership>>,
     /// SHA-256 fingerprint of the served certificate; `None` with plain HTTP.
     pub tls_fingerprint: Option<String>,
     pub started: Instant,
@@ -105,6 +107,7 @@ pub fn open(config: Config, tls_fingerprint: Option<String>) -> anyhow::Result<N
         jobs,
         log_followers: Arc::new(tokio::sync::Semaphore::new(MAX_LOG_FOLLOWERS)),
         tenancy,
+        membership: std::sync::OnceLock::new(),
         tls_fingerprint,
         started: Instant::now(),
     })

@@ -289,3 +289,109 @@ fn a_node_refuses_to_start_with_a_certificate_of_another_node() {
         "{stderr}"
     );
 }
+
+/// Starts node `id` of the cluster whose CA is `ca`, its node port on `port`, joining through
+/// `seeds`, in `data_dir` (a fresh one when `None`). The returned file is its config.
+fn start_member(
+    ca: &ClusterCa,
+    dir: &Path,
+    id: &str,
+    port: u16,
+    seeds: &[String],
+    data_dir: Option<&Path>,
+) -> (TestNode, tempfile::NamedTempFile) {
+    let identity = dir.join(id);
+    if !identity.exists() {
+        std::fs::create_dir_all(&identity).unwrap();
+        let issued = ca.issue(&NodeCert::new(&ca.cluster, id, 30)).unwrap();
+        write_identity(&identity, "node", &issued.cert_pem, &issued.key_pem);
+        std::fs::write(identity.join("ca.pem"), ca.cert_pem()).unwrap();
+    }
+    let config = config_file(&format!(
+        "[cluster]\nnode_id = {id:?}\nlisten = \"127.0.0.1:{port}\"\nca = {:?}\ncert = {:?}\nkey = {:?}\nseeds = {seeds:?}\nprobe_period_ms = 500\nsuspect_to_down_ms = 1500\n[cluster.labels]\nregion = \"test-{id}\"\n",
+        identity.join("ca.pem"),
+        identity.join("node.pem"),
+        identity.join("node.key"),
+    ));
+    let args = ["--config", config.path().to_str().unwrap()];
+    let node = match data_dir {
+        Some(data_dir) => TestNode::start_in(data_dir, &args),
+        None => TestNode::start_with(&args),
+    };
+    (node, config)
+}
+
+/// What `node` thinks of each member: id → state.
+async fn states(node: &TestNode) -> std::collections::BTreeMap<String, String> {
+    node.admin_json("/v1/admin/cluster").await["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["id"].as_str().unwrap().to_string(),
+                m["state"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+async fn sees(node: &TestNode, member: &str, state: &str) -> bool {
+    states(node).await.get(member).map(String::as_str) == Some(state)
+}
+
+#[tokio::test]
+async fn members_join_through_a_seed_see_a_killed_one_go_down_and_come_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = ClusterCa::init(&dir.path().join("ca"), "edge").unwrap();
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let seed = vec![format!("a@127.0.0.1:{}", ports[0])];
+    let (a, _a_config) = start_member(&ca, dir.path(), "a", ports[0], &[], None);
+    let (mut b, b_config) = start_member(&ca, dir.path(), "b", ports[1], &seed, None);
+    let (c, _c_config) = start_member(&ca, dir.path(), "c", ports[2], &seed, None);
+    for (node, other) in [(&a, "b"), (&a, "c"), (&c, "b"), (&b, "c")] {
+        eventually("every member to see the others", || {
+            sees(node, other, "alive")
+        })
+        .await;
+    }
+    let status = a.cli_ok(&["cluster", "status"]);
+    assert_eq!(status.matches("alive").count(), 3, "{status}");
+    assert!(status.contains("region=test-b"), "{status}");
+    let members = a.admin_json("/v1/admin/cluster").await;
+    let b_labels = members["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == "b")
+        .unwrap()["labels"]
+        .clone();
+    assert!(
+        b_labels["backends"].as_str().unwrap().contains("tract"),
+        "{b_labels}"
+    );
+
+    // B dies without a word: A and C declare it down within the detection window.
+    b.kill();
+    let killed = Instant::now();
+    for node in [&a, &c] {
+        eventually("the killed member to be declared down", || {
+            sees(node, "b", "down")
+        })
+        .await;
+    }
+    let detected = killed.elapsed();
+    assert!(detected < Duration::from_secs(15), "{detected:?}");
+
+    // B restarts on its data dir and is alive again for both.
+    let b_data = b.take_data_dir();
+    let b_args = ["--config", b_config.path().to_str().unwrap()];
+    let b = TestNode::start_in(b_data.path(), &b_args);
+    for node in [&a, &c] {
+        eventually("the restarted member to be alive again", || {
+            sees(node, "b", "alive")
+        })
+        .await;
+    }
+    assert!(sees(&b, "a", "alive").await && sees(&b, "c", "alive").await);
+}

@@ -76,6 +76,7 @@ pub fn router(node: Arc<Node>) -> OpenApiRouter<Arc<Node>> {
             super::tenants::create_key
         ))
         .routes(routes!(super::tenants::revoke_key))
+        .routes(routes!(cluster))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(
             node,
@@ -103,6 +104,22 @@ async fn backends(
 ) -> Result<Json<Value>, ApiError> {
     auth::operator(&principal)?;
     Ok(Json(json!({ "backends": describe_backends(&node).await })))
+}
+
+#[utoipa::path(get, path = "/cluster", tag = "node", responses((status = 200, description = "This node's cluster and every member it knows of: id, node-port address, labels, state (alive, suspect, down)", body = serde_json::Value), (status = 401, description = "No or an invalid key", body = ErrorBody), (status = 403, description = "Not the operator", body = ErrorBody)))]
+async fn cluster(
+    State(node): State<Arc<Node>>,
+    Extension(principal): Extension<Principal>,
+) -> Result<Json<Value>, ApiError> {
+    auth::operator(&principal)?;
+    Ok(Json(match node.membership.get() {
+        None => json!({ "enabled": false, "members": [] }),
+        Some(membership) => json!({
+            "enabled": true,
+            "node": membership.me().id,
+            "members": membership.members(),
+        }),
+    }))
 }
 
 #[utoipa::path(get, path = "/status", tag = "node", responses((status = 200, description = "Version, uptime, instances, queues, connections and backends", body = serde_json::Value), (status = 401, description = "No or a wrong admin token", body = ErrorBody)))]

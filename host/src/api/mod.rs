@@ -137,9 +137,10 @@ pub async fn serve_peers(
     node: Arc<Node>,
     listener: TcpListener,
     tls: Arc<crate::tls::peer::PeerTls>,
+    membership: Arc<crate::cluster::Membership>,
     connections: Arc<ConnectionStats>,
 ) {
     let limits = node.config.server.clone();
-    let router = peers::router(tls.clone());
+    let router = peers::router(tls.clone(), membership);
     connection::accept_loop(router, listener, Some(tls), limits, connections).await;
 }

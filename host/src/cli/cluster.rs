@@ -1,6 +1,6 @@
 //! `tensorlet cluster`: the cluster CA's commands, run where the CA's folder is (offline, or
 //! on the first node), not against a running node: make the CA, issue a node's certificate,
-//! revoke one.
+//! revoke one; and `status`, which asks a node who is in its cluster.
 
 use crate::tls::cluster::{ClusterCa, NodeCert};
 use clap::Subcommand;
@@ -35,6 +35,42 @@ pub enum ClusterCommand {
         #[arg(long)]
         ca_dir: PathBuf,
     },
+    /// Show the members a node knows of: id, node-port address, state, labels.
+    Status,
+}
+
+impl ClusterCommand {
+    /// Whether it runs against a node (else on the CA's folder).
+    pub fn needs_node(&self) -> bool {
+        matches!(self, ClusterCommand::Status)
+    }
+}
+
+/// `tensorlet cluster status`.
+pub async fn status(client: &super::client::AdminClient) -> anyhow::Result<()> {
+    let answer = client.get("/v1/admin/cluster").await?;
+    if answer["enabled"] != true {
+        println!("this node is in no cluster ([cluster] listen is not set)");
+        return Ok(());
+    }
+    let mut rows = Vec::new();
+    for member in answer["members"].as_array().into_iter().flatten() {
+        let labels = member["labels"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(key, value)| format!("{key}={}", value.as_str().unwrap_or_default()))
+            .collect::<Vec<_>>()
+            .join(" ");
+        rows.push(vec![
+            member["id"].as_str().unwrap_or_default().to_string(),
+            member["addr"].as_str().unwrap_or_default().to_string(),
+            member["state"].as_str().unwrap_or_default().to_string(),
+            labels,
+        ]);
+    }
+    super::print_table(&["MEMBER", "ADDRESS", "STATE", "LABELS"], rows.into_iter());
+    Ok(())
 }
 
 pub fn run(command: ClusterCommand) -> anyhow::Result<()> {
@@ -65,6 +101,7 @@ pub fn run(command: ClusterCommand) -> anyhow::Result<()> {
                 out.display()
             );
         }
+        ClusterCommand::Status => unreachable!("status runs against a node"),
         ClusterCommand::Revoke { cert, ca_dir } => {
             let ca = ClusterCa::open(&ca_dir)?;
             let crl = ca.revoke(&std::fs::read_to_string(&cert)?)?;

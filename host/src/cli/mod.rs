@@ -343,7 +343,7 @@ fn main_with(cli: Cli) -> anyhow::Result<()> {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let command = match cli.command {
-        Command::Cluster { command } => return cluster::run(command),
+        Command::Cluster { command } if !command.needs_node() => return cluster::run(command),
         command => command,
     };
     let data_dir = cli.data_dir.clone().unwrap_or_else(default_data_dir);
@@ -378,9 +378,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let client = AdminClient::connect(cli.server.as_deref(), cli.token.as_deref(), &data_dir)?;
     match command {
         Command::Serve { .. } => unreachable!("main_with serves"),
-        Command::Cluster { .. } | Command::Backup { .. } | Command::Restore { .. } => {
-            unreachable!("run above")
-        }
+        Command::Cluster { .. } => cluster::status(&client).await?,
+        Command::Backup { .. } | Command::Restore { .. } => unreachable!("run above"),
         Command::Deploy {
             app,
             component,

@@ -101,11 +101,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             Duration::from_secs(node.config.cluster.reload_secs),
             shutdown.clone(),
         ));
+        let membership = start_membership(&node, &tls, listener.local_addr()?, &shutdown).await?;
+        let _ = node.membership.set(membership.clone());
         let connections = Arc::new(ConnectionStats::new(node.config.cluster.max_connections));
         background.push(tokio::spawn(api::serve_peers(
             node.clone(),
             listener,
             tls,
+            membership,
             connections,
         )));
     }
@@ -123,6 +126,50 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     node.store.flush_blocking()?;
     Ok(())
+}
+
+/// Joins the cluster as this node: its id, the address of its node port, its labels (those
+/// configured, and the backends available here).
+async fn start_membership(
+    node: &Arc<node::Node>,
+    tls: &Arc<crate::tls::peer::PeerTls>,
+    listening: std::net::SocketAddr,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Arc<crate::cluster::Membership>> {
+    let config = &node.config.cluster;
+    let mut labels = config.labels.clone();
+    let described = {
+        let node = node.clone();
+        tokio::task::spawn_blocking(move || node.models.backends().describe()).await?
+    };
+    let backends: Vec<&str> = described
+        .iter()
+        .filter(|backend| backend.available)
+        .map(|backend| backend.name)
+        .collect();
+    labels.insert("backends".into(), backends.join(","));
+    let me = crate::cluster::Member {
+        id: tls.node_id().to_string(),
+        addr: config.advertise.unwrap_or(listening),
+        // Milliseconds since the epoch: a restarted node is newer than its earlier self.
+        bump: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+        labels,
+    };
+    let seeds = config
+        .seed_addresses()
+        .map_err(|e| anyhow::anyhow!("invalid config: {e}"))?
+        .into_iter()
+        .filter(|(id, _)| id != tls.node_id())
+        .collect();
+    Ok(crate::cluster::Membership::start(
+        me,
+        seeds,
+        tls.clone(),
+        config.timing(),
+        shutdown.clone(),
+    ))
 }
 
 /// Checks the cluster identity's files every `every` until `shutdown`, loading them again when

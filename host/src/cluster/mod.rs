@@ -1,10 +1,15 @@
 //! The fleet: a node's place in a cluster of nodes that trust each other only through mutual
 //! TLS. Its identity (node id, the cluster CA, its certificate, the CRL) and the node port it
 //! serves peers on are configured in `[cluster]`; the TLS itself is [`crate::tls::peer`], the
-//! routes peers call are the API's node port.
+//! routes peers call are the API's node port, and who is in the cluster is [`membership`].
+
+pub mod membership;
+
+pub use membership::{Member, MemberStatus, Membership};
 
 use crate::tls::peer::PeerFiles;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -28,6 +33,18 @@ pub struct ClusterConfig {
     pub reload_secs: u64,
     /// Node-port connections open at once; beyond it a new one is closed at once.
     pub max_connections: u32,
+    /// Members to join through, as `<node-id>@<host:port>` of their node port; any one that
+    /// answers is enough.
+    pub seeds: Vec<String>,
+    /// The address peers reach this node's port at (default: `listen`).
+    pub advertise: Option<SocketAddr>,
+    /// What this node says of itself to the cluster (`region = "eu-1"`); the node adds
+    /// `backends` (those available here).
+    pub labels: BTreeMap<String, String>,
+    /// How often a member probes another, in milliseconds.
+    pub probe_period_ms: u64,
+    /// How long a suspected member has to refute it before it is declared down, in ms.
+    pub suspect_to_down_ms: u64,
 }
 
 impl Default for ClusterConfig {
@@ -41,6 +58,11 @@ impl Default for ClusterConfig {
             crl: None,
             reload_secs: 5,
             max_connections: 256,
+            seeds: Vec::new(),
+            advertise: None,
+            labels: BTreeMap::new(),
+            probe_period_ms: 1000,
+            suspect_to_down_ms: 3000,
         }
     }
 }
@@ -89,7 +111,45 @@ impl ClusterConfig {
         if self.max_connections == 0 {
             return Err("cluster.max_connections must be at least 1".into());
         }
+        self.seed_addresses()?;
+        if !(100..=60_000).contains(&self.probe_period_ms) {
+            return Err(format!(
+                "cluster.probe_period_ms must be between 100 and 60000, not {}",
+                self.probe_period_ms
+            ));
+        }
+        if !(self.probe_period_ms..=600_000).contains(&self.suspect_to_down_ms) {
+            return Err(format!(
+                "cluster.suspect_to_down_ms must be between probe_period_ms and 600000, not {}",
+                self.suspect_to_down_ms
+            ));
+        }
         Ok(())
+    }
+
+    /// The seeds as node ids and addresses.
+    pub fn seed_addresses(&self) -> Result<Vec<(String, SocketAddr)>, String> {
+        self.seeds
+            .iter()
+            .map(|seed| {
+                let parsed = seed.split_once('@').and_then(|(id, addr)| {
+                    let addr = std::net::ToSocketAddrs::to_socket_addrs(addr)
+                        .ok()?
+                        .next()?;
+                    crate::apps::valid_name(id).then(|| (id.to_string(), addr))
+                });
+                parsed
+                    .ok_or_else(|| format!("cluster.seeds: {seed:?} is not <node-id>@<host:port>"))
+            })
+            .collect()
+    }
+
+    /// How fast failures are detected.
+    pub fn timing(&self) -> membership::Timing {
+        membership::Timing {
+            probe_period: std::time::Duration::from_millis(self.probe_period_ms),
+            suspect_to_down_after: std::time::Duration::from_millis(self.suspect_to_down_ms),
+        }
     }
 }
 

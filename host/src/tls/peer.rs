@@ -16,6 +16,7 @@ use rustls::{
     CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme,
 };
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
@@ -53,6 +54,9 @@ pub struct PeerTls {
     files: PeerFiles,
     node_id: String,
     loaded: RwLock<Loaded>,
+    /// How many times the files were loaded again: clients made with an older configuration
+    /// are made anew.
+    generation: AtomicU64,
 }
 
 struct Loaded {
@@ -70,6 +74,7 @@ impl PeerTls {
             files,
             node_id: node_id.to_string(),
             loaded: RwLock::new(loaded),
+            generation: AtomicU64::new(0),
         })
     }
 
@@ -104,7 +109,13 @@ impl PeerTls {
         }
         let loaded = build(&self.files, &self.node_id)?;
         *self.loaded.write().unwrap_or_else(|e| e.into_inner()) = loaded;
+        self.generation.fetch_add(1, Ordering::Relaxed);
         Ok(true)
+    }
+
+    /// Grows each time the files are loaded again.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
     }
 }
 
