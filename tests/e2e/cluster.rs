@@ -300,6 +300,10 @@ fn start_member(
     seeds: &[String],
     data_dir: Option<&Path>,
 ) -> (TestNode, tempfile::NamedTempFile) {
+    let crl = dir.join(format!("{id}-crl.pem"));
+    if !crl.exists() {
+        std::fs::copy(dir.join("ca").join("crl.pem"), &crl).unwrap();
+    }
     let identity = dir.join(id);
     if !identity.exists() {
         std::fs::create_dir_all(&identity).unwrap();
@@ -308,7 +312,7 @@ fn start_member(
         std::fs::write(identity.join("ca.pem"), ca.cert_pem()).unwrap();
     }
     let config = config_file(&format!(
-        "[cluster]\nnode_id = {id:?}\nlisten = \"127.0.0.1:{port}\"\nca = {:?}\ncert = {:?}\nkey = {:?}\nseeds = {seeds:?}\nprobe_period_ms = 500\nsuspect_to_down_ms = 1500\n[cluster.labels]\nregion = \"test-{id}\"\n",
+        "[cluster]\nnode_id = {id:?}\nlisten = \"127.0.0.1:{port}\"\nca = {:?}\ncert = {:?}\nkey = {:?}\ncrl = {crl:?}\nreload_secs = 1\nseeds = {seeds:?}\nprobe_period_ms = 500\nsuspect_to_down_ms = 1500\n[cluster.labels]\nregion = \"test-{id}\"\n",
         identity.join("ca.pem"),
         identity.join("node.pem"),
         identity.join("node.key"),
@@ -341,7 +345,7 @@ async fn sees(node: &TestNode, member: &str, state: &str) -> bool {
 }
 
 #[tokio::test]
-async fn members_join_through_a_seed_see_a_killed_one_go_down_and_come_back() {
+async fn members_join_detect_a_kill_heal_a_partition_and_cut_off_a_revoked_node() {
     let dir = tempfile::tempdir().unwrap();
     let ca = ClusterCa::init(&dir.path().join("ca"), "edge").unwrap();
     let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
@@ -394,4 +398,47 @@ async fn members_join_through_a_seed_see_a_killed_one_go_down_and_come_back() {
         .await;
     }
     assert!(sees(&b, "a", "alive").await && sees(&b, "c", "alive").await);
+
+    // A partition: c is cut off (stopped, so nothing it sends or answers arrives) until the
+    // others declare it down, then reachable again: it rejoins without anyone doing anything.
+    let signal = |name: &str| {
+        std::process::Command::new("kill")
+            .args([name, &c.pid().to_string()])
+            .status()
+            .unwrap();
+    };
+    signal("-STOP");
+    for node in [&a, &b] {
+        eventually("the cut-off member to be declared down", || {
+            sees(node, "c", "down")
+        })
+        .await;
+    }
+    signal("-CONT");
+    for node in [&a, &b] {
+        eventually("the partition to heal", || sees(node, "c", "alive")).await;
+    }
+
+    // A revoked node is cut off: once a and b have the new CRL, c's messages no longer pass
+    // their handshakes and c is down for them, and stays down.
+    let crl = ca
+        .revoke(&std::fs::read_to_string(dir.path().join("c").join("node.pem")).unwrap())
+        .unwrap();
+    for id in ["a", "b"] {
+        std::fs::copy(&crl, dir.path().join(format!("{id}-crl.pem"))).unwrap();
+    }
+    for node in [&a, &b] {
+        eventually("the revoked member to be cut off", || {
+            sees(node, "c", "down")
+        })
+        .await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for node in [&a, &b] {
+        assert!(
+            sees(node, "c", "down").await,
+            "the revoked member came back"
+        );
+    }
+    assert!(sees(&a, "b", "alive").await);
 }
