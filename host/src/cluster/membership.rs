@@ -87,6 +87,9 @@ pub enum Refused {
 pub struct Timing {
     pub probe_period: Duration,
     pub suspect_to_down_after: Duration,
+    /// How many members the cluster is expected to have: how many times an update is passed
+    /// on grows with it (memberlist's rule, as foca's LAN settings have it).
+    pub expected_members: u32,
 }
 
 enum Input {
@@ -255,17 +258,12 @@ impl Sender {
     }
 }
 
-/// The protocol task.
-async fn run(
-    me: Member,
-    timing: Timing,
-    mut receiver: mpsc::Receiver<Input>,
-    inputs: mpsc::Sender<Input>,
-    sender: Sender,
-    members: Arc<RwLock<Vec<MemberStatus>>>,
-    shutdown: CancellationToken,
-) {
-    let mut config = foca::Config::new_lan(std::num::NonZeroU32::new(32).expect("nonzero"));
+/// The protocol's settings: memberlist's LAN settings for the expected cluster size with
+/// `timing`, and announcements every 5 s (to one member, and to two members that are down) so
+/// that partitions heal.
+pub fn protocol_config(timing: Timing) -> foca::Config {
+    let size = std::num::NonZeroU32::new(timing.expected_members.max(1)).expect("at least 1");
+    let mut config = foca::Config::new_lan(size);
     config.probe_period = timing.probe_period;
     config.probe_rtt = timing.probe_period / 2;
     config.suspect_to_down_after = timing.suspect_to_down_after;
@@ -277,8 +275,21 @@ async fn run(
         frequency: Duration::from_secs(5),
         num_members: std::num::NonZeroUsize::new(2).expect("nonzero"),
     });
+    config
+}
+
+/// The protocol task.
+async fn run(
+    me: Member,
+    timing: Timing,
+    mut receiver: mpsc::Receiver<Input>,
+    inputs: mpsc::Sender<Input>,
+    sender: Sender,
+    members: Arc<RwLock<Vec<MemberStatus>>>,
+    shutdown: CancellationToken,
+) {
     let rng = <rand09::rngs::StdRng as rand09::SeedableRng>::from_os_rng();
-    let mut foca = Foca::new(me, config, rng, PostcardCodec);
+    let mut foca = Foca::new(me, protocol_config(timing), rng, PostcardCodec);
     let mut runtime = foca::AccumulatingRuntime::new();
     loop {
         let input = tokio::select! {

@@ -45,6 +45,9 @@ pub struct ClusterConfig {
     pub probe_period_ms: u64,
     /// How long a suspected member has to refute it before it is declared down, in ms.
     pub suspect_to_down_ms: u64,
+    /// How many members the cluster is expected to have (updates are passed on more times in
+    /// a larger one).
+    pub expected_members: u32,
 }
 
 impl Default for ClusterConfig {
@@ -63,6 +66,7 @@ impl Default for ClusterConfig {
             labels: BTreeMap::new(),
             probe_period_ms: 1000,
             suspect_to_down_ms: 3000,
+            expected_members: 32,
         }
     }
 }
@@ -124,6 +128,12 @@ impl ClusterConfig {
                 self.suspect_to_down_ms
             ));
         }
+        if !(1..=100_000).contains(&self.expected_members) {
+            return Err(format!(
+                "cluster.expected_members must be between 1 and 100000, not {}",
+                self.expected_members
+            ));
+        }
         Ok(())
     }
 
@@ -149,6 +159,7 @@ impl ClusterConfig {
         membership::Timing {
             probe_period: std::time::Duration::from_millis(self.probe_period_ms),
             suspect_to_down_after: std::time::Duration::from_millis(self.suspect_to_down_ms),
+            expected_members: self.expected_members,
         }
     }
 }
