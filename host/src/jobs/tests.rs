@@ -394,9 +394,10 @@ async fn a_full_queue_refuses_and_invalid_jobs_are_refused() {
         Err(JobError::QueueFull { app, limit }) => assert_eq!((app.as_str(), limit), ("app", 2)),
         other => panic!("{other:?}"),
     }
-    jobs.enqueue(new_job("other")).await.unwrap();
-    // Running jobs count too; completed ones free a place.
+    // Running jobs count too; completed ones free a place. (Only this app's jobs are queued
+    // here, so the claim takes one of them whatever order same-millisecond jobs sort in.)
     let (job, _) = jobs.claim(now_ms()).await.unwrap().unwrap();
+    assert_eq!(job.app, "app");
     assert!(matches!(
         jobs.enqueue(new_job(&job.app)).await,
         Err(JobError::QueueFull { .. })
@@ -405,6 +406,8 @@ async fn a_full_queue_refuses_and_invalid_jobs_are_refused() {
         .await
         .unwrap();
     jobs.enqueue(new_job(&job.app)).await.unwrap();
+    // The limit is per app: another app still has room.
+    jobs.enqueue(new_job("other")).await.unwrap();
 
     for invalid in [
         NewJob {
