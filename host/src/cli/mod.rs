@@ -349,11 +349,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let data_dir = cli.data_dir.clone().unwrap_or_else(default_data_dir);
     match &command {
         Command::Backup { out } => {
-            let manifest = crate::store::backup::backup(
-                &data_dir,
-                out,
-                &[crate::node::ENDPOINT_FILE, crate::node::TMP_DIR],
-            )?;
+            // Reading and hashing the whole data dir is blocking work: off the async runtime.
+            let (dir, file) = (data_dir.clone(), out.clone());
+            let manifest = tokio::task::spawn_blocking(move || {
+                crate::store::backup::backup(
+                    &dir,
+                    &file,
+                    &[crate::node::ENDPOINT_FILE, crate::node::TMP_DIR],
+                )
+            })
+            .await??;
             let bytes: u64 = manifest.files.iter().map(|f| f.size).sum();
             println!(
                 "backed up {} ({} files, {bytes} bytes) to {}",
@@ -364,7 +369,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             return Ok(());
         }
         Command::Restore { backup } => {
-            let manifest = crate::store::backup::restore(backup, &data_dir)?;
+            let (file, dir) = (backup.clone(), data_dir.clone());
+            let manifest =
+                tokio::task::spawn_blocking(move || crate::store::backup::restore(&file, &dir))
+                    .await??;
             println!(
                 "restored {} files of a tensorlet {} backup into {}",
                 manifest.files.len(),

@@ -341,7 +341,7 @@ async fn run(
                 let _ = inputs.send(Input::Timer(timer)).await;
             });
         }
-        let known: Vec<MemberStatus> = foca
+        let mut known: Vec<MemberStatus> = foca
             .iter_membership_state()
             .map(|member| MemberStatus {
                 member: member.id().clone(),
@@ -352,7 +352,6 @@ async fn run(
                 },
             })
             .collect();
-        let mut known = known;
         known.sort_by(|a, b| a.member.id.cmp(&b.member.id));
         *members.write().unwrap_or_else(|e| e.into_inner()) = known;
     }
