@@ -294,16 +294,13 @@ impl Default for NnConfig {
 }
 
 impl Config {
-    /// Reads a TOML file; unknown keys are errors so that typos do not pass silently.
+    /// Reads a TOML file; unknown keys are errors so that typos do not pass silently. Its
+    /// values are checked by [`Config::validate`] once flags and variables have overridden
+    /// them (a node id may come from the environment).
     pub fn from_file(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
-        let config: Self = toml::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("invalid config {}: {e}", path.display()))?;
-        config
-            .validate()
-            .map_err(|e| anyhow::anyhow!("invalid config {}: {e}", path.display()))?;
-        Ok(config)
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("invalid config {}: {e}", path.display()))
     }
 
     /// Checks the values that parse but cannot work, naming the key and the range it takes.

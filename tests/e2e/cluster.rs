@@ -7,12 +7,12 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tensorlet::tls::cluster::{node_uri, ClusterCa, NodeCert};
+use tensorlet::tls::cluster::{node_id_of, node_uri, ClusterCa, NodeCert};
 use tensorlet::tls::peer::{PeerFiles, PeerTls};
 use time::OffsetDateTime;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -21,7 +21,12 @@ fn free_port() -> u16 {
 }
 
 /// Writes `cert_pem` and `key_pem` as `<name>.pem` and `<name>.key` in `dir`.
-fn write_identity(dir: &Path, name: &str, cert_pem: &str, key_pem: &str) -> (PathBuf, PathBuf) {
+pub(crate) fn write_identity(
+    dir: &Path,
+    name: &str,
+    cert_pem: &str,
+    key_pem: &str,
+) -> (PathBuf, PathBuf) {
     let (cert, key) = (
         dir.join(format!("{name}.pem")),
         dir.join(format!("{name}.key")),
@@ -95,7 +100,7 @@ async fn hello(
 }
 
 /// Waits (up to 15 s) until `check` holds.
-async fn eventually<F, Fut>(what: &str, mut check: F)
+pub(crate) async fn eventually<F, Fut>(what: &str, mut check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -176,10 +181,37 @@ async fn only_nodes_of_the_cluster_pass_the_handshake_and_new_certificates_apply
     assert_eq!(answer["cluster"], "edge");
     // A node that answers for another name is not the node dialled.
     assert!(hello(port, Arc::new(dialling), "b").await.is_err());
+    // An address dialled without knowing which node is there (a seed found through DNS): any
+    // member passes, and the certificate it served says who answered.
+    let mut discovering = (*b_tls.discovery_client_config()).clone();
+    discovering.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let (answer, served) = hello(port, Arc::new(discovering), "127.0.0.1")
+        .await
+        .unwrap();
+    assert_eq!(answer["node"], "a");
+    assert_eq!(node_id_of(&served, "edge").as_deref(), Some("a"));
 
     // Every other caller is refused in the handshake.
     let now = OffsetDateTime::now_utc();
     let other_ca = ClusterCa::init(&dir.path().join("other-ca"), "edge").unwrap();
+    // A node of another CA's cluster of the same name does not take node a for a member.
+    let stranger = other_ca.issue(&NodeCert::new("edge", "b", 30)).unwrap();
+    let (stranger_cert, stranger_key) =
+        write_identity(&peer_dir, "stranger", &stranger.cert_pem, &stranger.key_pem);
+    let stranger_tls = PeerTls::load(
+        PeerFiles {
+            ca: dir.path().join("other-ca").join("ca.pem"),
+            cert: stranger_cert,
+            key: stranger_key,
+            crl: None,
+        },
+        "b",
+    )
+    .unwrap();
+    let mut discovering = (*stranger_tls.discovery_client_config()).clone();
+    discovering.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let refused = hello(port, Arc::new(discovering), "127.0.0.1").await;
+    assert!(refused.unwrap_err().starts_with("handshake"));
     let refused: Vec<(&str, NodeCert, &ClusterCa)> = vec![
         ("another CA", NodeCert::new("edge", "b", 30), &other_ca),
         (
@@ -291,7 +323,8 @@ fn a_node_refuses_to_start_with_a_certificate_of_another_node() {
 }
 
 /// Starts node `id` of the cluster whose CA is `ca`, its node port on `port`, joining through
-/// `seeds`, in `data_dir` (a fresh one when `None`). The returned file is its config.
+/// `seeds` (tried again every second), in `data_dir` (a fresh one when `None`). The returned
+/// file is its config.
 fn start_member(
     ca: &ClusterCa,
     dir: &Path,
@@ -312,7 +345,7 @@ fn start_member(
         std::fs::write(identity.join("ca.pem"), ca.cert_pem()).unwrap();
     }
     let config = config_file(&format!(
-        "[cluster]\nnode_id = {id:?}\nlisten = \"127.0.0.1:{port}\"\nca = {:?}\ncert = {:?}\nkey = {:?}\ncrl = {crl:?}\nreload_secs = 1\nseeds = {seeds:?}\nprobe_period_ms = 500\nsuspect_to_down_ms = 1500\n[cluster.labels]\nregion = \"test-{id}\"\n",
+        "[cluster]\nnode_id = {id:?}\nlisten = \"127.0.0.1:{port}\"\nca = {:?}\ncert = {:?}\nkey = {:?}\ncrl = {crl:?}\nreload_secs = 1\nseeds = {seeds:?}\nseed_interval_secs = 1\nprobe_period_ms = 500\nsuspect_to_down_ms = 1500\n[cluster.labels]\nregion = \"test-{id}\"\n",
         identity.join("ca.pem"),
         identity.join("node.pem"),
         identity.join("node.key"),
@@ -326,7 +359,7 @@ fn start_member(
 }
 
 /// What `node` thinks of each member: id → state.
-async fn states(node: &TestNode) -> std::collections::BTreeMap<String, String> {
+pub(crate) async fn states(node: &TestNode) -> std::collections::BTreeMap<String, String> {
     node.admin_json("/v1/admin/cluster").await["members"]
         .as_array()
         .unwrap()
@@ -340,7 +373,7 @@ async fn states(node: &TestNode) -> std::collections::BTreeMap<String, String> {
         .collect()
 }
 
-async fn sees(node: &TestNode, member: &str, state: &str) -> bool {
+pub(crate) async fn sees(node: &TestNode, member: &str, state: &str) -> bool {
     states(node).await.get(member).map(String::as_str) == Some(state)
 }
 
@@ -441,4 +474,32 @@ async fn members_join_detect_a_kill_heal_a_partition_and_cut_off_a_revoked_node(
         );
     }
     assert!(sees(&a, "b", "alive").await);
+}
+
+#[tokio::test]
+async fn a_node_joins_through_a_dns_seed_that_was_not_up_when_it_started() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = ClusterCa::init(&dir.path().join("ca"), "edge").unwrap();
+    let ports: Vec<u16> = (0..2).map(|_| free_port()).collect();
+    // Every address `localhost` resolves to is a seed (as a headless Service's name lists its
+    // pods); nothing answers there yet.
+    let seed = vec![format!("dns:localhost:{}", ports[0])];
+    let (b, _b_config) = start_member(&ca, dir.path(), "b", ports[1], &seed, None);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(states(&b).await.keys().eq(["b"]), "{:?}", states(&b).await);
+    let (a, _a_config) = start_member(&ca, dir.path(), "a", ports[0], &[], None);
+    eventually("the node to join through its DNS seed", || {
+        sees(&b, "a", "alive")
+    })
+    .await;
+    eventually("the seed to see the node", || sees(&a, "b", "alive")).await;
+    let listed = b.admin_json("/v1/admin/cluster").await;
+    let a_member = listed["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == "a")
+        .unwrap()
+        .clone();
+    assert_eq!(a_member["addr"], format!("127.0.0.1:{}", ports[0]));
 }

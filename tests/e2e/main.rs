@@ -10,6 +10,7 @@ mod crash;
 mod deploy;
 mod embeddings;
 mod failures;
+mod kubernetes;
 mod kv;
 mod llm;
 mod nn;

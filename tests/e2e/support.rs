@@ -42,11 +42,17 @@ impl TestNode {
 
     /// Starts a node on an existing data dir (a restart).
     pub fn start_in(data_dir: &Path, extra: &[&str]) -> Self {
+        Self::start_in_with_env(data_dir, extra, &[])
+    }
+
+    /// Starts a node on `data_dir` with extra `serve` arguments and environment variables.
+    pub fn start_in_with_env(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(BINARY)
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
             .args(extra)
             .env("TENSORLET_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

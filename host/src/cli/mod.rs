@@ -51,6 +51,12 @@ enum Command {
         /// Serve plain HTTP instead of HTTPS (trusted networks and benchmarks only).
         #[arg(long)]
         plain_http: bool,
+        /// This node's id in its cluster (`[cluster] node_id`), e.g. a Kubernetes node name.
+        #[arg(long, env = "TENSORLET_NODE_ID")]
+        node_id: Option<String>,
+        /// The address peers reach this node's port at (`[cluster] advertise`).
+        #[arg(long, env = "TENSORLET_ADVERTISE")]
+        advertise: Option<std::net::SocketAddr>,
     },
     /// Deploy an app: a new revision of it when its component or settings change. Give a
     /// manifest (`-f tensorlet.toml`), or the app and its component with flags as shorthands
@@ -281,6 +287,8 @@ fn serve_config(cli: &Cli) -> anyhow::Result<Option<Config>> {
         config,
         listen,
         plain_http,
+        node_id,
+        advertise,
     } = &cli.command
     else {
         return Ok(None);
@@ -289,6 +297,12 @@ fn serve_config(cli: &Cli) -> anyhow::Result<Option<Config>> {
         Some(path) => Config::from_file(path)?,
         None => Config::default(),
     };
+    if let Some(node_id) = node_id {
+        node_config.cluster.node_id = Some(node_id.clone());
+    }
+    if let Some(advertise) = advertise {
+        node_config.cluster.advertise = Some(*advertise);
+    }
     if let Some(dir) = &cli.data_dir {
         node_config.data_dir = dir.clone();
     }
@@ -296,6 +310,10 @@ fn serve_config(cli: &Cli) -> anyhow::Result<Option<Config>> {
         node_config.listen = *listen;
     }
     node_config.plain_http |= plain_http;
+    node_config.validate().map_err(|e| match config {
+        Some(path) => anyhow::anyhow!("invalid config {}: {e}", path.display()),
+        None => anyhow::anyhow!("invalid config: {e}"),
+    })?;
     Ok(Some(node_config))
 }
 

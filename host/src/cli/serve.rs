@@ -101,7 +101,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             Duration::from_secs(node.config.cluster.reload_secs),
             shutdown.clone(),
         ));
-        let membership = start_membership(&node, &tls, listener.local_addr()?, &shutdown).await?;
+        let (membership, seeding) =
+            start_membership(&node, &tls, listener.local_addr()?, &shutdown).await?;
+        background.push(seeding);
         let _ = node.membership.set(membership.clone());
         let connections = Arc::new(ConnectionStats::new(node.config.cluster.max_connections));
         background.push(tokio::spawn(api::serve_peers(
@@ -129,13 +131,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 }
 
 /// Joins the cluster as this node: its id, the address of its node port, its labels (those
-/// configured, and the backends available here).
+/// configured, and the backends available here), through its seeds (the task that announces
+/// it to them is returned beside the membership).
 async fn start_membership(
     node: &Arc<node::Node>,
     tls: &Arc<crate::tls::peer::PeerTls>,
     listening: std::net::SocketAddr,
     shutdown: &CancellationToken,
-) -> anyhow::Result<Arc<crate::cluster::Membership>> {
+) -> anyhow::Result<(Arc<crate::cluster::Membership>, tokio::task::JoinHandle<()>)> {
     let config = &node.config.cluster;
     let mut labels = config.labels.clone();
     let described = {
@@ -158,18 +161,18 @@ async fn start_membership(
         labels,
     };
     let seeds = config
-        .seed_addresses()
-        .map_err(|e| anyhow::anyhow!("invalid config: {e}"))?
-        .into_iter()
-        .filter(|(id, _)| id != tls.node_id())
-        .collect();
-    Ok(crate::cluster::Membership::start(
-        me,
+        .seeds()
+        .map_err(|e| anyhow::anyhow!("invalid config: {e}"))?;
+    let membership =
+        crate::cluster::Membership::start(me, tls.clone(), config.timing(), shutdown.clone());
+    let seeding = crate::cluster::seeds::spawn(
         seeds,
+        Duration::from_secs(config.seed_interval_secs),
+        membership.clone(),
         tls.clone(),
-        config.timing(),
         shutdown.clone(),
-    ))
+    );
+    Ok((membership, seeding))
 }
 
 /// Checks the cluster identity's files every `every` until `shutdown`, loading them again when

@@ -106,11 +106,10 @@ pub struct Membership {
 }
 
 impl Membership {
-    /// Starts the protocol as `me`, joining through `seeds` (node id and address), until
-    /// `shutdown`, when it leaves the cluster.
+    /// Starts the protocol as `me`, until `shutdown`, when it leaves the cluster. It joins
+    /// through the members given to [`Membership::join`].
     pub fn start(
         me: Member,
-        seeds: Vec<(String, SocketAddr)>,
         tls: Arc<PeerTls>,
         timing: Timing,
         shutdown: CancellationToken,
@@ -132,18 +131,14 @@ impl Membership {
             members,
             shutdown,
         ));
-        for (id, addr) in seeds {
-            let seed = Member {
-                id,
-                addr,
-                bump: 0,
-                labels: BTreeMap::new(),
-            };
-            if inputs.try_send(Input::Join(seed)).is_err() {
-                tracing::warn!("the membership queue is full; a seed was not contacted");
-            }
-        }
         membership
+    }
+
+    /// Announces this node to `seed`, which answers with what it knows of the cluster.
+    pub fn join(&self, seed: Member) {
+        if self.inputs.try_send(Input::Join(seed)).is_err() {
+            tracing::warn!("the membership queue is full; a seed was not contacted");
+        }
     }
 
     /// This node as the cluster sees it.

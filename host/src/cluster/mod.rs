@@ -4,8 +4,10 @@
 //! routes peers call are the API's node port, and who is in the cluster is [`membership`].
 
 pub mod membership;
+pub mod seeds;
 
 pub use membership::{Member, MemberStatus, Membership};
+pub use seeds::Seed;
 
 use crate::tls::peer::PeerFiles;
 use serde::{Deserialize, Serialize};
@@ -33,9 +35,13 @@ pub struct ClusterConfig {
     pub reload_secs: u64,
     /// Node-port connections open at once; beyond it a new one is closed at once.
     pub max_connections: u32,
-    /// Members to join through, as `<node-id>@<host:port>` of their node port; any one that
-    /// answers is enough.
+    /// Members to join through: `<node-id>@<host:port>` of a node port, or
+    /// `dns:<name>:<port>` for every address a name resolves to (a Kubernetes headless
+    /// Service); any one that answers is enough.
     pub seeds: Vec<String>,
+    /// How often seeds are resolved again and announced to when they are not known as alive,
+    /// in seconds.
+    pub seed_interval_secs: u64,
     /// The address peers reach this node's port at (default: `listen`).
     pub advertise: Option<SocketAddr>,
     /// What this node says of itself to the cluster (`region = "eu-1"`); the node adds
@@ -62,6 +68,7 @@ impl Default for ClusterConfig {
             reload_secs: 5,
             max_connections: 256,
             seeds: Vec::new(),
+            seed_interval_secs: 10,
             advertise: None,
             labels: BTreeMap::new(),
             probe_period_ms: 1000,
@@ -115,7 +122,13 @@ impl ClusterConfig {
         if self.max_connections == 0 {
             return Err("cluster.max_connections must be at least 1".into());
         }
-        self.seed_addresses()?;
+        self.seeds()?;
+        if !(1..=3600).contains(&self.seed_interval_secs) {
+            return Err(format!(
+                "cluster.seed_interval_secs must be between 1 and 3600, not {}",
+                self.seed_interval_secs
+            ));
+        }
         if !(100..=60_000).contains(&self.probe_period_ms) {
             return Err(format!(
                 "cluster.probe_period_ms must be between 100 and 60000, not {}",
@@ -137,21 +150,9 @@ impl ClusterConfig {
         Ok(())
     }
 
-    /// The seeds as node ids and addresses.
-    pub fn seed_addresses(&self) -> Result<Vec<(String, SocketAddr)>, String> {
-        self.seeds
-            .iter()
-            .map(|seed| {
-                let parsed = seed.split_once('@').and_then(|(id, addr)| {
-                    let addr = std::net::ToSocketAddrs::to_socket_addrs(addr)
-                        .ok()?
-                        .next()?;
-                    crate::apps::valid_name(id).then(|| (id.to_string(), addr))
-                });
-                parsed
-                    .ok_or_else(|| format!("cluster.seeds: {seed:?} is not <node-id>@<host:port>"))
-            })
-            .collect()
+    /// The seeds, parsed (names are resolved when they are contacted, not here).
+    pub fn seeds(&self) -> Result<Vec<Seed>, String> {
+        self.seeds.iter().map(|seed| seed.parse()).collect()
     }
 
     /// How fast failures are detected.

@@ -63,6 +63,7 @@ struct Loaded {
     cluster: String,
     server: Arc<rustls::ServerConfig>,
     client: Arc<rustls::ClientConfig>,
+    discovery: Arc<rustls::ClientConfig>,
     stamps: Vec<Option<SystemTime>>,
 }
 
@@ -95,6 +96,13 @@ impl PeerTls {
     /// What this node dials peers with now: ALPN h2, its certificate as the client's.
     pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
         self.read().client.clone()
+    }
+
+    /// What this node dials an address with when it does not know which node is there (a
+    /// seed found through DNS): any member of the cluster passes, checked as a callee is for
+    /// the node its certificate names, which is who answered.
+    pub fn discovery_client_config(&self) -> Arc<rustls::ClientConfig> {
+        self.read().discovery.clone()
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Loaded> {
@@ -190,20 +198,25 @@ fn build(files: &PeerFiles, node_id: &str) -> anyhow::Result<Loaded> {
         .with_crls(crls)
         .build()
         .context("the cluster CA or CRL is unusable")?;
-    let mut client = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(MemberServerVerifier {
-            inner: server_verifier,
-            cluster: cluster.clone(),
-        }))
-        .with_client_auth_cert(identity.chain, identity.key)
-        .context("the node certificate and key do not match")?;
-    client.alpn_protocols = vec![b"h2".to_vec()];
+    let client_with = |callee: Callee| -> anyhow::Result<Arc<rustls::ClientConfig>> {
+        let mut client = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(MemberServerVerifier {
+                inner: server_verifier.clone(),
+                cluster: cluster.clone(),
+                callee,
+            }))
+            .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())
+            .context("the node certificate and key do not match")?;
+        client.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(client))
+    };
     Ok(Loaded {
+        client: client_with(Callee::Dialled)?,
+        discovery: client_with(Callee::AnyMember)?,
         cluster,
         server: Arc::new(server),
-        client: Arc::new(client),
         stamps,
     })
 }
@@ -261,12 +274,23 @@ impl ClientCertVerifier for MemberClientVerifier {
     }
 }
 
+/// Which callee a dialling node accepts.
+#[derive(Debug, Clone, Copy)]
+enum Callee {
+    /// The node dialled: the name dialled is its id.
+    Dialled,
+    /// Any member: whichever node the certificate names.
+    AnyMember,
+}
+
 /// Accepts a callee whose chain webpki accepts for the node id dialled (its DNS name) and
-/// whose certificate names that very node of the cluster.
+/// whose certificate names that very node of the cluster; for [`Callee::AnyMember`], the node
+/// id the certificate names stands for the name dialled.
 #[derive(Debug)]
 struct MemberServerVerifier {
     inner: Arc<WebPkiServerVerifier>,
     cluster: String,
+    callee: Callee,
 }
 
 impl ServerCertVerifier for MemberServerVerifier {
@@ -278,22 +302,22 @@ impl ServerCertVerifier for MemberServerVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        let not_a_member = || rustls::Error::InvalidCertificate(CertificateError::NotValidForName);
+        let named = node_id_of(end_entity, &self.cluster).ok_or_else(not_a_member)?;
+        let dialled = match self.callee {
+            Callee::Dialled => server_name.clone(),
+            Callee::AnyMember => ServerName::try_from(named.clone()).map_err(|_| not_a_member())?,
+        };
         let verified = self.inner.verify_server_cert(
             end_entity,
             intermediates,
-            server_name,
+            &dialled,
             ocsp_response,
             now,
         )?;
-        let dialled = match server_name {
-            ServerName::DnsName(name) => name.as_ref().to_string(),
-            _ => String::new(),
-        };
-        match node_id_of(end_entity, &self.cluster) {
-            Some(named) if named == dialled => Ok(verified),
-            _ => Err(rustls::Error::InvalidCertificate(
-                CertificateError::NotValidForName,
-            )),
+        match dialled {
+            ServerName::DnsName(name) if name.as_ref() == named => Ok(verified),
+            _ => Err(not_a_member()),
         }
     }
 
