@@ -25,8 +25,9 @@ pub struct Node {
     pub log_followers: Arc<tokio::sync::Semaphore>,
     /// Tenants and API keys: who may do what.
     pub tenancy: crate::tenancy::Tenancy,
-    /// This node's membership of its cluster, once `serve` has started it (`[cluster]`).
-    pub membership: std::sync::OnceLock<Arc<crate::cluster::Membership>>,
+    /// This node's place in its cluster (membership, what peers have), once `serve` has
+    /// started it (`[cluster]`).
+    pub fleet: std::sync::OnceLock<Arc<crate::cluster::Fleet>>,
     /// SHA-256 fingerprint of the served certificate; `None` with plain HTTP.
     pub tls_fingerprint: Option<String>,
     pub started: Instant,
@@ -78,12 +79,14 @@ pub fn open(config: Config, tls_fingerprint: Option<String>) -> anyhow::Result<N
     let telemetry = Arc::new(
         Telemetry::open(&store, &config.telemetry).context("cannot open the logs and usage")?,
     );
+    let labels = crate::cluster::node_labels(&config.cluster, models.backends());
     let runtime = Runtime::open(
         &config,
         store.clone(),
         blobs.clone(),
         models.clone(),
         telemetry.clone(),
+        labels,
     )?;
     let jobs = JobStore::open(&store, config.jobs.clone()).context("cannot open the job queue")?;
     telemetry
@@ -107,7 +110,7 @@ pub fn open(config: Config, tls_fingerprint: Option<String>) -> anyhow::Result<N
         jobs,
         log_followers: Arc::new(tokio::sync::Semaphore::new(MAX_LOG_FOLLOWERS)),
         tenancy,
-        membership: std::sync::OnceLock::new(),
+        fleet: std::sync::OnceLock::new(),
         tls_fingerprint,
         started: Instant::now(),
     })

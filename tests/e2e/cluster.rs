@@ -2,7 +2,7 @@
 //! through the handshake, every other certificate is refused there, and a new certificate or
 //! CRL applies without a restart.
 
-use crate::support::{config_file, TestNode};
+use crate::support::{artifacts, config_file, TestNode};
 use rustls::pki_types::{CertificateDer, ServerName};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -323,8 +323,9 @@ fn a_node_refuses_to_start_with_a_certificate_of_another_node() {
 }
 
 /// Starts node `id` of the cluster whose CA is `ca`, its node port on `port`, joining through
-/// `seeds` (tried again every second), in `data_dir` (a fresh one when `None`). The returned
-/// file is its config.
+/// `seeds` (tried again every second), in `data_dir` (a fresh one when `None`), with label
+/// `region = "test-<id>"` and the TOML lines `labels` (more labels). The returned file is its
+/// config.
 fn start_member(
     ca: &ClusterCa,
     dir: &Path,
@@ -332,6 +333,7 @@ fn start_member(
     port: u16,
     seeds: &[String],
     data_dir: Option<&Path>,
+    labels: &str,
 ) -> (TestNode, tempfile::NamedTempFile) {
     let crl = dir.join(format!("{id}-crl.pem"));
     if !crl.exists() {
@@ -345,7 +347,7 @@ fn start_member(
         std::fs::write(identity.join("ca.pem"), ca.cert_pem()).unwrap();
     }
     let config = config_file(&format!(
-        "[cluster]\nnode_id = {id:?}\nlisten = \"127.0.0.1:{port}\"\nca = {:?}\ncert = {:?}\nkey = {:?}\ncrl = {crl:?}\nreload_secs = 1\nseeds = {seeds:?}\nseed_interval_secs = 1\nprobe_period_ms = 500\nsuspect_to_down_ms = 1500\n[cluster.labels]\nregion = \"test-{id}\"\n",
+        "[cluster]\nnode_id = {id:?}\nlisten = \"127.0.0.1:{port}\"\nca = {:?}\ncert = {:?}\nkey = {:?}\ncrl = {crl:?}\nreload_secs = 1\nseeds = {seeds:?}\nseed_interval_secs = 1\nprobe_period_ms = 500\nsuspect_to_down_ms = 1500\n[cluster.labels]\nregion = \"test-{id}\"\n{labels}",
         identity.join("ca.pem"),
         identity.join("node.pem"),
         identity.join("node.key"),
@@ -383,9 +385,9 @@ async fn members_join_detect_a_kill_heal_a_partition_and_cut_off_a_revoked_node(
     let ca = ClusterCa::init(&dir.path().join("ca"), "edge").unwrap();
     let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let seed = vec![format!("a@127.0.0.1:{}", ports[0])];
-    let (a, _a_config) = start_member(&ca, dir.path(), "a", ports[0], &[], None);
-    let (mut b, b_config) = start_member(&ca, dir.path(), "b", ports[1], &seed, None);
-    let (c, _c_config) = start_member(&ca, dir.path(), "c", ports[2], &seed, None);
+    let (a, _a_config) = start_member(&ca, dir.path(), "a", ports[0], &[], None, "");
+    let (mut b, b_config) = start_member(&ca, dir.path(), "b", ports[1], &seed, None, "");
+    let (c, _c_config) = start_member(&ca, dir.path(), "c", ports[2], &seed, None, "");
     for (node, other) in [(&a, "b"), (&a, "c"), (&c, "b"), (&b, "c")] {
         eventually("every member to see the others", || {
             sees(node, other, "alive")
@@ -484,10 +486,10 @@ async fn a_node_joins_through_a_dns_seed_that_was_not_up_when_it_started() {
     // Every address `localhost` resolves to is a seed (as a headless Service's name lists its
     // pods); nothing answers there yet.
     let seed = vec![format!("dns:localhost:{}", ports[0])];
-    let (b, _b_config) = start_member(&ca, dir.path(), "b", ports[1], &seed, None);
+    let (b, _b_config) = start_member(&ca, dir.path(), "b", ports[1], &seed, None, "");
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(states(&b).await.keys().eq(["b"]), "{:?}", states(&b).await);
-    let (a, _a_config) = start_member(&ca, dir.path(), "a", ports[0], &[], None);
+    let (a, _a_config) = start_member(&ca, dir.path(), "a", ports[0], &[], None, "");
     eventually("the node to join through its DNS seed", || {
         sees(&b, "a", "alive")
     })
@@ -502,4 +504,127 @@ async fn a_node_joins_through_a_dns_seed_that_was_not_up_when_it_started() {
         .unwrap()
         .clone();
     assert_eq!(a_member["addr"], format!("127.0.0.1:{}", ports[0]));
+}
+
+/// GET `path` on `node`: status, body, and the node that served it (`tensorlet-served-by`,
+/// set when the request was forwarded).
+async fn get_served(node: &TestNode, path: &str) -> (u16, String, Option<String>) {
+    let response = node.client.get(node.at(path)).send().await.expect("GET");
+    let served_by = response
+        .headers()
+        .get("tensorlet-served-by")
+        .map(|v| v.to_str().unwrap().to_string());
+    (
+        response.status().as_u16(),
+        response.text().await.unwrap(),
+        served_by,
+    )
+}
+
+#[tokio::test]
+async fn a_deployment_reaches_the_nodes_its_placement_selects_and_the_others_forward_to_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = ClusterCa::init(&dir.path().join("ca"), "edge").unwrap();
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let seed = vec![format!("a@127.0.0.1:{}", ports[0])];
+    let eu = "zone = \"eu\"\n";
+    let (mut a, _a_config) = start_member(&ca, dir.path(), "a", ports[0], &[], None, eu);
+    let (mut b, b_config) = start_member(&ca, dir.path(), "b", ports[1], &seed, None, eu);
+    let us = "zone = \"us\"\n";
+    let (c, _c_config) = start_member(&ca, dir.path(), "c", ports[2], &seed, None, us);
+    for (node, other) in [(&a, "b"), (&a, "c"), (&c, "b"), (&b, "c"), (&c, "a")] {
+        eventually("every member to see the others", || {
+            sees(node, other, "alive")
+        })
+        .await;
+    }
+
+    // Deployed on A, placed in zone eu: B takes it (component by digest from A) and serves it.
+    let manifest = |name: &str| {
+        TestNode::manifest(&format!(
+            "[app]\nname = {name:?}\ncomponent = {:?}\npublic = true\n[placement]\nzone = \"eu\"\n",
+            artifacts::HELLO
+        ))
+    };
+    let (_hello_dir, hello) = manifest("hello");
+    a.cli_ok(&["deploy", "-f", hello.to_str().unwrap()]);
+    eventually("B to serve the app deployed on A", || async {
+        get_served(&b, "/apps/hello?name=b").await == (200, "Hello, b!\n".into(), None)
+    })
+    .await;
+    // C has the app but is not in zone eu: it forwards to A or B, and says which.
+    eventually("C to forward the app", || async {
+        get_served(&c, "/apps/hello").await.0 == 200
+    })
+    .await;
+    let mut served_by = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let (status, body, by) = get_served(&c, "/apps/hello?name=c").await;
+        assert_eq!((status, body.as_str()), (200, "Hello, c!\n"));
+        served_by.insert(by.expect("a forwarded response names its node"));
+    }
+    assert!(
+        served_by.iter().all(|node| node == "a" || node == "b"),
+        "{served_by:?}"
+    );
+    // A client cannot pretend its request was forwarded (and so skip the hop).
+    let spoofed = c
+        .client
+        .get(c.at("/apps/hello"))
+        .header("tensorlet-forwarded-by", "b")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(spoofed.status(), 200);
+    assert!(spoofed.headers().contains_key("tensorlet-served-by"));
+
+    // B dies while C forwards a stream of requests: every one of them still succeeds.
+    let stream = {
+        let (client, url) = (c.client.clone(), c.at("/apps/hello"));
+        tokio::spawn(async move {
+            let mut failures = Vec::new();
+            for _ in 0..60 {
+                let response = client.get(&url).send().await.unwrap();
+                if response.status() != 200 {
+                    failures.push(response.text().await.unwrap());
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            failures
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    b.kill();
+    let failures = stream.await.unwrap();
+    assert!(failures.is_empty(), "{failures:?}");
+
+    // While B is down, A removes hello and deploys hello2; B catches up once it is back.
+    let (_second_dir, second) = manifest("hello2");
+    a.cli_ok(&["deploy", "-f", second.to_str().unwrap()]);
+    a.cli_ok(&["remove", "hello"]);
+    let b_data = b.take_data_dir();
+    let b = TestNode::start_in(
+        b_data.path(),
+        &["--config", b_config.path().to_str().unwrap()],
+    );
+    eventually("the restarted B to catch up", || async {
+        get_served(&b, "/apps/hello2?name=b").await == (200, "Hello, b!\n".into(), None)
+            && b.get("/apps/hello").await.0 == 404
+    })
+    .await;
+    eventually("the removal to reach C", || async {
+        c.get("/apps/hello").await.0 == 404
+    })
+    .await;
+
+    // With no node of zone eu left, C answers for the app it does not run with a clear 503.
+    a.kill();
+    let mut b = b;
+    b.kill();
+    eventually("C to report that no node serves the app", || async {
+        let (status, body) = c.get("/apps/hello2").await;
+        status == 503 && crate::support::error_code(&body) == "not_placed"
+    })
+    .await;
+    c.assert_healthy().await;
 }

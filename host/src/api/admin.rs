@@ -11,6 +11,7 @@ use crate::nn::{Encoding, Upload};
 use crate::node::Node;
 use crate::runtime::dispatch::ErrorBody;
 use crate::runtime::{App, DeployOptions};
+use crate::store::blobs::{self, StageError};
 use crate::tenancy::{Action, Principal};
 use axum::body::{Body, Bytes};
 use axum::extract::{
@@ -20,17 +21,12 @@ use axum::http::{header, StatusCode};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 use std::sync::Arc;
-use tokio::io::AsyncWriteExt;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-/// Largest component the admin API accepts.
-const MAX_COMPONENT_BYTES: usize = 256 << 20;
 /// Largest deployment manifest (as JSON) the admin API accepts.
 const MAX_MANIFEST_BYTES: usize = 32 << 20;
 
@@ -39,7 +35,7 @@ pub fn router(node: Arc<Node>) -> OpenApiRouter<Arc<Node>> {
     let deploys = OpenApiRouter::new()
         .routes(routes!(get_app, deploy, remove_app))
         .layer(DefaultBodyLimit::max(
-            MAX_COMPONENT_BYTES + MAX_MANIFEST_BYTES,
+            crate::runtime::MAX_COMPONENT_BYTES as usize + MAX_MANIFEST_BYTES,
         ));
     let secrets = OpenApiRouter::new()
         .routes(routes!(set_secret, remove_secret))
@@ -112,13 +108,26 @@ async fn cluster(
     Extension(principal): Extension<Principal>,
 ) -> Result<Json<Value>, ApiError> {
     auth::operator(&principal)?;
-    Ok(Json(match node.membership.get() {
+    Ok(Json(match node.fleet.get() {
         None => json!({ "enabled": false, "members": [] }),
-        Some(membership) => json!({
-            "enabled": true,
-            "node": membership.me().id,
-            "members": membership.members(),
-        }),
+        Some(fleet) => {
+            let me = fleet.membership.me().id.clone();
+            let members: Vec<Value> = fleet
+                .membership
+                .members()
+                .into_iter()
+                .map(|status| {
+                    let load = match status.member.id == me {
+                        true => Some(node.runtime.load()),
+                        false => fleet.load_of(&status.member.id),
+                    };
+                    let mut member = json!(status);
+                    member["load"] = json!(load);
+                    member
+                })
+                .collect();
+            json!({ "enabled": true, "node": me, "members": members })
+        }
     }))
 }
 
@@ -512,53 +521,29 @@ async fn add_model(
     };
     let limit = node.config.nn.max_model_bytes;
     let tmp_dir = node.config.data_dir.join(crate::node::TMP_DIR);
-    tokio::fs::create_dir_all(&tmp_dir)
-        .await
-        .map_err(io_error)?;
-    let staged = tmp_dir.join(format!("upload-{:016x}", rand::random::<u64>()));
-    // Stream the upload to disk while hashing it: models can be far larger than memory wants.
-    let streamed = async {
-        let mut file = tokio::fs::File::create(&staged).await.map_err(io_error)?;
-        let mut hasher = Sha256::new();
-        let mut size = 0u64;
-        let mut stream = body.into_data_stream();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "bad_body",
-                    format!("reading the upload failed: {e}"),
-                )
-            })?;
-            size += chunk.len() as u64;
-            if size > limit {
-                return Err(ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "body_too_large",
-                    format!("the model is larger than this node's max_model_bytes ({limit})"),
-                ));
-            }
-            hasher.update(&chunk);
-            file.write_all(&chunk).await.map_err(io_error)?;
-        }
-        file.sync_all().await.map_err(io_error)?;
-        if size == 0 {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_model",
-                "the model file is empty",
-            ));
-        }
-        Ok((hex::encode(hasher.finalize()), size))
+    // Streamed to disk while hashing it: models can be far larger than memory wants.
+    let staged = blobs::stage_stream(&tmp_dir, body.into_data_stream(), limit).await;
+    let (staged, digest, size) = staged.map_err(|error| match error {
+        StageError::TooLarge(_) => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("the model is larger than this node's max_model_bytes ({limit})"),
+        ),
+        StageError::Read(error) => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_body",
+            format!("reading the upload failed: {error}"),
+        ),
+        StageError::Io(error) => io_error(error),
+    })?;
+    if size == 0 {
+        let _ = tokio::fs::remove_file(&staged).await;
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_model",
+            "the model file is empty",
+        ));
     }
-    .await;
-    let (digest, size) = match streamed {
-        Ok(done) => done,
-        Err(error) => {
-            let _ = tokio::fs::remove_file(&staged).await;
-            return Err(error);
-        }
-    };
     let upload = Upload {
         encoding,
         backend: query.backend,

@@ -4,6 +4,7 @@
 //! works wherever it is mounted.
 
 use super::ApiError;
+use crate::cluster::forwarding;
 use crate::node::Node;
 use crate::runtime::dispatch::Decision;
 use crate::runtime::{read_body, BodyError};
@@ -20,7 +21,7 @@ use std::time::Duration;
 
 /// Runs the app named in the path on the request.
 pub async fn invoke(State(node): State<Arc<Node>>, request: Request) -> Response {
-    let Some((app, selector, path)) = split_app_path(request.uri()) else {
+    let Some((app, selector, path)) = split_app_path(request.uri(), "/apps/") else {
         return ApiError::new(StatusCode::NOT_FOUND, "not_found", "no app in the path")
             .into_response();
     };
@@ -74,10 +75,10 @@ struct Target {
     path: String,
 }
 
-/// Splits `/apps/<app>[@<selector>]/<rest>?<query>` into the app name, the selector (a tag
+/// Splits `<prefix><app>[@<selector>]/<rest>?<query>` into the app name, the selector (a tag
 /// or revision number) and the path the app sees.
-fn split_app_path(uri: &Uri) -> Option<(&str, Option<&str>, String)> {
-    let below = uri.path().strip_prefix("/apps/")?;
+fn split_app_path<'a>(uri: &'a Uri, prefix: &str) -> Option<(&'a str, Option<&'a str>, String)> {
+    let below = uri.path().strip_prefix(prefix)?;
     let (mount, rest) = match below.split_once('/') {
         Some((mount, rest)) => (mount, format!("/{rest}")),
         None => (below, "/".to_string()),
@@ -176,6 +177,8 @@ pub(super) fn client_key(caller: Option<&Principal>, peer: Option<SocketAddr>) -
     }
 }
 
+/// Runs a client's request: on a peer when the app runs elsewhere in the cluster or this node
+/// is saturated, else here.
 async fn run(node: &Node, request: Request, target: Target) -> Result<Response, ApiError> {
     let peer = request
         .extensions()
@@ -183,6 +186,114 @@ async fn run(node: &Node, request: Request, target: Target) -> Result<Response, 
         .map(|info| info.0);
     let (mut parts, body) = request.into_parts();
     crate::runtime::queue::strip_queue_headers(&mut parts.headers);
+    // Hops are the node port's to record: a client's claim of one means nothing.
+    parts.headers.remove(forwarding::FORWARDED_BY);
+    parts.headers.remove(forwarding::CLIENT);
+    let caller = super::auth::invoker(node, &target.app, &mut parts.headers)?;
+    let client = client_key(caller.as_ref(), peer);
+    if let (Some(fleet), Some(app)) = (node.fleet.get(), node.runtime.app(&target.app)) {
+        let elsewhere = !app.placed || node.runtime.load().saturated();
+        if elsewhere && !fleet.serving(&target.app).is_empty() {
+            return forward(node, fleet, &app, parts, body, target, &client).await;
+        }
+    }
+    serve_here(node, parts, body, target, &client).await
+}
+
+/// Sends a request on to a peer that serves `app`. When none can take it, an app placed here
+/// runs it here after all; one that is not gets a 503.
+async fn forward(
+    node: &Node,
+    fleet: &crate::cluster::Fleet,
+    app: &crate::runtime::App,
+    parts: http::request::Parts,
+    body: Body,
+    target: Target,
+    client: &str,
+) -> Result<Response, ApiError> {
+    let (limit, timeout_secs) = app.revisions.values().fold((0, 0), |(limit, timeout), r| {
+        let spec = &r.record.spec;
+        (
+            limit.max(spec.max_body_bytes),
+            timeout.max(spec.timeout_secs + spec.queue_timeout_secs),
+        )
+    });
+    let mut reservation = node.runtime.body_reservation();
+    let body = match read_app_body(
+        node,
+        body,
+        &parts.headers,
+        &target.app,
+        limit,
+        &mut reservation,
+    )
+    .await
+    {
+        Ok(body) => body,
+        Err(response) => return Ok(response),
+    };
+    let forwarded = fleet
+        .forward(forwarding::Forward {
+            app: &target.app,
+            selector: target.selector.as_deref(),
+            path: &target.path,
+            method: parts.method.clone(),
+            headers: parts.headers.clone(),
+            body: body.clone(),
+            client,
+            timeout: Duration::from_secs(timeout_secs) + FORWARD_GRACE,
+        })
+        .await;
+    drop(reservation);
+    match forwarded {
+        Ok(response) => Ok(response),
+        Err(error) if app.placed => {
+            tracing::debug!(%error, "no peer took the request; serving it here");
+            serve_here(node, parts, Body::from(body), target, client).await
+        }
+        Err(error) => Err(ApiError::from(crate::runtime::InvokeError::NotPlaced(
+            error.to_string(),
+        ))),
+    }
+}
+
+/// How much longer than an app's own timeout and queue wait a forwarded request may take to
+/// start answering (the hop, and a peer's cold start).
+const FORWARD_GRACE: Duration = Duration::from_secs(10);
+
+/// Serves a request a peer (node `from`) forwarded: here, never forwarded again; the peer
+/// authenticated its client and says who it is for rate limits.
+pub async fn serve_forwarded(node: &Node, from: &str, request: Request) -> Response {
+    let Some((app, selector, path)) = split_app_path(request.uri(), "/cluster/v1/invoke/") else {
+        return ApiError::new(StatusCode::NOT_FOUND, "not_found", "no app in the path")
+            .into_response();
+    };
+    let target = Target {
+        app: app.to_string(),
+        selector: selector.map(str::to_string),
+        path,
+    };
+    let (mut parts, body) = request.into_parts();
+    crate::runtime::queue::strip_queue_headers(&mut parts.headers);
+    let client = parts
+        .headers
+        .remove(forwarding::CLIENT)
+        .and_then(|value| value.to_str().ok().map(str::to_string))
+        .unwrap_or_else(|| format!("node:{from}"));
+    match serve_here(node, parts, body, target, &client).await {
+        Ok(response) => response,
+        Err(error) => error.into_response(),
+    }
+}
+
+/// Runs a request on this node: admission, the body read whole, an instance.
+async fn serve_here(
+    node: &Node,
+    parts: http::request::Parts,
+    body: Body,
+    target: Target,
+    client: &str,
+) -> Result<Response, ApiError> {
     let Target {
         app: app_name,
         selector,
@@ -190,11 +301,9 @@ async fn run(node: &Node, request: Request, target: Target) -> Result<Response, 
     } = target;
     let app_name = app_name.as_str();
     let selector = selector.as_deref();
-    let caller = super::auth::invoker(node, app_name, &mut parts.headers)?;
-    let client = client_key(caller.as_ref(), peer);
     let admitted = match node
         .runtime
-        .admit(app_name, selector, &parts.headers, &client)?
+        .admit(app_name, selector, &parts.headers, client)?
     {
         Decision::Serve(admitted) => admitted,
         Decision::Degraded(response) => return Ok(response.map(Body::new)),
@@ -263,7 +372,7 @@ mod tests {
         #[test]
         fn any_app_path_splits_into_one_segment_and_the_rest(path in "/apps/[a-zA-Z0-9._~%-]{0,20}(/[a-zA-Z0-9._~%/-]{0,30})?") {
             let uri: axum::http::Uri = path.parse().unwrap();
-            let (app, _, rest) = split_app_path(&uri).unwrap();
+            let (app, _, rest) = split_app_path(&uri, "/apps/").unwrap();
             prop_assert!(!app.contains('/'));
             prop_assert!(rest.starts_with('/'));
         }
@@ -273,16 +382,22 @@ mod tests {
     fn the_app_sees_the_path_below_its_mount_point() {
         let uri = "/apps/classify/v1/x?y=1".parse().unwrap();
         assert_eq!(
-            split_app_path(&uri),
+            split_app_path(&uri, "/apps/"),
             Some(("classify", None, "/v1/x?y=1".to_string()))
         );
         let uri = "/apps/hello".parse().unwrap();
-        assert_eq!(split_app_path(&uri), Some(("hello", None, "/".to_string())));
+        assert_eq!(
+            split_app_path(&uri, "/apps/"),
+            Some(("hello", None, "/".to_string()))
+        );
         let uri = "/apps/hello/".parse().unwrap();
-        assert_eq!(split_app_path(&uri), Some(("hello", None, "/".to_string())));
+        assert_eq!(
+            split_app_path(&uri, "/apps/"),
+            Some(("hello", None, "/".to_string()))
+        );
         let uri = "/apps/hello@canary/x".parse().unwrap();
         assert_eq!(
-            split_app_path(&uri),
+            split_app_path(&uri, "/apps/"),
             Some(("hello", Some("canary"), "/x".to_string()))
         );
     }

@@ -137,10 +137,10 @@ pub async fn serve_peers(
     node: Arc<Node>,
     listener: TcpListener,
     tls: Arc<crate::tls::peer::PeerTls>,
-    membership: Arc<crate::cluster::Membership>,
+    fleet: Arc<crate::cluster::Fleet>,
     connections: Arc<ConnectionStats>,
 ) {
     let limits = node.config.server.clone();
-    let router = peers::router(tls.clone(), membership);
+    let router = peers::router(node, tls.clone(), fleet);
     connection::accept_loop(router, listener, Some(tls), limits, connections).await;
 }

@@ -1,18 +1,22 @@
 //! The node port: what peers of the cluster ask each other, over mutual TLS only. Every
 //! request here comes from a node whose certificate the handshake verified; the handlers know
-//! which node by its certificate.
+//! which node by its certificate, and refuse any other caller.
 
 use super::connection::PeerCertificate;
 use super::ApiError;
+use crate::cluster::fleet::PeerState;
 use crate::cluster::membership::{Refused, MAX_MESSAGE_BYTES};
-use crate::cluster::Membership;
+use crate::cluster::Fleet;
+use crate::node::Node;
+use crate::store::blobs;
 use crate::tls::cluster::node_id_of;
 use crate::tls::peer::PeerTls;
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Extension, State};
-use axum::http::StatusCode;
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Extension, Path, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use axum::{Json, Router};
 use serde_json::json;
 use std::sync::Arc;
@@ -20,27 +24,53 @@ use std::sync::Arc;
 /// What the node port's handlers share.
 #[derive(Clone)]
 struct Peers {
+    node: Arc<Node>,
     tls: Arc<PeerTls>,
-    membership: Arc<Membership>,
+    fleet: Arc<Fleet>,
 }
 
-impl Peers {
-    /// The node a request comes from, as its certificate names it.
-    fn caller(&self, peer: &PeerCertificate) -> Option<String> {
-        node_id_of(&peer.0, &self.tls.cluster())
-    }
-}
+/// The node a request comes from, as its certificate names it.
+#[derive(Clone)]
+struct Caller(String);
 
 /// The node port's routes.
-pub fn router(tls: Arc<PeerTls>, membership: Arc<Membership>) -> Router {
+pub fn router(node: Arc<Node>, tls: Arc<PeerTls>, fleet: Arc<Fleet>) -> Router {
+    let peers = Peers { node, tls, fleet };
     Router::new()
-        .route("/cluster/v1/hello", get(hello))
         .route("/cluster/v1/swim", post(swim))
+        .route("/cluster/v1/state", get(state))
+        .route("/cluster/v1/apps/{name}", get(app))
+        .route("/cluster/v1/blobs/{digest}", get(blob))
+        .route("/cluster/v1/invoke/{app}", any(invoke))
+        .route("/cluster/v1/invoke/{app}/", any(invoke))
+        .route("/cluster/v1/invoke/{app}/{*rest}", any(invoke))
         .layer(DefaultBodyLimit::max(MAX_MESSAGE_BYTES))
+        .route_layer(middleware::from_fn_with_state(peers.clone(), member_only))
+        .route("/cluster/v1/hello", get(hello))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such cluster route")
         })
-        .with_state(Peers { tls, membership })
+        .with_state(peers)
+}
+
+/// Lets through requests of nodes of this cluster only (any verified certificate may say
+/// hello), and tells the handlers which node asks.
+async fn member_only(
+    State(peers): State<Peers>,
+    Extension(peer): Extension<PeerCertificate>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let Some(caller) = node_id_of(&peer.0, &peers.tls.cluster()) else {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "not a node of this cluster",
+        )
+        .into_response();
+    };
+    request.extensions_mut().insert(Caller(caller));
+    next.run(request).await
 }
 
 /// `GET /cluster/v1/hello`: who answers, and who it sees asking.
@@ -51,7 +81,7 @@ async fn hello(
     Json(json!({
         "cluster": peers.tls.cluster(),
         "node": peers.tls.node_id(),
-        "peer": peers.caller(&peer),
+        "peer": node_id_of(&peer.0, &peers.tls.cluster()),
     }))
     .into_response()
 }
@@ -59,18 +89,10 @@ async fn hello(
 /// `POST /cluster/v1/swim`: a membership message from the calling node.
 async fn swim(
     State(peers): State<Peers>,
-    Extension(peer): Extension<PeerCertificate>,
+    Extension(Caller(caller)): Extension<Caller>,
     message: Bytes,
 ) -> Response {
-    let Some(caller) = peers.caller(&peer) else {
-        return ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "not a node of this cluster",
-        )
-        .into_response();
-    };
-    match peers.membership.receive(&caller, message) {
+    match peers.fleet.membership.receive(&caller, message) {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(refused) => {
             let status = match refused {
@@ -81,4 +103,71 @@ async fn swim(
             ApiError::new(status, "refused", refused.to_string()).into_response()
         }
     }
+}
+
+/// `GET /cluster/v1/state`: the apps this node has and serves, its removals and its load.
+async fn state(State(peers): State<Peers>) -> Result<Json<PeerState>, ApiError> {
+    let runtime = &peers.node.runtime;
+    Ok(Json(PeerState {
+        desired: runtime.desired_state()?,
+        load: runtime.load(),
+    }))
+}
+
+/// `GET /cluster/v1/apps/<name>`: the app's record and revisions, as stored here.
+async fn app(State(peers): State<Peers>, Path(name): Path<String>) -> Result<Response, ApiError> {
+    match peers.node.runtime.stored_app(&name)? {
+        Some(app) => Ok(Json(app).into_response()),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "app_not_found",
+            format!("no app named {name:?} on this node"),
+        )),
+    }
+}
+
+/// `GET /cluster/v1/blobs/<digest>`: a component (or any blob) of this node, streamed.
+async fn blob(
+    State(peers): State<Peers>,
+    Path(digest): Path<String>,
+) -> Result<Response, ApiError> {
+    let missing = || {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "blob_not_found",
+            format!("no blob {digest:?} on this node"),
+        )
+    };
+    if !blobs::is_digest(&digest) {
+        return Err(missing());
+    }
+    let file = tokio::fs::File::open(peers.node.runtime.blobs().path(&digest))
+        .await
+        .map_err(|_| missing())?;
+    let length = file.metadata().await.map_err(|_| missing())?.len();
+    let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::CONTENT_LENGTH, length.to_string()),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+/// `ANY /cluster/v1/invoke/<app>[@<selector>]/<path>`: a request a peer forwards, served here
+/// (never forwarded again). The peer authenticated its client.
+async fn invoke(
+    State(peers): State<Peers>,
+    Extension(Caller(caller)): Extension<Caller>,
+    request: Request,
+) -> Response {
+    let mut response = super::invoke::serve_forwarded(&peers.node, &caller, request).await;
+    if let Ok(me) = header::HeaderValue::from_str(peers.tls.node_id()) {
+        response
+            .headers_mut()
+            .insert(crate::cluster::forwarding::SERVED_BY, me);
+    }
+    response
 }

@@ -5,6 +5,7 @@
 //! store; the runtime turns them into apps ready to serve.
 
 pub mod outbound;
+pub mod placement;
 pub mod rate;
 pub mod secrets;
 pub mod spec;
@@ -13,7 +14,7 @@ pub mod traffic;
 pub use spec::{AppRecord, DeploySpec, RevisionRecord, RevisionSpec};
 
 use crate::store::{self, Store, StoreError};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use sled::Transactional;
 use std::collections::BTreeMap;
 
@@ -29,17 +30,27 @@ pub fn valid_name(name: &str) -> bool {
 }
 
 /// An app with its revisions, as stored.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StoredApp {
     pub record: AppRecord,
     pub revisions: BTreeMap<u32, RevisionRecord>,
 }
 
-/// The records of apps (tree `apps`, by name) and revisions (tree `revisions`, by
-/// `<app>/<number>` with the number zero-padded so they sort).
+/// What is left of a removed app, so that a fleet's nodes agree it is gone: an older record
+/// of it from a peer does not bring it back, a newer deployment does.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Removal {
+    pub tenant: String,
+    pub stamp: placement::Stamp,
+}
+
+/// The records of apps (tree `apps`, by name), revisions (tree `revisions`, by
+/// `<app>/<number>` with the number zero-padded so they sort) and removals (tree
+/// `removed_apps`, by name).
 pub struct AppRecords {
     apps: sled::Tree,
     revisions: sled::Tree,
+    removals: sled::Tree,
 }
 
 fn revision_key(app: &str, number: u32) -> String {
@@ -110,7 +121,28 @@ impl AppRecords {
         Ok(Self {
             apps: store.tree("apps")?,
             revisions: store.tree("revisions")?,
+            removals: store.tree("removed_apps")?,
         })
+    }
+
+    /// The removal of app `name`, when it was removed and not deployed since.
+    pub fn removal(&self, name: &str) -> Result<Option<Removal>, StoreError> {
+        store::get_json(&self.removals, name)
+    }
+
+    /// Every removal kept, by app name.
+    pub fn removals(&self) -> Result<BTreeMap<String, Removal>, StoreError> {
+        let mut removals = BTreeMap::new();
+        for entry in self.removals.iter() {
+            let (key, bytes) = entry?;
+            let name = String::from_utf8_lossy(&key).into_owned();
+            let removal = serde_json::from_slice(&bytes).map_err(|source| StoreError::Corrupt {
+                key: name.clone(),
+                source,
+            })?;
+            removals.insert(name, removal);
+        }
+        Ok(removals)
     }
 
     /// Every app with its revisions. Records of an older node (one component per app) are
@@ -184,9 +216,10 @@ impl AppRecords {
             .iter()
             .map(|number| revision_key(&record.name, *number))
             .collect();
-        (&self.apps, &self.revisions)
-            .transaction(|(apps, revisions)| {
+        (&self.apps, &self.revisions, &self.removals)
+            .transaction(|(apps, revisions, removals)| {
                 apps.insert(record.name.as_bytes(), app.as_slice())?;
+                removals.remove(record.name.as_bytes())?;
                 if let Some((key, value)) = &created {
                     revisions.insert(key.as_bytes(), value.as_slice())?;
                 }
@@ -198,18 +231,57 @@ impl AppRecords {
             .map_err(transaction_error)
     }
 
-    /// Deletes an app and its revisions, all or nothing (not yet durable).
-    pub fn remove_app(&self, name: &str) -> Result<(), StoreError> {
+    /// Deletes an app and its revisions and keeps `removal` of it, all or nothing (not yet
+    /// durable).
+    pub fn remove_app(&self, name: &str, removal: &Removal) -> Result<(), StoreError> {
         let keys: Vec<String> = self
             .revisions_of(name)?
             .keys()
             .map(|number| revision_key(name, *number))
             .collect();
-        (&self.apps, &self.revisions)
-            .transaction(|(apps, revisions)| {
+        let removal = serde_json::to_vec(removal).expect("records serialise");
+        (&self.apps, &self.revisions, &self.removals)
+            .transaction(|(apps, revisions, removals)| {
                 apps.remove(name.as_bytes())?;
+                removals.insert(name.as_bytes(), removal.as_slice())?;
                 for key in &keys {
                     revisions.remove(key.as_bytes())?;
+                }
+                Ok(())
+            })
+            .map_err(transaction_error)
+    }
+
+    /// Makes `app` what is stored of it, a peer's copy: its record and exactly its
+    /// revisions, all or nothing (not yet durable).
+    pub fn replace(&self, app: &StoredApp) -> Result<(), StoreError> {
+        let name = &app.record.name;
+        let record = serde_json::to_vec(&app.record).expect("records serialise");
+        let stale: Vec<String> = self
+            .revisions_of(name)?
+            .keys()
+            .filter(|number| !app.revisions.contains_key(number))
+            .map(|number| revision_key(name, *number))
+            .collect();
+        let kept: Vec<(String, Vec<u8>)> = app
+            .revisions
+            .values()
+            .map(|revision| {
+                (
+                    revision_key(name, revision.number),
+                    serde_json::to_vec(revision).expect("records serialise"),
+                )
+            })
+            .collect();
+        (&self.apps, &self.revisions, &self.removals)
+            .transaction(|(apps, revisions, removals)| {
+                apps.insert(name.as_bytes(), record.as_slice())?;
+                removals.remove(name.as_bytes())?;
+                for key in &stale {
+                    revisions.remove(key.as_bytes())?;
+                }
+                for (key, value) in &kept {
+                    revisions.insert(key.as_bytes(), value.as_slice())?;
                 }
                 Ok(())
             })
@@ -305,7 +377,12 @@ mod tests {
                 .unwrap();
         }
         assert_eq!(records.revisions_of("a").unwrap().len(), 2);
-        records.remove_app("a").unwrap();
+        let removal = Removal {
+            tenant: "default".into(),
+            stamp: placement::Stamp::next("n", None),
+        };
+        records.remove_app("a", &removal).unwrap();
+        assert_eq!(records.removal("a").unwrap(), Some(removal));
         assert_eq!(records.revisions_of("ab").unwrap().len(), 1);
         assert!(records.get("a").unwrap().is_none());
         records
@@ -313,5 +390,50 @@ mod tests {
             .unwrap();
         assert!(records.revisions_of("ab").unwrap().is_empty());
         assert!(records.revisions_of("a").unwrap().is_empty());
+        // A deployment after the removal ends it.
+        records
+            .commit(&AppRecord::new("a", "default", 0), None, &[])
+            .unwrap();
+        assert!(records.removals().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_replica_replaces_the_record_and_exactly_its_revisions() {
+        let temp = TempStore::default();
+        let records = AppRecords::open(&temp.store).unwrap();
+        let spec = spec::settle(
+            &DeploySpec::default(),
+            &crate::config::LimitsConfig::default(),
+        )
+        .unwrap();
+        let revision = |number| RevisionRecord {
+            app: "a".into(),
+            number,
+            digest: "00".repeat(32),
+            size_bytes: 1,
+            created_at: 0,
+            spec: spec.clone(),
+        };
+        for number in [1, 2] {
+            records
+                .commit(
+                    &AppRecord::new("a", "default", 0),
+                    Some(&revision(number)),
+                    &[],
+                )
+                .unwrap();
+        }
+        let replica = StoredApp {
+            record: AppRecord {
+                latest: 3,
+                next_revision: 4,
+                ..AppRecord::new("a", "default", 0)
+            },
+            revisions: BTreeMap::from([(2, revision(2)), (3, revision(3))]),
+        };
+        records.replace(&replica).unwrap();
+        let stored = records.get("a").unwrap().unwrap();
+        assert_eq!(stored.record, replica.record);
+        assert_eq!(stored.revisions.keys().copied().collect::<Vec<_>>(), [2, 3]);
     }
 }

@@ -3,6 +3,7 @@
 //! and an [`AppRecord`] with what belongs to the app across revisions (traffic, rate limits,
 //! fallback). [`settle`] turns a request into a revision's settings against the node's limits.
 
+use super::placement::{Placement, Stamp};
 use super::rate::RateLimitSpec;
 use super::traffic::{self, TrafficTarget};
 use crate::config::LimitsConfig;
@@ -27,6 +28,8 @@ pub struct DeploySpec {
     pub client_rate_limit: Option<RateLimitSpec>,
     pub traffic: Option<TrafficSpec>,
     pub fallback: Option<Fallback>,
+    /// Which nodes of a fleet run the app (every node when empty).
+    pub placement: Placement,
 }
 
 impl DeploySpec {
@@ -69,6 +72,7 @@ impl DeploySpec {
                 sticky_header: record.sticky_header.clone(),
             }),
             fallback: record.fallback.clone(),
+            placement: record.placement.clone(),
         }
     }
 
@@ -112,6 +116,9 @@ impl DeploySpec {
         self.client_rate_limit = changes.client_rate_limit.or(self.client_rate_limit);
         self.traffic = changes.traffic.or(self.traffic);
         self.fallback = changes.fallback.or(self.fallback);
+        if changes.placement != Placement::default() {
+            self.placement = changes.placement;
+        }
         self
     }
 }
@@ -359,6 +366,12 @@ pub struct AppRecord {
     /// Queues the app is triggered by (see [`AppSection::consumes`]).
     #[serde(default)]
     pub consumes: Vec<String>,
+    /// Which nodes of a fleet run it.
+    #[serde(default)]
+    pub placement: Placement,
+    /// Its last change, which orders it against the same app's records on other nodes.
+    #[serde(default)]
+    pub stamp: Stamp,
     /// Seconds since the Unix epoch.
     pub created_at: u64,
     pub updated_at: u64,
@@ -388,6 +401,8 @@ impl AppRecord {
             fallback: None,
             routes: Vec::new(),
             consumes: Vec::new(),
+            placement: Placement::default(),
+            stamp: Stamp::default(),
             created_at: now,
             updated_at: now,
         }
@@ -409,6 +424,7 @@ impl AppRecord {
             routes: spec.app.routes.clone(),
             consumes: spec.app.consumes.clone(),
             public: spec.app.public.unwrap_or(false),
+            placement: spec.placement.clone(),
             ..self.clone()
         }
     }
@@ -416,6 +432,7 @@ impl AppRecord {
     /// Checks the app-level settings against the revisions that exist.
     pub fn validate(&self, revisions: &[u32]) -> Result<(), String> {
         traffic::validate(&self.traffic, self.latest, revisions)?;
+        self.placement.validate()?;
         if let Some(header) = &self.sticky_header {
             http::HeaderName::from_bytes(header.as_bytes())
                 .map_err(|_| format!("traffic.sticky_header {header:?} is not a header name"))?;

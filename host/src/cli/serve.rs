@@ -101,16 +101,31 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             Duration::from_secs(node.config.cluster.reload_secs),
             shutdown.clone(),
         ));
+        let clients = Arc::new(crate::cluster::client::PeerClients::new(tls.clone()));
         let (membership, seeding) =
-            start_membership(&node, &tls, listener.local_addr()?, &shutdown).await?;
+            start_membership(&node, &tls, &clients, listener.local_addr()?, &shutdown).await?;
         background.push(seeding);
-        let _ = node.membership.set(membership.clone());
+        let sync_interval = Duration::from_millis(node.config.cluster.sync_interval_ms);
+        // A report a few rounds old no longer says where an app is served.
+        let fleet = Arc::new(crate::cluster::Fleet::new(
+            membership,
+            clients,
+            sync_interval * 3 + Duration::from_secs(1),
+        ));
+        let _ = node.fleet.set(fleet.clone());
+        let replicator = crate::cluster::replication::Replicator {
+            fleet: fleet.clone(),
+            runtime: node.runtime.clone(),
+            blobs: node.runtime.blobs().clone(),
+            tmp_dir: node.config.data_dir.join(node::TMP_DIR),
+        };
+        background.push(replicator.spawn(sync_interval, shutdown.clone()));
         let connections = Arc::new(ConnectionStats::new(node.config.cluster.max_connections));
         background.push(tokio::spawn(api::serve_peers(
             node.clone(),
             listener,
             tls,
-            membership,
+            fleet,
             connections,
         )));
     }
@@ -130,27 +145,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Joins the cluster as this node: its id, the address of its node port, its labels (those
-/// configured, and the backends available here), through its seeds (the task that announces
+/// Joins the cluster as this node: its id, the address of its node port, its labels (see
+/// [`crate::cluster::node_labels`]), through its seeds (the task that announces
 /// it to them is returned beside the membership).
 async fn start_membership(
     node: &Arc<node::Node>,
     tls: &Arc<crate::tls::peer::PeerTls>,
+    clients: &Arc<crate::cluster::client::PeerClients>,
     listening: std::net::SocketAddr,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<(Arc<crate::cluster::Membership>, tokio::task::JoinHandle<()>)> {
     let config = &node.config.cluster;
-    let mut labels = config.labels.clone();
-    let described = {
-        let node = node.clone();
-        tokio::task::spawn_blocking(move || node.models.backends().describe()).await?
-    };
-    let backends: Vec<&str> = described
-        .iter()
-        .filter(|backend| backend.available)
-        .map(|backend| backend.name)
-        .collect();
-    labels.insert("backends".into(), backends.join(","));
     let me = crate::cluster::Member {
         id: tls.node_id().to_string(),
         addr: config.advertise.unwrap_or(listening),
@@ -158,13 +163,13 @@ async fn start_membership(
         bump: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64),
-        labels,
+        labels: node.runtime.labels().clone(),
     };
     let seeds = config
         .seeds()
         .map_err(|e| anyhow::anyhow!("invalid config: {e}"))?;
     let membership =
-        crate::cluster::Membership::start(me, tls.clone(), config.timing(), shutdown.clone());
+        crate::cluster::Membership::start(me, clients.clone(), config.timing(), shutdown.clone());
     let seeding = crate::cluster::seeds::spawn(
         seeds,
         Duration::from_secs(config.seed_interval_secs),

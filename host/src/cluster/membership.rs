@@ -8,11 +8,11 @@
 //! channel, and what it sends goes out on tasks of its own, at most [`MAX_SENDS_IN_FLIGHT`] at
 //! once (beyond that a message is dropped, which SWIM is built to survive).
 
-use crate::tls::peer::PeerTls;
+use super::client::{self, PeerClients};
 use bytes::Bytes;
 use foca::{Codec, Foca, OwnedNotification, PostcardCodec, Timer};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -25,8 +25,6 @@ const INPUT_QUEUE: usize = 1024;
 const MAX_SENDS_IN_FLIGHT: usize = 64;
 /// The longest one message may take to reach a peer.
 const SEND_TIMEOUT: Duration = Duration::from_secs(2);
-/// HTTP clients kept (one per member and address).
-const MAX_CLIENTS: usize = 1024;
 /// Largest message accepted (foca's packets are at most 1400 bytes).
 pub const MAX_MESSAGE_BYTES: usize = 64 << 10;
 
@@ -110,7 +108,7 @@ impl Membership {
     /// through the members given to [`Membership::join`].
     pub fn start(
         me: Member,
-        tls: Arc<PeerTls>,
+        clients: Arc<PeerClients>,
         timing: Timing,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
@@ -121,7 +119,7 @@ impl Membership {
             members: members.clone(),
             me: me.clone(),
         });
-        let sender = Sender::new(tls);
+        let sender = Sender::new(clients);
         tokio::spawn(run(
             me,
             timing,
@@ -177,61 +175,18 @@ impl Membership {
     }
 }
 
-/// HTTP clients per member (id and address), made with one generation of the TLS identity.
-struct Clients {
-    generation: u64,
-    by_member: HashMap<(String, SocketAddr), reqwest::Client>,
-}
-
-/// Sends messages to peers over mutual TLS, one HTTP client per member (kept while the TLS
-/// identity is unchanged).
+/// Sends messages to peers over mutual TLS, at most [`MAX_SENDS_IN_FLIGHT`] at once.
 struct Sender {
-    tls: Arc<PeerTls>,
-    clients: std::sync::Mutex<Clients>,
+    clients: Arc<PeerClients>,
     in_flight: Arc<Semaphore>,
 }
 
 impl Sender {
-    fn new(tls: Arc<PeerTls>) -> Self {
+    fn new(clients: Arc<PeerClients>) -> Self {
         Self {
-            tls,
-            clients: std::sync::Mutex::new(Clients {
-                generation: 0,
-                by_member: HashMap::new(),
-            }),
+            clients,
             in_flight: Arc::new(Semaphore::new(MAX_SENDS_IN_FLIGHT)),
         }
-    }
-
-    fn client(&self, to: &Member) -> Option<reqwest::Client> {
-        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        let generation = self.tls.generation();
-        if clients.generation != generation {
-            *clients = Clients {
-                generation,
-                by_member: HashMap::new(),
-            };
-        }
-        let key = (to.id.clone(), to.addr);
-        if let Some(client) = clients.by_member.get(&key) {
-            return Some(client.clone());
-        }
-        // Members that moved leave clients behind: start over rather than grow without bound.
-        if clients.by_member.len() >= MAX_CLIENTS {
-            clients.by_member.clear();
-        }
-        let mut config = (*self.tls.client_config()).clone();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let client = reqwest::Client::builder()
-            .use_preconfigured_tls(config)
-            .resolve(&to.id, to.addr)
-            .timeout(SEND_TIMEOUT)
-            .pool_max_idle_per_host(1)
-            .build()
-            .map_err(|error| tracing::warn!(%error, "cannot make a client for a peer"))
-            .ok()?;
-        clients.by_member.insert(key, client.clone());
-        Some(client)
     }
 
     fn send(&self, to: Member, message: Bytes) {
@@ -239,12 +194,17 @@ impl Sender {
             tracing::debug!(peer = %to.id, "too many membership messages in flight; one dropped");
             return;
         };
-        let Some(client) = self.client(&to) else {
+        let Some(client) = self.clients.client(&to) else {
             return;
         };
-        let url = format!("https://{}:{}/cluster/v1/swim", to.id, to.addr.port());
+        let url = client::url(&to, "/cluster/v1/swim");
         tokio::spawn(async move {
-            let sent = client.post(url).body(message).send().await;
+            let sent = client
+                .post(url)
+                .timeout(SEND_TIMEOUT)
+                .body(message)
+                .send()
+                .await;
             if let Err(error) = sent.and_then(|response| response.error_for_status()) {
                 tracing::debug!(peer = %to.id, %error, "a membership message did not arrive");
             }

@@ -1,11 +1,18 @@
 //! The fleet: a node's place in a cluster of nodes that trust each other only through mutual
 //! TLS. Its identity (node id, the cluster CA, its certificate, the CRL) and the node port it
 //! serves peers on are configured in `[cluster]`; the TLS itself is [`crate::tls::peer`], the
-//! routes peers call are the API's node port, and who is in the cluster is [`membership`].
+//! routes peers call are the API's node port, who is in the cluster is [`membership`], what
+//! each peer has is the [`Fleet`], deployments travel by [`replication`] and requests by
+//! [`forwarding`].
 
+pub mod client;
+pub mod fleet;
+pub mod forwarding;
 pub mod membership;
+pub mod replication;
 pub mod seeds;
 
+pub use fleet::Fleet;
 pub use membership::{Member, MemberStatus, Membership};
 pub use seeds::Seed;
 
@@ -54,6 +61,8 @@ pub struct ClusterConfig {
     /// How many members the cluster is expected to have (updates are passed on more times in
     /// a larger one).
     pub expected_members: u32,
+    /// How often a node asks peers what they have (apps, removals, load), in milliseconds.
+    pub sync_interval_ms: u64,
 }
 
 impl Default for ClusterConfig {
@@ -74,8 +83,26 @@ impl Default for ClusterConfig {
             probe_period_ms: 1000,
             suspect_to_down_ms: 3000,
             expected_members: 32,
+            sync_interval_ms: 1000,
         }
     }
+}
+
+/// What a node says of itself: the labels configured in `[cluster.labels]`, and `backends`,
+/// those of `backends` available here (comma-separated). Apps are placed by these.
+pub fn node_labels(
+    config: &ClusterConfig,
+    backends: &crate::nn::backend::Backends,
+) -> BTreeMap<String, String> {
+    let mut labels = config.labels.clone();
+    let available: Vec<&str> = backends
+        .describe()
+        .iter()
+        .filter(|backend| backend.available)
+        .map(|backend| backend.name)
+        .collect();
+    labels.insert("backends".into(), available.join(","));
+    labels
 }
 
 impl ClusterConfig {
@@ -145,6 +172,12 @@ impl ClusterConfig {
             return Err(format!(
                 "cluster.expected_members must be between 1 and 100000, not {}",
                 self.expected_members
+            ));
+        }
+        if !(100..=600_000).contains(&self.sync_interval_ms) {
+            return Err(format!(
+                "cluster.sync_interval_ms must be between 100 and 600000, not {}",
+                self.sync_interval_ms
             ));
         }
         Ok(())

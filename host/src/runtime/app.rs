@@ -28,6 +28,8 @@ pub struct App {
     tags: HashMap<String, u32>,
     /// Its rate limiters (kept across changes that leave the limits as they are).
     pub rate: Arc<RateLimits>,
+    /// Its placement selects this node: it serves requests here (else peers serve them).
+    pub placed: bool,
 }
 
 impl App {
@@ -37,11 +39,12 @@ impl App {
     }
 
     /// The app `record` serving `revisions` (which must hold every revision its split and
-    /// fallback name).
+    /// fallback name), here when `placed`.
     pub fn new(
         record: AppRecord,
         revisions: BTreeMap<u32, Arc<Revision>>,
         rate: Arc<RateLimits>,
+        placed: bool,
     ) -> Self {
         let split = Split::new(&record.traffic, record.latest);
         let tags = record
@@ -58,6 +61,7 @@ impl App {
             split,
             tags,
             rate,
+            placed,
         }
     }
 

@@ -6,9 +6,11 @@
 use super::app::{App, Revision};
 use super::{check_preamble, Runtime};
 use crate::apps;
+use crate::apps::placement::Stamp;
 use crate::apps::secrets::SecretsError;
 use crate::apps::spec::{self, AppRecord, DeploySpec, RevisionRecord};
 use crate::apps::traffic::{self, RevisionRef, TrafficTarget};
+use crate::apps::Removal;
 use crate::store::{self, StoreError};
 use bytes::Bytes;
 use serde::Serialize;
@@ -70,7 +72,7 @@ impl Default for DeployOptions {
 /// Lets go of revisions taken out of service: at once when no request uses them any more
 /// (their components' files are deleted before this returns, if nothing else holds them),
 /// else when the last request using one ends.
-async fn retire(revisions: Vec<Arc<Revision>>) {
+pub(super) async fn retire(revisions: Vec<Arc<Revision>>) {
     for revision in revisions {
         revision.retire();
         if let Ok(revision) = Arc::try_unwrap(revision) {
@@ -212,6 +214,7 @@ impl Runtime {
                 "routes": record.routes,
                 "consumes": record.consumes,
                 "public": record.public,
+                "placement": record.placement,
             })
         };
         let changes = spec::diff(
@@ -228,6 +231,7 @@ impl Runtime {
             });
         }
         after.updated_at = now;
+        after.stamp = self.next_stamp(&before)?;
         self.records
             .commit(&after, new_revision.as_ref(), &pruned)?;
         self.store.make_durable().await?;
@@ -288,9 +292,10 @@ impl Runtime {
             }
             _ => self.rate_limits(&after),
         };
+        let placed = self.places(&after);
         self.apps.write().expect("apps lock").insert(
             name.to_string(),
-            Arc::new(App::new(after.clone(), revisions, rate)),
+            Arc::new(App::new(after.clone(), revisions, rate, placed)),
         );
         drop(current);
         retire(retired).await;
@@ -306,7 +311,7 @@ impl Runtime {
     /// tenant's route either (it would take part of that app's paths, and the requests its
     /// clients send there), and only the operator's tenant may take `/`. Another tenant's app
     /// is not named.
-    fn check_claims(&self, app: &AppRecord) -> Result<(), DeployError> {
+    pub(super) fn check_claims(&self, app: &AppRecord) -> Result<(), DeployError> {
         let others: Vec<Arc<App>> = self
             .apps()
             .into_iter()
@@ -403,6 +408,7 @@ impl Runtime {
             .validate(&numbers)
             .map_err(DeployError::InvalidSetting)?;
         after.updated_at = store::unix_now();
+        after.stamp = self.next_stamp(&stored.record)?;
         self.records.commit(&after, None, &[])?;
         self.store.make_durable().await?;
         let current = self
@@ -414,6 +420,7 @@ impl Runtime {
                 after.clone(),
                 current.revisions.clone(),
                 current.rate.clone(),
+                current.placed,
             )),
         );
         Ok(after)
@@ -479,20 +486,39 @@ impl Runtime {
     }
 
     /// Removes an app with its revisions and secrets; requests already running finish (their
-    /// revisions hold what they need). Its components' files go once nothing uses them.
+    /// revisions hold what they need). Its components' files go once nothing uses them. The
+    /// removal is kept, so that the fleet's other nodes remove it too.
     pub async fn remove(&self, name: &str) -> Result<Option<AppRecord>, DeployError> {
         let _changing = self.changes.lock().await;
         let Some(stored) = self.records.get(name)? else {
             return Ok(None);
         };
-        self.records.remove_app(name)?;
+        let removal = Removal {
+            tenant: stored.record.tenant.clone(),
+            stamp: self.next_stamp(&stored.record)?,
+        };
+        self.remove_locked(name, &removal).await?;
+        Ok(Some(stored.record))
+    }
+
+    /// Removes app `name` (if this node has it) and keeps `removal`; the caller holds
+    /// `changes`.
+    pub(super) async fn remove_locked(
+        &self,
+        name: &str,
+        removal: &Removal,
+    ) -> Result<(), DeployError> {
+        let stored = self.records.get(name)?;
+        self.records.remove_app(name, removal)?;
         self.secrets.remove_app(name)?;
         self.store.make_durable().await?;
         let removed = self.apps.write().expect("apps lock").remove(name);
-        self.resources
-            .telemetry
-            .metrics
-            .forget_app(name, 1..stored.record.next_revision);
+        if let Some(stored) = stored {
+            self.resources
+                .telemetry
+                .metrics
+                .forget_app(name, 1..stored.record.next_revision);
+        }
         if let Err(error) = self.resources.telemetry.logs.remove_app(name).await {
             tracing::error!(app = name, %error, "deleting the removed app's log failed");
         }
@@ -501,7 +527,15 @@ impl Runtime {
             drop(app);
             retire(revisions).await;
         }
-        Ok(Some(stored.record))
+        Ok(())
+    }
+
+    /// The stamp of a change of `record` made here now: newer than the record's and than a
+    /// removal of an app of that name before it.
+    fn next_stamp(&self, record: &AppRecord) -> Result<Stamp, DeployError> {
+        let removed = self.records.removal(&record.name)?.map(|r| r.stamp);
+        let last = removed.max(Some(record.stamp.clone()));
+        Ok(Stamp::next(&self.node_id, last.as_ref()))
     }
 
     /// Sets secret `key` of app `name` (stored encrypted); its next requests see it.

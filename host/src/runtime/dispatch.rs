@@ -118,6 +118,12 @@ impl Runtime {
         let app = self.app(app).ok_or_else(|| {
             InvokeError::NotFound(format!("no app named {app:?} is deployed on this node"))
         })?;
+        if !app.placed {
+            return Err(InvokeError::NotPlaced(format!(
+                "app {:?} runs on other nodes of the cluster (its placement does not select this one) and none of them took the request",
+                app.record.name
+            )));
+        }
         let sticky = app
             .record
             .sticky_header

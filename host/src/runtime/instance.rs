@@ -173,6 +173,8 @@ pub enum InvokeError {
     TooLarge(String),
     #[error("{0}")]
     Unusable(String),
+    #[error("{0}")]
+    NotPlaced(String),
 }
 
 impl InvokeError {
@@ -187,9 +189,9 @@ impl InvokeError {
             | InvokeError::AppError(_)
             | InvokeError::CpuLimit(_)
             | InvokeError::Unusable(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            InvokeError::Instantiate(_) | InvokeError::Overloaded { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            InvokeError::Instantiate(_)
+            | InvokeError::Overloaded { .. }
+            | InvokeError::NotPlaced(_) => StatusCode::SERVICE_UNAVAILABLE,
             InvokeError::NotFound(_) => StatusCode::NOT_FOUND,
             InvokeError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             InvokeError::TooDeep(_) => StatusCode::LOOP_DETECTED,
@@ -213,6 +215,7 @@ impl InvokeError {
             InvokeError::TooDeep(_) => "call_too_deep",
             InvokeError::TooLarge(_) => "body_too_large",
             InvokeError::Unusable(_) => "revision_unusable",
+            InvokeError::NotPlaced(_) => "not_placed",
         }
     }
 
@@ -225,6 +228,7 @@ impl InvokeError {
             | InvokeError::RateLimited {
                 retry_after_secs, ..
             } => Some(*retry_after_secs),
+            InvokeError::NotPlaced(_) => Some(1),
             _ => None,
         }
     }
@@ -237,6 +241,7 @@ impl InvokeError {
                 | InvokeError::RateLimited { .. }
                 | InvokeError::TooDeep(_)
                 | InvokeError::TooLarge(_)
+                | InvokeError::NotPlaced(_)
         )
     }
 }

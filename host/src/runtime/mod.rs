@@ -14,17 +14,19 @@ mod lease;
 mod outgoing;
 mod output;
 pub mod queue;
+mod replica;
 
 pub use admission::{read_body, BodyError, BodyReservation};
 pub use app::{App, Revision, RevisionConfig};
 pub use deploy::{DeployError, DeployOptions, Deployed};
 pub use dispatch::ServedBody;
 pub use instance::{InstanceBody, InstanceResources, InvokeError};
+pub use replica::{AppVersion, DesiredState, Load};
 
 use crate::apps::rate::RateLimits;
 use crate::apps::secrets::Secrets;
 use crate::apps::spec::{self, AppRecord};
-use crate::apps::AppRecords;
+use crate::apps::{AppRecords, StoredApp};
 use crate::config::{Config, LimitsConfig};
 use crate::store::blobs::{self, Blobs};
 use crate::store::Store;
@@ -59,6 +61,10 @@ pub struct Runtime {
     this: OnceLock<Weak<Runtime>>,
     /// Where queue messages go; set once the node has opened its job queue.
     queue_sink: OnceLock<Arc<dyn queue::QueueSink>>,
+    /// This node's id in its cluster ("" outside one): what its changes are stamped with.
+    node_id: String,
+    /// What this node says of itself: the apps whose placement selects these run here.
+    labels: BTreeMap<String, String>,
     _ticker: engine::EpochTicker,
 }
 
@@ -77,20 +83,25 @@ fn check_preamble(bytes: &[u8]) -> Result<(), DeployError> {
     }
 }
 
+/// Largest component the node takes (from the admin API or a peer).
+pub const MAX_COMPONENT_BYTES: u64 = 256 << 20;
+
 /// How often revisions are checked for scaling to zero.
 const IDLE_CHECK: Duration = Duration::from_secs(1);
 
 impl Runtime {
     /// Builds the runtime and loads every deployed app, holding their revisions' components
-    /// in `blobs`. Revisions with `min_instances` above 0 are prepared now; the others start
-    /// cold on their first request (a component not yet compiled by this engine is compiled
-    /// now, so that no request waits for compilation). Blocking: call it at start-up.
+    /// in `blobs`. Apps run here when their placement selects this node's `labels`; of those,
+    /// revisions with `min_instances` above 0 are prepared now, the others start cold on
+    /// their first request (a component not yet compiled by this engine is compiled now, so
+    /// that no request waits for compilation). Blocking: call it at start-up.
     pub fn open(
         config: &Config,
         store: Store,
         blobs: Arc<Blobs>,
         models: Arc<crate::nn::ModelRegistry>,
         telemetry: Arc<Telemetry>,
+        labels: BTreeMap<String, String>,
     ) -> anyhow::Result<Arc<Self>> {
         let engine = engine::build_engine(&config.limits)
             .map_err(|e| anyhow::anyhow!("cannot configure wasmtime: {e:#}"))?;
@@ -134,6 +145,8 @@ impl Runtime {
             limits: config.limits.clone(),
             this: OnceLock::new(),
             queue_sink: OnceLock::new(),
+            node_id: config.cluster.node_id.clone().unwrap_or_default(),
+            labels,
             _ticker: ticker,
         });
         runtime
@@ -151,45 +164,13 @@ impl Runtime {
         // Records of an older node were rewritten: make that durable before serving.
         runtime.store.flush_blocking()?;
         for app in stored {
-            let name = app.record.name.clone();
-            let secrets = runtime.secrets.values(&name).unwrap_or_else(|error| {
-                tracing::error!(app = %name, %error, "secrets could not be read");
-                Vec::new()
-            });
-            let mut revisions = BTreeMap::new();
-            for (number, record) in app.revisions {
-                let hold = runtime.blobs.hold(record.digest.clone());
-                let prepared = if record.spec.min_instances > 0
-                    || !runtime.is_compiled(&record.digest)
-                {
-                    match runtime.load_prepared(&record.digest) {
-                        Ok(pre) => Some(pre),
-                        Err(error) => {
-                            tracing::error!(app = %name, revision = number, %error, "revision could not be prepared");
-                            None
-                        }
-                    }
-                } else {
-                    None
-                };
-                let prepared = prepared.filter(|_| record.spec.min_instances > 0);
-                revisions.insert(
-                    number,
-                    Arc::new(Revision::new(
-                        record,
-                        &app.record.tenant,
-                        hold,
-                        prepared,
-                        &secrets,
-                    )),
-                );
-            }
+            let revisions = runtime.build_revisions(&app, None);
             let rate = runtime.rate_limits(&app.record);
-            runtime
-                .apps
-                .write()
-                .expect("apps lock")
-                .insert(name, Arc::new(App::new(app.record, revisions, rate)));
+            let placed = runtime.places(&app.record);
+            runtime.apps.write().expect("apps lock").insert(
+                app.record.name.clone(),
+                Arc::new(App::new(app.record, revisions, rate, placed)),
+            );
         }
         Ok(runtime)
     }
@@ -215,6 +196,75 @@ impl Runtime {
                 }
             }
         });
+    }
+
+    /// The revisions of `app` ready to serve, holding their components: those of `current`
+    /// (the app as served now) whose record is unchanged as they are, the others new. Of an
+    /// app placed here, revisions with `min_instances` above 0 are prepared, and components
+    /// this engine has not compiled yet are compiled. Blocking.
+    fn build_revisions(
+        &self,
+        app: &StoredApp,
+        current: Option<&App>,
+    ) -> BTreeMap<u32, Arc<Revision>> {
+        let name = &app.record.name;
+        let placed = self.places(&app.record);
+        let secrets = self.secrets.values(name).unwrap_or_else(|error| {
+            tracing::error!(app = %name, %error, "secrets could not be read");
+            Vec::new()
+        });
+        let mut revisions = BTreeMap::new();
+        for (number, record) in &app.revisions {
+            let kept = current
+                .filter(|current| current.record.tenant == app.record.tenant)
+                .and_then(|current| current.revisions.get(number))
+                .filter(|revision| revision.record == *record);
+            if let Some(revision) = kept {
+                revisions.insert(*number, revision.clone());
+                continue;
+            }
+            let hold = self.blobs.hold(record.digest.clone());
+            let prepared = if placed
+                && (record.spec.min_instances > 0 || !self.is_compiled(&record.digest))
+            {
+                match self.load_prepared(&record.digest) {
+                    Ok(pre) => Some(pre),
+                    Err(error) => {
+                        tracing::error!(app = %name, revision = number, %error, "revision could not be prepared");
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            let prepared = prepared.filter(|_| record.spec.min_instances > 0);
+            revisions.insert(
+                *number,
+                Arc::new(Revision::new(
+                    record.clone(),
+                    &app.record.tenant,
+                    hold,
+                    prepared,
+                    &secrets,
+                )),
+            );
+        }
+        revisions
+    }
+
+    /// Whether the placement of `record` selects this node.
+    fn places(&self, record: &AppRecord) -> bool {
+        record.placement.selects(&self.labels)
+    }
+
+    /// The node's blob store.
+    pub fn blobs(&self) -> &Arc<Blobs> {
+        &self.blobs
+    }
+
+    /// What this node says of itself (its configured labels and the backends it has).
+    pub fn labels(&self) -> &BTreeMap<String, String> {
+        &self.labels
     }
 
     fn rate_limits(&self, record: &AppRecord) -> Arc<RateLimits> {

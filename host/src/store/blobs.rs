@@ -18,6 +18,59 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+/// Why a stream could not be staged.
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    #[error("it is larger than {0} bytes")]
+    TooLarge(u64),
+    #[error("reading it failed: {0}")]
+    Read(String),
+    #[error("writing it failed: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// A stream written to a file in `tmp_dir` and fsynced: its path, SHA-256 and size, ready
+/// for [`Blobs::put_file`]. More than `limit` bytes, or a broken stream, is an error, and the
+/// file is deleted.
+pub async fn stage_stream<S, E>(
+    tmp_dir: &Path,
+    mut stream: S,
+    limit: u64,
+) -> Result<(PathBuf, String, u64), StageError>
+where
+    S: futures_util::Stream<Item = Result<bytes::Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    use futures_util::StreamExt;
+    use tokio::io::AsyncWriteExt;
+    tokio::fs::create_dir_all(tmp_dir).await?;
+    let staged = tmp_dir.join(format!("upload-{:016x}", rand::random::<u64>()));
+    let written = async {
+        let mut file = tokio::fs::File::create(&staged).await?;
+        let mut hasher = Sha256::new();
+        let mut size = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| StageError::Read(e.to_string()))?;
+            size += chunk.len() as u64;
+            if size > limit {
+                return Err(StageError::TooLarge(limit));
+            }
+            hasher.update(&chunk);
+            file.write_all(&chunk).await?;
+        }
+        file.sync_all().await?;
+        Ok((hex::encode(hasher.finalize()), size))
+    }
+    .await;
+    match written {
+        Ok((digest, size)) => Ok((staged, digest, size)),
+        Err(error) => {
+            let _ = tokio::fs::remove_file(&staged).await;
+            Err(error)
+        }
+    }
+}
+
 /// The blob store; one per node, shared by the runtime and the model registry.
 pub struct Blobs {
     dir: PathBuf,

@@ -1,0 +1,210 @@
+//! Desired state across the fleet, by anti-entropy: every `[cluster] sync_interval_ms` a node
+//! asks up to [`PEERS_PER_ROUND`] alive peers what they have (`GET /cluster/v1/state`), and
+//! takes every app whose change is newer than what it knows (`GET /cluster/v1/apps/<name>`),
+//! with the components it lacks (`GET /cluster/v1/blobs/<digest>`, verified against the
+//! digest on arrival), and every newer removal. Last writer wins per app. A node that was down
+//! catches up at its first round after it rejoins; a change travels on from node to node, so
+//! the node where it was made need not stay up.
+
+use super::client;
+use super::fleet::{Fleet, PeerState};
+use super::Member;
+use crate::apps::StoredApp;
+use crate::runtime::Runtime;
+use crate::store::blobs::{self, Blobs, Held};
+use futures_util::StreamExt;
+use rand::seq::SliceRandom;
+use serde::de::DeserializeOwned;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Peers asked per round.
+const PEERS_PER_ROUND: usize = 8;
+/// The longest a state or an app record may take to arrive.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest a component may take to arrive.
+const COMPONENT_TIMEOUT: Duration = Duration::from_secs(120);
+/// Largest state or app record taken from a peer.
+const MAX_RECORD_BYTES: usize = 16 << 20;
+
+/// What a round of replication needs.
+pub struct Replicator {
+    pub fleet: Arc<Fleet>,
+    pub runtime: Arc<Runtime>,
+    pub blobs: Arc<Blobs>,
+    /// Where components are staged as they arrive.
+    pub tmp_dir: PathBuf,
+}
+
+impl Replicator {
+    /// Runs a round every `every` until `shutdown`.
+    pub fn spawn(
+        self,
+        every: Duration,
+        shutdown: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(every);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = ticks.tick() => {}
+                    () = shutdown.cancelled() => return,
+                }
+                tokio::select! {
+                    () = self.round() => {}
+                    () = shutdown.cancelled() => return,
+                }
+            }
+        })
+    }
+
+    /// Asks some alive peers what they have, and takes what is newer.
+    async fn round(&self) {
+        let mut peers = self.fleet.alive_peers();
+        peers.shuffle(&mut rand::thread_rng());
+        peers.truncate(PEERS_PER_ROUND);
+        let states =
+            futures_util::future::join_all(peers.iter().map(|peer| {
+                self.get_json::<PeerState>(peer, "/cluster/v1/state", REQUEST_TIMEOUT)
+            }))
+            .await;
+        for (peer, state) in peers.iter().zip(states) {
+            match state {
+                Ok(state) => {
+                    self.catch_up(peer, &state).await;
+                    self.fleet.record(&peer.id, state);
+                }
+                Err(error) => {
+                    tracing::debug!(peer = %peer.id, %error, "a peer's state did not arrive")
+                }
+            }
+        }
+    }
+
+    /// Takes the apps and removals of `state` (from `peer`) that are newer than this node's.
+    async fn catch_up(&self, peer: &Member, state: &PeerState) {
+        for (name, removal) in &state.desired.removed {
+            if let Err(error) = self.runtime.apply_removal(name, removal.clone()).await {
+                tracing::warn!(peer = %peer.id, app = %name, %error, "a peer's removal was not taken");
+            }
+        }
+        for version in &state.desired.apps {
+            let newer = match self.runtime.known_stamp(&version.name) {
+                Ok(known) => known.is_none_or(|known| known < version.stamp),
+                Err(error) => {
+                    tracing::error!(app = %version.name, %error, "reading an app failed");
+                    continue;
+                }
+            };
+            if !newer {
+                continue;
+            }
+            if let Err(error) = self.take_app(peer, &version.name).await {
+                tracing::warn!(peer = %peer.id, app = %version.name, %error, "a peer's app was not taken");
+            }
+        }
+    }
+
+    /// Fetches app `name` from `peer` with the components this node lacks, and applies it.
+    async fn take_app(&self, peer: &Member, name: &str) -> Result<(), String> {
+        let app: StoredApp = self
+            .get_json(peer, &format!("/cluster/v1/apps/{name}"), REQUEST_TIMEOUT)
+            .await?;
+        if app.record.name != name {
+            return Err(format!("the peer answered with app {:?}", app.record.name));
+        }
+        let mut fetched = Vec::new();
+        for (digest, size) in self.runtime.missing_components(&app) {
+            fetched.push(self.fetch_component(peer, &digest, size).await?);
+        }
+        let applied = self
+            .runtime
+            .apply_replica(app, fetched)
+            .await
+            .map_err(|e| e.to_string())?;
+        if applied {
+            tracing::info!(peer = %peer.id, app = name, "app replicated");
+        }
+        Ok(())
+    }
+
+    /// Fetches component `digest` of `size` bytes from `peer` into the blob store, refused
+    /// unless its bytes hash to `digest`.
+    async fn fetch_component(
+        &self,
+        peer: &Member,
+        digest: &str,
+        size: u64,
+    ) -> Result<Held, String> {
+        if !blobs::is_digest(digest) || size > crate::runtime::MAX_COMPONENT_BYTES {
+            return Err(format!(
+                "component {digest} ({size} bytes) is not one this node takes"
+            ));
+        }
+        let client = self
+            .fleet
+            .clients
+            .client(peer)
+            .ok_or("no client for the peer")?;
+        let response = client
+            .get(client::url(peer, &format!("/cluster/v1/blobs/{digest}")))
+            .timeout(COMPONENT_TIMEOUT)
+            .send()
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .map_err(|e| format!("fetching component {digest}: {e}"))?;
+        let (staged, arrived, arrived_size) =
+            blobs::stage_stream(&self.tmp_dir, response.bytes_stream(), size)
+                .await
+                .map_err(|e| format!("component {digest}: {e}"))?;
+        if arrived != digest || arrived_size != size {
+            let _ = tokio::fs::remove_file(&staged).await;
+            return Err(format!(
+                "component {digest} arrived as other bytes (SHA-256 {arrived}): refused"
+            ));
+        }
+        let (blobs, digest) = (self.blobs.clone(), digest.to_string());
+        tokio::task::spawn_blocking(move || blobs.put_file(&staged, &digest))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("storing a component: {e}"))
+    }
+
+    /// `path` of `peer` as JSON, at most [`MAX_RECORD_BYTES`], within `timeout`.
+    async fn get_json<T: DeserializeOwned>(
+        &self,
+        peer: &Member,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<T, String> {
+        let client = self
+            .fleet
+            .clients
+            .client(peer)
+            .ok_or("no client for the peer")?;
+        let read = async {
+            let response = client
+                .get(client::url(peer, path))
+                .send()
+                .await
+                .and_then(reqwest::Response::error_for_status)
+                .map_err(|e| e.to_string())?;
+            let mut body = Vec::new();
+            let mut chunks = response.bytes_stream();
+            while let Some(chunk) = chunks.next().await {
+                let chunk = chunk.map_err(|e| e.to_string())?;
+                if body.len() + chunk.len() > MAX_RECORD_BYTES {
+                    return Err(format!("{path} is larger than {MAX_RECORD_BYTES} bytes"));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            serde_json::from_slice(&body).map_err(|e| format!("{path}: {e}"))
+        };
+        tokio::time::timeout(timeout, read)
+            .await
+            .map_err(|_| format!("{path} did not arrive within {timeout:?}"))?
+    }
+}

@@ -1,0 +1,248 @@
+//! Desired state shared with the fleet: what this node tells peers it has (each app's stamp,
+//! the removals it keeps, the apps it serves), and applying what a peer has when it is newer
+//! (last-writer-wins per app: the whole app, its record and revisions, as the newest change
+//! left it). The components of a peer's revisions must be in the blob store before its app is
+//! applied; `cluster::replication` fetches them.
+
+use super::app::App;
+use super::deploy::{retire, DeployError};
+use super::Runtime;
+use crate::apps::placement::Stamp;
+use crate::apps::{self, Removal, StoredApp};
+use crate::store::blobs::{self, Held};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// An app's name with the stamp of its last change (or of its removal).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AppVersion {
+    pub name: String,
+    pub stamp: Stamp,
+}
+
+/// What a node has: every app with its stamp, the removals it keeps (by app name), and the
+/// apps whose placement selects it (those it serves).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DesiredState {
+    pub apps: Vec<AppVersion>,
+    pub removed: BTreeMap<String, Removal>,
+    pub serving: Vec<String>,
+}
+
+/// How busy a node is: instances running and requests waiting, against its limits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Load {
+    pub running: usize,
+    pub queued: usize,
+    pub max_running: usize,
+    pub max_queued: usize,
+}
+
+impl Load {
+    /// Whether a request would be shed: every instance slot taken and the queue full.
+    pub fn saturated(&self) -> bool {
+        self.running >= self.max_running && self.queued >= self.max_queued
+    }
+
+    /// Work per instance slot, to compare nodes of different sizes.
+    pub fn per_slot(&self) -> f64 {
+        (self.running + self.queued) as f64 / self.max_running.max(1) as f64
+    }
+}
+
+impl Runtime {
+    /// What this node has, for its peers.
+    pub fn desired_state(&self) -> Result<DesiredState, DeployError> {
+        let apps = self.apps();
+        Ok(DesiredState {
+            apps: apps
+                .iter()
+                .map(|app| AppVersion {
+                    name: app.record.name.clone(),
+                    stamp: app.record.stamp.clone(),
+                })
+                .collect(),
+            removed: self.records.removals()?,
+            serving: apps
+                .iter()
+                .filter(|app| app.placed)
+                .map(|app| app.record.name.clone())
+                .collect(),
+        })
+    }
+
+    /// How busy this node is now.
+    pub fn load(&self) -> Load {
+        Load {
+            running: self.admission.running(),
+            queued: self.admission.queued(),
+            max_running: self.limits.max_concurrent_instances as usize,
+            max_queued: self.limits.max_queued_requests as usize,
+        }
+    }
+
+    /// The stamp of the newest change this node knows of app `name`: its record's, or its
+    /// removal's.
+    pub fn known_stamp(&self, name: &str) -> Result<Option<Stamp>, DeployError> {
+        let record = self.app(name).map(|app| app.record.stamp.clone());
+        let removed = self.records.removal(name)?.map(|removal| removal.stamp);
+        Ok(record.max(removed))
+    }
+
+    /// App `name` as stored here, with its revisions, for a peer.
+    pub fn stored_app(&self, name: &str) -> Result<Option<StoredApp>, DeployError> {
+        Ok(self.records.get(name)?)
+    }
+
+    /// The components of `app` that the blob store lacks: digest and size.
+    pub fn missing_components(&self, app: &StoredApp) -> Vec<(String, u64)> {
+        let mut missing: Vec<(String, u64)> = app
+            .revisions
+            .values()
+            .filter(|revision| !self.blobs.path(&revision.digest).is_file())
+            .map(|revision| (revision.digest.clone(), revision.size_bytes))
+            .collect();
+        missing.sort();
+        missing.dedup();
+        missing
+    }
+
+    /// Makes a peer's `app` this node's, when it is newer than what this node knows of it
+    /// (its record or its removal); whether it did. Its components must be in the blob store
+    /// (`fetched` holds those just fetched until its revisions hold them). The app's secrets,
+    /// keys and key-value data stay this node's own. Requests already running finish on their
+    /// revisions.
+    pub async fn apply_replica(
+        self: &Arc<Self>,
+        app: StoredApp,
+        fetched: Vec<Held>,
+    ) -> Result<bool, DeployError> {
+        check_replica(&app)?;
+        let name = app.record.name.clone();
+        let _changing = self.changes.lock().await;
+        if self
+            .known_stamp(&name)?
+            .is_some_and(|known| known >= app.record.stamp)
+        {
+            return Ok(false);
+        }
+        if let Some((digest, _)) = self.missing_components(&app).first() {
+            return Err(DeployError::Invalid(format!(
+                "component {digest} of app {name:?} is not on this node"
+            )));
+        }
+        self.check_claims(&app.record)?;
+        self.records.replace(&app)?;
+        self.store.make_durable().await?;
+        let current = self.app(&name);
+        let (runtime, kept) = (self.clone(), current.clone());
+        let (app, revisions) = tokio::task::spawn_blocking(move || {
+            let revisions = runtime.build_revisions(&app, kept.as_deref());
+            (app, revisions)
+        })
+        .await
+        .map_err(|e| DeployError::Invalid(format!("preparing failed: {e}")))?;
+        drop(fetched);
+        let rate = match &current {
+            Some(current)
+                if current.record.rate_limit == app.record.rate_limit
+                    && current.record.client_rate_limit == app.record.client_rate_limit =>
+            {
+                current.rate.clone()
+            }
+            _ => self.rate_limits(&app.record),
+        };
+        let retired: Vec<_> = current
+            .as_ref()
+            .map(|current| {
+                current
+                    .revisions
+                    .iter()
+                    .filter(|(number, old)| {
+                        revisions
+                            .get(number)
+                            .is_none_or(|new| !Arc::ptr_eq(new, old))
+                    })
+                    .map(|(_, old)| old.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let forgotten: Vec<u32> = retired
+            .iter()
+            .map(|revision| revision.record.number)
+            .filter(|number| !revisions.contains_key(number))
+            .collect();
+        self.resources
+            .telemetry
+            .metrics
+            .forget_revisions(&name, forgotten);
+        let placed = self.places(&app.record);
+        tracing::info!(app = %name, node = %app.record.stamp.node, placed, "took a peer's change of an app");
+        self.apps.write().expect("apps lock").insert(
+            name,
+            Arc::new(App::new(app.record, revisions, rate, placed)),
+        );
+        drop(current);
+        retire(retired).await;
+        Ok(true)
+    }
+
+    /// Removes app `name` as a peer did, when the removal is newer than what this node knows
+    /// of the app; whether it did. The removal is kept either way it is newer, so that it
+    /// travels on.
+    pub async fn apply_removal(&self, name: &str, removal: Removal) -> Result<bool, DeployError> {
+        if !apps::valid_name(name) {
+            return Err(DeployError::InvalidName(name.to_string()));
+        }
+        let _changing = self.changes.lock().await;
+        if self
+            .known_stamp(name)?
+            .is_some_and(|known| known >= removal.stamp)
+        {
+            return Ok(false);
+        }
+        tracing::info!(app = %name, node = %removal.stamp.node, "took a peer's removal of an app");
+        self.remove_locked(name, &removal).await?;
+        Ok(true)
+    }
+}
+
+/// Refuses a peer's app that this node could not have made: bad names, revisions filed under
+/// another app or number, digests that are not digests, settings that do not validate.
+fn check_replica(app: &StoredApp) -> Result<(), DeployError> {
+    let record = &app.record;
+    if !apps::valid_name(&record.name) {
+        return Err(DeployError::InvalidName(record.name.clone()));
+    }
+    for (number, revision) in &app.revisions {
+        if revision.app != record.name || revision.number != *number {
+            return Err(DeployError::InvalidSetting(format!(
+                "revision {number} of the peer's app {:?} is filed under another app or number",
+                record.name
+            )));
+        }
+        if !blobs::is_digest(&revision.digest) {
+            return Err(DeployError::InvalidSetting(format!(
+                "revision {number} of the peer's app {:?} names no component",
+                record.name
+            )));
+        }
+        if *number >= record.next_revision {
+            return Err(DeployError::InvalidSetting(format!(
+                "revision {number} of the peer's app {:?} is past its next revision",
+                record.name
+            )));
+        }
+    }
+    if !app.revisions.contains_key(&record.latest) {
+        return Err(DeployError::InvalidSetting(format!(
+            "the peer's app {:?} lacks its newest revision",
+            record.name
+        )));
+    }
+    let numbers: Vec<u32> = app.revisions.keys().copied().collect();
+    record
+        .validate(&numbers)
+        .map_err(DeployError::InvalidSetting)
+}
