@@ -567,6 +567,29 @@ async fn a_deployment_reaches_the_nodes_its_placement_selects_and_the_others_for
         served_by.iter().all(|node| node == "a" || node == "b"),
         "{served_by:?}"
     );
+    // An async job accepted by C runs on a node of zone eu; C keeps the job and its result.
+    let accepted: serde_json::Value = c
+        .client
+        .post(c.at("/async/hello?name=job"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = accepted["id"].as_str().expect("a job id").to_string();
+    eventually("C's job to complete on a peer", || async {
+        c.get(&format!("/jobs/{id}"))
+            .await
+            .1
+            .contains("\"completed\"")
+    })
+    .await;
+    assert_eq!(
+        c.get(&format!("/jobs/{id}/result")).await,
+        (200, "Hello, job!\n".to_string())
+    );
+
     // A client cannot pretend its request was forwarded (and so skip the hop).
     let spoofed = c
         .client

@@ -241,7 +241,7 @@ async fn forward(
             headers: parts.headers.clone(),
             body: body.clone(),
             client,
-            timeout: Duration::from_secs(timeout_secs) + FORWARD_GRACE,
+            timeout: Duration::from_secs(timeout_secs) + forwarding::GRACE,
         })
         .await;
     drop(reservation);
@@ -256,10 +256,6 @@ async fn forward(
         ))),
     }
 }
-
-/// How much longer than an app's own timeout and queue wait a forwarded request may take to
-/// start answering (the hop, and a peer's cold start).
-const FORWARD_GRACE: Duration = Duration::from_secs(10);
 
 /// Serves a request a peer (node `from`) forwarded: here, never forwarded again; the peer
 /// authenticated its client and says who it is for rate limits.

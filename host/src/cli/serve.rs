@@ -56,17 +56,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut background = node
         .telemetry
         .start_persisting(node.store.clone(), shutdown.clone());
-    let executor = RuntimeExecutor::new(
-        node.runtime.clone(),
-        node.telemetry.clone(),
-        &node.config.jobs,
-    )?;
-    background.extend(crate::jobs::spawn_workers(
-        node.jobs.clone(),
-        Arc::new(executor),
-        node.config.jobs.workers,
-        shutdown.clone(),
-    ));
 
     let scheme = if server_config.is_some() {
         "https"
@@ -129,6 +118,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             connections,
         )));
     }
+    // Jobs start once the node knows its fleet: a job of an app placed elsewhere runs there.
+    let executor = RuntimeExecutor::new(
+        node.runtime.clone(),
+        node.telemetry.clone(),
+        node.fleet.get().cloned(),
+        &node.config.jobs,
+    )?;
+    background.extend(crate::jobs::spawn_workers(
+        node.jobs.clone(),
+        Arc::new(executor),
+        node.config.jobs.workers,
+        shutdown.clone(),
+    ));
     let connections = Arc::new(ConnectionStats::new(max_connections));
     let server = api::serve(node.clone(), listener, server_config, connections);
     tokio::select! {

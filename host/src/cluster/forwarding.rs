@@ -24,6 +24,9 @@ pub const FORWARDED_BY: &str = "tensorlet-forwarded-by";
 pub const SERVED_BY: &str = "tensorlet-served-by";
 /// Who the request comes from, for the peer's per-client rate limits.
 pub const CLIENT: &str = "tensorlet-client";
+/// How much longer than an app's own timeout and queue wait a forwarded request may take to
+/// start answering (the hop, and a peer's cold start).
+pub const GRACE: Duration = Duration::from_secs(10);
 /// Peers tried for one request (the next only when the last could not take it).
 const MAX_TRIES: usize = 3;
 

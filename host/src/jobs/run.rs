@@ -7,6 +7,8 @@
 
 use super::worker::{BoxFuture, Executor, Outcome};
 use super::{JobRecord, JobState, JobsConfig};
+use crate::cluster::forwarding::{self, Forward};
+use crate::cluster::Fleet;
 use crate::runtime::dispatch::Decision;
 use crate::runtime::queue::{Message, QueueSink, PRODUCER_HEADER, QUEUE_HEADER};
 use crate::runtime::Runtime;
@@ -20,10 +22,12 @@ use std::time::Duration;
 /// The client key of jobs the node made itself (queue messages), for rate limits.
 const JOB_CLIENT: &str = "jobs";
 
-/// Runs jobs on a node's runtime.
+/// Runs jobs on a node's runtime, or, for an app placed on other nodes of its cluster, on one
+/// of them (forwarded; the job and its result stay on this node).
 pub struct RuntimeExecutor {
     runtime: Arc<Runtime>,
     telemetry: Arc<Telemetry>,
+    fleet: Option<Arc<Fleet>>,
     max_result_bytes: usize,
     callbacks: reqwest::Client,
 }
@@ -32,6 +36,7 @@ impl RuntimeExecutor {
     pub fn new(
         runtime: Arc<Runtime>,
         telemetry: Arc<Telemetry>,
+        fleet: Option<Arc<Fleet>>,
         config: &JobsConfig,
     ) -> anyhow::Result<Self> {
         let callbacks = reqwest::Client::builder()
@@ -42,6 +47,7 @@ impl RuntimeExecutor {
         Ok(Self {
             runtime,
             telemetry,
+            fleet,
             max_result_bytes: config.max_result_bytes,
             callbacks,
         })
@@ -67,6 +73,9 @@ impl RuntimeExecutor {
         // Admitted under the rate limits of the client that asked for it: one client's flood
         // of jobs is that client's to wait for, not everyone's.
         let client = job.client.as_deref().unwrap_or(JOB_CLIENT);
+        if let Some(outcome) = self.run_elsewhere(&job, &request, client).await {
+            return outcome;
+        }
         let response = match self
             .runtime
             .admit(&job.app, None, request.headers(), client)
@@ -78,6 +87,50 @@ impl RuntimeExecutor {
             Ok(Decision::Degraded(response)) => response,
             Err(error) => return failed(error),
         };
+        self.outcome(response).await
+    }
+
+    /// Forwards the job's request to a peer when its app is placed on other nodes and one of
+    /// them serves it; `None` when it is to run here.
+    async fn run_elsewhere(
+        &self,
+        job: &JobRecord,
+        request: &http::Request<Full<Bytes>>,
+        client: &str,
+    ) -> Option<Outcome> {
+        let fleet = self.fleet.as_ref()?;
+        let app = self.runtime.app(&job.app).filter(|app| !app.placed)?;
+        let timeout = app.latest().map_or(0, |latest| {
+            latest.record.spec.timeout_secs + latest.record.spec.queue_timeout_secs
+        });
+        let body = request.body().clone().collect().await.ok()?.to_bytes();
+        let forwarded = fleet
+            .forward(Forward {
+                app: &job.app,
+                selector: None,
+                path: &job.path,
+                method: request.method().clone(),
+                headers: request.headers().clone(),
+                body,
+                client,
+                timeout: Duration::from_secs(timeout) + forwarding::GRACE,
+            })
+            .await;
+        Some(match forwarded {
+            Ok(response) => self.outcome(response).await,
+            Err(error) => Outcome::Failed {
+                error: error.to_string(),
+                retryable: true,
+            },
+        })
+    }
+
+    /// The job's outcome from the app's response (its body kept up to `max_result_bytes`).
+    async fn outcome<B>(&self, response: http::Response<B>) -> Outcome
+    where
+        B: hyper::body::Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Display,
+    {
         let (parts, mut body) = response.into_parts();
         let mut kept = Vec::new();
         let mut body_bytes = 0u64;

@@ -118,12 +118,6 @@ impl Runtime {
         let app = self.app(app).ok_or_else(|| {
             InvokeError::NotFound(format!("no app named {app:?} is deployed on this node"))
         })?;
-        if !app.placed {
-            return Err(InvokeError::NotPlaced(format!(
-                "app {:?} runs on other nodes of the cluster (its placement does not select this one) and none of them took the request",
-                app.record.name
-            )));
-        }
         let sticky = app
             .record
             .sticky_header
@@ -187,6 +181,12 @@ impl Runtime {
         request: http::Request<Full<Bytes>>,
         depth: u32,
     ) -> Result<http::Response<ServedBody>, InvokeError> {
+        if !admitted.app.placed {
+            return Err(InvokeError::NotPlaced(format!(
+                "app {:?} runs on other nodes of the cluster (its placement does not select this one) and none of them took the request",
+                admitted.app.record.name
+            )));
+        }
         let bytes_in = hyper::body::Body::size_hint(request.body()).lower();
         let observation = self.observe(&admitted.app, &admitted.revision, bytes_in);
         let span = tracing::info_span!(

@@ -246,3 +246,70 @@ fn check_replica(app: &StoredApp) -> Result<(), DeployError> {
         .validate(&numbers)
         .map_err(DeployError::InvalidSetting)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::apps::spec::{self, AppRecord, DeploySpec, RevisionRecord};
+
+    fn replica() -> StoredApp {
+        let spec = spec::settle(
+            &DeploySpec::default(),
+            &crate::config::LimitsConfig::default(),
+        )
+        .unwrap();
+        let revision = RevisionRecord {
+            app: "hello".into(),
+            number: 1,
+            digest: "ab".repeat(32),
+            size_bytes: 10,
+            created_at: 0,
+            spec,
+        };
+        StoredApp {
+            record: AppRecord {
+                latest: 1,
+                next_revision: 2,
+                ..AppRecord::new("hello", "default", 0)
+            },
+            revisions: BTreeMap::from([(1, revision)]),
+        }
+    }
+
+    #[test]
+    fn a_peers_app_is_taken_only_when_this_node_could_have_made_it() {
+        assert!(check_replica(&replica()).is_ok());
+        let mut bad_name = replica();
+        bad_name.record.name = "../etc".into();
+        assert!(check_replica(&bad_name).is_err());
+        let mut other_app = replica();
+        other_app.revisions.get_mut(&1).unwrap().app = "other".into();
+        assert!(check_replica(&other_app).is_err());
+        let mut no_digest = replica();
+        no_digest.revisions.get_mut(&1).unwrap().digest = "../../db".into();
+        assert!(check_replica(&no_digest).is_err());
+        let mut no_latest = replica();
+        no_latest.record.latest = 7;
+        no_latest.record.next_revision = 8;
+        assert!(check_replica(&no_latest).is_err());
+        let mut future = replica();
+        future.record.next_revision = 1;
+        assert!(check_replica(&future).is_err());
+        let mut bad_route = replica();
+        bad_route.record.routes = vec!["/v1/admin".into()];
+        assert!(check_replica(&bad_route).is_err());
+    }
+
+    #[test]
+    fn a_saturated_node_has_every_slot_taken_and_its_queue_full() {
+        let load = Load {
+            running: 4,
+            queued: 3,
+            max_running: 4,
+            max_queued: 4,
+        };
+        assert!(!load.saturated());
+        assert!(Load { queued: 4, ..load }.saturated());
+        assert_eq!(load.per_slot(), 1.75);
+    }
+}
