@@ -567,6 +567,10 @@ async fn a_deployment_reaches_the_nodes_its_placement_selects_and_the_others_for
         served_by.iter().all(|node| node == "a" || node == "b"),
         "{served_by:?}"
     );
+    // `cluster status` shows each member's load as it last reported it.
+    let status = c.cli_ok(&["cluster", "status"]);
+    assert_eq!(status.matches(" running, ").count(), 3, "{status}");
+
     // An async job accepted by C runs on a node of zone eu; C keeps the job and its result.
     let accepted: serde_json::Value = c
         .client

@@ -201,7 +201,8 @@ async fn run(node: &Node, request: Request, target: Target) -> Result<Response, 
 }
 
 /// Sends a request on to a peer that serves `app`. When none can take it, an app placed here
-/// runs it here after all; one that is not gets a 503.
+/// runs it here after all; one that is not gets a 503. A peer that took it and failed is a 502
+/// (the request may have run: it does not run again).
 async fn forward(
     node: &Node,
     fleet: &crate::cluster::Fleet,
@@ -247,6 +248,11 @@ async fn forward(
     drop(reservation);
     match forwarded {
         Ok(response) => Ok(response),
+        Err(error) if error.may_have_run() => Err(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "peer_failed",
+            error.to_string(),
+        )),
         Err(error) if app.placed => {
             tracing::debug!(%error, "no peer took the request; serving it here");
             serve_here(node, parts, Body::from(body), target, client).await

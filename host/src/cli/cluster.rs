@@ -62,14 +62,26 @@ pub async fn status(client: &super::client::AdminClient) -> anyhow::Result<()> {
             .map(|(key, value)| format!("{key}={}", value.as_str().unwrap_or_default()))
             .collect::<Vec<_>>()
             .join(" ");
+        let load = &member["load"];
+        let load = match load["max_running"].as_u64() {
+            Some(max_running) => format!(
+                "{}/{max_running} running, {} queued",
+                load["running"], load["queued"]
+            ),
+            None => "-".to_string(),
+        };
         rows.push(vec![
             member["id"].as_str().unwrap_or_default().to_string(),
             member["addr"].as_str().unwrap_or_default().to_string(),
             member["state"].as_str().unwrap_or_default().to_string(),
+            load,
             labels,
         ]);
     }
-    super::print_table(&["MEMBER", "ADDRESS", "STATE", "LABELS"], rows.into_iter());
+    super::print_table(
+        &["MEMBER", "ADDRESS", "STATE", "LOAD", "LABELS"],
+        rows.into_iter(),
+    );
     Ok(())
 }
 

@@ -50,12 +50,27 @@ pub struct Forward<'a> {
 pub enum ForwardError {
     #[error("no other node of the cluster serves app {0:?} now")]
     NoPeer(String),
-    #[error("node {peer} did not answer for app {app:?}: {reason}")]
+    /// No peer took the request: it did not run anywhere.
+    #[error("node {peer} could not take the request for app {app:?}: {reason}")]
+    NotTaken {
+        peer: String,
+        app: String,
+        reason: String,
+    },
+    /// A peer took the request and failed before answering: it may have run.
+    #[error("node {peer} took the request for app {app:?} but failed: {reason}")]
     Failed {
         peer: String,
         app: String,
         reason: String,
     },
+}
+
+impl ForwardError {
+    /// Whether the request may have run on a peer (and so must not run again).
+    pub fn may_have_run(&self) -> bool {
+        matches!(self, ForwardError::Failed { .. })
+    }
 }
 
 /// Headers that belong to one connection, not to the request or response.
@@ -124,22 +139,32 @@ impl Fleet {
                 .timeout(request.timeout)
                 .send()
                 .await;
-            let failed = |reason: String| ForwardError::Failed {
-                peer: peer.id.clone(),
-                app: request.app.to_string(),
-                reason,
-            };
+            let (peer_id, app) = (peer.id.clone(), request.app.to_string());
             let response = match sent {
                 Ok(response) if response.status() == StatusCode::SERVICE_UNAVAILABLE => {
-                    last_error = Some(failed("it shed the request (503)".into()));
+                    last_error = Some(ForwardError::NotTaken {
+                        peer: peer_id,
+                        app,
+                        reason: "it shed the request (503)".into(),
+                    });
                     continue;
                 }
                 Ok(response) => response,
                 Err(error) if error.is_connect() => {
-                    last_error = Some(failed(error.to_string()));
+                    last_error = Some(ForwardError::NotTaken {
+                        peer: peer_id,
+                        app,
+                        reason: error.to_string(),
+                    });
                     continue;
                 }
-                Err(error) => return Err(failed(error.to_string())),
+                Err(error) => {
+                    return Err(ForwardError::Failed {
+                        peer: peer_id,
+                        app,
+                        reason: error.to_string(),
+                    })
+                }
             };
             return Ok(into_response(response, &peer.id));
         }
