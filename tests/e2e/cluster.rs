@@ -521,6 +521,15 @@ async fn get_served(node: &TestNode, path: &str) -> (u16, String, Option<String>
     )
 }
 
+/// Whether `node` has the text-orientation model registered and loaded.
+async fn has_model(node: &TestNode) -> bool {
+    node.admin_json("/v1/admin/models").await["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["name"] == "text-orientation" && m["loaded"] == true)
+}
+
 #[tokio::test]
 async fn a_deployment_reaches_the_nodes_its_placement_selects_and_the_others_forward_to_them() {
     let dir = tempfile::tempdir().unwrap();
@@ -567,6 +576,21 @@ async fn a_deployment_reaches_the_nodes_its_placement_selects_and_the_others_for
         served_by.iter().all(|node| node == "a" || node == "b"),
         "{served_by:?}"
     );
+    // An app that names a model brings it along to the nodes that run it, by digest.
+    a.add_text_orientation_model();
+    let (_classify_dir, classify) = TestNode::manifest(&format!(
+        "[app]\nname = \"classify\"\ncomponent = {:?}\npublic = true\nmodels = [\"text-orientation\"]\n[placement]\nzone = \"eu\"\n",
+        artifacts::CLASSIFY
+    ));
+    a.cli_ok(&["deploy", "-f", classify.to_str().unwrap()]);
+    eventually("B to have the model its app names", || has_model(&b)).await;
+    let answer = crate::nn::classify(&c, "", &crate::nn::test_pixels()).await;
+    assert_eq!(answer["scores"].as_array().unwrap().len(), 2, "{answer}");
+    assert!(
+        !has_model(&c).await,
+        "C does not run the app: it needs no model"
+    );
+
     // `cluster status` shows each member's load as it last reported it.
     let status = c.cli_ok(&["cluster", "status"]);
     assert_eq!(status.matches(" running, ").count(), 3, "{status}");

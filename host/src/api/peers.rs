@@ -40,6 +40,7 @@ pub fn router(node: Arc<Node>, tls: Arc<PeerTls>, fleet: Arc<Fleet>) -> Router {
         .route("/cluster/v1/swim", post(swim))
         .route("/cluster/v1/state", get(state))
         .route("/cluster/v1/apps/{name}", get(app))
+        .route("/cluster/v1/models/{name}", get(model))
         .route("/cluster/v1/blobs/{digest}", get(blob))
         .route("/cluster/v1/invoke/{app}", any(invoke))
         .route("/cluster/v1/invoke/{app}/", any(invoke))
@@ -122,6 +123,18 @@ async fn app(State(peers): State<Peers>, Path(name): Path<String>) -> Result<Res
             StatusCode::NOT_FOUND,
             "app_not_found",
             format!("no app named {name:?} on this node"),
+        )),
+    }
+}
+
+/// `GET /cluster/v1/models/<name>`: the model's record (its file is a blob).
+async fn model(State(peers): State<Peers>, Path(name): Path<String>) -> Result<Response, ApiError> {
+    match peers.node.models.record(&name) {
+        Some(record) => Ok(Json(record).into_response()),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "model_not_found",
+            format!("no model named {name:?} on this node"),
         )),
     }
 }

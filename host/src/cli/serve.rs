@@ -105,7 +105,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let replicator = crate::cluster::replication::Replicator {
             fleet: fleet.clone(),
             runtime: node.runtime.clone(),
+            models: node.models.clone(),
             blobs: node.runtime.blobs().clone(),
+            max_model_bytes: node.config.nn.max_model_bytes,
             tmp_dir: node.config.data_dir.join(node::TMP_DIR),
         };
         background.push(replicator.spawn(sync_interval, shutdown.clone()));

@@ -2,7 +2,8 @@
 //! asks up to [`PEERS_PER_ROUND`] alive peers what they have (`GET /cluster/v1/state`), and
 //! takes every app whose change is newer than what it knows (`GET /cluster/v1/apps/<name>`),
 //! with the components it lacks (`GET /cluster/v1/blobs/<digest>`, verified against the
-//! digest on arrival), and every newer removal. Last writer wins per app. A node that was down
+//! digest on arrival), and every newer removal. An app that runs here brings the models it
+//! names that this node lacks (`GET /cluster/v1/models/<name>`, the file again by digest). Last writer wins per app. A node that was down
 //! catches up at its first round after it rejoins; a change travels on from node to node, so
 //! the node where it was made need not stay up.
 
@@ -10,6 +11,7 @@ use super::client;
 use super::fleet::{Fleet, PeerState};
 use super::Member;
 use crate::apps::StoredApp;
+use crate::nn::{ModelRecord, ModelRegistry, Upload};
 use crate::runtime::Runtime;
 use crate::store::blobs::{self, Blobs, Held};
 use futures_util::StreamExt;
@@ -24,8 +26,8 @@ use tokio_util::sync::CancellationToken;
 const PEERS_PER_ROUND: usize = 8;
 /// The longest a state or an app record may take to arrive.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// The longest a component may take to arrive.
-const COMPONENT_TIMEOUT: Duration = Duration::from_secs(120);
+/// The longest a component or model file may take to arrive, plus a second per MiB.
+const BLOB_TIMEOUT: Duration = Duration::from_secs(120);
 /// Largest state or app record taken from a peer.
 const MAX_RECORD_BYTES: usize = 16 << 20;
 
@@ -33,7 +35,10 @@ const MAX_RECORD_BYTES: usize = 16 << 20;
 pub struct Replicator {
     pub fleet: Arc<Fleet>,
     pub runtime: Arc<Runtime>,
+    pub models: Arc<ModelRegistry>,
     pub blobs: Arc<Blobs>,
+    /// Largest model file taken (`nn.max_model_bytes`).
+    pub max_model_bytes: u64,
     /// Where components are staged as they arrive.
     pub tmp_dir: PathBuf,
 }
@@ -116,6 +121,9 @@ impl Replicator {
         if app.record.name != name {
             return Err(format!("the peer answered with app {:?}", app.record.name));
         }
+        if self.runtime.places(&app.record) {
+            self.take_models(peer, &app).await?;
+        }
         let mut fetched = Vec::new();
         for (digest, size) in self.runtime.missing_components(&app) {
             fetched.push(self.fetch_component(peer, &digest, size).await?);
@@ -131,46 +139,104 @@ impl Replicator {
         Ok(())
     }
 
-    /// Fetches component `digest` of `size` bytes from `peer` into the blob store, refused
-    /// unless its bytes hash to `digest`.
+    /// Registers the models that `app` names and this node lacks, as `peer` has them.
+    async fn take_models(&self, peer: &Member, app: &StoredApp) -> Result<(), String> {
+        let mut wanted: Vec<&String> = app
+            .revisions
+            .values()
+            .flat_map(|revision| &revision.spec.models)
+            .collect();
+        wanted.sort();
+        wanted.dedup();
+        for model in wanted {
+            if self.models.record(model).is_some() {
+                continue;
+            }
+            let record: ModelRecord = self
+                .get_json(
+                    peer,
+                    &format!("/cluster/v1/models/{model}"),
+                    REQUEST_TIMEOUT,
+                )
+                .await?;
+            if record.size_bytes > self.max_model_bytes {
+                return Err(format!(
+                    "model {model} ({} bytes) is larger than nn.max_model_bytes",
+                    record.size_bytes
+                ));
+            }
+            let staged = self
+                .fetch_blob(peer, &record.digest, record.size_bytes)
+                .await?;
+            let upload = Upload {
+                encoding: record.encoding,
+                // This node picks its own backend for the encoding and target.
+                backend: None,
+                target: record.target,
+                digest: record.digest,
+                size_bytes: record.size_bytes,
+                tenant: record.tenant,
+            };
+            self.models
+                .add(model, staged, upload)
+                .await
+                .map_err(|e| format!("model {model}: {e}"))?;
+            tracing::info!(peer = %peer.id, model = %model, "model replicated");
+        }
+        Ok(())
+    }
+
+    /// Fetches component `digest` of `size` bytes from `peer` into the blob store.
     async fn fetch_component(
         &self,
         peer: &Member,
         digest: &str,
         size: u64,
     ) -> Result<Held, String> {
-        if !blobs::is_digest(digest) || size > crate::runtime::MAX_COMPONENT_BYTES {
+        if size > crate::runtime::MAX_COMPONENT_BYTES {
             return Err(format!(
-                "component {digest} ({size} bytes) is not one this node takes"
+                "component {digest} ({size} bytes) is larger than this node takes"
             ));
+        }
+        let staged = self.fetch_blob(peer, digest, size).await?;
+        let (blobs, digest) = (self.blobs.clone(), digest.to_string());
+        tokio::task::spawn_blocking(move || blobs.put_file(&staged, &digest))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("storing a component: {e}"))
+    }
+
+    /// Fetches blob `digest` of `size` bytes from `peer` into a staged file, refused unless
+    /// its bytes hash to `digest` and are `size` long.
+    async fn fetch_blob(&self, peer: &Member, digest: &str, size: u64) -> Result<PathBuf, String> {
+        if !blobs::is_digest(digest) {
+            return Err(format!("{digest:?} is not a digest"));
         }
         let client = self
             .fleet
             .clients
             .client(peer)
             .ok_or("no client for the peer")?;
+        // A large file gets a second more per MiB.
+        let timeout = BLOB_TIMEOUT + Duration::from_secs(size >> 20);
         let response = client
             .get(client::url(peer, &format!("/cluster/v1/blobs/{digest}")))
-            .timeout(COMPONENT_TIMEOUT)
+            .timeout(timeout)
             .send()
             .await
             .and_then(reqwest::Response::error_for_status)
-            .map_err(|e| format!("fetching component {digest}: {e}"))?;
+            .map_err(|e| format!("fetching blob {digest}: {e}"))?;
         let (staged, arrived, arrived_size) =
             blobs::stage_stream(&self.tmp_dir, response.bytes_stream(), size)
                 .await
-                .map_err(|e| format!("component {digest}: {e}"))?;
+                .map_err(|e| format!("blob {digest}: {e}"))?;
         if arrived != digest || arrived_size != size {
             let _ = tokio::fs::remove_file(&staged).await;
             return Err(format!(
-                "component {digest} arrived as other bytes (SHA-256 {arrived}): refused"
+                "blob {digest} arrived as other bytes (SHA-256 {arrived}): refused"
             ));
         }
-        let (blobs, digest) = (self.blobs.clone(), digest.to_string());
-        tokio::task::spawn_blocking(move || blobs.put_file(&staged, &digest))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("storing a component: {e}"))
+        Ok(staged)
     }
 
     /// `path` of `peer` as JSON, at most [`MAX_RECORD_BYTES`], within `timeout`.

@@ -206,6 +206,12 @@ impl ModelRegistry {
         }
     }
 
+    /// The record of the model registered as `name`.
+    pub fn record(&self, name: &str) -> Option<ModelRecord> {
+        let entries = self.entries.read().expect("registry lock");
+        entries.get(name).map(|entry| entry.record.clone())
+    }
+
     /// Every registered model, by name, and whether it is loaded.
     pub fn list(&self) -> Vec<ModelStatus> {
         let mut models: Vec<_> = self

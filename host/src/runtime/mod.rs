@@ -253,7 +253,7 @@ impl Runtime {
     }
 
     /// Whether the placement of `record` selects this node.
-    fn places(&self, record: &AppRecord) -> bool {
+    pub fn places(&self, record: &AppRecord) -> bool {
         record.placement.selects(&self.labels)
     }
 
