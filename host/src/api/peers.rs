@@ -41,6 +41,7 @@ pub fn router(node: Arc<Node>, tls: Arc<PeerTls>, fleet: Arc<Fleet>) -> Router {
         .route("/cluster/v1/state", get(state))
         .route("/cluster/v1/apps/{name}", get(app))
         .route("/cluster/v1/models/{name}", get(model))
+        .route("/cluster/v1/crl", get(crl))
         .route("/cluster/v1/blobs/{digest}", get(blob))
         .route("/cluster/v1/invoke/{app}", any(invoke))
         .route("/cluster/v1/invoke/{app}/", any(invoke))
@@ -112,6 +113,7 @@ async fn state(State(peers): State<Peers>) -> Result<Json<PeerState>, ApiError> 
     Ok(Json(PeerState {
         desired: runtime.desired_state()?,
         load: runtime.load(),
+        crl_issued_at: peers.tls.crl_issued_at(),
     }))
 }
 
@@ -125,6 +127,15 @@ async fn app(State(peers): State<Peers>, Path(name): Path<String>) -> Result<Res
             format!("no app named {name:?} on this node"),
         )),
     }
+}
+
+/// `GET /cluster/v1/crl`: the cluster CRL this node uses (PEM).
+async fn crl(State(peers): State<Peers>) -> Result<Response, ApiError> {
+    let pem = peers
+        .tls
+        .crl_pem()
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "no_crl", "this node uses no CRL"))?;
+    Ok(([(header::CONTENT_TYPE, "application/pkix-crl")], pem).into_response())
 }
 
 /// `GET /cluster/v1/models/<name>`: the model's record (its file is a blob).

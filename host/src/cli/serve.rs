@@ -106,6 +106,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             fleet: fleet.clone(),
             runtime: node.runtime.clone(),
             models: node.models.clone(),
+            tls: tls.clone(),
             blobs: node.runtime.blobs().clone(),
             max_model_bytes: node.config.nn.max_model_bytes,
             tmp_dir: node.config.data_dir.join(node::TMP_DIR),

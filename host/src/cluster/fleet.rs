@@ -16,6 +16,9 @@ pub struct PeerState {
     #[serde(flatten)]
     pub desired: DesiredState,
     pub load: Load,
+    /// When the cluster CRL it uses was issued (seconds since the epoch).
+    #[serde(default)]
+    pub crl_issued_at: Option<i64>,
 }
 
 /// A peer's last report, and when it came.

@@ -3,7 +3,9 @@
 //! takes every app whose change is newer than what it knows (`GET /cluster/v1/apps/<name>`),
 //! with the components it lacks (`GET /cluster/v1/blobs/<digest>`, verified against the
 //! digest on arrival), and every newer removal. An app that runs here brings the models it
-//! names that this node lacks (`GET /cluster/v1/models/<name>`, the file again by digest). Last writer wins per app. A node that was down
+//! names that this node lacks (`GET /cluster/v1/models/<name>`, the file again by digest).
+//! A CRL of the cluster CA issued after the one in use travels the same way
+//! (`GET /cluster/v1/crl`): revoking a node on one node revokes it on all. Last writer wins per app. A node that was down
 //! catches up at its first round after it rejoins; a change travels on from node to node, so
 //! the node where it was made need not stay up.
 
@@ -14,6 +16,7 @@ use crate::apps::StoredApp;
 use crate::nn::{ModelRecord, ModelRegistry, Upload};
 use crate::runtime::Runtime;
 use crate::store::blobs::{self, Blobs, Held};
+use crate::tls::peer::PeerTls;
 use futures_util::StreamExt;
 use rand::seq::SliceRandom;
 use serde::de::DeserializeOwned;
@@ -36,6 +39,7 @@ pub struct Replicator {
     pub fleet: Arc<Fleet>,
     pub runtime: Arc<Runtime>,
     pub models: Arc<ModelRegistry>,
+    pub tls: Arc<PeerTls>,
     pub blobs: Arc<Blobs>,
     /// Largest model file taken (`nn.max_model_bytes`).
     pub max_model_bytes: u64,
@@ -79,6 +83,11 @@ impl Replicator {
         for (peer, state) in peers.iter().zip(states) {
             match state {
                 Ok(state) => {
+                    if state.crl_issued_at > self.tls.crl_issued_at() {
+                        if let Err(error) = self.take_crl(peer).await {
+                            tracing::warn!(peer = %peer.id, %error, "a peer's newer CRL was not taken");
+                        }
+                    }
                     self.catch_up(peer, &state).await;
                     self.fleet.record(&peer.id, state);
                 }
@@ -87,6 +96,22 @@ impl Replicator {
                 }
             }
         }
+    }
+
+    /// Takes `peer`'s CRL, when the cluster CA signed it and it is newer than this node's.
+    async fn take_crl(&self, peer: &Member) -> Result<(), String> {
+        let pem = self
+            .get_bytes(peer, "/cluster/v1/crl", REQUEST_TIMEOUT)
+            .await?;
+        let tls = self.tls.clone();
+        let adopted = tokio::task::spawn_blocking(move || tls.adopt_crl(&pem))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("{e:#}"))?;
+        if adopted {
+            tracing::info!(peer = %peer.id, "took the cluster's newer CRL");
+        }
+        Ok(())
     }
 
     /// Takes the apps and removals of `state` (from `peer`) that are newer than this node's.
@@ -246,6 +271,17 @@ impl Replicator {
         path: &str,
         timeout: Duration,
     ) -> Result<T, String> {
+        let body = self.get_bytes(peer, path, timeout).await?;
+        serde_json::from_slice(&body).map_err(|e| format!("{path}: {e}"))
+    }
+
+    /// `path` of `peer`, at most [`MAX_RECORD_BYTES`], within `timeout`.
+    async fn get_bytes(
+        &self,
+        peer: &Member,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, String> {
         let client = self
             .fleet
             .clients
@@ -267,7 +303,7 @@ impl Replicator {
                 }
                 body.extend_from_slice(&chunk);
             }
-            serde_json::from_slice(&body).map_err(|e| format!("{path}: {e}"))
+            Ok(body)
         };
         tokio::time::timeout(timeout, read)
             .await

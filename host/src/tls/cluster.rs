@@ -55,6 +55,15 @@ pub fn check_crl_signed_by(crl_der: &[u8], ca_der: &[u8]) -> anyhow::Result<()> 
         .map_err(|e| anyhow!("its signature is not the CA's: {e}"))
 }
 
+/// When the CRL `crl_der` was issued (its `thisUpdate`), in seconds since the Unix epoch: of
+/// two CRLs of one CA, the later one says what is revoked.
+pub fn crl_issued_at(crl_der: &[u8]) -> anyhow::Result<i64> {
+    use x509_parser::prelude::FromDer;
+    let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(crl_der)
+        .map_err(|e| anyhow!("not a CRL: {e}"))?;
+    Ok(crl.last_update().timestamp())
+}
+
 fn uris(der: &[u8]) -> Option<Vec<String>> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let names = cert.subject_alternative_name().ok()??;

@@ -65,6 +65,8 @@ struct Loaded {
     client: Arc<rustls::ClientConfig>,
     discovery: Arc<rustls::ClientConfig>,
     stamps: Vec<Option<SystemTime>>,
+    /// When the CRL in use was issued (seconds since the epoch); `None` without one.
+    crl_issued_at: Option<i64>,
 }
 
 impl PeerTls {
@@ -118,6 +120,46 @@ impl PeerTls {
         let loaded = build(&self.files, &self.node_id)?;
         *self.loaded.write().unwrap_or_else(|e| e.into_inner()) = loaded;
         self.generation.fetch_add(1, Ordering::Relaxed);
+        Ok(true)
+    }
+
+    /// When the CRL in use was issued (seconds since the epoch); `None` without one.
+    pub fn crl_issued_at(&self) -> Option<i64> {
+        self.read().crl_issued_at
+    }
+
+    /// The CRL file in use (PEM), when there is one.
+    pub fn crl_pem(&self) -> Option<Vec<u8>> {
+        std::fs::read(self.files.crl.as_ref()?).ok()
+    }
+
+    /// Takes `pem`, a peer's copy of the cluster's CRL, when the cluster CA signed it and it was
+    /// issued after the one in use: it replaces the CRL file and applies at once. Whether it
+    /// did. Blocking.
+    pub fn adopt_crl(&self, pem: &[u8]) -> anyhow::Result<bool> {
+        let Some(path) = &self.files.crl else {
+            bail!("cluster.crl is not set: there is no file to keep the cluster's CRL in");
+        };
+        let crls = rustls_pemfile::crls(&mut &pem[..])
+            .collect::<Result<Vec<_>, _>>()
+            .context("not a PEM CRL")?;
+        let ca = super::read_certs(&self.files.ca)?;
+        let mut issued = None;
+        for crl in &crls {
+            super::cluster::check_crl_signed_by(crl, &ca[0])?;
+            issued = issued.max(Some(super::cluster::crl_issued_at(crl)?));
+        }
+        let Some(issued) = issued else {
+            bail!("the peer's CRL file holds no CRL");
+        };
+        if self
+            .crl_issued_at()
+            .is_some_and(|current| current >= issued)
+        {
+            return Ok(false);
+        }
+        crate::store::files::write_durably(path, pem, 0o644)?;
+        self.reload_if_changed()?;
         Ok(true)
     }
 
@@ -195,7 +237,7 @@ fn build(files: &PeerFiles, node_id: &str) -> anyhow::Result<Loaded> {
         .context("the node certificate and key do not match")?;
     server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let server_verifier = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
-        .with_crls(crls)
+        .with_crls(crls.clone())
         .build()
         .context("the cluster CA or CRL is unusable")?;
     let client_with = |callee: Callee| -> anyhow::Result<Arc<rustls::ClientConfig>> {
@@ -212,7 +254,12 @@ fn build(files: &PeerFiles, node_id: &str) -> anyhow::Result<Loaded> {
         client.alpn_protocols = vec![b"h2".to_vec()];
         Ok(Arc::new(client))
     };
+    let crl_issued_at = crls
+        .iter()
+        .filter_map(|crl| super::cluster::crl_issued_at(crl).ok())
+        .max();
     Ok(Loaded {
+        crl_issued_at,
         client: client_with(Callee::Dialled)?,
         discovery: client_with(Callee::AnyMember)?,
         cluster,
@@ -341,5 +388,56 @@ impl ServerCertVerifier for MemberServerVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.inner.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tls::cluster::{ClusterCa, NodeCert};
+
+    /// Node `a`'s files of the cluster whose CA is in `dir/ca`, its CRL a copy of the CA's.
+    fn node_files(dir: &std::path::Path, ca: &ClusterCa) -> PeerFiles {
+        let issued = ca.issue(&NodeCert::new(&ca.cluster, "a", 30)).unwrap();
+        let files = PeerFiles {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("node.pem"),
+            key: dir.join("node.key"),
+            crl: Some(dir.join("crl.pem")),
+        };
+        std::fs::write(&files.ca, ca.cert_pem()).unwrap();
+        std::fs::write(&files.cert, &issued.cert_pem).unwrap();
+        std::fs::write(&files.key, &issued.key_pem).unwrap();
+        std::fs::copy(dir.join("ca").join("crl.pem"), dir.join("crl.pem")).unwrap();
+        files
+    }
+
+    #[test]
+    fn a_peers_crl_is_taken_only_when_the_cluster_ca_signed_it_and_it_is_newer() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ClusterCa::init(&dir.path().join("ca"), "edge").unwrap();
+        let tls = PeerTls::load(node_files(dir.path(), &ca), "a").unwrap();
+        let first = tls.crl_issued_at().expect("a CRL in use");
+        let initial = std::fs::read(dir.path().join("ca").join("crl.pem")).unwrap();
+
+        let other = ClusterCa::init(&dir.path().join("other"), "edge").unwrap();
+        let foreign = std::fs::read(dir.path().join("other").join("crl.pem")).unwrap();
+        assert!(tls.adopt_crl(&foreign).is_err());
+        assert!(tls.adopt_crl(b"not a crl").is_err());
+        drop(other);
+
+        // thisUpdate has whole seconds: the next CRL is a second later.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let issued = ca.issue(&NodeCert::new(&ca.cluster, "b", 30)).unwrap();
+        let newer = std::fs::read(ca.revoke(&issued.cert_pem).unwrap()).unwrap();
+        let generation = tls.generation();
+        assert!(tls.adopt_crl(&newer).unwrap());
+        assert!(tls.crl_issued_at().unwrap() > first);
+        assert!(tls.generation() > generation, "applied at once");
+        assert_eq!(tls.crl_pem().unwrap(), newer);
+        // The same CRL again, or the older one, changes nothing.
+        assert!(!tls.adopt_crl(&newer).unwrap());
+        assert!(!tls.adopt_crl(&initial).unwrap());
+        assert_eq!(tls.crl_pem().unwrap(), newer);
     }
 }
