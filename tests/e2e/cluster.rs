@@ -569,6 +569,9 @@ async fn a_deployment_reaches_the_nodes_its_placement_selects_and_the_others_for
         get_served(&c, "/apps/hello").await.0 == 200
     })
     .await;
+    let placed_here = |listing: serde_json::Value| listing["apps"][0]["placed_here"].clone();
+    assert_eq!(placed_here(c.admin_json("/v1/admin/apps").await), false);
+    assert_eq!(placed_here(b.admin_json("/v1/admin/apps").await), true);
     let mut served_by = std::collections::BTreeSet::new();
     for _ in 0..20 {
         let (status, body, by) = get_served(&c, "/apps/hello?name=c").await;

@@ -155,12 +155,13 @@ async fn status(
     })))
 }
 
-/// What the API shows of an app: its record, its secrets' names and its revisions with their
-/// state and counters.
+/// What the API shows of an app: its record, whether it runs on this node (its placement
+/// selects it), its secrets' names and its revisions with their state and counters.
 fn describe_app(node: &Node, app: &App) -> Value {
     json!({
         "name": app.record.name,
         "record": app.record,
+        "placed_here": app.placed,
         "secrets": node.runtime.secret_names(&app.record.name).unwrap_or_default(),
         "revisions": app.revisions.values().map(|r| r.describe()).collect::<Vec<_>>(),
     })
