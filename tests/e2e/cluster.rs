@@ -590,12 +590,67 @@ async fn a_deployment_reaches_the_nodes_its_placement_selects_and_the_others_for
     ));
     a.cli_ok(&["deploy", "-f", classify.to_str().unwrap()]);
     eventually("B to have the model its app names", || has_model(&b)).await;
+    eventually("C to have the app", || async {
+        c.admin_json("/v1/admin/apps").await["apps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|app| app["name"] == "classify")
+    })
+    .await;
     let answer = crate::nn::classify(&c, "", &crate::nn::test_pixels()).await;
     assert_eq!(answer["scores"].as_array().unwrap().len(), 2, "{answer}");
     assert!(
         !has_model(&c).await,
         "C does not run the app: it needs no model"
     );
+
+    // A key made on A works on C for an app that is not public, and its revocation travels.
+    let (_private_dir, private) = TestNode::manifest(&format!(
+        "[app]\nname = \"private\"\ncomponent = {:?}\npublic = false\n[placement]\nzone = \"eu\"\n",
+        artifacts::HELLO
+    ));
+    a.cli_ok(&["deploy", "-f", private.to_str().unwrap()]);
+    let made: serde_json::Value = a
+        .client
+        .post(a.at("/v1/admin/keys"))
+        .bearer_auth(&a.token)
+        .json(&serde_json::json!({ "role": "invoker" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let (key, key_id) = (
+        made["key"]["key"].as_str().unwrap().to_string(),
+        made["key"]["id"].as_str().unwrap().to_string(),
+    );
+    let invoke_private = |key: String| {
+        let request = c
+            .client
+            .get(c.at("/apps/private?name=key"))
+            .bearer_auth(key);
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    eventually("A's key to open the private app on C", || {
+        let status = invoke_private(key.clone());
+        async move { status.await == 200 }
+    })
+    .await;
+    let revoked = a
+        .client
+        .delete(a.at(&format!("/v1/admin/keys/{key_id}")))
+        .bearer_auth(&a.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), 200);
+    eventually("the revocation to reach C", || {
+        let status = invoke_private(key.clone());
+        async move { status.await == 401 }
+    })
+    .await;
 
     // `cluster status` shows each member's load as it last reported it.
     let status = c.cli_ok(&["cluster", "status"]);

@@ -9,6 +9,7 @@ use crate::cluster::membership::{Refused, MAX_MESSAGE_BYTES};
 use crate::cluster::Fleet;
 use crate::node::Node;
 use crate::store::blobs;
+use crate::tenancy::SharedTenancy;
 use crate::tls::cluster::node_id_of;
 use crate::tls::peer::PeerTls;
 use axum::body::{Body, Bytes};
@@ -42,6 +43,7 @@ pub fn router(node: Arc<Node>, tls: Arc<PeerTls>, fleet: Arc<Fleet>) -> Router {
         .route("/cluster/v1/apps/{name}", get(app))
         .route("/cluster/v1/models/{name}", get(model))
         .route("/cluster/v1/crl", get(crl))
+        .route("/cluster/v1/tenancy", get(tenancy))
         .route("/cluster/v1/blobs/{digest}", get(blob))
         .route("/cluster/v1/invoke/{app}", any(invoke))
         .route("/cluster/v1/invoke/{app}/", any(invoke))
@@ -114,6 +116,7 @@ async fn state(State(peers): State<Peers>) -> Result<Json<PeerState>, ApiError> 
         desired: runtime.desired_state()?,
         load: runtime.load(),
         crl_issued_at: peers.tls.crl_issued_at(),
+        tenancy: Some(peers.node.tenancy.shared()?.fingerprint()),
     }))
 }
 
@@ -127,6 +130,12 @@ async fn app(State(peers): State<Peers>, Path(name): Path<String>) -> Result<Res
             format!("no app named {name:?} on this node"),
         )),
     }
+}
+
+/// `GET /cluster/v1/tenancy`: the tenants and key records (digests, never keys) this node
+/// shares.
+async fn tenancy(State(peers): State<Peers>) -> Result<Json<SharedTenancy>, ApiError> {
+    Ok(Json(peers.node.tenancy.shared()?))
 }
 
 /// `GET /cluster/v1/crl`: the cluster CRL this node uses (PEM).

@@ -107,6 +107,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             runtime: node.runtime.clone(),
             models: node.models.clone(),
             tls: tls.clone(),
+            tenancy: node.tenancy.clone(),
+            store: node.store.clone(),
             blobs: node.runtime.blobs().clone(),
             max_model_bytes: node.config.nn.max_model_bytes,
             tmp_dir: node.config.data_dir.join(node::TMP_DIR),

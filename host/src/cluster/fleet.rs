@@ -19,6 +19,9 @@ pub struct PeerState {
     /// When the cluster CRL it uses was issued (seconds since the epoch).
     #[serde(default)]
     pub crl_issued_at: Option<i64>,
+    /// The fingerprint of the tenants and keys it shares.
+    #[serde(default)]
+    pub tenancy: Option<String>,
 }
 
 /// A peer's last report, and when it came.

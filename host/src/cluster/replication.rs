@@ -16,6 +16,8 @@ use crate::apps::StoredApp;
 use crate::nn::{ModelRecord, ModelRegistry, Upload};
 use crate::runtime::Runtime;
 use crate::store::blobs::{self, Blobs, Held};
+use crate::store::Store;
+use crate::tenancy::{SharedTenancy, Tenancy};
 use crate::tls::peer::PeerTls;
 use futures_util::StreamExt;
 use rand::seq::SliceRandom;
@@ -40,6 +42,8 @@ pub struct Replicator {
     pub runtime: Arc<Runtime>,
     pub models: Arc<ModelRegistry>,
     pub tls: Arc<PeerTls>,
+    pub tenancy: Tenancy,
+    pub store: Store,
     pub blobs: Arc<Blobs>,
     /// Largest model file taken (`nn.max_model_bytes`).
     pub max_model_bytes: u64,
@@ -88,6 +92,9 @@ impl Replicator {
                             tracing::warn!(peer = %peer.id, %error, "a peer's newer CRL was not taken");
                         }
                     }
+                    if let Err(error) = self.take_tenancy(peer, &state).await {
+                        tracing::warn!(peer = %peer.id, %error, "a peer's tenants and keys were not taken");
+                    }
                     self.catch_up(peer, &state).await;
                     self.fleet.record(&peer.id, state);
                 }
@@ -96,6 +103,22 @@ impl Replicator {
                 }
             }
         }
+    }
+
+    /// Takes the tenants, keys and revocations of `peer` when what it shares differs.
+    async fn take_tenancy(&self, peer: &Member, state: &PeerState) -> Result<(), String> {
+        let ours = self.tenancy.shared().map_err(|e| e.to_string())?;
+        if state.tenancy.is_none() || state.tenancy == Some(ours.fingerprint()) {
+            return Ok(());
+        }
+        let theirs: SharedTenancy = self
+            .get_json(peer, "/cluster/v1/tenancy", REQUEST_TIMEOUT)
+            .await?;
+        if self.tenancy.merge(&theirs).map_err(|e| e.to_string())? {
+            self.store.make_durable().await.map_err(|e| e.to_string())?;
+            tracing::info!(peer = %peer.id, "took a peer's tenants and keys");
+        }
+        Ok(())
     }
 
     /// Takes `peer`'s CRL, when the cluster CA signed it and it is newer than this node's.

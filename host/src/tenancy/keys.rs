@@ -86,6 +86,25 @@ pub struct Tenancy {
     keys: sled::Tree,
     /// Key digests by key id.
     key_ids: sled::Tree,
+    /// When each removed tenant was removed (seconds since the Unix epoch), by name.
+    removed_tenants: sled::Tree,
+}
+
+/// What a node shares of its tenants and keys with its cluster: every tenant but the
+/// operator's, the removals of tenants, and every key record (by the SHA-256 of its key) but
+/// the admin token's, which is each node's own. Keys are never in it, only their digests.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SharedTenancy {
+    pub tenants: Vec<TenantRecord>,
+    pub removed_tenants: std::collections::BTreeMap<String, u64>,
+    pub keys: Vec<(String, KeyRecord)>,
+}
+
+impl SharedTenancy {
+    /// A short digest of it: two nodes with the same have nothing to exchange.
+    pub fn fingerprint(&self) -> String {
+        digest_of(&serde_json::to_string(self).expect("records serialise"))
+    }
 }
 
 /// The credentials of a `Bearer` authorization (the scheme's case does not matter).
@@ -115,6 +134,7 @@ impl Tenancy {
             tenants: store.tree("tenants")?,
             keys: store.tree("api_keys")?,
             key_ids: store.tree("api_key_ids")?,
+            removed_tenants: store.tree("removed_tenants")?,
         };
         let now = store::unix_now();
         if !tenancy.tenants.contains_key(OPERATOR_TENANT)? {
@@ -177,6 +197,7 @@ impl Tenancy {
         self.tenants
             .compare_and_swap(name, None::<&[u8]>, Some(bytes))?
             .map_err(|_| TenancyError::TenantExists(name.to_string()))?;
+        self.removed_tenants.remove(name)?;
         Ok(record)
     }
 
@@ -198,6 +219,8 @@ impl Tenancy {
         if self.tenants.remove(name)?.is_none() {
             return Err(TenancyError::NoSuchTenant(name.to_string()));
         }
+        self.removed_tenants
+            .insert(name, &store::unix_now().to_be_bytes())?;
         let mut revoked = 0;
         for record in self.keys(Some(name))? {
             if record.revoked_at.is_none() {
@@ -286,9 +309,140 @@ impl Tenancy {
     }
 }
 
+impl Tenancy {
+    /// What this node shares with its cluster.
+    pub fn shared(&self) -> Result<SharedTenancy, TenancyError> {
+        let tenants = store::all_json::<TenantRecord>(&self.tenants)?
+            .into_iter()
+            .filter(|tenant| tenant.name != OPERATOR_TENANT)
+            .collect();
+        let mut removed_tenants = std::collections::BTreeMap::new();
+        for entry in self.removed_tenants.iter() {
+            let (name, at) = entry?;
+            let at = <[u8; 8]>::try_from(&at[..]).map_or(0, u64::from_be_bytes);
+            removed_tenants.insert(String::from_utf8_lossy(&name).into_owned(), at);
+        }
+        let mut keys = Vec::new();
+        for entry in self.keys.iter() {
+            let (digest, bytes) = entry?;
+            let digest = String::from_utf8_lossy(&digest).into_owned();
+            let record: KeyRecord =
+                serde_json::from_slice(&bytes).map_err(|source| StoreError::Corrupt {
+                    key: digest.clone(),
+                    source,
+                })?;
+            if record.id != ADMIN_TOKEN_KEY_ID {
+                keys.push((digest, record));
+            }
+        }
+        Ok(SharedTenancy {
+            tenants,
+            removed_tenants,
+            keys,
+        })
+    }
+
+    /// Takes what a peer shares: tenants it added (unless removed here later), removals of
+    /// tenants (unless added here later), keys it made, and revocations (a revoked key stays
+    /// revoked). Every node ends with the same tenants and keys whatever the order. Whether
+    /// anything changed (not yet durable: the caller makes the store durable).
+    pub fn merge(&self, peer: &SharedTenancy) -> Result<bool, TenancyError> {
+        let mut changed = false;
+        for (name, removed_at) in &peer.removed_tenants {
+            if name == OPERATOR_TENANT || !crate::apps::valid_name(name) {
+                continue;
+            }
+            let known = self
+                .removed_tenants
+                .get(name)?
+                .and_then(|at| <[u8; 8]>::try_from(&at[..]).ok())
+                .map(u64::from_be_bytes);
+            if known.is_some_and(|known| known >= *removed_at) {
+                continue;
+            }
+            let tenant: Option<TenantRecord> = store::get_json(&self.tenants, name)?;
+            if tenant.as_ref().is_some_and(|t| t.created_at > *removed_at) {
+                continue;
+            }
+            self.tenants.remove(name.as_bytes())?;
+            self.removed_tenants
+                .insert(name.as_bytes(), &removed_at.to_be_bytes())?;
+            changed = true;
+        }
+        for tenant in &peer.tenants {
+            if tenant.name == OPERATOR_TENANT || !crate::apps::valid_name(&tenant.name) {
+                continue;
+            }
+            let removed = self
+                .removed_tenants
+                .get(&tenant.name)?
+                .and_then(|at| <[u8; 8]>::try_from(&at[..]).ok())
+                .map(u64::from_be_bytes);
+            if removed.is_some_and(|at| at >= tenant.created_at)
+                || self.tenants.contains_key(&tenant.name)?
+            {
+                continue;
+            }
+            store::put_json(&self.tenants, &tenant.name, tenant)?;
+            self.removed_tenants.remove(tenant.name.as_bytes())?;
+            changed = true;
+        }
+        for (digest, record) in &peer.keys {
+            let is_digest = digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_hexdigit());
+            if record.id == ADMIN_TOKEN_KEY_ID || !is_digest {
+                continue;
+            }
+            match store::get_json::<KeyRecord>(&self.keys, digest)? {
+                None => {
+                    store::put_json(&self.keys, digest, record)?;
+                    self.key_ids
+                        .insert(record.id.as_bytes(), digest.as_bytes())?;
+                    changed = true;
+                }
+                Some(mut local) if local.revoked_at.is_none() && record.revoked_at.is_some() => {
+                    local.revoked_at = record.revoked_at;
+                    store::put_json(&self.keys, digest, &local)?;
+                    changed = true;
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(changed)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn two_nodes_that_merge_each_other_end_with_the_same_tenants_and_keys() {
+        let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (a, b) = (open(dir_a.path(), "tlt_a"), open(dir_b.path(), "tlt_b"));
+        a.add_tenant("team").unwrap();
+        let key = a.create_key("team", Role::Invoker, None, None).unwrap();
+        b.add_tenant("gone").unwrap();
+        assert!(b.merge(&a.shared().unwrap()).unwrap());
+        let bearer = format!("Bearer {}", key.key);
+        assert_eq!(b.authenticate(&bearer).unwrap().tenant, "team");
+        // The admin tokens stay each node's own.
+        assert!(b.authenticate("Bearer tlt_a").is_none());
+        // A revocation and a tenant's removal travel; nothing comes back from an older copy.
+        let older = b.shared().unwrap();
+        b.revoke(&key.record.id).unwrap();
+        b.remove_tenant("gone").unwrap();
+        a.merge(&older).unwrap();
+        assert!(a.merge(&b.shared().unwrap()).unwrap());
+        assert!(a.authenticate(&bearer).is_none());
+        assert!(!a.tenant_exists("gone").unwrap());
+        assert!(!a.merge(&older).unwrap());
+        assert!(a.authenticate(&bearer).is_none());
+        assert!(b.merge(&a.shared().unwrap()).is_ok());
+        assert_eq!(
+            a.shared().unwrap().fingerprint(),
+            b.shared().unwrap().fingerprint()
+        );
+    }
 
     fn open(dir: &std::path::Path, token: &str) -> Tenancy {
         Tenancy::open(&crate::testing::open_store(dir), token).unwrap()

@@ -6,7 +6,7 @@
 pub mod keys;
 pub mod token;
 
-pub use keys::{KeyRecord, NewKey, Tenancy, TenancyError, TenantRecord};
+pub use keys::{KeyRecord, NewKey, SharedTenancy, Tenancy, TenancyError, TenantRecord};
 
 use serde::{Deserialize, Serialize};
 
