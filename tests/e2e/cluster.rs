@@ -7,7 +7,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tensorlet::tls::cluster::{node_id_of, node_uri, ClusterCa, NodeCert};
+use tensorlet::tls::cluster::{node_id_of, node_uri, ClusterCa, Issued, NodeCert};
 use tensorlet::tls::peer::{PeerFiles, PeerTls};
 use time::OffsetDateTime;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -157,10 +157,28 @@ async fn only_nodes_of_the_cluster_pass_the_handshake_and_new_certificates_apply
 
     let ca = ClusterCa::open(&ca_dir).unwrap();
     let ca_pem = ca.cert_pem().to_string();
+    // Node b's identity through the request flow: its key is made on b and never leaves it;
+    // the CA signs the request, for node b only.
     let peer_dir = dir.path().join("node-b");
-    std::fs::create_dir_all(&peer_dir).unwrap();
-    let b = ca.issue(&NodeCert::new("edge", "b", 30)).unwrap();
-    let (b_cert, b_key) = write_identity(&peer_dir, "b", &b.cert_pem, &b.key_pem);
+    let peer_path = peer_dir.to_str().unwrap();
+    cli(&["cluster", "csr", "b", "--out", peer_path]);
+    let request = peer_dir.join("node.csr");
+    let signing = |node: &str| {
+        std::process::Command::new(crate::support::BINARY)
+            .args(["cluster", "sign", node, "--csr", request.to_str().unwrap()])
+            .args(["--ca-dir", ca_path, "--out", peer_path])
+            .output()
+            .unwrap()
+    };
+    let for_another_node = signing("c");
+    assert!(!for_another_node.status.success());
+    assert!(!peer_dir.join("node.pem").exists());
+    assert!(signing("b").status.success());
+    let (b_cert, b_key) = (peer_dir.join("node.pem"), peer_dir.join("node.key"));
+    let b = Issued {
+        cert_pem: std::fs::read_to_string(&b_cert).unwrap(),
+        key_pem: std::fs::read_to_string(&b_key).unwrap(),
+    };
 
     // Node b, through the same TLS a node dials with: it checks that it reached node a.
     let b_tls = PeerTls::load(

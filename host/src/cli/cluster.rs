@@ -1,6 +1,7 @@
 //! `tensorlet cluster`: the cluster CA's commands, run where the CA's folder is (offline, or
-//! on the first node), not against a running node: make the CA, issue a node's certificate,
-//! revoke one; and `status`, which asks a node who is in its cluster.
+//! on the first node), not against a running node: make the CA, issue a node's certificate
+//! (or sign the request a node made with `csr`, so its key never leaves it), revoke one; and
+//! `status`, which asks a node who is in its cluster.
 
 use crate::tls::cluster::{ClusterCa, NodeCert};
 use clap::Subcommand;
@@ -27,8 +28,29 @@ pub enum ClusterCommand {
         #[arg(long, default_value_t = 365)]
         days: u32,
     },
-    /// Revoke a node's certificate: rewrites the CA's crl.pem, which every node's
-    /// `[cluster] crl` must then be given.
+    /// On the node: make its key and a certificate signing request for <NODE_ID>, written to
+    /// --out as node.key (0600) and node.csr; the key never leaves the node.
+    Csr {
+        node_id: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Where the CA is: sign node <NODE_ID>'s request (--csr), writing node.pem and ca.pem to
+    /// --out for the node.
+    Sign {
+        node_id: String,
+        #[arg(long)]
+        csr: PathBuf,
+        #[arg(long)]
+        ca_dir: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Days it is valid for.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+    /// Revoke a node's certificate: rewrites the CA's crl.pem; give it to any node of the
+    /// cluster, which passes it on to the others.
     Revoke {
         /// The certificate (PEM) to revoke.
         cert: PathBuf,
@@ -111,6 +133,38 @@ pub fn run(command: ClusterCommand) -> anyhow::Result<()> {
                 "issued node {node_id} of cluster {} a certificate for {days} days: {}",
                 ca.cluster,
                 out.display()
+            );
+        }
+        ClusterCommand::Csr { node_id, out } => {
+            let request = crate::tls::cluster::node_request(&node_id)?;
+            crate::store::files::create_private_dir(&out)?;
+            let write = crate::store::files::write_durably;
+            write(&out.join("node.key"), request.key_pem.as_bytes(), 0o600)?;
+            write(&out.join("node.csr"), request.cert_pem.as_bytes(), 0o644)?;
+            println!(
+                "made node {node_id}'s key and request: have {} signed with `tensorlet cluster sign`",
+                out.join("node.csr").display()
+            );
+        }
+        ClusterCommand::Sign {
+            node_id,
+            csr,
+            ca_dir,
+            out,
+            days,
+        } => {
+            let ca = ClusterCa::open(&ca_dir)?;
+            let cert = ca.sign(
+                &std::fs::read_to_string(&csr)?,
+                &NodeCert::new(&ca.cluster, &node_id, days),
+            )?;
+            crate::store::files::create_private_dir(&out)?;
+            let write = crate::store::files::write_durably;
+            write(&out.join("node.pem"), cert.as_bytes(), 0o644)?;
+            write(&out.join("ca.pem"), ca.cert_pem().as_bytes(), 0o644)?;
+            println!(
+                "signed node {node_id}'s request for {days} days: {} (with ca.pem)",
+                out.join("node.pem").display()
             );
         }
         ClusterCommand::Status => unreachable!("status runs against a node"),

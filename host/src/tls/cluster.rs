@@ -108,6 +108,58 @@ impl NodeCert {
     }
 }
 
+/// What a node certificate of `spec` says: its node id as the common name and the DNS name,
+/// the cluster URI, the usages asked for, the validity period and a random serial.
+fn node_params(spec: &NodeCert) -> anyhow::Result<CertificateParams> {
+    if !crate::apps::valid_name(&spec.node_id) {
+        bail!(
+            "invalid node id {:?}: use 1-63 lower-case letters, digits or '-'",
+            spec.node_id
+        );
+    }
+    let mut params = CertificateParams::default();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, spec.node_id.clone());
+    params.subject_alt_names = vec![
+        SanType::DnsName(spec.node_id.clone().try_into()?),
+        SanType::URI(spec.uri.clone().try_into()?),
+    ];
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = [
+        (spec.server_auth, ExtendedKeyUsagePurpose::ServerAuth),
+        (spec.client_auth, ExtendedKeyUsagePurpose::ClientAuth),
+    ]
+    .into_iter()
+    .filter_map(|(wanted, usage)| wanted.then_some(usage))
+    .collect();
+    params.not_before = spec.not_before;
+    params.not_after = spec.not_after;
+    params.serial_number = Some(random_serial());
+    Ok(params)
+}
+
+/// A node's key and its certificate signing request for `node_id`, as PEM: what
+/// `tensorlet cluster csr` writes on the node, so that its key never leaves it.
+pub fn node_request(node_id: &str) -> anyhow::Result<Issued> {
+    if !crate::apps::valid_name(node_id) {
+        bail!("invalid node id {node_id:?}: use 1-63 lower-case letters, digits or '-'");
+    }
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::default();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, node_id.to_string());
+    let request = params.serialize_request(&key)?;
+    Ok(Issued {
+        cert_pem: request.pem()?,
+        key_pem: key.serialize_pem(),
+    })
+}
+
 /// An issued certificate and its key, as PEM.
 pub struct Issued {
     pub cert_pem: String,
@@ -200,42 +252,36 @@ impl ClusterCa {
         &self.cert_pem
     }
 
-    /// Issues a node certificate with a fresh key.
+    /// Issues a certificate for `spec` with a fresh key (both returned).
     pub fn issue(&self, spec: &NodeCert) -> anyhow::Result<Issued> {
-        if !crate::apps::valid_name(&spec.node_id) {
-            bail!(
-                "invalid node id {:?}: use 1-63 lower-case letters, digits or '-'",
-                spec.node_id
-            );
-        }
         let key = KeyPair::generate()?;
-        let mut params = CertificateParams::default();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, spec.node_id.clone());
-        params.subject_alt_names = vec![
-            SanType::DnsName(spec.node_id.clone().try_into()?),
-            SanType::URI(spec.uri.clone().try_into()?),
-        ];
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = [
-            (spec.server_auth, ExtendedKeyUsagePurpose::ServerAuth),
-            (spec.client_auth, ExtendedKeyUsagePurpose::ClientAuth),
-        ]
-        .into_iter()
-        .filter_map(|(wanted, usage)| wanted.then_some(usage))
-        .collect();
-        params.not_before = spec.not_before;
-        params.not_after = spec.not_after;
-        params.serial_number = Some(random_serial());
-        let cert = params.signed_by(&key, &self.issuer, &self.key)?;
+        let cert = node_params(spec)?.signed_by(&key, &self.issuer, &self.key)?;
         Ok(Issued {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
         })
+    }
+
+    /// Signs the certificate signing request `csr_pem` (made by `tensorlet cluster csr` on the
+    /// node, whose key never leaves it) as `spec` says: the request's signature must verify and
+    /// its common name must be `spec`'s node id; the names and usages are the CA's, never the
+    /// request's. Returns the certificate (PEM).
+    pub fn sign(&self, csr_pem: &str, spec: &NodeCert) -> anyhow::Result<String> {
+        let request = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| anyhow!("not a signed certificate request: {e}"))?;
+        let named = match request.params.distinguished_name.get(&DnType::CommonName) {
+            Some(rcgen::DnValue::Utf8String(name)) => Some(name.clone()),
+            _ => None,
+        };
+        if named.as_deref() != Some(spec.node_id.as_str()) {
+            bail!(
+                "the request is for {:?}, not node {:?}",
+                named.unwrap_or_default(),
+                spec.node_id
+            );
+        }
+        let cert = node_params(spec)?.signed_by(&request.public_key, &self.issuer, &self.key)?;
+        Ok(cert.pem())
     }
 
     /// Revokes the certificate in `cert_pem` and rewrites the CRL; returns the CRL's path.
@@ -330,5 +376,50 @@ mod tests {
         let (_, parsed) =
             <x509_parser::revocation_list::CertificateRevocationList as x509_parser::prelude::FromDer<_>>::from_der(&der).unwrap();
         assert_eq!(parsed.iter_revoked_certificates().count(), 1);
+    }
+
+    #[test]
+    fn a_nodes_request_is_signed_for_the_node_it_names_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ClusterCa::init(&dir.path().join("ca"), "edge").unwrap();
+        let request = node_request("node-b").unwrap();
+        assert!(request.cert_pem.contains("CERTIFICATE REQUEST"));
+        let cert = ca
+            .sign(&request.cert_pem, &NodeCert::new("edge", "node-b", 30))
+            .unwrap();
+        let der = pem_der(&cert).unwrap();
+        assert_eq!(node_id_of(&der, "edge").as_deref(), Some("node-b"));
+        // The certificate carries the request's key, which stayed with the node.
+        let (_, parsed) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let key = KeyPair::from_pem(&request.key_pem).unwrap();
+        assert_eq!(
+            parsed.public_key().subject_public_key.data,
+            key.public_key_raw()
+        );
+
+        let refused = ca
+            .sign(&request.cert_pem, &NodeCert::new("edge", "node-a", 30))
+            .unwrap_err();
+        assert!(
+            refused.to_string().contains("not node \"node-a\""),
+            "{refused}"
+        );
+        assert!(ca
+            .sign("not a request", &NodeCert::new("edge", "node-b", 30))
+            .is_err());
+        // A request whose signature was altered (the last base64 line is the signature's).
+        let mut lines: Vec<String> = request.cert_pem.lines().map(str::to_string).collect();
+        let signature = lines.len() - 2;
+        let signature_line = &mut lines[signature];
+        let flipped = if signature_line.starts_with('A') {
+            "B"
+        } else {
+            "A"
+        };
+        signature_line.replace_range(0..1, flipped);
+        assert!(ca
+            .sign(&lines.join("\n"), &NodeCert::new("edge", "node-b", 30))
+            .is_err());
+        assert!(node_request("Bad Id").is_err());
     }
 }
