@@ -108,15 +108,18 @@ impl NodeCert {
     }
 }
 
+/// Refuses a node id that is not a valid name (node ids are names like apps').
+fn check_node_id(node_id: &str) -> anyhow::Result<()> {
+    if !crate::apps::valid_name(node_id) {
+        bail!("invalid node id {node_id:?}: use 1-63 lower-case letters, digits or '-'");
+    }
+    Ok(())
+}
+
 /// What a node certificate of `spec` says: its node id as the common name and the DNS name,
 /// the cluster URI, the usages asked for, the validity period and a random serial.
 fn node_params(spec: &NodeCert) -> anyhow::Result<CertificateParams> {
-    if !crate::apps::valid_name(&spec.node_id) {
-        bail!(
-            "invalid node id {:?}: use 1-63 lower-case letters, digits or '-'",
-            spec.node_id
-        );
-    }
+    check_node_id(&spec.node_id)?;
     let mut params = CertificateParams::default();
     params
         .distinguished_name
@@ -145,9 +148,7 @@ fn node_params(spec: &NodeCert) -> anyhow::Result<CertificateParams> {
 /// A node's key and its certificate signing request for `node_id`, as PEM: what
 /// `tensorlet cluster csr` writes on the node, so that its key never leaves it.
 pub fn node_request(node_id: &str) -> anyhow::Result<Issued> {
-    if !crate::apps::valid_name(node_id) {
-        bail!("invalid node id {node_id:?}: use 1-63 lower-case letters, digits or '-'");
-    }
+    check_node_id(node_id)?;
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::default();
     params
