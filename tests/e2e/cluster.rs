@@ -758,3 +758,132 @@ async fn a_deployment_reaches_the_nodes_its_placement_selects_and_the_others_for
     .await;
     c.assert_healthy().await;
 }
+
+/// Stores `value` under `key` in app `app` (a kv-counter) on `node`.
+async fn put_item(node: &TestNode, app: &str, key: &str, value: &str) {
+    let response = node
+        .client
+        .put(node.at(&format!("/apps/{app}/items/{key}")))
+        .body(value.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 204, "{}", response.text().await.unwrap());
+}
+
+/// What the raced key of app `shared` holds on `node`.
+async fn raced(node: &TestNode) -> String {
+    node.get("/apps/shared/items/race").await.1
+}
+
+/// The keys app `app` (a kv-counter) holds on `node`.
+async fn item_keys(node: &TestNode, app: &str) -> Vec<String> {
+    let (status, body) = node.get(&format!("/apps/{app}/items")).await;
+    assert_eq!(status, 200, "{body}");
+    let listing: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let mut keys: Vec<String> = listing["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|key| key.as_str().unwrap().to_string())
+        .collect();
+    keys.sort();
+    keys
+}
+
+#[tokio::test]
+async fn a_replicated_bucket_reaches_every_node_and_a_restarted_node_catches_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = ClusterCa::init(&dir.path().join("ca"), "edge").unwrap();
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let seed = vec![format!("a@127.0.0.1:{}", ports[0])];
+    let (a, _a_config) = start_member(&ca, dir.path(), "a", ports[0], &[], None, "");
+    let (mut b, b_config) = start_member(&ca, dir.path(), "b", ports[1], &seed, None, "");
+    let (c, _c_config) = start_member(&ca, dir.path(), "c", ports[2], &seed, None, "");
+    for (node, other) in [(&a, "b"), (&a, "c"), (&c, "b"), (&b, "c"), (&c, "a")] {
+        eventually("every member to see the others", || {
+            sees(node, other, "alive")
+        })
+        .await;
+    }
+    // One component twice: as `shared`, whose bucket replicates, and as `local`, whose does not.
+    let manifest = |name: &str, replicated: &str| {
+        TestNode::manifest(&format!(
+            "[app]\nname = {name:?}\ncomponent = {:?}\npublic = true\nbuckets = [\"default\"]\n{replicated}",
+            artifacts::KV_COUNTER
+        ))
+    };
+    let (_shared_dir, shared) = manifest("shared", "replicated_buckets = [\"default\"]\n");
+    let (_local_dir, local) = manifest("local", "");
+    a.cli_ok(&["deploy", "-f", shared.to_str().unwrap()]);
+    a.cli_ok(&["deploy", "-f", local.to_str().unwrap()]);
+    // A bucket that is not among the app's buckets cannot replicate.
+    let (_bad_dir, bad) = manifest("bad", "replicated_buckets = [\"other\"]\n");
+    let refused = a.cli(&["deploy", "-f", bad.to_str().unwrap()]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("replicated_buckets"));
+    for node in [&b, &c] {
+        eventually("every node to run both apps", || async {
+            node.get("/apps/shared/items").await.0 == 200
+                && node.get("/apps/local/items").await.0 == 200
+        })
+        .await;
+    }
+
+    // Written on A, read on C; the local bucket's write stays on A.
+    put_item(&a, "local", "k", "stays on a").await;
+    put_item(&a, "shared", "k", "written on a").await;
+    eventually("A's write to reach C", || async {
+        c.get("/apps/shared/items/k").await == (200, "written on a".to_string())
+    })
+    .await;
+    assert_eq!(c.get("/apps/local/items/k").await.0, 404);
+    assert_eq!(
+        a.get("/apps/local/items/k").await,
+        (200, "stays on a".into())
+    );
+
+    // B dies; A takes writes and C deletes a key while it is down. Back, B catches up.
+    b.kill();
+    let written: Vec<String> = (0..40).map(|i| format!("key-{i:02}")).collect();
+    for key in &written {
+        put_item(&a, "shared", key, &format!("value of {key}")).await;
+    }
+    let deleted = c
+        .client
+        .delete(c.at("/apps/shared/items/k"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 204);
+    let b_data = b.take_data_dir();
+    let b = TestNode::start_in(
+        b_data.path(),
+        &["--config", b_config.path().to_str().unwrap()],
+    );
+    for node in [&a, &b, &c] {
+        eventually("every node to hold the same keys", || async {
+            item_keys(node, "shared").await == written
+        })
+        .await;
+    }
+    assert_eq!(
+        b.get("/apps/shared/items/key-07").await,
+        (200, "value of key-07".to_string())
+    );
+
+    // A and C write one key at once: every node ends with the same one of the two values.
+    tokio::join!(
+        put_item(&a, "shared", "race", "from a"),
+        put_item(&c, "shared", "race", "from c")
+    );
+    eventually("the nodes to agree on the raced key", || async {
+        let on_a = raced(&a).await;
+        on_a == raced(&b).await && on_a == raced(&c).await
+    })
+    .await;
+    assert!(["from a", "from c"].contains(&raced(&b).await.as_str()));
+    for node in [&a, &b, &c] {
+        node.assert_healthy().await;
+    }
+}

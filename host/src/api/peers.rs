@@ -13,7 +13,7 @@ use crate::tenancy::SharedTenancy;
 use crate::tls::cluster::node_id_of;
 use crate::tls::peer::PeerTls;
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, Extension, Path, Request, State};
+use axum::extract::{DefaultBodyLimit, Extension, Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -45,6 +45,7 @@ pub fn router(node: Arc<Node>, tls: Arc<PeerTls>, fleet: Arc<Fleet>) -> Router {
         .route("/cluster/v1/crl", get(crl))
         .route("/cluster/v1/tenancy", get(tenancy))
         .route("/cluster/v1/blobs/{digest}", get(blob))
+        .route("/cluster/v1/kv/{app}/{bucket}", get(kv_feed))
         .route("/cluster/v1/invoke/{app}", any(invoke))
         .route("/cluster/v1/invoke/{app}/", any(invoke))
         .route("/cluster/v1/invoke/{app}/{*rest}", any(invoke))
@@ -157,6 +158,49 @@ async fn model(State(peers): State<Peers>, Path(name): Path<String>) -> Result<R
             format!("no model named {name:?} on this node"),
         )),
     }
+}
+
+/// Where in a replicated bucket's feed a peer reads from.
+#[derive(serde::Deserialize)]
+struct FeedQuery {
+    /// The last sequence number it has seen (0: from the start).
+    #[serde(default)]
+    after: u64,
+}
+
+/// `GET /cluster/v1/kv/<app>/<bucket>?after=<seq>`: the changes after `after` of a replicated
+/// bucket of an app that runs here, as a [`crate::kv::feed::FeedPage`].
+async fn kv_feed(
+    State(peers): State<Peers>,
+    Path((app, bucket)): Path<(String, String)>,
+    Query(query): Query<FeedQuery>,
+) -> Result<Response, ApiError> {
+    use crate::kv::feed::{PAGE_CHANGES, PAGE_VALUE_BYTES};
+    let runtime = &peers.node.runtime;
+    let Some(replicated) = runtime
+        .replicated_buckets()
+        .into_iter()
+        .find(|replicated| replicated.app == app && replicated.bucket == bucket)
+    else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "bucket_not_replicated",
+            format!("no app {app:?} with replicated bucket {bucket:?} runs on this node"),
+        ));
+    };
+    let feed = runtime.kv_feed(&replicated)?;
+    let store_error =
+        |message: String| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "store_error", message);
+    let page =
+        tokio::task::spawn_blocking(move || feed.page(query.after, PAGE_CHANGES, PAGE_VALUE_BYTES))
+            .await
+            .map_err(|e| store_error(e.to_string()))?
+            .map_err(store_error)?;
+    Ok((
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        page.encode(),
+    )
+        .into_response())
 }
 
 /// `GET /cluster/v1/blobs/<digest>`: a component (or any blob) of this node, streamed.

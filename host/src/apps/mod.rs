@@ -95,6 +95,7 @@ impl LegacyAppRecord {
                 models: self.models,
                 native_guest_models: self.native_guest_models,
                 buckets: None,
+                replicated_buckets: Vec::new(),
                 config: BTreeMap::new(),
                 allowed_hosts: Vec::new(),
                 cache: None,

@@ -46,6 +46,7 @@ impl DeploySpec {
                 consumes: record.consumes.clone(),
                 public: Some(record.public),
                 buckets: revision.buckets.clone().unwrap_or_default(),
+                replicated_buckets: revision.replicated_buckets.clone(),
             },
             limits: LimitsSpec {
                 timeout_secs: Some(revision.timeout_secs),
@@ -106,6 +107,9 @@ impl DeploySpec {
         self.app.public = changes.app.public.or(self.app.public);
         if !changes.app.buckets.is_empty() {
             self.app.buckets = changes.app.buckets;
+            self.app.replicated_buckets = changes.app.replicated_buckets;
+        } else if !changes.app.replicated_buckets.is_empty() {
+            self.app.replicated_buckets = changes.app.replicated_buckets;
         }
         self.config.extend(changes.config);
         if !changes.outbound.allowed_hosts.is_empty() {
@@ -146,6 +150,9 @@ pub struct AppSection {
     pub public: Option<bool>,
     /// Key-value buckets the app may open; others are refused.
     pub buckets: Vec<String>,
+    /// Those of `buckets` whose data the fleet shares: every node that runs the app keeps
+    /// every key, last writer wins per key (the others stay on the node that wrote them).
+    pub replicated_buckets: Vec<String>,
 }
 
 /// Paths the node keeps for itself: no app route may be one of them or lie below one.
@@ -320,6 +327,9 @@ pub struct RevisionSpec {
     /// existed: those may open any of their app's buckets, as they could then.
     #[serde(default)]
     pub buckets: Option<Vec<String>>,
+    /// Those of them whose data the fleet shares.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replicated_buckets: Vec<String>,
     pub config: BTreeMap<String, String>,
     pub allowed_hosts: Vec<String>,
     pub cache: Option<CacheSpec>,
@@ -605,6 +615,17 @@ pub fn settle(spec: &DeploySpec, limits: &LimitsConfig) -> Result<RevisionSpec, 
             buckets.push(bucket.clone());
         }
     }
+    let mut replicated_buckets = Vec::new();
+    for bucket in &spec.app.replicated_buckets {
+        if !buckets.contains(bucket) {
+            return Err(format!(
+                "app.replicated_buckets: {bucket:?} is not one of app.buckets"
+            ));
+        }
+        if !replicated_buckets.contains(bucket) {
+            replicated_buckets.push(bucket.clone());
+        }
+    }
     Ok(RevisionSpec {
         timeout_secs: timeout,
         memory_mib: memory,
@@ -618,6 +639,7 @@ pub fn settle(spec: &DeploySpec, limits: &LimitsConfig) -> Result<RevisionSpec, 
         models,
         native_guest_models: spec.app.native_guest_models,
         buckets: Some(buckets),
+        replicated_buckets,
         config: spec.config.clone(),
         allowed_hosts: spec.outbound.allowed_hosts.clone(),
         cache: spec.cache.clone(),

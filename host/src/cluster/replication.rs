@@ -8,13 +8,19 @@
 //! (`GET /cluster/v1/crl`): revoking a node on one node revokes it on all. Last writer wins per app. A node that was down
 //! catches up at its first round after it rejoins; a change travels on from node to node, so
 //! the node where it was made need not stay up.
+//!
+//! The replicated key-value buckets of the apps that run here are read from each peer that
+//! runs the app too, from where this node left off in that peer's feed
+//! (`GET /cluster/v1/kv/<app>/<bucket>?after=<seq>`, see [`crate::kv::feed`]); last writer
+//! wins per key.
 
 use super::client;
 use super::fleet::{Fleet, PeerState};
 use super::Member;
 use crate::apps::StoredApp;
+use crate::kv::feed::{FeedPage, MAX_PAGE_BYTES, TOMBSTONE_RETENTION};
 use crate::nn::{ModelRecord, ModelRegistry, Upload};
-use crate::runtime::Runtime;
+use crate::runtime::{ReplicatedBucket, Runtime};
 use crate::store::blobs::{self, Blobs, Held};
 use crate::store::Store;
 use crate::tenancy::{SharedTenancy, Tenancy};
@@ -35,6 +41,16 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 const BLOB_TIMEOUT: Duration = Duration::from_secs(120);
 /// Largest state or app record taken from a peer.
 const MAX_RECORD_BYTES: usize = 16 << 20;
+/// The longest a page of a peer's key-value feed may take to arrive.
+const KV_PAGE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Pages of one bucket's feed taken from a peer per round: a bucket far behind catches up over
+/// several rounds, without holding up the others.
+const KV_PAGES_PER_ROUND: usize = 16;
+/// This node's place in each peer's feeds: `<peer>/<scoped app>/<bucket>` → the last sequence
+/// number it took (big-endian).
+const KV_CURSORS_TREE: &str = "kvcursors";
+/// How often tombstones older than [`TOMBSTONE_RETENTION`] are swept.
+const TOMBSTONE_SWEEP_EVERY: Duration = Duration::from_secs(3600);
 
 /// What a round of replication needs.
 pub struct Replicator {
@@ -61,6 +77,7 @@ impl Replicator {
         tokio::spawn(async move {
             let mut ticks = tokio::time::interval(every);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut swept_at = std::time::Instant::now();
             loop {
                 tokio::select! {
                     _ = ticks.tick() => {}
@@ -69,6 +86,10 @@ impl Replicator {
                 tokio::select! {
                     () = self.round() => {}
                     () = shutdown.cancelled() => return,
+                }
+                if swept_at.elapsed() >= TOMBSTONE_SWEEP_EVERY {
+                    swept_at = std::time::Instant::now();
+                    self.sweep_tombstones().await;
                 }
             }
         })
@@ -96,6 +117,7 @@ impl Replicator {
                         tracing::warn!(peer = %peer.id, %error, "a peer's tenants and keys were not taken");
                     }
                     self.catch_up(peer, &state).await;
+                    self.take_kv(peer, &state).await;
                     self.fleet.record(&peer.id, state);
                 }
                 Err(error) => {
@@ -124,7 +146,7 @@ impl Replicator {
     /// Takes `peer`'s CRL, when the cluster CA signed it and it is newer than this node's.
     async fn take_crl(&self, peer: &Member) -> Result<(), String> {
         let pem = self
-            .get_bytes(peer, "/cluster/v1/crl", REQUEST_TIMEOUT)
+            .get_bytes(peer, "/cluster/v1/crl", REQUEST_TIMEOUT, MAX_RECORD_BYTES)
             .await?;
         let tls = self.tls.clone();
         let adopted = tokio::task::spawn_blocking(move || tls.adopt_crl(&pem))
@@ -157,6 +179,108 @@ impl Replicator {
             }
             if let Err(error) = self.take_app(peer, &version.name).await {
                 tracing::warn!(peer = %peer.id, app = %version.name, %error, "a peer's app was not taken");
+            }
+        }
+    }
+
+    /// Takes the changes of the replicated buckets of the apps that run here and on `peer`.
+    async fn take_kv(&self, peer: &Member, state: &PeerState) {
+        for replicated in self.runtime.replicated_buckets() {
+            if !state.desired.serving.contains(&replicated.app) {
+                continue;
+            }
+            if let Err(error) = self.take_feed(peer, &replicated).await {
+                tracing::warn!(
+                    peer = %peer.id,
+                    app = %replicated.app,
+                    bucket = %replicated.bucket,
+                    %error,
+                    "a peer's key-value changes were not taken"
+                );
+            }
+        }
+    }
+
+    /// Takes the changes of `replicated`'s feed on `peer` that came after those this node
+    /// took last, up to [`KV_PAGES_PER_ROUND`] pages.
+    async fn take_feed(&self, peer: &Member, replicated: &ReplicatedBucket) -> Result<(), String> {
+        let cursors = self
+            .store
+            .tree(KV_CURSORS_TREE)
+            .map_err(|e| e.to_string())?;
+        let cursor_key = format!("{}/{}/{}", peer.id, replicated.scoped, replicated.bucket);
+        let mut cursor = match cursors.get(&cursor_key).map_err(|e| e.to_string())? {
+            Some(bytes) => u64::from_be_bytes(
+                bytes[..]
+                    .try_into()
+                    .map_err(|_| "a malformed feed cursor")?,
+            ),
+            None => 0,
+        };
+        let feed = self
+            .runtime
+            .kv_feed(replicated)
+            .map_err(|e| e.to_string())?;
+        for _ in 0..KV_PAGES_PER_ROUND {
+            let path = format!(
+                "/cluster/v1/kv/{}/{}?after={cursor}",
+                replicated.app, replicated.bucket
+            );
+            let page = self
+                .get_bytes(peer, &path, KV_PAGE_TIMEOUT, MAX_PAGE_BYTES)
+                .await?;
+            let page = FeedPage::decode(&page)?;
+            if page.last < cursor {
+                // The peer's database is not the one this cursor was in (restored, replaced):
+                // read its feed again from the start.
+                cursor = 0;
+                continue;
+            }
+            let Some(newest) = page.changes.last().map(|change| change.seq) else {
+                break;
+            };
+            let applying = feed.clone();
+            let applied = tokio::task::spawn_blocking(move || applying.apply(&page.changes))
+                .await
+                .map_err(|e| e.to_string())??;
+            if applied > 0 {
+                self.store.make_durable().await.map_err(|e| e.to_string())?;
+                tracing::debug!(peer = %peer.id, app = %replicated.app, bucket = %replicated.bucket, applied, "took key-value changes");
+            }
+            cursor = newest;
+            cursors
+                .insert(&cursor_key, &cursor.to_be_bytes())
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Drops the tombstones older than [`TOMBSTONE_RETENTION`] from every replicated bucket.
+    async fn sweep_tombstones(&self) {
+        let before_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |now| now.as_millis() as u64)
+            .saturating_sub(TOMBSTONE_RETENTION.as_millis() as u64);
+        for replicated in self.runtime.replicated_buckets() {
+            let feed = match self.runtime.kv_feed(&replicated) {
+                Ok(feed) => feed,
+                Err(error) => {
+                    tracing::warn!(app = %replicated.app, %error, "opening a bucket's feed failed");
+                    continue;
+                }
+            };
+            let swept = tokio::task::spawn_blocking(move || feed.sweep_tombstones(before_ms)).await;
+            match swept {
+                Ok(Ok(0)) => {}
+                Ok(Ok(swept)) => {
+                    tracing::info!(app = %replicated.app, bucket = %replicated.bucket, swept, "swept old tombstones")
+                }
+                Ok(Err(error)) => {
+                    tracing::warn!(app = %replicated.app, %error, "sweeping tombstones failed")
+                }
+                Err(error) => {
+                    tracing::warn!(app = %replicated.app, %error, "sweeping tombstones failed")
+                }
             }
         }
     }
@@ -294,16 +418,19 @@ impl Replicator {
         path: &str,
         timeout: Duration,
     ) -> Result<T, String> {
-        let body = self.get_bytes(peer, path, timeout).await?;
+        let body = self
+            .get_bytes(peer, path, timeout, MAX_RECORD_BYTES)
+            .await?;
         serde_json::from_slice(&body).map_err(|e| format!("{path}: {e}"))
     }
 
-    /// `path` of `peer`, at most [`MAX_RECORD_BYTES`], within `timeout`.
+    /// `path` of `peer`, at most `max_bytes`, within `timeout`.
     async fn get_bytes(
         &self,
         peer: &Member,
         path: &str,
         timeout: Duration,
+        max_bytes: usize,
     ) -> Result<Vec<u8>, String> {
         let client = self
             .fleet
@@ -321,8 +448,8 @@ impl Replicator {
             let mut chunks = response.bytes_stream();
             while let Some(chunk) = chunks.next().await {
                 let chunk = chunk.map_err(|e| e.to_string())?;
-                if body.len() + chunk.len() > MAX_RECORD_BYTES {
-                    return Err(format!("{path} is larger than {MAX_RECORD_BYTES} bytes"));
+                if body.len() + chunk.len() > max_bytes {
+                    return Err(format!("{path} is larger than {max_bytes} bytes"));
                 }
                 body.extend_from_slice(&chunk);
             }

@@ -5,13 +5,17 @@
 //! data, nor an app of another tenant that takes a removed app's name. A batch (`set-many`, `delete-many`) is one sled batch: all its
 //! keys or none, checked against the quotas as a whole. Every write (`set`, `delete`,
 //! `increment`, a successful `swap`, a batch) returns to the guest only once it is on disk — acknowledged means durable — and
-//! concurrent writers share one flush (see [`Store::make_durable`]).
+//! concurrent writers share one flush (see [`Store::make_durable`]). A bucket the app declares
+//! in `app.replicated_buckets` also keeps a change feed that its peers in the fleet read
+//! ([`feed`]).
 
+pub mod feed;
 mod quota;
 
 pub use quota::{KvQuotas, KvUsage};
 
 use crate::store::Store;
+use feed::{Decided, Feed};
 use quota::AppUsage;
 use std::collections::BTreeMap;
 use std::ops::Bound;
@@ -46,58 +50,100 @@ const LIST_PAGE: usize = 1000;
 /// Largest value a guest may store.
 const MAX_VALUE_BYTES: usize = 16 << 20;
 
+/// The buckets an instance may open, and which of them replicate.
+#[derive(Debug, Clone, Default)]
+pub struct KvGrant {
+    /// The buckets the app declared (`None`: any of its buckets, for revisions made before
+    /// allow-lists).
+    pub allowed: Option<Vec<String>>,
+    /// Those that keep a change feed for the fleet.
+    pub replicated: Vec<String>,
+    /// The node the instance runs on, which stamps its writes to replicated buckets.
+    pub node: Arc<str>,
+}
+
 /// Per-request key-value state: whose buckets this instance opens, and its app's quotas.
 pub struct KvCtx {
     store: Store,
     app: String,
-    usage: Arc<AppUsage>,
-    /// The buckets the app declared (`None`: any of its buckets, for revisions made before
-    /// allow-lists).
-    allowed: Option<Vec<String>>,
+    usage: Arc<KvUsage>,
+    grant: KvGrant,
 }
 
 impl KvCtx {
     /// State for one instance of the app whose [`crate::tenancy::scoped_name`] is `app`, which
-    /// may open the buckets in `allowed`.
-    pub fn new(store: Store, app: &str, usage: &KvUsage, allowed: Option<Vec<String>>) -> Self {
+    /// may open the buckets `grant` names.
+    pub fn new(store: Store, app: &str, usage: &Arc<KvUsage>, grant: KvGrant) -> Self {
         Self {
             store,
             app: app.to_string(),
-            usage: usage.of(app),
-            allowed,
+            usage: usage.clone(),
+            grant,
         }
     }
 }
 
-/// The value behind a `bucket` resource.
+/// The value behind a `bucket` resource: its tree, and its feed when it replicates (every
+/// write then goes through the feed).
 pub struct Bucket {
     tree: sled::Tree,
+    usage: Arc<AppUsage>,
+    feed: Option<Feed>,
 }
 
-/// The value behind a `cas` resource: the key and the value it saw.
+/// The value behind a `cas` resource: the bucket, the key and the value it saw.
 pub struct Cas {
     tree: sled::Tree,
+    usage: Arc<AppUsage>,
+    feed: Option<Feed>,
     key: String,
     seen: Option<sled::IVec>,
 }
 
-/// Refuses values over [`MAX_VALUE_BYTES`] and writes past the app's quotas, before anything
-/// is written.
+/// Refuses values over [`MAX_VALUE_BYTES`] and changes past the app's quotas, before anything
+/// is written. Each change is a key's length, its value's old length (`None`: a new key) and
+/// its new one (`None`: deleted).
+pub(crate) fn admit_sizes(
+    usage: &AppUsage,
+    changes: &[(usize, Option<usize>, Option<usize>)],
+) -> Result<(), String> {
+    let (mut grows, mut shrinks, mut new_keys) = (0u64, 0u64, 0u64);
+    for &(key_len, old, new) in changes {
+        if let Some(new) = new.filter(|&new| new > MAX_VALUE_BYTES) {
+            return Err(format!(
+                "a value may be at most {MAX_VALUE_BYTES} bytes, not {new}"
+            ));
+        }
+        let size = |len: Option<usize>| len.map_or(0, |l| (l + key_len) as u64);
+        let (before, after) = (size(old), size(new));
+        grows += after.saturating_sub(before);
+        shrinks += before.saturating_sub(after);
+        new_keys += u64::from(old.is_none() && new.is_some());
+    }
+    usage.admit_change(grows.saturating_sub(shrinks), new_keys)
+}
+
+/// [`admit_sizes`] for one value replacing `old` bytes under `key`.
 fn admit(
     usage: &AppUsage,
     key: &str,
     old: Option<usize>,
     value: &[u8],
 ) -> Result<(), store::Error> {
-    if value.len() > MAX_VALUE_BYTES {
-        return Err(store::Error::Other(format!(
-            "a value may be at most {MAX_VALUE_BYTES} bytes, not {}",
-            value.len()
-        )));
-    }
-    usage
-        .admit(key.len(), old, value.len())
-        .map_err(store::Error::Other)
+    admit_sizes(usage, &[(key.len(), old, Some(value.len()))]).map_err(store::Error::Other)
+}
+
+/// Writes through a replicated bucket's feed what `decide` makes of the current values of
+/// `keys`, and waits until it is on disk.
+async fn write_replicated<R>(
+    store: Store,
+    feed: &Feed,
+    keys: &[&[u8]],
+    decide: impl Fn(&[Option<sled::IVec>]) -> Result<Decided<R>, String>,
+) -> Result<R, store::Error> {
+    let returned = feed.write(keys, decide).map_err(store::Error::Other)?;
+    durable(store).await?;
+    Ok(returned)
 }
 
 /// The view of a store that the key-value host functions work on.
@@ -156,19 +202,29 @@ impl store::Host for KvView<'_> {
                 "invalid bucket name {identifier:?}: use 1-64 letters, digits, '.', '_' or '-'"
             ))));
         }
-        if self
-            .ctx
+        let grant = &self.ctx.grant;
+        if grant
             .allowed
             .as_ref()
             .is_some_and(|allowed| !allowed.contains(&identifier))
         {
             return Ok(Err(store::Error::AccessDenied));
         }
-        if let Err(message) = self.ctx.usage.open_bucket(&identifier) {
+        let usage = self.ctx.usage.of(&self.ctx.app);
+        if let Err(message) = usage.open_bucket(&identifier) {
             return Ok(Err(store::Error::Other(message)));
         }
-        match self.ctx.store.tree(&tree_name(&self.ctx.app, &identifier)) {
-            Ok(tree) => Ok(Ok(self.table.push(Bucket { tree })?)),
+        let (store, app) = (&self.ctx.store, &self.ctx.app);
+        let opened = if grant.replicated.contains(&identifier) {
+            Feed::open(store, &self.ctx.usage, app, &identifier, &grant.node)
+                .map(|feed| (feed.values().clone(), Some(feed)))
+        } else {
+            store
+                .tree(&tree_name(app, &identifier))
+                .map(|tree| (tree, None))
+        };
+        match opened {
+            Ok((tree, feed)) => Ok(Ok(self.table.push(Bucket { tree, usage, feed })?)),
             Err(error) => Ok(Err(other(error))),
         }
     }
@@ -193,9 +249,13 @@ impl store::HostBucket for KvView<'_> {
         key: String,
         value: Vec<u8>,
     ) -> wasmtime::Result<Result<(), store::Error>> {
-        let tree = &self.table.get(&bucket)?.tree;
+        let Bucket { tree, usage, feed } = self.table.get(&bucket)?;
+        if let Some(feed) = feed {
+            let decide = |_: &[_]| Ok((vec![Some(value.clone())], ()));
+            let store = self.ctx.store.clone();
+            return Ok(write_replicated(store, feed, &[key.as_bytes()], decide).await);
+        }
         let written = {
-            let usage = &self.ctx.usage;
             let _writing = usage.writing();
             tree.get(key.as_bytes())
                 .map_err(other)
@@ -218,9 +278,13 @@ impl store::HostBucket for KvView<'_> {
         bucket: Resource<Bucket>,
         key: String,
     ) -> wasmtime::Result<Result<(), store::Error>> {
-        let tree = &self.table.get(&bucket)?.tree;
+        let Bucket { tree, usage, feed } = self.table.get(&bucket)?;
+        if let Some(feed) = feed {
+            let decide = |_: &[_]| Ok((vec![None], ()));
+            let store = self.ctx.store.clone();
+            return Ok(write_replicated(store, feed, &[key.as_bytes()], decide).await);
+        }
         let removed = {
-            let usage = &self.ctx.usage;
             let _writing = usage.writing();
             tree.remove(key.as_bytes())
                 .map(|removed| usage.record(key.len(), removed.map(|v| v.len()), None))
@@ -323,17 +387,11 @@ impl batch::Host for KvView<'_> {
             return Ok(Err(error));
         }
         // The last value given for a key wins, as it would with one `set` after another.
-        let writes: BTreeMap<String, Vec<u8>> = key_values.into_iter().collect();
-        let tree = &self.table.get(&bucket)?.tree;
-        let written = {
-            let usage = &self.ctx.usage;
-            let _writing = usage.writing();
-            write_batch(tree, usage, writes.into_iter().map(|(k, v)| (k, Some(v))))
-        };
-        if let Err(error) = written {
-            return Ok(Err(error));
-        }
-        Ok(durable(self.ctx.store.clone()).await)
+        let writes: BTreeMap<String, Option<Vec<u8>>> = key_values
+            .into_iter()
+            .map(|(key, value)| (key, Some(value)))
+            .collect();
+        self.write_many(bucket, writes).await
     }
 
     async fn delete_many(
@@ -346,11 +404,28 @@ impl batch::Host for KvView<'_> {
         }
         let deletes: BTreeMap<String, Option<Vec<u8>>> =
             keys.into_iter().map(|key| (key, None)).collect();
-        let tree = &self.table.get(&bucket)?.tree;
+        self.write_many(bucket, deletes).await
+    }
+}
+
+impl KvView<'_> {
+    /// Writes (`Some`) and deletes (`None`) every key of a batch at once, then waits until the
+    /// batch is on disk.
+    async fn write_many(
+        &mut self,
+        bucket: Resource<Bucket>,
+        changes: BTreeMap<String, Option<Vec<u8>>>,
+    ) -> wasmtime::Result<Result<(), store::Error>> {
+        let Bucket { tree, usage, feed } = self.table.get(&bucket)?;
+        if let Some(feed) = feed {
+            let keys: Vec<&[u8]> = changes.keys().map(String::as_bytes).collect();
+            let decide = |_: &[_]| Ok((changes.values().cloned().collect(), ()));
+            let store = self.ctx.store.clone();
+            return Ok(write_replicated(store, feed, &keys, decide).await);
+        }
         let written = {
-            let usage = &self.ctx.usage;
             let _writing = usage.writing();
-            write_batch(tree, usage, deletes.into_iter())
+            write_batch(tree, usage, changes.into_iter())
         };
         if let Err(error) = written {
             return Ok(Err(error));
@@ -368,31 +443,15 @@ fn write_batch(
 ) -> Result<(), store::Error> {
     let mut batch = sled::Batch::default();
     let mut counted = Vec::new();
-    let (mut grows, mut shrinks, mut new_keys) = (0u64, 0u64, 0u64);
     for (key, value) in changes {
         let old = tree.get(key.as_bytes()).map_err(other)?.map(|v| v.len());
-        if let Some(value) = &value {
-            if value.len() > MAX_VALUE_BYTES {
-                return Err(store::Error::Other(format!(
-                    "a value may be at most {MAX_VALUE_BYTES} bytes, not {}",
-                    value.len()
-                )));
-            }
-        }
-        let size = |len: Option<usize>| len.map_or(0, |l| (l + key.len()) as u64);
-        let (before, after) = (size(old), size(value.as_ref().map(Vec::len)));
-        grows += after.saturating_sub(before);
-        shrinks += before.saturating_sub(after);
-        new_keys += u64::from(old.is_none() && value.is_some());
         counted.push((key.len(), old, value.as_ref().map(Vec::len)));
         match value {
             Some(value) => batch.insert(key.as_bytes(), value),
             None => batch.remove(key.as_bytes()),
         }
     }
-    usage
-        .admit_change(grows.saturating_sub(shrinks), new_keys)
-        .map_err(store::Error::Other)?;
+    admit_sizes(usage, &counted).map_err(store::Error::Other)?;
     tree.apply_batch(batch).map_err(other)?;
     for (key_len, old, new) in counted {
         usage.record(key_len, old, new);
@@ -421,8 +480,15 @@ impl atomics::Host for KvView<'_> {
         key: String,
         delta: i64,
     ) -> wasmtime::Result<Result<i64, store::Error>> {
-        let tree = &self.table.get(&bucket)?.tree;
-        let usage = &self.ctx.usage;
+        let Bucket { tree, usage, feed } = self.table.get(&bucket)?;
+        if let Some(feed) = feed {
+            let decide = |current: &[Option<sled::IVec>]| -> Result<Decided<i64>, String> {
+                let value = incremented(current[0].as_deref(), delta)?;
+                Ok((vec![Some(value.to_string().into_bytes())], value))
+            };
+            let store = self.ctx.store.clone();
+            return Ok(write_replicated(store, feed, &[key.as_bytes()], decide).await);
+        }
         let writing = usage.writing();
         let mut outcome = Err(String::new());
         let mut sizes = (None, None);
@@ -459,12 +525,43 @@ impl atomics::Host for KvView<'_> {
         cas: Resource<Cas>,
         value: Vec<u8>,
     ) -> wasmtime::Result<Result<(), atomics::CasError>> {
-        let Cas { tree, key, seen } = self.table.delete(cas)?;
+        let Cas {
+            tree,
+            usage,
+            feed,
+            key,
+            seen,
+        } = self.table.delete(cas)?;
+        if let Some(replicated) = &feed {
+            type Conflict = Option<Option<sled::IVec>>;
+            let decide = |current: &[Option<sled::IVec>]| -> Result<Decided<Conflict>, String> {
+                Ok(if current[0] == seen {
+                    (vec![Some(value.clone())], None)
+                } else {
+                    (Vec::new(), Some(current[0].clone()))
+                })
+            };
+            let store = self.ctx.store.clone();
+            let conflict = write_replicated(store, replicated, &[key.as_bytes()], decide).await;
+            return match conflict {
+                Ok(None) => Ok(Ok(())),
+                Ok(Some(current)) => {
+                    let retry = self.table.push(Cas {
+                        tree,
+                        usage,
+                        feed,
+                        key,
+                        seen: current,
+                    })?;
+                    Ok(Err(atomics::CasError::CasFailed(retry)))
+                }
+                Err(error) => Ok(Err(atomics::CasError::StoreError(error))),
+            };
+        }
         let old = seen.as_ref().map(|v| v.len());
         let swapped = {
-            let usage = &self.ctx.usage;
             let _writing = usage.writing();
-            admit(usage, &key, old, &value).map(|()| {
+            admit(&usage, &key, old, &value).map(|()| {
                 let new = value.len();
                 let swapped = tree.compare_and_swap(key.as_bytes(), seen, Some(value));
                 if let Ok(Ok(())) = swapped {
@@ -485,6 +582,8 @@ impl atomics::Host for KvView<'_> {
             Ok(Err(conflict)) => {
                 let retry = self.table.push(Cas {
                     tree,
+                    usage,
+                    feed,
                     key,
                     seen: conflict.current,
                 })?;
@@ -500,9 +599,16 @@ impl atomics::HostCas for KvView<'_> {
         bucket: Resource<Bucket>,
         key: String,
     ) -> wasmtime::Result<Result<Resource<Cas>, store::Error>> {
-        let tree = self.table.get(&bucket)?.tree.clone();
+        let Bucket { tree, usage, feed } = self.table.get(&bucket)?;
+        let (tree, usage, feed) = (tree.clone(), usage.clone(), feed.clone());
         match tree.get(key.as_bytes()) {
-            Ok(seen) => Ok(Ok(self.table.push(Cas { tree, key, seen })?)),
+            Ok(seen) => Ok(Ok(self.table.push(Cas {
+                tree,
+                usage,
+                feed,
+                key,
+                seen,
+            })?)),
             Err(error) => Ok(Err(other(error))),
         }
     }
@@ -525,23 +631,35 @@ mod tests {
     use super::*;
     use crate::testing::TempStore;
     use atomics::{Host as _, HostCas as _};
+    use batch::Host as _;
     use store::{Host as _, HostBucket as _};
 
-    fn usage(store: &TempStore, max_bytes: u64) -> KvUsage {
+    fn usage(store: &TempStore, max_bytes: u64) -> Arc<KvUsage> {
         let quotas = KvQuotas {
             max_bytes,
             max_keys: 1000,
             max_buckets: 4,
         };
-        KvUsage::open(&store.store, quotas).unwrap()
+        Arc::new(KvUsage::open(&store.store, quotas).unwrap())
     }
 
-    /// One instance of `app`: its key-value state and resource table.
-    fn instance(store: &TempStore, usage: &KvUsage, app: &str) -> (KvCtx, ResourceTable) {
+    /// One instance of `app`, which may open `grant`'s buckets: its key-value state and
+    /// resource table.
+    fn instance_with(
+        store: &TempStore,
+        usage: &Arc<KvUsage>,
+        app: &str,
+        grant: KvGrant,
+    ) -> (KvCtx, ResourceTable) {
         (
-            KvCtx::new(store.store.clone(), app, usage, None),
+            KvCtx::new(store.store.clone(), app, usage, grant),
             ResourceTable::new(),
         )
+    }
+
+    /// One instance of `app`, which may open any of its buckets.
+    fn instance(store: &TempStore, usage: &Arc<KvUsage>, app: &str) -> (KvCtx, ResourceTable) {
+        instance_with(store, usage, app, KvGrant::default())
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -581,13 +699,11 @@ mod tests {
     fn only_the_declared_buckets_open_and_others_are_access_denied() {
         let store = TempStore::default();
         let usage = usage(&store, 1 << 20);
-        let mut ctx = KvCtx::new(
-            store.store.clone(),
-            "listed",
-            &usage,
-            Some(vec!["cache".into()]),
-        );
-        let mut table = ResourceTable::new();
+        let grant = KvGrant {
+            allowed: Some(vec!["cache".into()]),
+            ..KvGrant::default()
+        };
+        let (mut ctx, mut table) = instance_with(&store, &usage, "listed", grant);
         let mut view = KvView {
             ctx: &mut ctx,
             table: &mut table,
@@ -670,6 +786,79 @@ mod tests {
         };
         let theirs = other.open("shared-name".into()).unwrap().unwrap();
         assert_eq!(other.get(theirs, "k".into()).unwrap().unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn every_write_to_a_replicated_bucket_enters_its_feed_and_other_buckets_keep_none() {
+        let store = TempStore::default();
+        let usage = usage(&store, 1 << 20);
+        let grant = KvGrant {
+            allowed: None,
+            replicated: vec!["shared".into()],
+            node: Arc::from("a"),
+        };
+        let (mut ctx, mut table) = instance_with(&store, &usage, "app", grant);
+        let mut view = KvView {
+            ctx: &mut ctx,
+            table: &mut table,
+        };
+        let shared = view.open("shared".into()).unwrap().unwrap();
+        let local = view.open("local".into()).unwrap().unwrap();
+        let borrow = || Resource::<Bucket>::new_borrow(shared.rep());
+        view.set(borrow(), "set".into(), b"1".to_vec())
+            .await
+            .unwrap()
+            .unwrap();
+        let counted = view.increment(borrow(), "n".into(), 2).await.unwrap();
+        assert_eq!(counted.unwrap(), 2);
+        let counted = view.increment(borrow(), "n".into(), 3).await.unwrap();
+        assert_eq!(counted.unwrap(), 5);
+        let pairs = vec![("m1".into(), b"x".to_vec()), ("m2".into(), b"y".to_vec())];
+        view.set_many(borrow(), pairs).await.unwrap().unwrap();
+        view.delete_many(borrow(), vec!["m2".into()])
+            .await
+            .unwrap()
+            .unwrap();
+        let cas = view.new(borrow(), "set".into()).unwrap().unwrap();
+        view.set(borrow(), "set".into(), b"2".to_vec())
+            .await
+            .unwrap()
+            .unwrap();
+        let Err(atomics::CasError::CasFailed(retry)) = view.swap(cas, b"3".to_vec()).await.unwrap()
+        else {
+            panic!("the swap did not see the other write")
+        };
+        view.swap(retry, b"3".to_vec()).await.unwrap().unwrap();
+        let local_bucket = Resource::<Bucket>::new_borrow(local.rep());
+        view.set(local_bucket, "k".into(), b"v".to_vec())
+            .await
+            .unwrap()
+            .unwrap();
+
+        let feed = Feed::open(&store.store, &usage, "app", "shared", &Arc::from("a")).unwrap();
+        let page = feed.page(0, 100, 1 << 20).unwrap();
+        let text = |bytes: &[u8]| String::from_utf8(bytes.to_vec()).unwrap();
+        let newest: Vec<(String, Option<String>)> = page
+            .changes
+            .iter()
+            .map(|change| (text(&change.key), change.value.as_deref().map(text)))
+            .collect::<BTreeMap<_, _>>()
+            .into_iter()
+            .collect();
+        let expected = [
+            ("m1", Some("x")),
+            ("m2", None),
+            ("n", Some("5")),
+            ("set", Some("3")),
+        ];
+        assert_eq!(
+            newest,
+            expected.map(|(k, v)| (k.to_string(), v.map(str::to_string)))
+        );
+        assert_eq!(page.changes.len(), 4, "one entry per key");
+        assert!(store.store.tree_names("kvfeed/") == vec!["kvfeed/app/shared".to_string()]);
+        // Each write was counted once: set, n and m1 in the shared bucket, k in the other.
+        assert_eq!(usage.of("app").totals(), (4 + 2 + 3 + 2, 4));
     }
 
     #[test]

@@ -535,7 +535,7 @@ impl Runtime {
     fn next_stamp(&self, record: &AppRecord) -> Result<Stamp, DeployError> {
         let removed = self.records.removal(&record.name)?.map(|r| r.stamp);
         let last = removed.max(Some(record.stamp.clone()));
-        Ok(Stamp::next(&self.node_id, last.as_ref()))
+        Ok(Stamp::next(&self.resources.node_id, last.as_ref()))
     }
 
     /// Sets secret `key` of app `name` (stored encrypted); its next requests see it.

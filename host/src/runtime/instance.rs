@@ -275,6 +275,9 @@ pub struct InstanceResources {
     pub telemetry: Arc<crate::telemetry::Telemetry>,
     /// Every app's leases.
     pub leases: Arc<super::lease::Leases>,
+    /// This node's id in its cluster ("" outside one): what its changes (apps, replicated
+    /// key-value writes) are stamped with.
+    pub node_id: Arc<str>,
 }
 
 /// A fresh store for one instance of `revision`, with its limits and its yield-on-tick policy.
@@ -330,7 +333,11 @@ fn new_store(
             resources.store.clone(),
             &crate::tenancy::scoped_name(&revision.tenant, &record.app),
             &resources.kv_usage,
-            spec.buckets.clone(),
+            crate::kv::KvGrant {
+                allowed: spec.buckets.clone(),
+                replicated: spec.replicated_buckets.clone(),
+                node: resources.node_id.clone(),
+            },
         ),
         config,
         limiter: MemoryLimiter {

@@ -21,7 +21,7 @@ pub use app::{App, Revision, RevisionConfig};
 pub use deploy::{DeployError, DeployOptions, Deployed};
 pub use dispatch::ServedBody;
 pub use instance::{InstanceBody, InstanceResources, InvokeError};
-pub use replica::{AppVersion, DesiredState, Load};
+pub use replica::{AppVersion, DesiredState, Load, ReplicatedBucket};
 
 use crate::apps::rate::RateLimits;
 use crate::apps::secrets::Secrets;
@@ -61,8 +61,6 @@ pub struct Runtime {
     this: OnceLock<Weak<Runtime>>,
     /// Where queue messages go; set once the node has opened its job queue.
     queue_sink: OnceLock<Arc<dyn queue::QueueSink>>,
-    /// This node's id in its cluster ("" outside one): what its changes are stamped with.
-    node_id: String,
     /// What this node says of itself: the apps whose placement selects these run here.
     labels: BTreeMap<String, String>,
     _ticker: engine::EpochTicker,
@@ -130,6 +128,7 @@ impl Runtime {
                 epoch: ticker.ticks(),
                 telemetry,
                 leases: Arc::default(),
+                node_id: Arc::from(config.cluster.node_id.as_deref().unwrap_or_default()),
             },
             responses: cache::ResponseCache::new(config.limits.response_cache_bytes),
             secrets: Secrets::open(&store, &config.data_dir)
@@ -145,7 +144,6 @@ impl Runtime {
             limits: config.limits.clone(),
             this: OnceLock::new(),
             queue_sink: OnceLock::new(),
-            node_id: config.cluster.node_id.clone().unwrap_or_default(),
             labels,
             _ticker: ticker,
         });

@@ -51,7 +51,57 @@ impl Load {
     }
 }
 
+/// A key-value bucket whose data the fleet shares: of app `app` (whose scoped name, the one
+/// its data is filed under, is `scoped`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ReplicatedBucket {
+    pub app: String,
+    pub scoped: String,
+    pub bucket: String,
+}
+
 impl Runtime {
+    /// The replicated buckets of the apps that run here (any of their revisions declares it).
+    pub fn replicated_buckets(&self) -> Vec<ReplicatedBucket> {
+        let mut buckets: Vec<ReplicatedBucket> = self
+            .apps()
+            .iter()
+            .filter(|app| app.placed)
+            .flat_map(|app| {
+                app.revisions.values().flat_map(move |revision| {
+                    let scoped = crate::tenancy::scoped_name(&revision.tenant, &app.record.name);
+                    revision
+                        .record
+                        .spec
+                        .replicated_buckets
+                        .iter()
+                        .map(move |bucket| ReplicatedBucket {
+                            app: app.record.name.clone(),
+                            scoped: scoped.clone(),
+                            bucket: bucket.clone(),
+                        })
+                })
+            })
+            .collect();
+        buckets.sort();
+        buckets.dedup();
+        buckets
+    }
+
+    /// The feed of replicated bucket `bucket`.
+    pub fn kv_feed(
+        &self,
+        bucket: &ReplicatedBucket,
+    ) -> Result<crate::kv::feed::Feed, crate::store::StoreError> {
+        crate::kv::feed::Feed::open(
+            &self.resources.store,
+            &self.resources.kv_usage,
+            &bucket.scoped,
+            &bucket.bucket,
+            &self.resources.node_id,
+        )
+    }
+
     /// What this node has, for its peers.
     pub fn desired_state(&self) -> Result<DesiredState, DeployError> {
         let apps = self.apps();
@@ -111,7 +161,7 @@ impl Runtime {
     /// Makes a peer's `app` this node's, when it is newer than what this node knows of it
     /// (its record or its removal); whether it did. Its components must be in the blob store
     /// (`fetched` holds those just fetched until its revisions hold them). The app's secrets,
-    /// keys and key-value data stay this node's own. Requests already running finish on their
+    /// keys and the data of its local key-value buckets stay this node's own. Requests already running finish on their
     /// revisions.
     pub async fn apply_replica(
         self: &Arc<Self>,
