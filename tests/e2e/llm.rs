@@ -60,6 +60,16 @@ async fn the_official_openai_client_chats_streams_and_gets_openai_errors() {
         serde_json::json!([400, "max_tokens"]),
         "{seen}"
     );
+    for field in [
+        "logprobs",
+        "tools",
+        "response_format",
+        "frequency_penalty",
+        "n",
+        "bogus",
+    ] {
+        assert_eq!(seen["refused"][field], field, "{seen}");
+    }
     assert_eq!(seen["errors"]["too_long"][0], 400, "{seen}");
     assert!(
         seen["errors"]["too_long"][1]

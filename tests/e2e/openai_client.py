@@ -54,4 +54,42 @@ try:
 except openai.BadRequestError as error:
     errors["too_long"] = [error.status_code, error.message]
 
-print(json.dumps({"answer": answer, "chunks": len(deltas), "finish": finish, "completion": completion.choices[0].text, "errors": errors}))
+# n choices, whole and streamed.
+two = client.chat.completions.create(model=model, messages=messages, max_tokens=12, temperature=0.8, seed=7, n=2)
+assert [choice.index for choice in two.choices] == [0, 1], two
+assert all(choice.message.content for choice in two.choices), two
+streamed = {}
+for chunk in client.chat.completions.create(model=model, messages=messages, max_tokens=6, temperature=0, n=2, stream=True):
+    for choice in chunk.choices:
+        streamed.setdefault(choice.index, []).append(choice.delta.content or "")
+assert sorted(streamed) == [0, 1], streamed
+assert "".join(streamed[0]) == "".join(streamed[1]), streamed  # greedy: the same text twice
+
+# Both token limits at once: the current name wins.
+count = [{"role": "user", "content": "Count from one to fifty in words."}]
+both = client.chat.completions.create(model=model, messages=count, temperature=0, max_tokens=40, max_completion_tokens=3)
+assert 0 < both.usage.completion_tokens <= 3, both.usage
+
+# Fields asking for the default, and honoured extras, are accepted.
+accepted = client.chat.completions.create(
+    model=model, messages=messages, max_tokens=4, temperature=0, presence_penalty=0, logprobs=False,
+    response_format={"type": "text"}, user="someone", extra_body={"top_k": 1, "repetition_penalty": 1.1},
+)
+assert accepted.choices[0].message.content, accepted
+
+# Every other field is refused by name, never ignored.
+refused = {}
+for name, extra in [
+    ("logprobs", {"logprobs": True}),
+    ("tools", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}),
+    ("response_format", {"response_format": {"type": "json_object"}}),
+    ("frequency_penalty", {"frequency_penalty": 0.5}),
+    ("n", {"n": 9}),
+    ("bogus", {"extra_body": {"bogus": 1}}),
+]:
+    try:
+        client.chat.completions.create(model=model, messages=messages, max_tokens=4, **extra)
+    except openai.BadRequestError as error:
+        refused[name] = error.param
+
+print(json.dumps({"answer": answer, "chunks": len(deltas), "finish": finish, "completion": completion.choices[0].text, "errors": errors, "refused": refused}))

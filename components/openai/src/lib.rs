@@ -3,8 +3,10 @@
 //!
 //! - `GET /v1/models`: the models this app was deployed with (`--model NAME`).
 //! - `POST /v1/chat/completions`: chat through the model's own chat template; `"stream": true`
-//!   answers with server-sent events, token by token.
+//!   answers with server-sent events, token by token; `n` choices, one after another.
 //! - `POST /v1/completions`: plain continuation of a prompt, streaming too.
+//! - Every field of a request is honoured or refused by name ([`HONOURED`], [`REFUSED`]):
+//!   nothing is silently ignored.
 //! - `POST /v1/embeddings`: vectors from an embedding model, as floats or base64.
 //!
 //! Errors use OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
@@ -18,6 +20,115 @@ use tensorlet_sdk::nn::{ErrorCode, NnError};
 
 /// Largest `max_tokens` accepted, before the model's own context limit applies.
 const MAX_TOKENS_LIMIT: u32 = 4096;
+/// Most choices (`n`) one request may ask for.
+const MAX_CHOICES: u32 = 8;
+
+/// The (chat) completion request fields this component honours (`user`, an end-user id for
+/// the caller's own records, is accepted and has no effect on the answer).
+const HONOURED: &[&str] = &[
+    "model",
+    "messages",
+    "prompt",
+    "stream",
+    "stream_options",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "seed",
+    "stop",
+    "n",
+    "user",
+];
+
+/// The fields OpenAI documents that this component does not honour: refused by name unless
+/// they ask for what happens anyway (absent, `null`, `false`, `0`, empty, `"text"` output,
+/// `"none"` or `"auto"` tool choice without tools).
+const REFUSED: &[&str] = &[
+    "logprobs",
+    "top_logprobs",
+    "presence_penalty",
+    "frequency_penalty",
+    "min_p",
+    "logit_bias",
+    "response_format",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "functions",
+    "function_call",
+    "audio",
+    "modalities",
+    "prediction",
+    "reasoning_effort",
+    "web_search_options",
+    "service_tier",
+    "store",
+    "metadata",
+    "best_of",
+    "echo",
+    "suffix",
+];
+
+/// Whether a refused field's value asks only for what this component does anyway.
+fn asks_for_the_default(field: &str, value: &Value) -> bool {
+    match value {
+        Value::Null | Value::Bool(false) => true,
+        Value::Number(number) => {
+            number.as_f64() == Some(0.0) || (field == "best_of" && number.as_f64() == Some(1.0))
+        }
+        Value::String(text) => match field {
+            "tool_choice" => text == "none" || text == "auto",
+            "service_tier" => text == "auto" || text == "default",
+            _ => text.is_empty(),
+        },
+        Value::Array(items) => items.is_empty(),
+        Value::Object(object) => {
+            object.is_empty()
+                || (field == "response_format"
+                    && object.get("type") == Some(&json!("text"))
+                    && object.len() == 1)
+        }
+        Value::Bool(true) => false,
+    }
+}
+
+/// Refuses, by name, a field this component would otherwise ignore: one it does not honour
+/// (unless it asks for the default) or one OpenAI does not document.
+fn refuse_unhonoured_fields(body: &Value) -> Result<(), Response> {
+    let Some(fields) = body.as_object() else {
+        return Err(openai_error(
+            400,
+            "invalid_request_error",
+            "invalid_json",
+            None,
+            "The request body must be a JSON object",
+        ));
+    };
+    for (field, value) in fields {
+        if HONOURED.contains(&field.as_str()) {
+            continue;
+        }
+        let message = if REFUSED.contains(&field.as_str()) {
+            if asks_for_the_default(field, value) {
+                continue;
+            }
+            format!("`{field}` is not supported by this server: leave it out")
+        } else {
+            format!("Unrecognized request argument supplied: {field}")
+        };
+        return Err(openai_error(
+            400,
+            "invalid_request_error",
+            "unsupported_parameter",
+            Some(field),
+            &message,
+        ));
+    }
+    Ok(())
+}
 
 #[derive(Deserialize)]
 #[serde(untagged)]
@@ -36,12 +147,17 @@ struct CompletionRequest {
     prompt: Option<String>,
     #[serde(default)]
     stream: bool,
-    #[serde(default, alias = "max_completion_tokens")]
+    #[serde(default)]
     max_tokens: Option<u32>,
+    #[serde(default)]
+    max_completion_tokens: Option<u32>,
     temperature: Option<f32>,
     top_p: Option<f32>,
+    top_k: Option<i32>,
+    repetition_penalty: Option<f32>,
     seed: Option<u32>,
     stop: Option<Stop>,
+    n: Option<u32>,
     #[serde(default)]
     stream_options: Option<StreamOptions>,
 }
@@ -123,22 +239,42 @@ fn list_models() -> Response {
 
 /// The request's JSON body, or OpenAI's 400 answer saying why it is not one.
 fn parse_body<T: serde::de::DeserializeOwned>(request: &Request) -> Result<T, Response> {
-    serde_json::from_slice(&request.body).map_err(|e| {
-        openai_error(
-            400,
-            "invalid_request_error",
-            "invalid_json",
-            None,
-            &format!("Invalid request body: {e}"),
-        )
-    })
+    serde_json::from_slice(&request.body).map_err(|e| invalid_body(&e))
+}
+
+fn invalid_body(error: &serde_json::Error) -> Response {
+    openai_error(
+        400,
+        "invalid_request_error",
+        "invalid_json",
+        None,
+        &format!("Invalid request body: {error}"),
+    )
+}
+
+/// OpenAI's 400 answer for a value of `param` out of its range.
+fn invalid_value(param: &str, message: &str) -> Response {
+    openai_error(
+        400,
+        "invalid_request_error",
+        "invalid_value",
+        Some(param),
+        message,
+    )
 }
 
 /// Chat or text completion: `chat` picks the request and answer shapes.
 fn complete(request: &Request, chat: bool) -> Response {
-    let body: CompletionRequest = match parse_body(request) {
+    let body: Value = match parse_body(request) {
         Ok(body) => body,
         Err(response) => return response,
+    };
+    if let Err(response) = refuse_unhonoured_fields(&body) {
+        return response;
+    }
+    let body: CompletionRequest = match serde_json::from_value(body) {
+        Ok(body) => body,
+        Err(error) => return invalid_body(&error),
     };
     if !declared_models().contains(&body.model) {
         let message = format!(
@@ -153,24 +289,33 @@ fn complete(request: &Request, chat: bool) -> Response {
             &message,
         );
     }
-    if let Some(max_tokens) = body
-        .max_tokens
-        .filter(|n| !(1..=MAX_TOKENS_LIMIT).contains(n))
-    {
-        let message =
-            format!("max_tokens must be between 1 and {MAX_TOKENS_LIMIT}, not {max_tokens}");
-        return openai_error(
-            400,
-            "invalid_request_error",
-            "invalid_value",
-            Some("max_tokens"),
-            &message,
+    for (param, value) in [
+        ("max_tokens", body.max_tokens),
+        ("max_completion_tokens", body.max_completion_tokens),
+    ] {
+        if let Some(value) = value.filter(|n| !(1..=MAX_TOKENS_LIMIT).contains(n)) {
+            let message = format!("{param} must be between 1 and {MAX_TOKENS_LIMIT}, not {value}");
+            return invalid_value(param, &message);
+        }
+    }
+    let choices = body.n.unwrap_or(1);
+    if !(1..=MAX_CHOICES).contains(&choices) {
+        return invalid_value(
+            "n",
+            &format!("n must be between 1 and {MAX_CHOICES}, not {choices}"),
         );
     }
     let options = Options {
-        max_tokens: Some(body.max_tokens.unwrap_or(256)),
+        // The current name wins over the older one when a client sends both.
+        max_tokens: Some(
+            body.max_completion_tokens
+                .or(body.max_tokens)
+                .unwrap_or(256),
+        ),
         temperature: body.temperature,
         top_p: body.top_p,
+        top_k: body.top_k,
+        repeat_penalty: body.repetition_penalty,
         seed: body.seed,
         stop: match body.stop {
             Some(Stop::One(stop)) => vec![stop],
@@ -178,11 +323,10 @@ fn complete(request: &Request, chat: bool) -> Response {
             None => Vec::new(),
         },
         chunk_tokens: (!body.stream).then_some(MAX_TOKENS_LIMIT),
-        ..Options::default()
     };
-    let started = match (chat, &body.messages, &body.prompt) {
-        (true, Some(messages), _) => llm::chat(&body.model, messages, &options),
-        (false, _, Some(prompt)) => llm::generate(&body.model, prompt, &options),
+    let input = match (chat, body.messages, body.prompt) {
+        (true, Some(messages), _) => Input::Chat(messages),
+        (false, _, Some(prompt)) => Input::Prompt(prompt),
         (true, None, _) => {
             return openai_error(
                 400,
@@ -202,34 +346,107 @@ fn complete(request: &Request, chat: bool) -> Response {
             )
         }
     };
-    let mut generation = match started {
-        Ok(generation) => generation,
-        Err(error) => return nn_error(&error, &body.model),
+    let choices = Choices {
+        model: body.model,
+        input,
+        options,
+        count: choices,
     };
     // Run the first step before answering, so that a bad prompt is an HTTP error, not a
     // broken stream.
-    let first = match generation.next().transpose() {
-        Ok(first) => first,
-        Err(error) => return nn_error(&error, &body.model),
+    let (generation, first) = match choices.start(0) {
+        Ok(started) => started,
+        Err(error) => return nn_error(&error, &choices.model),
     };
     let shape = Shape {
         chat,
         id: completion_id(if chat { "chatcmpl" } else { "cmpl" }),
         created: now(),
-        model: body.model,
+        model: choices.model.clone(),
     };
     if body.stream {
         let include_usage = body.stream_options.unwrap_or_default().include_usage;
-        Response::server_sent_events(Events::new(shape, generation, first, include_usage))
+        Response::server_sent_events(Events::new(
+            shape,
+            choices,
+            generation,
+            first,
+            include_usage,
+        ))
     } else {
-        let mut text = first.unwrap_or_default();
-        for chunk in &mut generation {
-            match chunk {
-                Ok(chunk) => text.push_str(&chunk),
-                Err(error) => return nn_error(&error, &shape.model),
+        let mut answers = Vec::new();
+        let mut totals = Totals::default();
+        let mut started = Some((generation, first));
+        for index in 0..choices.count {
+            let (mut generation, first) =
+                match started.take().map_or_else(|| choices.start(index), Ok) {
+                    Ok(started) => started,
+                    Err(error) => return nn_error(&error, &shape.model),
+                };
+            let mut text = first.unwrap_or_default();
+            for chunk in &mut generation {
+                match chunk {
+                    Ok(chunk) => text.push_str(&chunk),
+                    Err(error) => return nn_error(&error, &shape.model),
+                }
             }
+            totals.add(&generation);
+            let finish = generation.finish_reason().unwrap_or("stop").to_string();
+            answers.push((text, finish));
         }
-        Response::json(200, &shape.whole(&text, &generation))
+        Response::json(200, &shape.whole(&answers, &totals))
+    }
+}
+
+/// What a completion continues: chat messages or a prompt.
+enum Input {
+    Chat(Vec<Message>),
+    Prompt(String),
+}
+
+/// The `n` choices of one request: each generated from the same input, one after another.
+struct Choices {
+    model: String,
+    input: Input,
+    options: Options,
+    count: u32,
+}
+
+impl Choices {
+    /// Starts choice `index` and runs its first step. A seeded request gives each choice its
+    /// own seed (the seed plus the index), so that choices differ where sampling allows.
+    fn start(&self, index: u32) -> Result<(Generation, Option<String>), NnError> {
+        let mut options = self.options.clone();
+        options.seed = options.seed.map(|seed| seed.wrapping_add(index));
+        let mut generation = match &self.input {
+            Input::Chat(messages) => llm::chat(&self.model, messages, &options)?,
+            Input::Prompt(prompt) => llm::generate(&self.model, prompt, &options)?,
+        };
+        let first = generation.next().transpose()?;
+        Ok((generation, first))
+    }
+}
+
+/// Token counts over a request's choices: the prompt once, every choice's completion.
+#[derive(Default)]
+struct Totals {
+    prompt_tokens: u32,
+    completion_tokens: u32,
+}
+
+impl Totals {
+    fn add(&mut self, generation: &Generation) {
+        let usage = generation.usage();
+        self.prompt_tokens = usage.prompt_tokens;
+        self.completion_tokens += usage.completion_tokens;
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        })
     }
 }
 
@@ -241,40 +458,38 @@ struct Shape {
     model: String,
 }
 
-fn usage(generation: &Generation) -> Value {
-    let usage = generation.usage();
-    json!({
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-    })
-}
-
 impl Shape {
-    fn whole(&self, text: &str, generation: &Generation) -> Value {
-        let finish = generation.finish_reason().unwrap_or("stop");
-        let choice = if self.chat {
-            json!({ "index": 0, "message": { "role": "assistant", "content": text }, "finish_reason": finish, "logprobs": null })
-        } else {
-            json!({ "index": 0, "text": text, "finish_reason": finish, "logprobs": null })
-        };
+    /// The whole answer: each choice's text and finish reason, and the token counts.
+    fn whole(&self, answers: &[(String, String)], totals: &Totals) -> Value {
+        let choices: Vec<Value> = answers
+            .iter()
+            .enumerate()
+            .map(|(index, (text, finish))| {
+                if self.chat {
+                    json!({ "index": index, "message": { "role": "assistant", "content": text }, "finish_reason": finish, "logprobs": null })
+                } else {
+                    json!({ "index": index, "text": text, "finish_reason": finish, "logprobs": null })
+                }
+            })
+            .collect();
         let object = if self.chat {
             "chat.completion"
         } else {
             "text_completion"
         };
-        json!({ "id": self.id, "object": object, "created": self.created, "model": self.model, "choices": [choice], "usage": usage(generation) })
+        json!({ "id": self.id, "object": object, "created": self.created, "model": self.model, "choices": choices, "usage": totals.json() })
     }
 
-    fn chunk(&self, text: Option<&str>, finish: Option<&str>) -> Value {
+    /// A streamed chunk of choice `index`: a piece of its text, or its finish reason.
+    fn chunk(&self, index: u32, text: Option<&str>, finish: Option<&str>) -> Value {
         let choice = if self.chat {
             let delta = match text {
                 Some(text) => json!({ "role": "assistant", "content": text }),
                 None => json!({}),
             };
-            json!({ "index": 0, "delta": delta, "finish_reason": finish, "logprobs": null })
+            json!({ "index": index, "delta": delta, "finish_reason": finish, "logprobs": null })
         } else {
-            json!({ "index": 0, "text": text.unwrap_or(""), "finish_reason": finish, "logprobs": null })
+            json!({ "index": index, "text": text.unwrap_or(""), "finish_reason": finish, "logprobs": null })
         };
         let object = if self.chat {
             "chat.completion.chunk"
@@ -285,14 +500,20 @@ impl Shape {
     }
 }
 
-/// The server-sent events of a streamed completion: a chunk per piece of text, a last chunk
-/// with the finish reason, optionally the usage, then `[DONE]`.
+/// The server-sent events of a streamed completion: for each choice in turn a chunk per piece
+/// of text and a last chunk with its finish reason; optionally the usage; then `[DONE]`.
 struct Events {
     shape: Shape,
+    choices: Choices,
+    /// The choice being streamed, and its generation (its first step already run).
+    index: u32,
     generation: Generation,
     first: Option<String>,
+    totals: Totals,
     include_usage: bool,
     stage: Stage,
+    /// An event to send before any other: the error of a choice that did not start.
+    pending: Option<String>,
 }
 
 enum Stage {
@@ -305,17 +526,59 @@ enum Stage {
 impl Events {
     fn new(
         shape: Shape,
+        choices: Choices,
         generation: Generation,
         first: Option<String>,
         include_usage: bool,
     ) -> Self {
         Self {
             shape,
+            choices,
+            index: 0,
             generation,
             first,
+            totals: Totals::default(),
             include_usage,
             stage: Stage::Text,
+            pending: None,
         }
+    }
+
+    fn failed(&mut self, error: &NnError) -> String {
+        self.stage = Stage::Done;
+        json!({ "error": { "message": error.message, "type": "server_error", "param": null, "code": "inference_failed" } }).to_string()
+    }
+
+    /// The finish chunk of the current choice; then the next choice starts, or the stream
+    /// goes on to its end.
+    fn finish_choice(&mut self) -> String {
+        self.totals.add(&self.generation);
+        let finish = self
+            .generation
+            .finish_reason()
+            .unwrap_or("stop")
+            .to_string();
+        let chunk = self
+            .shape
+            .chunk(self.index, None, Some(&finish))
+            .to_string();
+        if self.index + 1 < self.choices.count {
+            match self.choices.start(self.index + 1) {
+                Ok((generation, first)) => {
+                    self.index += 1;
+                    self.generation = generation;
+                    self.first = first;
+                }
+                Err(error) => self.pending = Some(self.failed(&error)),
+            }
+        } else {
+            self.stage = if self.include_usage {
+                Stage::Usage
+            } else {
+                Stage::Done
+            };
+        }
+        chunk
     }
 }
 
@@ -323,6 +586,9 @@ impl Iterator for Events {
     type Item = String;
 
     fn next(&mut self) -> Option<String> {
+        if let Some(event) = self.pending.take() {
+            return Some(event);
+        }
         match self.stage {
             Stage::Text => {
                 let next = match self.first.take() {
@@ -330,31 +596,18 @@ impl Iterator for Events {
                     None => self.generation.next(),
                 };
                 match next {
-                    Some(Ok(text)) => Some(self.shape.chunk(Some(&text), None).to_string()),
-                    Some(Err(error)) => {
-                        self.stage = Stage::Done;
-                        Some(json!({ "error": { "message": error.message, "type": "server_error", "param": null, "code": "inference_failed" } }).to_string())
+                    Some(Ok(text)) => {
+                        Some(self.shape.chunk(self.index, Some(&text), None).to_string())
                     }
-                    None => {
-                        self.stage = if self.include_usage {
-                            Stage::Usage
-                        } else {
-                            Stage::Done
-                        };
-                        let finish = self
-                            .generation
-                            .finish_reason()
-                            .unwrap_or("stop")
-                            .to_string();
-                        Some(self.shape.chunk(None, Some(&finish)).to_string())
-                    }
+                    Some(Err(error)) => Some(self.failed(&error)),
+                    None => Some(self.finish_choice()),
                 }
             }
             Stage::Usage => {
                 self.stage = Stage::Done;
-                let mut chunk = self.shape.chunk(None, None);
+                let mut chunk = self.shape.chunk(0, None, None);
                 chunk["choices"] = json!([]);
-                chunk["usage"] = usage(&self.generation);
+                chunk["usage"] = self.totals.json();
                 Some(chunk.to_string())
             }
             Stage::Done => {
