@@ -37,6 +37,9 @@ pub struct Options {
     /// tokens that were already generated).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub chunk_tokens: Option<u32>,
+    /// A GBNF grammar (llama.cpp's) the generated text must follow, from its rule `root`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grammar: Option<String>,
 }
 
 /// A chat message.

@@ -77,12 +77,21 @@ accepted = client.chat.completions.create(
 )
 assert accepted.choices[0].message.content, accepted
 
+# JSON mode: the answer is one JSON object (the grammar lets the model write nothing else).
+asked = [{"role": "user", "content": "What is the capital of France? Answer with a JSON object."}]
+structured = client.chat.completions.create(
+    model=model, messages=asked, max_tokens=64, temperature=0, response_format={"type": "json_object"}
+)
+assert structured.choices[0].finish_reason == "stop", structured
+parsed = json.loads(structured.choices[0].message.content)
+assert isinstance(parsed, dict), parsed
+
 # Every other field is refused by name, never ignored.
 refused = {}
 for name, extra in [
     ("logprobs", {"logprobs": True}),
     ("tools", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}),
-    ("response_format", {"response_format": {"type": "json_object"}}),
+    ("response_format", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}}),
     ("frequency_penalty", {"frequency_penalty": 0.5}),
     ("n", {"n": 9}),
     ("bogus", {"extra_body": {"bogus": 1}}),
@@ -92,4 +101,4 @@ for name, extra in [
     except openai.BadRequestError as error:
         refused[name] = error.param
 
-print(json.dumps({"answer": answer, "chunks": len(deltas), "finish": finish, "completion": completion.choices[0].text, "errors": errors, "refused": refused}))
+print(json.dumps({"answer": answer, "chunks": len(deltas), "finish": finish, "completion": completion.choices[0].text, "errors": errors, "refused": refused, "json": parsed}))

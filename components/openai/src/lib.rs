@@ -41,11 +41,24 @@ const HONOURED: &[&str] = &[
     "stop",
     "n",
     "user",
+    "response_format",
 ];
 
+/// `response_format` `json_object`: llama.cpp's grammar of one JSON object (whitespace kept
+/// short, so that the model cannot spend its tokens on it).
+const JSON_OBJECT_GRAMMAR: &str = r#"
+root   ::= object
+value  ::= object | array | string | number | ("true" | "false" | "null") ws
+object ::= "{" ws ( string ":" ws value ("," ws string ":" ws value)* )? "}" ws
+array  ::= "[" ws ( value ("," ws value)* )? "]" ws
+string ::= "\"" ( [^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4}) )* "\"" ws
+number ::= "-"? ("0" | [1-9] [0-9]{0,15}) ("." [0-9]{1,16})? ([eE] [-+]? [0-9]{1,3})? ws
+ws     ::= " "?
+"#;
+
 /// The fields OpenAI documents that this component does not honour: refused by name unless
-/// they ask for what happens anyway (absent, `null`, `false`, `0`, empty, `"text"` output,
-/// `"none"` or `"auto"` tool choice without tools).
+/// they ask for what happens anyway (absent, `null`, `false`, `0`, empty, `"none"` or
+/// `"auto"` tool choice without tools).
 const REFUSED: &[&str] = &[
     "logprobs",
     "top_logprobs",
@@ -53,7 +66,6 @@ const REFUSED: &[&str] = &[
     "frequency_penalty",
     "min_p",
     "logit_bias",
-    "response_format",
     "tools",
     "tool_choice",
     "parallel_tool_calls",
@@ -85,12 +97,7 @@ fn asks_for_the_default(field: &str, value: &Value) -> bool {
             _ => text.is_empty(),
         },
         Value::Array(items) => items.is_empty(),
-        Value::Object(object) => {
-            object.is_empty()
-                || (field == "response_format"
-                    && object.get("type") == Some(&json!("text"))
-                    && object.len() == 1)
-        }
+        Value::Object(object) => object.is_empty(),
         Value::Bool(true) => false,
     }
 }
@@ -159,7 +166,16 @@ struct CompletionRequest {
     stop: Option<Stop>,
     n: Option<u32>,
     #[serde(default)]
+    response_format: Option<ResponseFormat>,
+    #[serde(default)]
     stream_options: Option<StreamOptions>,
+}
+
+/// `response_format`: its `type` (`json_schema`'s schema is not read: it is refused).
+#[derive(Deserialize)]
+struct ResponseFormat {
+    #[serde(rename = "type")]
+    kind: String,
 }
 
 #[derive(Deserialize, Default)]
@@ -305,7 +321,31 @@ fn complete(request: &Request, chat: bool) -> Response {
             &format!("n must be between 1 and {MAX_CHOICES}, not {choices}"),
         );
     }
+    let grammar = match body
+        .response_format
+        .as_ref()
+        .map(|format| format.kind.as_str())
+    {
+        None | Some("text") => None,
+        Some("json_object") => Some(JSON_OBJECT_GRAMMAR.to_string()),
+        Some("json_schema") => return openai_error(
+            400,
+            "invalid_request_error",
+            "unsupported_parameter",
+            Some("response_format"),
+            "response_format `json_schema` is not supported by this server yet: use `json_object`",
+        ),
+        Some(other) => {
+            return invalid_value(
+                "response_format",
+                &format!(
+                    "response_format type must be text, json_object or json_schema, not {other:?}"
+                ),
+            )
+        }
+    };
     let options = Options {
+        grammar,
         // The current name wins over the older one when a client sends both.
         max_tokens: Some(
             body.max_completion_tokens

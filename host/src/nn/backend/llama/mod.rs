@@ -262,7 +262,7 @@ impl LlamaExecution {
 
         self.release();
         self.finished = None;
-        let sequence = Sequence::new(shared.model(), options, tokens.len());
+        let sequence = Sequence::new(shared.model(), options, tokens.len())?;
         self.slot = Some(shared.start_generation(sequence, &tokens, cancel)?);
         Ok(())
     }

@@ -18,6 +18,8 @@ pub(super) struct Options {
     /// Tokens a `compute` call waits for (it returns all that are ready): 1 streams token by
     /// token; a large value returns everything at once.
     pub(super) chunk_tokens: u32,
+    /// A GBNF grammar (llama.cpp's) that every generated text must follow, from rule `root`.
+    pub(super) grammar: Option<String>,
 }
 
 impl Default for Options {
@@ -31,6 +33,7 @@ impl Default for Options {
             seed: None,
             stop: Vec::new(),
             chunk_tokens: 1,
+            grammar: None,
         }
     }
 }
@@ -39,6 +42,8 @@ impl Default for Options {
 /// after every token.
 const MAX_STOP_STRINGS: usize = 16;
 const MAX_STOP_BYTES: usize = 256;
+/// The longest grammar a generation may ask for, in bytes.
+const MAX_GRAMMAR_BYTES: usize = 64 << 10;
 
 impl Options {
     /// Refuses options that cannot work or would make every step expensive.
@@ -58,6 +63,16 @@ impl Options {
             return invalid(format!(
                 "a stop string must be 1 to {MAX_STOP_BYTES} bytes, not {}",
                 stop.len()
+            ));
+        }
+        if let Some(grammar) = self
+            .grammar
+            .as_ref()
+            .filter(|g| g.len() > MAX_GRAMMAR_BYTES)
+        {
+            return invalid(format!(
+                "a grammar may be at most {MAX_GRAMMAR_BYTES} bytes, not {}",
+                grammar.len()
             ));
         }
         if !(0.0..=100.0).contains(&self.temperature) {

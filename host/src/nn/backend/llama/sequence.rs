@@ -47,9 +47,13 @@ pub(super) struct Chunk {
 
 impl Sequence {
     /// A generation of a prompt of `prompt_tokens` tokens, before any of them is decoded.
-    pub(super) fn new(model: &LlamaModel, options: Options, prompt_tokens: usize) -> Self {
-        Self {
-            sampler: sampler(model, &options),
+    pub(super) fn new(
+        model: &LlamaModel,
+        options: Options,
+        prompt_tokens: usize,
+    ) -> Result<Self, BackendError> {
+        Ok(Self {
+            sampler: sampler(model, &options)?,
             pending: None,
             position: 0,
             prompt_tokens,
@@ -59,7 +63,7 @@ impl Sequence {
             text: GeneratedText::default(),
             finish_reason: None,
             failure: None,
-        }
+        })
     }
 
     /// Adds `piece` of the prompt to `batch` as sequence `id`, after what its KV cache holds.
@@ -186,9 +190,15 @@ impl Sequence {
 }
 
 /// The sampler `options` ask for: greedy at temperature 0, otherwise top-k, top-p and
-/// temperature before a seeded draw; a repeat penalty over the last 64 tokens before either.
-fn sampler(model: &LlamaModel, options: &Options) -> LlamaSampler {
+/// temperature before a seeded draw; a repeat penalty over the last 64 tokens before either;
+/// and first of all the grammar, when there is one, which leaves only the tokens it allows.
+fn sampler(model: &LlamaModel, options: &Options) -> Result<LlamaSampler, BackendError> {
     let mut chain = Vec::new();
+    if let Some(grammar) = &options.grammar {
+        let constrained = LlamaSampler::grammar(model, grammar, "root")
+            .map_err(|e| BackendError::InvalidArgument(format!("the grammar: {e}")))?;
+        chain.push(constrained);
+    }
     if options.repeat_penalty != 1.0 {
         chain.push(LlamaSampler::penalties(
             model.n_vocab(),
@@ -210,5 +220,5 @@ fn sampler(model: &LlamaModel, options: &Options) -> LlamaSampler {
             options.seed.unwrap_or_else(rand::random),
         ));
     }
-    LlamaSampler::chain_simple(chain)
+    Ok(LlamaSampler::chain_simple(chain))
 }
