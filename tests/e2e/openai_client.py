@@ -86,12 +86,28 @@ assert structured.choices[0].finish_reason == "stop", structured
 parsed = json.loads(structured.choices[0].message.content)
 assert isinstance(parsed, dict), parsed
 
+# Structured output: the answer validates against the schema asked for.
+city = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}, "country": {"enum": ["France", "Germany"]}, "capital": {"type": "boolean"}},
+    "required": ["city", "country", "capital"],
+    "additionalProperties": False,
+}
+shaped = client.chat.completions.create(
+    model=model, messages=asked, max_tokens=64, temperature=0,
+    response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": city, "strict": True}},
+)
+assert shaped.choices[0].finish_reason == "stop", shaped
+fields = json.loads(shaped.choices[0].message.content)
+assert sorted(fields) == ["capital", "city", "country"], fields
+assert isinstance(fields["city"], str) and fields["country"] in ("France", "Germany") and isinstance(fields["capital"], bool), fields
+
 # Every other field is refused by name, never ignored.
 refused = {}
 for name, extra in [
     ("logprobs", {"logprobs": True}),
     ("tools", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}),
-    ("response_format", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}}),
+    ("response_format", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "^a"}}}}),
     ("frequency_penalty", {"frequency_penalty": 0.5}),
     ("n", {"n": 9}),
     ("bogus", {"extra_body": {"bogus": 1}}),

@@ -11,6 +11,8 @@
 //!
 //! Errors use OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
 
+mod grammar;
+
 use base64::Engine;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -43,18 +45,6 @@ const HONOURED: &[&str] = &[
     "user",
     "response_format",
 ];
-
-/// `response_format` `json_object`: llama.cpp's grammar of one JSON object (whitespace kept
-/// short, so that the model cannot spend its tokens on it).
-const JSON_OBJECT_GRAMMAR: &str = r#"
-root   ::= object
-value  ::= object | array | string | number | ("true" | "false" | "null") ws
-object ::= "{" ws ( string ":" ws value ("," ws string ":" ws value)* )? "}" ws
-array  ::= "[" ws ( value ("," ws value)* )? "]" ws
-string ::= "\"" ( [^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4}) )* "\"" ws
-number ::= "-"? ("0" | [1-9] [0-9]{0,15}) ("." [0-9]{1,16})? ([eE] [-+]? [0-9]{1,3})? ws
-ws     ::= " "?
-"#;
 
 /// The fields OpenAI documents that this component does not honour: refused by name unless
 /// they ask for what happens anyway (absent, `null`, `false`, `0`, empty, `"none"` or
@@ -171,11 +161,21 @@ struct CompletionRequest {
     stream_options: Option<StreamOptions>,
 }
 
-/// `response_format`: its `type` (`json_schema`'s schema is not read: it is refused).
+/// `response_format`: its `type`, and for `json_schema` the schema.
 #[derive(Deserialize)]
 struct ResponseFormat {
     #[serde(rename = "type")]
     kind: String,
+    #[serde(default)]
+    json_schema: Option<JsonSchemaFormat>,
+}
+
+/// `response_format.json_schema`: the schema (its `name` and `strict` change nothing here:
+/// the answer always follows the schema).
+#[derive(Deserialize)]
+struct JsonSchemaFormat {
+    #[serde(default)]
+    schema: Option<Value>,
 }
 
 #[derive(Deserialize, Default)]
@@ -321,21 +321,22 @@ fn complete(request: &Request, chat: bool) -> Response {
             &format!("n must be between 1 and {MAX_CHOICES}, not {choices}"),
         );
     }
-    let grammar = match body
-        .response_format
-        .as_ref()
-        .map(|format| format.kind.as_str())
-    {
-        None | Some("text") => None,
-        Some("json_object") => Some(JSON_OBJECT_GRAMMAR.to_string()),
-        Some("json_schema") => return openai_error(
-            400,
-            "invalid_request_error",
-            "unsupported_parameter",
-            Some("response_format"),
-            "response_format `json_schema` is not supported by this server yet: use `json_object`",
-        ),
-        Some(other) => {
+    let grammar = match body.response_format.as_ref().map(|f| (f.kind.as_str(), f)) {
+        None | Some(("text", _)) => None,
+        Some(("json_object", _)) => Some(grammar::json_object()),
+        Some(("json_schema", format)) => {
+            let schema = format.json_schema.as_ref().and_then(|f| f.schema.clone());
+            match grammar::json_schema(&schema.unwrap_or(Value::Bool(true))) {
+                Ok(grammar) => Some(grammar),
+                Err(why) => {
+                    return invalid_value(
+                        "response_format",
+                        &format!("response_format.json_schema: {why}"),
+                    )
+                }
+            }
+        }
+        Some((other, _)) => {
             return invalid_value(
                 "response_format",
                 &format!(
