@@ -83,7 +83,11 @@ impl TestNode {
         }
         let mut builder = reqwest::Client::builder()
             .use_rustls_tls()
-            .timeout(Duration::from_secs(120));
+            .timeout(Duration::from_secs(120))
+            // The node ends a keep-alive connection idle for its header timeout (10 s); a
+            // client that reuses one as it closes sees a broken pipe. Like any client that
+            // knows its server, drop pooled connections well before that.
+            .pool_idle_timeout(Duration::from_secs(5));
         if let Ok(pem) = std::fs::read(data_dir.join("tls/cert.pem")) {
             builder = builder.add_root_certificate(
                 reqwest::Certificate::from_pem(&pem).expect("PEM certificate"),
