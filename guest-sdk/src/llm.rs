@@ -29,6 +29,19 @@ pub struct Options {
     pub top_k: Option<i32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub repeat_penalty: Option<f32>,
+    /// Drops tokens less likely than this share of the likeliest one (0 = off).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_p: Option<f32>,
+    /// OpenAI's penalties over the completion so far: once per token present (presence) and
+    /// per time it was generated (frequency), −2 to 2.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub presence_penalty: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub frequency_penalty: Option<f32>,
+    /// Report each token's log-probability and this many likeliest alternatives (0–20); see
+    /// [`Generation::take_logprobs`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub seed: Option<u32>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -66,12 +79,32 @@ pub struct Usage {
     pub completion_tokens: u32,
 }
 
+/// How likely the model found a generated token (under its own distribution, before sampling
+/// settings reshape it), with its likeliest alternatives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+    /// Likeliest first.
+    pub top_logprobs: Vec<Candidate>,
+}
+
+/// One token the model could have generated.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Candidate {
+    pub token: String,
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+}
+
 /// A running generation: iterate it for text chunks.
 pub struct Generation {
     context: Context,
     first_inputs: Option<Vec<(String, Tensor)>>,
     finish_reason: Option<String>,
     usage: Usage,
+    logprobs: Vec<TokenLogprob>,
 }
 
 fn text_tensor(text: &str) -> Tensor {
@@ -98,6 +131,7 @@ fn start(
         ]),
         finish_reason: None,
         usage: Usage::default(),
+        logprobs: Vec::new(),
     })
 }
 
@@ -125,6 +159,13 @@ impl Generation {
     /// Token counts so far.
     pub fn usage(&self) -> Usage {
         self.usage
+    }
+
+    /// The log-probabilities of the tokens generated since the last call, when the options
+    /// asked for them. A token's text may reach the iterator later than its log-probability
+    /// (a character split across tokens, text that may begin a stop string).
+    pub fn take_logprobs(&mut self) -> Vec<TokenLogprob> {
+        std::mem::take(&mut self.logprobs)
     }
 
     /// Runs the generation to the end and returns all its text.
@@ -156,6 +197,11 @@ impl Iterator for Generation {
                     "text" => text = value,
                     "finish_reason" if !value.is_empty() => self.finish_reason = Some(value),
                     "usage" => self.usage = serde_json::from_str(&value).unwrap_or(self.usage),
+                    "logprobs" => {
+                        let logprobs: Vec<TokenLogprob> =
+                            serde_json::from_slice(&tensor.data).unwrap_or_default();
+                        self.logprobs.extend(logprobs);
+                    }
                     _ => {}
                 }
             }

@@ -99,6 +99,13 @@ async fn the_openai_client_gets_normalised_embeddings_that_rank_meaning() {
         "{seen}"
     );
     assert_eq!(seen["errors"]["empty"][0], 400, "{seen}");
+    for field in ["dimensions", "bogus"] {
+        assert_eq!(
+            seen["errors"][field],
+            serde_json::json!([400, field]),
+            "{seen}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -61,10 +61,11 @@ async fn the_official_openai_client_chats_streams_and_gets_openai_errors() {
         "{seen}"
     );
     for field in [
-        "logprobs",
+        "logit_bias",
+        "top_logprobs",
+        "presence_penalty",
         "tools",
         "response_format",
-        "frequency_penalty",
         "n",
         "bogus",
     ] {

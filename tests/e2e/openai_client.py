@@ -102,13 +102,50 @@ fields = json.loads(shaped.choices[0].message.content)
 assert sorted(fields) == ["capital", "city", "country"], fields
 assert isinstance(fields["city"], str) and fields["country"] in ("France", "Germany") and isinstance(fields["capital"], bool), fields
 
+# Log-probabilities: greedy decoding takes the likeliest token, so each token is its own first
+# alternative; the tokens' bytes are the answer, streamed or whole.
+probed = client.chat.completions.create(model=model, messages=count, max_tokens=10, temperature=0, logprobs=True, top_logprobs=3)
+content = probed.choices[0].logprobs.content
+assert len(content) == probed.usage.completion_tokens, (content, probed.usage)
+for entry in content:
+    alternatives = [t.logprob for t in entry.top_logprobs]
+    assert entry.logprob <= 0 and len(alternatives) == 3 and alternatives == sorted(alternatives, reverse=True), entry
+    assert entry.top_logprobs[0].token == entry.token and abs(alternatives[0] - entry.logprob) < 1e-5, entry
+assert bytes(b for entry in content for b in entry.bytes).decode() == probed.choices[0].message.content, content
+streamed_tokens = []
+for chunk in client.chat.completions.create(model=model, messages=count, max_tokens=10, temperature=0, logprobs=True, stream=True):
+    for choice in chunk.choices:
+        if choice.logprobs and choice.logprobs.content:
+            streamed_tokens += [entry.token for entry in choice.logprobs.content]
+assert streamed_tokens == [entry.token for entry in content], (streamed_tokens, content)
+prompt = "The capital of France is"
+legacy = client.completions.create(model=model, prompt=prompt, max_tokens=5, temperature=0, logprobs=2)
+lp = legacy.choices[0].logprobs
+assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == legacy.usage.completion_tokens, lp
+assert "".join(lp.tokens) == legacy.choices[0].text and lp.text_offset[0] == len(prompt), lp
+assert all(1 <= len(top) <= 2 and max(top.values()) >= logprob for top, logprob in zip(lp.top_logprobs, lp.token_logprobs)), lp
+
+# min_p 1 keeps only the likeliest token: any temperature and seed decode greedily.
+greedy = client.chat.completions.create(model=model, messages=count, max_tokens=12, temperature=0).choices[0].message.content
+for seed in (1, 2):
+    hot = client.chat.completions.create(model=model, messages=count, max_tokens=12, temperature=1.5, seed=seed, extra_body={"min_p": 1.0})
+    assert hot.choices[0].message.content == greedy, (hot, greedy)
+# Presence and frequency penalties steer a greedy continuation off the comma it repeats.
+repetitive = "1, 2, 3, 4, 5, 6, 7, 8,"
+plain = client.completions.create(model=model, prompt=repetitive, max_tokens=12, temperature=0).choices[0].text
+penalised = client.completions.create(
+    model=model, prompt=repetitive, max_tokens=12, temperature=0, frequency_penalty=2.0, presence_penalty=1.0
+).choices[0].text
+assert plain.count(",") > penalised.count(","), (plain, penalised)
+
 # Every other field is refused by name, never ignored.
 refused = {}
 for name, extra in [
-    ("logprobs", {"logprobs": True}),
+    ("logit_bias", {"logit_bias": {"1": 5}}),
+    ("top_logprobs", {"top_logprobs": 21, "logprobs": True}),
+    ("presence_penalty", {"presence_penalty": 2.5}),
     ("tools", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}),
     ("response_format", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "^a"}}}}),
-    ("frequency_penalty", {"frequency_penalty": 0.5}),
     ("n", {"n": 9}),
     ("bogus", {"extra_body": {"bogus": 1}}),
 ]:

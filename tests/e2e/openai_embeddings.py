@@ -28,6 +28,14 @@ try:
 except openai.BadRequestError as error:
     errors["empty"] = [error.status_code, error.message]
 
+# `user` is accepted; `dimensions` (which would truncate) and undocumented fields are refused by name.
+assert client.embeddings.create(model=model, input="x", user="someone", encoding_format="float").data
+for name, extra in [("dimensions", {"dimensions": 8}), ("bogus", {"extra_body": {"bogus": 1}})]:
+    try:
+        client.embeddings.create(model=model, input="x", **extra)
+    except openai.BadRequestError as error:
+        errors[name] = [error.status_code, error.param]
+
 print(json.dumps({
     "base64": [d.embedding for d in default.data],
     "float": [d.embedding for d in floats.data],

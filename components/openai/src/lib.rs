@@ -5,25 +5,31 @@
 //! - `POST /v1/chat/completions`: chat through the model's own chat template; `"stream": true`
 //!   answers with server-sent events, token by token; `n` choices, one after another.
 //! - `POST /v1/completions`: plain continuation of a prompt, streaming too.
-//! - Every field of a request is honoured or refused by name ([`HONOURED`], [`REFUSED`]):
-//!   nothing is silently ignored.
+//! - Every field of a request is honoured or refused by name ([`HONOURED`], [`REFUSED`],
+//!   [`EMBEDDING_FIELDS`]): nothing is silently ignored.
 //! - `POST /v1/embeddings`: vectors from an embedding model, as floats or base64.
 //!
 //! Errors use OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
 
 mod grammar;
+mod logprobs;
 
 use base64::Engine;
+use logprobs::Asked;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tensorlet_sdk::http::{Request, Response};
-use tensorlet_sdk::llm::{self, Generation, Message, Options};
+use tensorlet_sdk::llm::{self, Generation, Message, Options, TokenLogprob};
 use tensorlet_sdk::nn::{ErrorCode, NnError};
 
 /// Largest `max_tokens` accepted, before the model's own context limit applies.
 const MAX_TOKENS_LIMIT: u32 = 4096;
 /// Most choices (`n`) one request may ask for.
 const MAX_CHOICES: u32 = 8;
+/// Most alternatives per token: `top_logprobs` of a chat, `logprobs` of a completion (OpenAI's
+/// bounds).
+const MAX_CHAT_TOP_LOGPROBS: u32 = 20;
+const MAX_COMPLETION_LOGPROBS: u32 = 5;
 
 /// The (chat) completion request fields this component honours (`user`, an end-user id for
 /// the caller's own records, is accepted and has no effect on the answer).
@@ -39,6 +45,11 @@ const HONOURED: &[&str] = &[
     "top_p",
     "top_k",
     "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "min_p",
+    "logprobs",
+    "top_logprobs",
     "seed",
     "stop",
     "n",
@@ -50,11 +61,6 @@ const HONOURED: &[&str] = &[
 /// they ask for what happens anyway (absent, `null`, `false`, `0`, empty, `"none"` or
 /// `"auto"` tool choice without tools).
 const REFUSED: &[&str] = &[
-    "logprobs",
-    "top_logprobs",
-    "presence_penalty",
-    "frequency_penalty",
-    "min_p",
     "logit_bias",
     "tools",
     "tool_choice",
@@ -74,6 +80,14 @@ const REFUSED: &[&str] = &[
     "suffix",
 ];
 
+/// The embeddings request fields: honoured (`user` is accepted and has no effect), then
+/// refused unless they ask for the default (`dimensions`: the model's vectors are not
+/// truncated).
+const EMBEDDING_FIELDS: (&[&str], &[&str]) = (
+    &["model", "input", "encoding_format", "user"],
+    &["dimensions"],
+);
+
 /// Whether a refused field's value asks only for what this component does anyway.
 fn asks_for_the_default(field: &str, value: &Value) -> bool {
     match value {
@@ -92,9 +106,13 @@ fn asks_for_the_default(field: &str, value: &Value) -> bool {
     }
 }
 
-/// Refuses, by name, a field this component would otherwise ignore: one it does not honour
-/// (unless it asks for the default) or one OpenAI does not document.
-fn refuse_unhonoured_fields(body: &Value) -> Result<(), Response> {
+/// Refuses, by name, a field this component would otherwise ignore: one OpenAI documents and
+/// this component does not honour (`refused`, unless it asks for the default), or one OpenAI
+/// does not document.
+fn refuse_unhonoured_fields(
+    body: &Value,
+    (honoured, refused): (&[&str], &[&str]),
+) -> Result<(), Response> {
     let Some(fields) = body.as_object() else {
         return Err(openai_error(
             400,
@@ -105,10 +123,10 @@ fn refuse_unhonoured_fields(body: &Value) -> Result<(), Response> {
         ));
     };
     for (field, value) in fields {
-        if HONOURED.contains(&field.as_str()) {
+        if honoured.contains(&field.as_str()) {
             continue;
         }
-        let message = if REFUSED.contains(&field.as_str()) {
+        let message = if refused.contains(&field.as_str()) {
             if asks_for_the_default(field, value) {
                 continue;
             }
@@ -152,6 +170,13 @@ struct CompletionRequest {
     top_p: Option<f32>,
     top_k: Option<i32>,
     repetition_penalty: Option<f32>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    min_p: Option<f32>,
+    /// A chat's `true`, or a completion's number of alternatives.
+    #[serde(default)]
+    logprobs: Option<Value>,
+    top_logprobs: Option<u32>,
     seed: Option<u32>,
     stop: Option<Stop>,
     n: Option<u32>,
@@ -285,7 +310,7 @@ fn complete(request: &Request, chat: bool) -> Response {
         Ok(body) => body,
         Err(response) => return response,
     };
-    if let Err(response) = refuse_unhonoured_fields(&body) {
+    if let Err(response) = refuse_unhonoured_fields(&body, (HONOURED, REFUSED)) {
         return response;
     }
     let body: CompletionRequest = match serde_json::from_value(body) {
@@ -321,6 +346,24 @@ fn complete(request: &Request, chat: bool) -> Response {
             &format!("n must be between 1 and {MAX_CHOICES}, not {choices}"),
         );
     }
+    for (param, value, range) in [
+        ("presence_penalty", body.presence_penalty, -2.0..=2.0),
+        ("frequency_penalty", body.frequency_penalty, -2.0..=2.0),
+        ("min_p", body.min_p, 0.0..=1.0),
+    ] {
+        if let Some(value) = value.filter(|v| !range.contains(v)) {
+            let message = format!(
+                "{param} must be between {} and {}, not {value}",
+                range.start(),
+                range.end()
+            );
+            return invalid_value(param, &message);
+        }
+    }
+    let asked = match logprobs_asked(chat, body.logprobs.as_ref(), body.top_logprobs) {
+        Ok(asked) => asked,
+        Err(response) => return response,
+    };
     let grammar = match body.response_format.as_ref().map(|f| (f.kind.as_str(), f)) {
         None | Some(("text", _)) => None,
         Some(("json_object", _)) => Some(grammar::json_object()),
@@ -357,6 +400,13 @@ fn complete(request: &Request, chat: bool) -> Response {
         top_p: body.top_p,
         top_k: body.top_k,
         repeat_penalty: body.repetition_penalty,
+        min_p: body.min_p,
+        presence_penalty: body.presence_penalty,
+        frequency_penalty: body.frequency_penalty,
+        logprobs: match asked {
+            Asked::No => None,
+            Asked::Yes { alternatives } => Some(alternatives),
+        },
         seed: body.seed,
         stop: match body.stop {
             Some(Stop::One(stop)) => vec![stop],
@@ -392,6 +442,7 @@ fn complete(request: &Request, chat: bool) -> Response {
         input,
         options,
         count: choices,
+        logprobs: asked,
     };
     // Run the first step before answering, so that a bad prompt is an HTTP error, not a
     // broken stream.
@@ -432,11 +483,75 @@ fn complete(request: &Request, chat: bool) -> Response {
                 }
             }
             totals.add(&generation);
-            let finish = generation.finish_reason().unwrap_or("stop").to_string();
-            answers.push((text, finish));
+            answers.push(Answer {
+                text,
+                finish: generation.finish_reason().unwrap_or("stop").to_string(),
+                logprobs: choices.logprobs_json(generation.take_logprobs(), &mut choices.offset()),
+            });
         }
         Response::json(200, &shape.whole(&answers, &totals))
     }
+}
+
+/// What `logprobs` and `top_logprobs` ask for: a chat's `logprobs: true` with 0 to 20
+/// alternatives, or a completion's `logprobs: 0` to `5` alternatives.
+fn logprobs_asked(
+    chat: bool,
+    logprobs: Option<&Value>,
+    top_logprobs: Option<u32>,
+) -> Result<Asked, Response> {
+    if !chat {
+        if top_logprobs.is_some() {
+            return Err(openai_error(
+                400,
+                "invalid_request_error",
+                "unsupported_parameter",
+                Some("top_logprobs"),
+                "Unrecognized request argument supplied: top_logprobs",
+            ));
+        }
+        return match logprobs {
+            None | Some(Value::Null) => Ok(Asked::No),
+            Some(value) => match value
+                .as_u64()
+                .filter(|n| *n <= u64::from(MAX_COMPLETION_LOGPROBS))
+            {
+                Some(alternatives) => Ok(Asked::Yes {
+                    alternatives: alternatives as u32,
+                }),
+                None => Err(invalid_value(
+                    "logprobs",
+                    &format!("logprobs must be an integer from 0 to {MAX_COMPLETION_LOGPROBS}"),
+                )),
+            },
+        };
+    }
+    let wanted = match logprobs {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(wanted)) => *wanted,
+        Some(_) => return Err(invalid_value("logprobs", "logprobs must be a boolean")),
+    };
+    match (wanted, top_logprobs) {
+        (_, Some(top)) if top > MAX_CHAT_TOP_LOGPROBS => Err(invalid_value(
+            "top_logprobs",
+            &format!("top_logprobs must be between 0 and {MAX_CHAT_TOP_LOGPROBS}, not {top}"),
+        )),
+        (false, Some(top)) if top > 0 => Err(invalid_value(
+            "top_logprobs",
+            "top_logprobs requires logprobs to be true",
+        )),
+        (false, _) => Ok(Asked::No),
+        (true, top) => Ok(Asked::Yes {
+            alternatives: top.unwrap_or(0),
+        }),
+    }
+}
+
+/// One choice of a whole (not streamed) answer.
+struct Answer {
+    text: String,
+    finish: String,
+    logprobs: Value,
 }
 
 /// What a completion continues: chat messages or a prompt.
@@ -451,9 +566,28 @@ struct Choices {
     input: Input,
     options: Options,
     count: u32,
+    logprobs: Asked,
 }
 
 impl Choices {
+    /// Where a choice's text starts, for a completion's `text_offset`: after the prompt.
+    fn offset(&self) -> usize {
+        match &self.input {
+            Input::Chat(_) => 0,
+            Input::Prompt(prompt) => prompt.chars().count(),
+        }
+    }
+
+    /// The `logprobs` of a choice's `tokens` (`null` unless asked for), in the shape of the
+    /// request's API; `offset` is where they start in the text.
+    fn logprobs_json(&self, tokens: Vec<TokenLogprob>, offset: &mut usize) -> Value {
+        match (self.logprobs, &self.input) {
+            (Asked::No, _) => Value::Null,
+            (Asked::Yes { .. }, Input::Chat(_)) => logprobs::chat(&tokens),
+            (Asked::Yes { .. }, Input::Prompt(_)) => logprobs::completion(&tokens, offset),
+        }
+    }
+
     /// Starts choice `index` and runs its first step. A seeded request gives each choice its
     /// own seed (the seed plus the index), so that choices differ where sampling allows.
     fn start(&self, index: u32) -> Result<(Generation, Option<String>), NnError> {
@@ -500,16 +634,18 @@ struct Shape {
 }
 
 impl Shape {
-    /// The whole answer: each choice's text and finish reason, and the token counts.
-    fn whole(&self, answers: &[(String, String)], totals: &Totals) -> Value {
+    /// The whole answer: each choice's text, finish reason and log-probabilities, and the
+    /// token counts.
+    fn whole(&self, answers: &[Answer], totals: &Totals) -> Value {
         let choices: Vec<Value> = answers
             .iter()
             .enumerate()
-            .map(|(index, (text, finish))| {
+            .map(|(index, answer)| {
+                let (text, finish, logprobs) = (&answer.text, &answer.finish, &answer.logprobs);
                 if self.chat {
-                    json!({ "index": index, "message": { "role": "assistant", "content": text }, "finish_reason": finish, "logprobs": null })
+                    json!({ "index": index, "message": { "role": "assistant", "content": text }, "finish_reason": finish, "logprobs": logprobs })
                 } else {
-                    json!({ "index": index, "text": text, "finish_reason": finish, "logprobs": null })
+                    json!({ "index": index, "text": text, "finish_reason": finish, "logprobs": logprobs })
                 }
             })
             .collect();
@@ -521,16 +657,23 @@ impl Shape {
         json!({ "id": self.id, "object": object, "created": self.created, "model": self.model, "choices": choices, "usage": totals.json() })
     }
 
-    /// A streamed chunk of choice `index`: a piece of its text, or its finish reason.
-    fn chunk(&self, index: u32, text: Option<&str>, finish: Option<&str>) -> Value {
+    /// A streamed chunk of choice `index`: a piece of its text, or its finish reason, with
+    /// the log-probabilities of the tokens since the last chunk.
+    fn chunk(
+        &self,
+        index: u32,
+        text: Option<&str>,
+        finish: Option<&str>,
+        logprobs: Value,
+    ) -> Value {
         let choice = if self.chat {
             let delta = match text {
                 Some(text) => json!({ "role": "assistant", "content": text }),
                 None => json!({}),
             };
-            json!({ "index": index, "delta": delta, "finish_reason": finish, "logprobs": null })
+            json!({ "index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs })
         } else {
-            json!({ "index": index, "text": text.unwrap_or(""), "finish_reason": finish, "logprobs": null })
+            json!({ "index": index, "text": text.unwrap_or(""), "finish_reason": finish, "logprobs": logprobs })
         };
         let object = if self.chat {
             "chat.completion.chunk"
@@ -550,6 +693,9 @@ struct Events {
     index: u32,
     generation: Generation,
     first: Option<String>,
+    /// Where the current choice's next token starts in its text (for completions'
+    /// `text_offset`).
+    offset: usize,
     totals: Totals,
     include_usage: bool,
     stage: Stage,
@@ -574,6 +720,7 @@ impl Events {
     ) -> Self {
         Self {
             shape,
+            offset: choices.offset(),
             choices,
             index: 0,
             generation,
@@ -599,9 +746,10 @@ impl Events {
             .finish_reason()
             .unwrap_or("stop")
             .to_string();
+        let logprobs = self.logprobs_since_last_chunk();
         let chunk = self
             .shape
-            .chunk(self.index, None, Some(&finish))
+            .chunk(self.index, None, Some(&finish), logprobs)
             .to_string();
         if self.index + 1 < self.choices.count {
             match self.choices.start(self.index + 1) {
@@ -609,6 +757,7 @@ impl Events {
                     self.index += 1;
                     self.generation = generation;
                     self.first = first;
+                    self.offset = self.choices.offset();
                 }
                 Err(error) => self.pending = Some(self.failed(&error)),
             }
@@ -620,6 +769,12 @@ impl Events {
             };
         }
         chunk
+    }
+
+    /// The `logprobs` of the current choice's tokens since its last chunk.
+    fn logprobs_since_last_chunk(&mut self) -> Value {
+        let tokens = self.generation.take_logprobs();
+        self.choices.logprobs_json(tokens, &mut self.offset)
     }
 }
 
@@ -638,7 +793,9 @@ impl Iterator for Events {
                 };
                 match next {
                     Some(Ok(text)) => {
-                        Some(self.shape.chunk(self.index, Some(&text), None).to_string())
+                        let logprobs = self.logprobs_since_last_chunk();
+                        let chunk = self.shape.chunk(self.index, Some(&text), None, logprobs);
+                        Some(chunk.to_string())
                     }
                     Some(Err(error)) => Some(self.failed(&error)),
                     None => Some(self.finish_choice()),
@@ -646,7 +803,7 @@ impl Iterator for Events {
             }
             Stage::Usage => {
                 self.stage = Stage::Done;
-                let mut chunk = self.shape.chunk(0, None, None);
+                let mut chunk = self.shape.chunk(0, None, None, Value::Null);
                 chunk["choices"] = json!([]);
                 chunk["usage"] = self.totals.json();
                 Some(chunk.to_string())
@@ -677,9 +834,16 @@ struct EmbeddingRequest {
 }
 
 fn embeddings(request: &Request) -> Response {
-    let body: EmbeddingRequest = match parse_body(request) {
+    let body: Value = match parse_body(request) {
         Ok(body) => body,
         Err(response) => return response,
+    };
+    if let Err(response) = refuse_unhonoured_fields(&body, EMBEDDING_FIELDS) {
+        return response;
+    }
+    let body: EmbeddingRequest = match serde_json::from_value(body) {
+        Ok(body) => body,
+        Err(error) => return invalid_body(&error),
     };
     let texts = match &body.input {
         EmbeddingInput::One(text) => vec![text.as_str()],

@@ -16,10 +16,12 @@
 //!
 //! This module is the backend, its graphs and their execution contexts; `lane` runs the lanes,
 //! `sequence` is one generation on a lane, `context` holds a lane's llama.cpp context,
-//! `options` reads a generation's options and `text` turns its tokens into text.
+//! `options` reads a generation's options, `text` turns its tokens into text and `logprobs` says
+//! how likely each token was.
 
 mod context;
 mod lane;
+mod logprobs;
 mod options;
 mod sequence;
 mod text;
@@ -281,6 +283,7 @@ impl LlamaExecution {
             return match &self.finished {
                 Some(last) => Ok(Chunk {
                     text: String::new(),
+                    logprobs: last.logprobs.as_ref().map(|_| Vec::new()),
                     ..last.clone()
                 }),
                 None => Err(BackendError::InvalidArgument(
@@ -336,14 +339,20 @@ impl ExecutionContext for LlamaExecution {
             "prompt_tokens": chunk.prompt_tokens,
             "completion_tokens": chunk.generated,
         });
-        Ok(vec![
+        let mut outputs = vec![
             ("text".to_string(), text_tensor(&chunk.text)),
             (
                 "finish_reason".to_string(),
                 text_tensor(chunk.finish_reason.unwrap_or("")),
             ),
             ("usage".to_string(), text_tensor(&usage.to_string())),
-        ])
+        ];
+        if let Some(logprobs) = &chunk.logprobs {
+            let logprobs = serde_json::to_string(logprobs)
+                .map_err(|e| BackendError::Runtime(e.to_string()))?;
+            outputs.push(("logprobs".to_string(), text_tensor(&logprobs)));
+        }
+        Ok(outputs)
     }
 
     fn takes_compute_slots_itself(&self) -> bool {

@@ -13,6 +13,14 @@ pub(super) struct Options {
     pub(super) top_p: f32,
     pub(super) top_k: i32,
     pub(super) repeat_penalty: f32,
+    /// Drops tokens less likely than this share of the likeliest one (0 = off).
+    pub(super) min_p: f32,
+    /// Lowered logits of tokens already generated: by this once (presence) and by this per
+    /// time generated (frequency), over the whole completion, as OpenAI defines them.
+    pub(super) presence_penalty: f32,
+    pub(super) frequency_penalty: f32,
+    /// Return each generated token's log-probability and this many likeliest alternatives.
+    pub(super) logprobs: Option<usize>,
     pub(super) seed: Option<u32>,
     pub(super) stop: Vec<String>,
     /// Tokens a `compute` call waits for (it returns all that are ready): 1 streams token by
@@ -30,6 +38,10 @@ impl Default for Options {
             top_p: 0.95,
             top_k: 40,
             repeat_penalty: 1.0,
+            min_p: 0.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logprobs: None,
             seed: None,
             stop: Vec::new(),
             chunk_tokens: 1,
@@ -44,6 +56,10 @@ const MAX_STOP_STRINGS: usize = 16;
 const MAX_STOP_BYTES: usize = 256;
 /// The longest grammar a generation may ask for, in bytes.
 const MAX_GRAMMAR_BYTES: usize = 64 << 10;
+/// The most alternatives per token `logprobs` may ask for (OpenAI's bound).
+const MAX_TOP_LOGPROBS: usize = 20;
+/// How far presence and frequency penalties may push (OpenAI's bound).
+const MAX_PENALTY: f32 = 2.0;
 
 impl Options {
     /// Refuses options that cannot work or would make every step expensive.
@@ -90,6 +106,24 @@ impl Options {
                 self.repeat_penalty
             ));
         }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return invalid(format!("min_p must be between 0 and 1, not {}", self.min_p));
+        }
+        for (name, penalty) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !(-MAX_PENALTY..=MAX_PENALTY).contains(&penalty) {
+                return invalid(format!(
+                    "{name} must be between -{MAX_PENALTY} and {MAX_PENALTY}, not {penalty}"
+                ));
+            }
+        }
+        if let Some(top) = self.logprobs.filter(|top| *top > MAX_TOP_LOGPROBS) {
+            return invalid(format!(
+                "logprobs may ask for at most {MAX_TOP_LOGPROBS} alternatives, not {top}"
+            ));
+        }
         Ok(())
     }
 }
@@ -129,6 +163,11 @@ mod tests {
         assert!(options(r#"{"stop": ["\n", "User:"], "temperature": 0}"#)
             .validate()
             .is_ok());
+        assert!(options(
+            r#"{"min_p": 1, "presence_penalty": -2, "frequency_penalty": 2, "logprobs": 20}"#
+        )
+        .validate()
+        .is_ok());
         let many = format!(r#"{{"stop": {:?}}}"#, vec!["x"; 17]);
         let long = format!(r#"{{"stop": [{:?}]}}"#, "y".repeat(257));
         for refused in [
@@ -138,6 +177,10 @@ mod tests {
             r#"{"temperature": -1}"#,
             r#"{"top_p": 0}"#,
             r#"{"repeat_penalty": 0}"#,
+            r#"{"min_p": 1.5}"#,
+            r#"{"presence_penalty": 2.5}"#,
+            r#"{"frequency_penalty": -3}"#,
+            r#"{"logprobs": 21}"#,
         ] {
             assert!(options(refused).validate().is_err(), "{refused}");
         }

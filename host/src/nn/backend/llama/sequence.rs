@@ -3,6 +3,7 @@
 //! The lane decides when a sequence decodes; the sequence decides what it decodes and when it
 //! is done.
 
+use super::logprobs::{token_logprob, TokenLogprob};
 use super::options::Options;
 use super::text::GeneratedText;
 use super::BackendError;
@@ -28,6 +29,8 @@ pub(super) struct Sequence {
     generated: u32,
     /// Tokens generated since the reader last took a chunk.
     unread: u32,
+    /// Their log-probabilities, when the options ask for them.
+    unread_logprobs: Vec<TokenLogprob>,
     options: Options,
     /// The text generated so far, and how much of it was handed out.
     text: GeneratedText,
@@ -43,6 +46,8 @@ pub(super) struct Chunk {
     pub(super) finish_reason: Option<&'static str>,
     pub(super) prompt_tokens: usize,
     pub(super) generated: u32,
+    /// The log-probabilities of the tokens generated since the last chunk, when asked for.
+    pub(super) logprobs: Option<Vec<TokenLogprob>>,
 }
 
 impl Sequence {
@@ -59,6 +64,7 @@ impl Sequence {
             prompt_tokens,
             generated: 0,
             unread: 0,
+            unread_logprobs: Vec::new(),
             options,
             text: GeneratedText::default(),
             finish_reason: None,
@@ -113,8 +119,7 @@ impl Sequence {
         model: &LlamaModel,
         context_tokens: u32,
     ) {
-        let token = self.sampler.sample(context, index);
-        self.accept(token, model, context_tokens);
+        self.sample(context, index, model, context_tokens);
     }
 
     /// Once a step decoded the pending token: samples the next one from the logits at `index`
@@ -127,8 +132,31 @@ impl Sequence {
         context_tokens: u32,
     ) {
         self.position += 1;
+        self.sample(context, index, model, context_tokens);
+    }
+
+    /// Samples the next token from the logits at `index` of the batch (with its
+    /// log-probabilities, when asked for) and takes it.
+    fn sample(
+        &mut self,
+        context: &LlamaContext,
+        index: i32,
+        model: &LlamaModel,
+        context_tokens: u32,
+    ) {
         let token = self.sampler.sample(context, index);
-        self.accept(token, model, context_tokens);
+        let logprob = self.options.logprobs.map(|top| {
+            let piece = |id: usize| {
+                let mut bytes = Vec::new();
+                let token = LlamaToken::new(id as i32);
+                model
+                    .vocab()
+                    .token_to_piece_into(token, &mut bytes, false, None);
+                bytes
+            };
+            token_logprob(context.get_logits_ith(index), token.0 as usize, top, piece)
+        });
+        self.accept(token, logprob, model, context_tokens);
     }
 
     /// Ends the generation with `failure`, which its reader gets instead of a chunk.
@@ -138,8 +166,15 @@ impl Sequence {
     }
 
     /// Takes a freshly sampled token: ends the generation (end of sequence, a stop string,
-    /// max_tokens, a full context window) or queues the token for the next step.
-    fn accept(&mut self, token: LlamaToken, model: &LlamaModel, context_tokens: u32) {
+    /// max_tokens, a full context window) or queues the token for the next step. The end of
+    /// sequence token is not part of the answer, nor of its log-probabilities.
+    fn accept(
+        &mut self,
+        token: LlamaToken,
+        logprob: Option<TokenLogprob>,
+        model: &LlamaModel,
+        context_tokens: u32,
+    ) {
         self.pending = None;
         let vocab = model.vocab();
         if vocab.is_eog(token) {
@@ -148,6 +183,7 @@ impl Sequence {
         }
         self.generated += 1;
         self.unread += 1;
+        self.unread_logprobs.extend(logprob);
         let mut piece = Vec::new();
         vocab.token_to_piece_into(token, &mut piece, false, None);
         if self.text.push_piece(&piece, &self.options.stop) {
@@ -185,13 +221,18 @@ impl Sequence {
             finish_reason: self.finish_reason,
             prompt_tokens: self.prompt_tokens,
             generated: self.generated,
+            logprobs: self
+                .options
+                .logprobs
+                .map(|_| std::mem::take(&mut self.unread_logprobs)),
         }))
     }
 }
 
-/// The sampler `options` ask for: greedy at temperature 0, otherwise top-k, top-p and
-/// temperature before a seeded draw; a repeat penalty over the last 64 tokens before either;
-/// and first of all the grammar, when there is one, which leaves only the tokens it allows.
+/// The sampler `options` ask for: greedy at temperature 0, otherwise top-k, top-p, min-p and
+/// temperature before a seeded draw; before either a repeat penalty over the last 64 tokens
+/// and presence and frequency penalties over the whole completion; and first of all the
+/// grammar, when there is one, which leaves only the tokens it allows.
 fn sampler(model: &LlamaModel, options: &Options) -> Result<LlamaSampler, BackendError> {
     let mut chain = Vec::new();
     if let Some(grammar) = &options.grammar {
@@ -208,6 +249,15 @@ fn sampler(model: &LlamaModel, options: &Options) -> Result<LlamaSampler, Backen
             0.0,
         ));
     }
+    if options.presence_penalty != 0.0 || options.frequency_penalty != 0.0 {
+        chain.push(LlamaSampler::penalties(
+            model.n_vocab(),
+            i32::try_from(options.max_tokens).unwrap_or(i32::MAX),
+            1.0,
+            options.frequency_penalty,
+            options.presence_penalty,
+        ));
+    }
     if options.temperature <= 0.0 {
         chain.push(LlamaSampler::greedy());
     } else {
@@ -215,6 +265,9 @@ fn sampler(model: &LlamaModel, options: &Options) -> Result<LlamaSampler, Backen
             chain.push(LlamaSampler::top_k(options.top_k));
         }
         chain.push(LlamaSampler::top_p(options.top_p.clamp(0.0, 1.0), 1));
+        if options.min_p > 0.0 {
+            chain.push(LlamaSampler::min_p(options.min_p, 1));
+        }
         chain.push(LlamaSampler::temp(options.temperature));
         chain.push(LlamaSampler::dist(
             options.seed.unwrap_or_else(rand::random),
