@@ -117,18 +117,15 @@ fn text_tensor(text: &str) -> Tensor {
 
 fn start(
     model: &str,
-    input_name: &str,
-    input: &str,
+    mut inputs: Vec<(String, Tensor)>,
     options: &Options,
 ) -> Result<Generation, NnError> {
     let context = Graph::by_name(model)?.context()?;
     let options = serde_json::to_string(options).expect("options serialise");
+    inputs.push(("options".to_string(), text_tensor(&options)));
     Ok(Generation {
         context,
-        first_inputs: Some(vec![
-            (input_name.to_string(), text_tensor(input)),
-            ("options".to_string(), text_tensor(&options)),
-        ]),
+        first_inputs: Some(inputs),
         finish_reason: None,
         usage: Usage::default(),
         logprobs: Vec::new(),
@@ -137,17 +134,35 @@ fn start(
 
 /// Generates a continuation of `prompt` (no chat template) with model `model`.
 pub fn generate(model: &str, prompt: &str, options: &Options) -> Result<Generation, NnError> {
-    start(model, "prompt", prompt, options)
+    start(model, vec![("prompt".into(), text_tensor(prompt))], options)
 }
 
 /// Answers a conversation with model `model`, using the chat template from its metadata.
 pub fn chat(model: &str, messages: &[Message], options: &Options) -> Result<Generation, NnError> {
+    let messages = serde_json::to_string(messages).expect("messages serialise");
     start(
         model,
-        "messages",
-        &serde_json::to_string(messages).expect("messages serialise"),
+        vec![("messages".into(), text_tensor(&messages))],
         options,
     )
+}
+
+/// Answers a conversation offered `tools`, with the model's own (Jinja) chat template: the
+/// messages and tools are OpenAI's JSON shapes, so messages may carry `tool_calls` and tool
+/// results. A model whose template knows no tools refuses (`invalid-argument`).
+pub fn chat_with_tools(
+    model: &str,
+    messages: &[serde_json::Value],
+    tools: &[serde_json::Value],
+    options: &Options,
+) -> Result<Generation, NnError> {
+    let messages = serde_json::to_string(messages).expect("messages serialise");
+    let tools = serde_json::to_string(tools).expect("tools serialise");
+    let inputs = vec![
+        ("messages".into(), text_tensor(&messages)),
+        ("tools".into(), text_tensor(&tools)),
+    ];
+    start(model, inputs, options)
 }
 
 impl Generation {

@@ -2,7 +2,7 @@
 //! Python client (streaming included), malformed models, a client that disconnects mid-stream,
 //! and concurrent generations decoded together in batches.
 
-use crate::support::{config_file, TestNode};
+use crate::support::{artifacts, config_file, TestNode};
 use futures_util::StreamExt;
 use std::time::{Duration, Instant};
 
@@ -77,6 +77,66 @@ async fn the_official_openai_client_chats_streams_and_gets_openai_errors() {
             .as_str()
             .unwrap()
             .contains("context window"),
+        "{seen}"
+    );
+}
+
+#[tokio::test]
+async fn tools_are_called_through_the_models_own_chat_template() {
+    let _heavy = crate::support::heavy().await;
+    let node = TestNode::start();
+    for (name, model) in [
+        ("smollm2", artifacts::smollm2_model()),
+        ("smollm2-tools", artifacts::smollm2_tools_model()),
+    ] {
+        node.cli_ok(&[
+            "model",
+            "add",
+            name,
+            model.to_str().unwrap(),
+            "--encoding",
+            "ggml",
+        ]);
+    }
+    node.cli_ok(&[
+        "deploy",
+        "--public",
+        "openai",
+        artifacts::OPENAI,
+        "--model",
+        "smollm2",
+        "--model",
+        "smollm2-tools",
+    ]);
+    let seen = node.run_openai_script("openai_tools.py", "smollm2-tools");
+    assert!(
+        seen["answer"].as_str().is_some_and(|a| !a.is_empty()),
+        "{seen}"
+    );
+    for (case, param) in [
+        ("unknown_tool", "tool_choice"),
+        ("choice_without_tools", "tool_choice"),
+        ("bad_name", "tools"),
+        ("unenforceable", "tools"),
+        ("completions", "tools"),
+    ] {
+        assert_eq!(
+            seen["errors"][case],
+            serde_json::json!([400, param]),
+            "{case}: {seen}"
+        );
+    }
+    let refused = &seen["errors"]["template_without_tools"];
+    assert_eq!(
+        (&refused[0], &refused[1]),
+        (&400.into(), &"tools".into()),
+        "{seen}"
+    );
+    assert!(
+        refused[2]
+            .as_str()
+            .unwrap()
+            .contains("does not support tools"),
         "{seen}"
     );
 }

@@ -47,12 +47,38 @@ pub fn json_object() -> String {
 pub fn json_schema(schema: &Value) -> Result<String, String> {
     let mut rules = Vec::new();
     let root = expression(schema, &mut rules, 0)?;
-    let mut grammar = format!("root ::= {root}\n");
-    for (index, rule) in rules.iter().enumerate() {
-        grammar.push_str(&format!("schema{index} ::= {rule}\n"));
+    Ok(grammar(format!("root ::= {root}\n"), &rules))
+}
+
+/// The grammar of tool calls in the `<tool_call>` format of Hermes- and Qwen-style chat
+/// templates: one call (or, with `parallel`, one or more), each naming one of `tools` (name,
+/// parameters schema) with arguments of its schema, name first.
+pub fn tool_calls(tools: &[(&str, &Value)], parallel: bool) -> Result<String, String> {
+    let mut rules = Vec::new();
+    let mut calls = Vec::new();
+    for (name, parameters) in tools {
+        let arguments = expression(parameters, &mut rules, 0)?;
+        let head = literal(&format!(
+            "{{\"name\": {}, \"arguments\": ",
+            Value::from(*name)
+        ));
+        calls.push(format!(r#"{head} {arguments} "}}""#));
     }
-    grammar.push_str(JSON_RULES);
-    Ok(grammar)
+    let repeat = if parallel { r#" ("\n" block)*"# } else { "" };
+    let head = format!(
+        "root ::= block{repeat}\nblock ::= \"<tool_call>\\n\" ({}) \"\\n</tool_call>\"\n",
+        calls.join(" | ")
+    );
+    Ok(grammar(head, &rules))
+}
+
+/// A whole grammar: `head` (its `root`), the numbered `rules` it refers to, the JSON rules.
+fn grammar(mut head: String, rules: &[String]) -> String {
+    for (index, rule) in rules.iter().enumerate() {
+        head.push_str(&format!("schema{index} ::= {rule}\n"));
+    }
+    head.push_str(JSON_RULES);
+    head
 }
 
 /// A GBNF literal that matches `text` exactly.
@@ -231,6 +257,34 @@ mod tests {
             deep = json!({"type": "array", "items": deep});
         }
         assert!(json_schema(&deep).unwrap_err().contains("deeper"));
+    }
+
+    #[test]
+    fn tool_calls_name_a_tool_then_its_arguments() {
+        let weather = json!({"type": "object", "properties": {"city": {"type": "string"}}});
+        let any = json!({"type": "object"});
+        let one = tool_calls(&[("weather", &weather), ("time", &any)], false).unwrap();
+        assert!(
+            one.starts_with("root ::= block\nblock ::= \"<tool_call>\\n\" ("),
+            "{one}"
+        );
+        assert!(
+            one.contains(r#""{\"name\": \"weather\", \"arguments\": " "#),
+            "{one}"
+        );
+        assert!(
+            one.contains(r#""{\"name\": \"time\", \"arguments\": " object "}""#),
+            "{one}"
+        );
+        let many = tool_calls(&[("weather", &weather)], true).unwrap();
+        assert!(
+            many.starts_with(r#"root ::= block ("\n" block)*"#),
+            "{many}"
+        );
+        let bad = json!({"type": "string", "pattern": "x"});
+        assert!(tool_calls(&[("f", &bad)], false)
+            .unwrap_err()
+            .contains("pattern"));
     }
 
     #[test]

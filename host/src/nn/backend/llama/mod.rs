@@ -16,8 +16,9 @@
 //!
 //! This module is the backend, its graphs and their execution contexts; `lane` runs the lanes,
 //! `sequence` is one generation on a lane, `context` holds a lane's llama.cpp context,
-//! `options` reads a generation's options, `text` turns its tokens into text and `logprobs` says
-//! how likely each token was.
+//! `options` reads a generation's options, `text` turns its tokens into text, `logprobs` says
+//! how likely each token was and `tools` renders a chat offered tools with the model's own
+//! Jinja template.
 
 mod context;
 mod lane;
@@ -25,6 +26,7 @@ mod logprobs;
 mod options;
 mod sequence;
 mod text;
+mod tools;
 
 use lane::{SequenceSlot, SharedModel};
 use options::Options;
@@ -204,14 +206,15 @@ impl LlamaExecution {
     ) -> Result<(), BackendError> {
         let shared = self.shared.clone();
         let (mut prompt, mut messages, mut options) = (None, None, Options::default());
+        let mut tools = None;
         for (name, tensor) in &inputs {
             match name.as_str() {
                 "prompt" => prompt = Some(utf8(tensor, "prompt")?),
-                "messages" => {
-                    let json = utf8(tensor, "messages")?;
-                    messages = Some(
-                        serde_json::from_str::<Vec<Message>>(&json)
-                            .map_err(|e| BackendError::InvalidArgument(format!("`messages` must be a JSON list of {{role, content}}: {e}")))?,
+                "messages" => messages = Some(utf8(tensor, "messages")?),
+                "tools" => {
+                    tools = Some(
+                        serde_json::from_str::<Vec<serde_json::Value>>(&utf8(tensor, "tools")?)
+                            .map_err(|e| BackendError::InvalidArgument(format!("`tools` must be a JSON list: {e}")))?,
                     );
                 }
                 "options" => {
@@ -220,17 +223,21 @@ impl LlamaExecution {
                 }
                 other => {
                     return Err(BackendError::InvalidArgument(format!(
-                        "unknown input {other:?}: a generation takes `prompt` or `messages`, and `options`"
+                        "unknown input {other:?}: a generation takes `prompt` or `messages`, `tools` and `options`"
                     )))
                 }
             }
         }
-        let (text, parse_special) = match (prompt, messages) {
-            (Some(prompt), None) => (prompt, false),
-            (None, Some(messages)) => (apply_chat_template(shared.model(), &messages)?, true),
+        let (text, parse_special) = match (prompt, messages, tools) {
+            (Some(prompt), None, None) => (prompt, false),
+            (None, Some(messages), None) => (apply_chat_template(shared.model(), &messages)?, true),
+            (None, Some(messages), Some(tools)) => {
+                (chat_with_tools(shared.model(), &messages, &tools)?, true)
+            }
             _ => {
                 return Err(BackendError::InvalidArgument(
-                    "pass exactly one of `prompt` and `messages`".into(),
+                    "pass exactly one of `prompt` and `messages` (`tools` go with `messages`)"
+                        .into(),
                 ))
             }
         };
@@ -305,9 +312,14 @@ impl LlamaExecution {
     }
 }
 
-/// The prompt for chat `messages`, by the model's chat template (ChatML if it has none, or
-/// one llama.cpp does not know).
-fn apply_chat_template(model: &LlamaModel, messages: &[Message]) -> Result<String, BackendError> {
+/// The prompt for chat `messages` (JSON `[{role, content}]`), by the model's chat template
+/// (ChatML if it has none, or one llama.cpp does not know).
+fn apply_chat_template(model: &LlamaModel, messages: &str) -> Result<String, BackendError> {
+    let messages: Vec<Message> = serde_json::from_str(messages).map_err(|e| {
+        BackendError::InvalidArgument(format!(
+            "`messages` must be a JSON list of {{role, content}}: {e}"
+        ))
+    })?;
     let chat = messages
         .iter()
         .map(|m| LlamaChatMessage::new(m.role.clone(), m.content.clone()))
@@ -323,6 +335,42 @@ fn apply_chat_template(model: &LlamaModel, messages: &[Message]) -> Result<Strin
             .apply_chat_template(&builtin_chatml()?, &chat, true)
             .map_err(|e| BackendError::Runtime(format!("applying the chat template failed: {e}"))),
     }
+}
+
+/// The prompt for chat `messages` offered `tools` (OpenAI's shapes: messages may carry
+/// `tool_calls` and tool results), by the model's own Jinja template.
+fn chat_with_tools(
+    model: &LlamaModel,
+    messages: &str,
+    tools: &[serde_json::Value],
+) -> Result<String, BackendError> {
+    let messages: Vec<serde_json::Value> = serde_json::from_str(messages)
+        .ok()
+        .filter(|list: &Vec<serde_json::Value>| list.iter().all(|m| m["role"].is_string()))
+        .ok_or_else(|| {
+            BackendError::InvalidArgument(
+                "`messages` must be a JSON list of objects, each with a `role`".into(),
+            )
+        })?;
+    let template = model
+        .chat_template(None)
+        .ok()
+        .and_then(|template| template.to_string().ok())
+        .ok_or_else(|| {
+            BackendError::InvalidArgument(
+                "this model has no chat template, so it cannot be offered tools".into(),
+            )
+        })?;
+    let vocab = model.vocab();
+    let token_text =
+        |token| String::from_utf8_lossy(&vocab.token_to_piece(token, true, None)).into_owned();
+    let bos = token_text(vocab.bos());
+    let prompt = tools::render(&template, &messages, tools, &bos, &token_text(vocab.eos()))?;
+    // Tokenising adds the model's BOS itself: a template that writes it too would double it.
+    Ok(match prompt.strip_prefix(bos.as_str()) {
+        Some(rest) if vocab.should_add_bos() && !bos.is_empty() => rest.to_string(),
+        _ => prompt,
+    })
 }
 
 impl ExecutionContext for LlamaExecution {
