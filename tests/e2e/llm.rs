@@ -108,6 +108,15 @@ async fn tools_are_called_through_the_models_own_chat_template() {
         "--model",
         "smollm2-tools",
     ]);
+    let langchain = node.run_openai_script("langchain_client.py", "smollm2-tools");
+    assert!(
+        langchain["answer"]
+            .as_str()
+            .unwrap()
+            .to_lowercase()
+            .contains("paris"),
+        "{langchain}"
+    );
     let seen = node.run_openai_script("openai_tools.py", "smollm2-tools");
     assert!(
         seen["answer"].as_str().is_some_and(|a| !a.is_empty()),
