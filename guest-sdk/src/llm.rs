@@ -38,6 +38,10 @@ pub struct Options {
     pub presence_penalty: Option<f32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub frequency_penalty: Option<f32>,
+    /// Added to these tokens' logits (by the model's token id) at every step, −100 to 100:
+    /// −100 bans a token, 100 forces it.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub logit_bias: std::collections::BTreeMap<i32, f32>,
     /// Report each token's log-probability and this many likeliest alternatives (0–20); see
     /// [`Generation::take_logprobs`].
     #[serde(skip_serializing_if = "Option::is_none")]

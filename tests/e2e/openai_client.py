@@ -125,6 +125,13 @@ assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == legac
 assert "".join(lp.tokens) == legacy.choices[0].text and lp.text_offset[0] == len(prompt), lp
 assert all(1 <= len(top) <= 2 and max(top.values()) >= logprob for top, logprob in zip(lp.top_logprobs, lp.token_logprobs)), lp
 
+# logit_bias 100 forces a token at every step; echo starts the text with the prompt.
+forced = client.completions.create(model=model, prompt=prompt, max_tokens=6, temperature=0, logit_bias={"28": 100}, logprobs=0)
+forced_tokens = forced.choices[0].logprobs.tokens
+assert len(forced_tokens) == 6 and len(set(forced_tokens)) == 1, forced_tokens
+echoed = client.completions.create(model=model, prompt=prompt, max_tokens=5, temperature=0, echo=True)
+assert echoed.choices[0].text == prompt + legacy.choices[0].text, (echoed, legacy)
+
 # min_p 1 keeps only the likeliest token: any temperature and seed decode greedily.
 greedy = client.chat.completions.create(model=model, messages=count, max_tokens=12, temperature=0).choices[0].message.content
 for seed in (1, 2):
@@ -141,7 +148,7 @@ assert plain.count(",") > penalised.count(","), (plain, penalised)
 # Every other field is refused by name, never ignored.
 refused = {}
 for name, extra in [
-    ("logit_bias", {"logit_bias": {"1": 5}}),
+    ("logit_bias", {"logit_bias": {"99999999": 5}}),
     ("top_logprobs", {"top_logprobs": 21, "logprobs": True}),
     ("presence_penalty", {"presence_penalty": 2.5}),
     ("tools", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}),

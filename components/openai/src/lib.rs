@@ -62,13 +62,14 @@ const HONOURED: &[&str] = &[
     "tools",
     "tool_choice",
     "parallel_tool_calls",
+    "logit_bias",
+    "echo",
 ];
 
 /// The fields OpenAI documents that this component does not honour: refused by name unless
 /// they ask for what happens anyway (absent, `null`, `false`, `0`, empty, `"none"` or
 /// `"auto"` tool choice without tools).
 const REFUSED: &[&str] = &[
-    "logit_bias",
     "functions",
     "function_call",
     "audio",
@@ -80,7 +81,6 @@ const REFUSED: &[&str] = &[
     "store",
     "metadata",
     "best_of",
-    "echo",
     "suffix",
 ];
 
@@ -181,6 +181,10 @@ struct CompletionRequest {
     #[serde(default)]
     logprobs: Option<Value>,
     top_logprobs: Option<u32>,
+    #[serde(default)]
+    logit_bias: Option<std::collections::BTreeMap<String, f32>>,
+    #[serde(default)]
+    echo: bool,
     seed: Option<u32>,
     stop: Option<Stop>,
     n: Option<u32>,
@@ -373,6 +377,35 @@ fn complete(request: &Request, chat: bool) -> Response {
         Ok(asked) => asked,
         Err(response) => return response,
     };
+    if chat && body.echo {
+        return openai_error(
+            400,
+            "invalid_request_error",
+            "unsupported_parameter",
+            Some("echo"),
+            "Unrecognized request argument supplied: echo",
+        );
+    }
+    if body.echo && asked != Asked::No {
+        return invalid_value(
+            "echo",
+            "echo with logprobs would need the prompt's log-probabilities, which are not computed",
+        );
+    }
+    let mut logit_bias = std::collections::BTreeMap::new();
+    for (token, bias) in body.logit_bias.unwrap_or_default() {
+        match token.parse::<i32>() {
+            Ok(id) if id >= 0 && (-100.0..=100.0).contains(&bias) => {
+                logit_bias.insert(id, bias);
+            }
+            _ => return invalid_value(
+                "logit_bias",
+                &format!(
+                    "logit_bias maps token ids to biases from -100 to 100, not {token:?}: {bias}"
+                ),
+            ),
+        }
+    }
     if let (false, Some(field)) = (
         chat,
         [("tools", &body.tools), ("tool_choice", &body.tool_choice)]
@@ -450,6 +483,7 @@ fn complete(request: &Request, chat: bool) -> Response {
         min_p: body.min_p,
         presence_penalty: body.presence_penalty,
         frequency_penalty: body.frequency_penalty,
+        logit_bias,
         logprobs: match asked {
             Asked::No => None,
             Asked::Yes { alternatives } => Some(alternatives),
@@ -496,18 +530,22 @@ fn complete(request: &Request, chat: bool) -> Response {
         options,
         count: choices,
         logprobs: asked,
+        echo: body.echo,
     };
     // Run the first step before answering, so that a bad prompt is an HTTP error, not a
     // broken stream.
     let (generation, first) = match choices.start(0) {
         Ok(started) => started,
-        // The model refuses tools when its template has no place for them: say which field.
-        Err(error)
-            if matches!(choices.input, Input::ToolChat(..))
-                && matches!(error.code, ErrorCode::InvalidArgument)
-                && error.message.contains("tools") =>
-        {
-            return invalid_value("tools", &error.message)
+        // The model refuses tools its template has no place for, or token ids past its
+        // vocabulary: say which field.
+        Err(error) if matches!(error.code, ErrorCode::InvalidArgument) => {
+            match ["tools", "logit_bias"]
+                .into_iter()
+                .find(|f| error.message.contains(f))
+            {
+                Some(field) => return invalid_value(field, &error.message),
+                None => return nn_error(&error, &choices.model),
+            }
         }
         Err(error) => return nn_error(&error, &choices.model),
     };
@@ -661,6 +699,8 @@ struct Choices {
     options: Options,
     count: u32,
     logprobs: Asked,
+    /// Completions: each choice's text starts with the prompt.
+    echo: bool,
 }
 
 impl Choices {
@@ -719,7 +759,10 @@ impl Choices {
             }
             Input::Prompt(prompt) => llm::generate(&self.model, prompt, &options)?,
         };
-        let first = generation.next().transpose()?;
+        let mut first = generation.next().transpose()?;
+        if let (true, Input::Prompt(prompt)) = (self.echo, &self.input) {
+            first = Some(format!("{prompt}{}", first.unwrap_or_default()));
+        }
         Ok((generation, first))
     }
 }

@@ -3,6 +3,7 @@
 
 use super::BackendError;
 use serde::Deserialize;
+use std::collections::BTreeMap;
 
 /// Generation settings (the JSON `options` tensor).
 #[derive(Debug, Deserialize)]
@@ -19,6 +20,8 @@ pub(super) struct Options {
     /// time generated (frequency), over the whole completion, as OpenAI defines them.
     pub(super) presence_penalty: f32,
     pub(super) frequency_penalty: f32,
+    /// Added to the logits of these tokens (by id) at every step: −100 bans one, 100 forces it.
+    pub(super) logit_bias: BTreeMap<i32, f32>,
     /// Return each generated token's log-probability and this many likeliest alternatives.
     pub(super) logprobs: Option<usize>,
     pub(super) seed: Option<u32>,
@@ -42,6 +45,7 @@ impl Default for Options {
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             logprobs: None,
+            logit_bias: BTreeMap::new(),
             seed: None,
             stop: Vec::new(),
             chunk_tokens: 1,
@@ -60,6 +64,9 @@ const MAX_GRAMMAR_BYTES: usize = 64 << 10;
 const MAX_TOP_LOGPROBS: usize = 20;
 /// How far presence and frequency penalties may push (OpenAI's bound).
 const MAX_PENALTY: f32 = 2.0;
+/// Tokens one generation may bias, and how far (OpenAI's bound).
+const MAX_LOGIT_BIASES: usize = 1024;
+const MAX_LOGIT_BIAS: f32 = 100.0;
 
 impl Options {
     /// Refuses options that cannot work or would make every step expensive.
@@ -119,6 +126,21 @@ impl Options {
                 ));
             }
         }
+        if self.logit_bias.len() > MAX_LOGIT_BIASES {
+            return invalid(format!(
+                "logit_bias may bias at most {MAX_LOGIT_BIASES} tokens, not {}",
+                self.logit_bias.len()
+            ));
+        }
+        if let Some((token, bias)) = self
+            .logit_bias
+            .iter()
+            .find(|(_, bias)| !(-MAX_LOGIT_BIAS..=MAX_LOGIT_BIAS).contains(*bias))
+        {
+            return invalid(format!(
+                "logit_bias must be between -{MAX_LOGIT_BIAS} and {MAX_LOGIT_BIAS}, not {bias} for token {token}"
+            ));
+        }
         if let Some(top) = self.logprobs.filter(|top| *top > MAX_TOP_LOGPROBS) {
             return invalid(format!(
                 "logprobs may ask for at most {MAX_TOP_LOGPROBS} alternatives, not {top}"
@@ -164,7 +186,7 @@ mod tests {
             .validate()
             .is_ok());
         assert!(options(
-            r#"{"min_p": 1, "presence_penalty": -2, "frequency_penalty": 2, "logprobs": 20}"#
+            r#"{"min_p": 1, "presence_penalty": -2, "frequency_penalty": 2, "logprobs": 20, "logit_bias": {"5": -100, "7": 100}}"#
         )
         .validate()
         .is_ok());
@@ -181,6 +203,7 @@ mod tests {
             r#"{"presence_penalty": 2.5}"#,
             r#"{"frequency_penalty": -3}"#,
             r#"{"logprobs": 21}"#,
+            r#"{"logit_bias": {"5": 101}}"#,
         ] {
             assert!(options(refused).validate().is_err(), "{refused}");
         }

@@ -11,6 +11,7 @@ use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::logit_bias::LlamaLogitBias;
 use llama_cpp_2::token::LlamaToken;
 
 /// Tokens a sequence may run ahead of its reader (more when its reader asks for bigger chunks):
@@ -232,13 +233,27 @@ impl Sequence {
 /// The sampler `options` ask for: greedy at temperature 0, otherwise top-k, top-p, min-p and
 /// temperature before a seeded draw; before either a repeat penalty over the last 64 tokens
 /// and presence and frequency penalties over the whole completion; and first of all the
-/// grammar, when there is one, which leaves only the tokens it allows.
+/// grammar, when there is one, which leaves only the tokens it allows, then the logit biases.
 fn sampler(model: &LlamaModel, options: &Options) -> Result<LlamaSampler, BackendError> {
     let mut chain = Vec::new();
     if let Some(grammar) = &options.grammar {
         let constrained = LlamaSampler::grammar(model, grammar, "root")
             .map_err(|e| BackendError::InvalidArgument(format!("the grammar: {e}")))?;
         chain.push(constrained);
+    }
+    if !options.logit_bias.is_empty() {
+        let vocabulary = model.n_vocab();
+        let mut biases = Vec::with_capacity(options.logit_bias.len());
+        for (&token, &bias) in &options.logit_bias {
+            if !(0..vocabulary).contains(&token) {
+                return Err(BackendError::InvalidArgument(format!(
+                    "logit_bias names token {token}, but the model's tokens are 0 to {}",
+                    vocabulary - 1
+                )));
+            }
+            biases.push(LlamaLogitBias::new(LlamaToken::new(token), bias));
+        }
+        chain.push(LlamaSampler::logit_bias(vocabulary, &biases));
     }
     if options.repeat_penalty != 1.0 {
         chain.push(LlamaSampler::penalties(
