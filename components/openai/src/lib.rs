@@ -398,12 +398,14 @@ fn complete(request: &Request, chat: bool) -> Response {
             Ok(id) if id >= 0 && (-100.0..=100.0).contains(&bias) => {
                 logit_bias.insert(id, bias);
             }
-            _ => return invalid_value(
-                "logit_bias",
-                &format!(
+            _ => {
+                return invalid_value(
+                    "logit_bias",
+                    &format!(
                     "logit_bias maps token ids to biases from -100 to 100, not {token:?}: {bias}"
                 ),
-            ),
+                )
+            }
         }
     }
     if let (false, Some(field)) = (
