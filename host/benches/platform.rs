@@ -689,6 +689,7 @@ async fn register_model(
         digest: tensorlet::store::blobs::digest_of_file(path).unwrap(),
         size_bytes: std::fs::metadata(path).unwrap().len(),
         tenant: None,
+        batching: None,
     };
     node.models.add(name, staged, upload).await.unwrap();
 }

@@ -97,6 +97,7 @@ impl TempStore {
             digest: blobs::digest_of(bytes),
             size_bytes: bytes.len() as u64,
             tenant: None,
+            batching: None,
         };
         (staged, upload)
     }

@@ -6,6 +6,7 @@
 use super::auth;
 use super::ApiError;
 use crate::apps::spec::DeploySpec;
+use crate::nn::backend::batching::{BatchPolicy, DEFAULT_QUEUE_DELAY_US};
 use crate::nn::ModelRecord;
 use crate::nn::{Encoding, Upload};
 use crate::node::Node;
@@ -503,6 +504,11 @@ struct ModelQuery {
     encoding: Option<String>,
     backend: Option<String>,
     target: Option<String>,
+    /// Join concurrent computes into batches of at most this many rows (2–256).
+    max_batch_size: Option<u32>,
+    /// With `max_batch_size`: how long a compute waits for others to join it, in µs
+    /// (0–1000000, default 2000).
+    max_queue_delay_us: Option<u64>,
 }
 
 #[utoipa::path(put, path = "/models/{name}", tag = "models", params(("name" = String, Path, description = "The model's name"), ModelQuery), request_body(description = "The model file (or a model bundle)", content_type = "application/octet-stream", content = Vec<u8>), responses((status = 200, description = "Registered and loaded", body = serde_json::Value), (status = 400, description = "An invalid model, encoding or backend", body = ErrorBody), (status = 401, description = "No or a wrong admin token", body = ErrorBody), (status = 413, description = "Larger than nn.max_model_bytes", body = ErrorBody)))]
@@ -519,6 +525,20 @@ async fn add_model(
         Some(name) => name
             .parse()
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "unknown_encoding", e))?,
+    };
+    let batching = match (query.max_batch_size, query.max_queue_delay_us) {
+        (None, None) => None,
+        (None, Some(_)) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_batching",
+                "max_queue_delay_us needs max_batch_size",
+            ))
+        }
+        (Some(size), delay) => Some(
+            BatchPolicy::new(size, delay.unwrap_or(DEFAULT_QUEUE_DELAY_US))
+                .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_batching", e))?,
+        ),
     };
     let limit = node.config.nn.max_model_bytes;
     let tmp_dir = node.config.data_dir.join(crate::node::TMP_DIR);
@@ -553,6 +573,7 @@ async fn add_model(
         size_bytes: size,
         // The operator's models are the node's, every app's to load; a tenant's are its own.
         tenant: (!principal.is_operator()).then(|| principal.tenant.clone()),
+        batching,
     };
     let record = node.models.add(&name, staged, upload).await?;
     tracing::info!(model = %record.name, digest = %record.digest, "model added");

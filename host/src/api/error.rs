@@ -111,6 +111,7 @@ impl From<ModelError> for ApiError {
             }
             ModelError::NotLoaded { .. } => (StatusCode::SERVICE_UNAVAILABLE, "model_not_loaded"),
             ModelError::InvalidModel(_) => (StatusCode::BAD_REQUEST, "invalid_model"),
+            ModelError::InvalidBatching(_) => (StatusCode::BAD_REQUEST, "invalid_batching"),
             ModelError::NotFound(_) => (StatusCode::NOT_FOUND, "model_not_found"),
             ModelError::Taken(_) => (StatusCode::CONFLICT, "name_taken"),
             ModelError::Store(_) | ModelError::Io(_) => {

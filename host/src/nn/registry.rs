@@ -4,6 +4,7 @@
 //! A registered model that no longer loads (its backend's library went away) stays listed,
 //! with the reason, until it loads again at the next start or is replaced.
 
+use super::backend::batching::{BatchPolicy, BatchedGraph, BatchingActivity};
 use super::backend::{
     self, BackendError, Backends, ChoiceError, ExecutionTarget, GenerationActivity, Graph,
 };
@@ -35,6 +36,9 @@ pub struct ModelRecord {
     /// The tenant that owns it; `None` for the node's own models, which every app may load.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
+    /// How concurrent computes are joined into batches; `None`: each runs alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batching: Option<BatchPolicy>,
 }
 
 impl ModelRecord {
@@ -59,6 +63,9 @@ pub struct ModelStatus {
     /// For LLMs: lanes, running generations and batch sizes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub generation: Option<GenerationActivity>,
+    /// For models that batch their computes: the batches run so far.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batches: Option<BatchingActivity>,
 }
 
 /// Why a model operation failed.
@@ -72,6 +79,8 @@ pub enum ModelError {
     NoBackend(#[from] ChoiceError),
     #[error("{0}")]
     InvalidModel(String),
+    #[error("cannot batch this model: {0}")]
+    InvalidBatching(String),
     #[error("no model named {0:?} is registered on this node")]
     NotFound(String),
     #[error(
@@ -105,6 +114,8 @@ pub struct Upload {
     pub size_bytes: u64,
     /// The tenant that owns it; `None` for a node-wide model.
     pub tenant: Option<String>,
+    /// Dynamic batching of its computes, if wanted.
+    pub batching: Option<BatchPolicy>,
 }
 
 /// The registry; one per node.
@@ -175,10 +186,31 @@ impl ModelRegistry {
             ));
         }
         let file = file.to_path_buf();
-        backends
+        let graph = backends
             .threads()
             .run(move || backend.load_file(&file, target))
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        Self::batched(backends, graph, record.batching).map_err(|e| e.to_string())
+    }
+
+    /// `graph`, batching its computes as `policy` says.
+    fn batched(
+        backends: &Backends,
+        graph: Arc<dyn Graph>,
+        policy: Option<BatchPolicy>,
+    ) -> Result<Arc<dyn Graph>, ModelError> {
+        let Some(policy) = policy else {
+            return Ok(graph);
+        };
+        if !graph.computes_independently() {
+            return Err(ModelError::InvalidBatching(
+                "its computes depend on each other (an LLM's generations, which llama.cpp \
+                 batches itself: [nn] llm_batch_sequences)"
+                    .to_string(),
+            ));
+        }
+        let slots = backends.compute_slots().clone();
+        Ok(Arc::new(BatchedGraph::new(graph, policy, slots)))
     }
 
     /// The backends models can be loaded with.
@@ -228,6 +260,11 @@ impl ModelRegistry {
                     .as_ref()
                     .ok()
                     .and_then(|graph| graph.generation_activity()),
+                batches: entry
+                    .graph
+                    .as_ref()
+                    .ok()
+                    .and_then(|graph| graph.batching_activity()),
             })
             .collect();
         models.sort_by(|a, b| a.record.name.cmp(&b.record.name));
@@ -299,6 +336,13 @@ impl ModelRegistry {
             })
             .await
             .map_err(|e| ModelError::InvalidModel(format!("loading the model failed: {e}")))??;
+        let graph = match Self::batched(&self.backends, graph, upload.batching) {
+            Ok(graph) => graph,
+            Err(error) => {
+                held.release_async().await;
+                return Err(error);
+            }
+        };
         let record = ModelRecord {
             name: name.to_string(),
             digest: upload.digest,
@@ -309,6 +353,7 @@ impl ModelRegistry {
             size_bytes: upload.size_bytes,
             added_at: store::unix_now(),
             tenant: upload.tenant,
+            batching: upload.batching,
         };
         store::put_json(&self.tree, name, &record)?;
         self.store.make_durable().await?;

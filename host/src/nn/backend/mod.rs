@@ -10,6 +10,7 @@
 //! picks one per model from the operator's choice, the node's defaults, each backend's
 //! availability (a runtime library may be missing) and the execution target.
 
+pub mod batching;
 #[cfg(feature = "candle")]
 pub mod candle;
 #[cfg(any(feature = "onnxruntime", feature = "openvino"))]
@@ -169,6 +170,17 @@ pub trait Graph: Send + Sync {
     fn generation_activity(&self) -> Option<GenerationActivity> {
         None
     }
+
+    /// Whether each compute is independent of every other (no state between computes), so
+    /// that computes may be joined into batches ([`batching`]).
+    fn computes_independently(&self) -> bool {
+        false
+    }
+
+    /// For models that batch their computes: their policy and batch sizes.
+    fn batching_activity(&self) -> Option<batching::BatchingActivity> {
+        None
+    }
 }
 
 /// A loaded model whose contexts keep no state between computes (every backend but
@@ -189,6 +201,10 @@ struct SharedGraph<M>(Arc<M>);
 impl<M: StatelessModel> Graph for SharedGraph<M> {
     fn init_execution_context(&self) -> Result<Box<dyn ExecutionContext>, BackendError> {
         Ok(Box::new(SharedGraph(self.0.clone())))
+    }
+
+    fn computes_independently(&self) -> bool {
+        true
     }
 }
 
