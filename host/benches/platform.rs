@@ -22,7 +22,7 @@ use tract_onnx::prelude::*;
 const LOAD_SECONDS: u64 = 3;
 
 /// Whether a section runs: all do unless `TENSORLET_BENCH_ONLY` lists some (`services`,
-/// `onnx`, `embeddings`, `llm`, `edge`, `http`, comma-separated); instantiation and classify always
+/// `onnx`, `embeddings`, `batching`, `llm`, `edge`, `http`, comma-separated); instantiation and classify always
 /// run.
 fn wanted(section: &str) -> bool {
     std::env::var("TENSORLET_BENCH_ONLY")
@@ -488,6 +488,9 @@ async fn main() {
     if wanted("embeddings") {
         embeddings(&node, dir.path()).await;
     }
+    if wanted("batching") {
+        dynamic_batching(&node, dir.path()).await;
+    }
     if wanted("llm") {
         let idle = llm(&node, dir.path()).await;
         llm_concurrency(&node, idle).await;
@@ -680,6 +683,19 @@ async fn register_model(
     path: &std::path::Path,
     scratch: &std::path::Path,
 ) {
+    register_batched_model(node, name, encoding, backend, path, scratch, None).await;
+}
+
+/// [`register_model`] with a dynamic-batching policy.
+async fn register_batched_model(
+    node: &tensorlet::node::Node,
+    name: &str,
+    encoding: tensorlet::nn::Encoding,
+    backend: Option<&str>,
+    path: &std::path::Path,
+    scratch: &std::path::Path,
+    batching: Option<tensorlet::nn::backend::batching::BatchPolicy>,
+) {
     let staged = scratch.join(format!("staged-{name}"));
     std::fs::copy(path, &staged).unwrap();
     let upload = tensorlet::nn::Upload {
@@ -689,7 +705,7 @@ async fn register_model(
         digest: tensorlet::store::blobs::digest_of_file(path).unwrap(),
         size_bytes: std::fs::metadata(path).unwrap().len(),
         tenant: None,
-        batching: None,
+        batching,
     };
     node.models.add(name, staged, upload).await.unwrap();
 }
@@ -907,6 +923,321 @@ async fn embeddings(node: &tensorlet::node::Node, scratch: &std::path::Path) {
         );
     }
     println!();
+}
+
+/// A compute's inputs or outputs.
+type NamedTensors = Vec<(String, tensorlet::nn::backend::Tensor)>;
+
+/// A model to batch: its label, file, backend, and each caller's input.
+type BatchingCase<'a> = (
+    &'a str,
+    &'a std::path::Path,
+    &'a str,
+    fn(usize) -> NamedTensors,
+);
+
+/// Callers computing at once, one model at a time.
+const BATCHING_CALLERS: usize = 8;
+/// How long each configuration is driven (a call of the embedding model takes ~50 ms).
+const BATCHING_SECONDS: u64 = 6;
+
+/// Dynamic batching: [`BATCHING_CALLERS`] callers computing at once on the same model
+/// registered twice, unbatched and batched (max batch size 8, the default 2 ms delay), for
+/// BATCHING_SECONDS each, on the path a guest's `compute` takes (a compute slot per run, the
+/// blocking pool); every batched output is checked bit-identical to the unbatched one. Then
+/// `classify` end to end at 8 requests at once, on each of the two registrations.
+async fn dynamic_batching(node: &tensorlet::node::Node, scratch: &std::path::Path) {
+    use tensorlet::nn::backend::batching::{BatchPolicy, DEFAULT_QUEUE_DELAY_US};
+    use tensorlet::nn::backend::{Tensor, TensorType};
+    let policy = BatchPolicy::new(8, DEFAULT_QUEUE_DELAY_US).unwrap();
+    let classifier = artifacts::text_orientation_model();
+    let embedder = artifacts::minilm_onnx_model();
+    // Each caller its own input: a distinct image, a distinct 32-token sentence.
+    let image = |caller: usize| -> NamedTensors {
+        let pixels: Vec<f32> = (0..3 * 48 * 192)
+            .map(|i| ((i * 7 + caller * 13) % 251) as f32 / 125.0 - 1.0)
+            .collect();
+        vec![("x".into(), f32_tensor(&[1, 3, 48, 192], &pixels))]
+    };
+    let sentence = |caller: usize| -> NamedTensors {
+        let ids: Vec<i64> = (0..32)
+            .map(|i| {
+                if i == 0 {
+                    101
+                } else if i == 31 {
+                    102
+                } else {
+                    1000 + ((i * 31 + caller * 97) % 20000) as i64
+                }
+            })
+            .collect();
+        let i64_tensor = |values: &[i64]| Tensor {
+            dimensions: vec![1, 32],
+            ty: TensorType::I64,
+            data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        };
+        vec![
+            ("input_ids".into(), i64_tensor(&ids)),
+            ("attention_mask".into(), i64_tensor(&[1; 32])),
+            ("token_type_ids".into(), i64_tensor(&[0; 32])),
+        ]
+    };
+    println!(
+        "Dynamic batching, {BATCHING_CALLERS} callers at once for {BATCHING_SECONDS} s, batched: max batch size 8, delay {} ms:",
+        DEFAULT_QUEUE_DELAY_US / 1000
+    );
+    println!(
+        "  {:<44} {:>22}  {:>22}  {:>8}  {:>10}  {:>8}",
+        "model", "unbatched calls/s p95", "batched calls/s p95", "ratio", "mean batch", "ceiling"
+    );
+    println!(
+        "  (ceiling: rows per second of one thread running 8 rows at once vs one row at a time)"
+    );
+    let mut cases: Vec<BatchingCase> = Vec::new();
+    for backend in ["tract", "onnxruntime"] {
+        cases.push((
+            "PP-OCR text orientation 1x3x48x192",
+            &classifier,
+            backend,
+            image,
+        ));
+        cases.push((
+            "MiniLM-L6 int8 ONNX, 1x32 tokens",
+            &embedder,
+            backend,
+            sentence,
+        ));
+    }
+    for (index, (model, path, backend, input)) in cases.into_iter().enumerate() {
+        let label = format!("{model} ({backend})");
+        let inputs: Vec<_> = (0..BATCHING_CALLERS).map(input).collect();
+        let (unbatched, batched) = (format!("unbatched-{index}"), format!("batched-{index}"));
+        register_model(
+            node,
+            &unbatched,
+            Encoding::Onnx,
+            Some(backend),
+            path,
+            scratch,
+        )
+        .await;
+        register_batched_model(
+            node,
+            &batched,
+            Encoding::Onnx,
+            Some(backend),
+            path,
+            scratch,
+            Some(policy),
+        )
+        .await;
+        // A first round each, untimed: plans per shape, and the batcher's first batch of each
+        // shape, which it checks against unbatched runs.
+        concurrent_computes(node, &unbatched, &inputs).await;
+        concurrent_computes(node, &batched, &inputs).await;
+        let alone = concurrent_computes(node, &unbatched, &inputs).await;
+        let graph = node.models.graph_for(&batched, "default").unwrap();
+        let before = graph.batching_activity().unwrap();
+        let together = concurrent_computes(node, &batched, &inputs).await;
+        assert_eq!(
+            alone.outputs, together.outputs,
+            "{label}: batched outputs differ from unbatched ones"
+        );
+        let activity = graph.batching_activity().unwrap();
+        let mean_batch = (activity.batched_calls - before.batched_calls) as f64
+            / (activity.batches - before.batches).max(1) as f64;
+        if let Some(reason) = &activity.disabled {
+            println!("  {label}: batching turned itself off: {reason}");
+        }
+        let ceiling = rows_per_run_gain(node, &unbatched, &inputs).await;
+        println!(
+            "  {label:<44} {:>9.0} {:>9.2} ms  {:>9.0} {:>9.2} ms  {:>7.2}x  {:>10.2}  {ceiling:>7.2}x",
+            alone.calls_per_sec,
+            alone.p95.as_secs_f64() * 1e3,
+            together.calls_per_sec,
+            together.p95.as_secs_f64() * 1e3,
+            together.calls_per_sec / alone.calls_per_sec,
+            mean_batch,
+        );
+    }
+    // classify end to end (instantiate, JSON, preprocessing in wasm, compute, response).
+    let mut spec = tensorlet::apps::DeploySpec::default();
+    // The classifier on ONNX Runtime, whose batches match its unbatched runs byte for byte.
+    spec.app.models = vec!["unbatched-2".to_string(), "batched-2".to_string()];
+    node.runtime
+        .deploy(
+            "classify-batching",
+            Some(std::fs::read(artifacts::CLASSIFY).unwrap().into()),
+            spec,
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let classify = node.runtime.app("classify-batching").unwrap();
+    let pixels: Vec<u8> = (0..48 * 192 * 3).map(|i| (i * 7 % 251) as u8).collect();
+    let body = Bytes::from(serde_json::to_vec(&serde_json::json!({ "pixels": pixels })).unwrap());
+    let mut figures = Vec::new();
+    for model in ["unbatched-2", "batched-2"] {
+        let deadline = Instant::now() + Duration::from_secs(BATCHING_SECONDS);
+        let callers: Vec<_> = (0..BATCHING_CALLERS)
+            .map(|_| {
+                let (runtime, app, body) = (node.runtime.clone(), classify.clone(), body.clone());
+                tokio::spawn(async move {
+                    let mut latencies = Vec::new();
+                    while Instant::now() < deadline {
+                        let mut request = http::Request::new(Full::new(body.clone()));
+                        *request.method_mut() = http::Method::POST;
+                        *request.uri_mut() =
+                            format!("https://localhost/?model={model}").parse().unwrap();
+                        let started = Instant::now();
+                        let response = runtime.invoke(app.clone(), request).await.unwrap();
+                        assert!(response.status().is_success());
+                        response.into_body().collect().await.unwrap();
+                        latencies.push(started.elapsed());
+                    }
+                    latencies
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for caller in callers {
+            all.extend(caller.await.unwrap());
+        }
+        all.sort();
+        figures.push((
+            all.len() as f64 / BATCHING_SECONDS as f64,
+            percentile(&all, 0.95),
+        ));
+    }
+    println!(
+        "  {:<44} {:>9.0} {:>9.2} ms  {:>9.0} {:>9.2} ms  {:>7.2}x",
+        "classify end to end (onnxruntime)",
+        figures[0].0,
+        figures[0].1.as_secs_f64() * 1e3,
+        figures[1].0,
+        figures[1].1.as_secs_f64() * 1e3,
+        figures[1].0 / figures[0].0,
+    );
+    println!();
+}
+
+/// What batching can gain at most on this machine: rows per second of one run of all the
+/// callers' rows against one run per row, on one thread, the model called directly.
+async fn rows_per_run_gain(
+    node: &tensorlet::node::Node,
+    name: &str,
+    inputs: &[NamedTensors],
+) -> f64 {
+    let graph = node.models.graph_for(name, "default").unwrap();
+    let joined: NamedTensors = (0..inputs[0].len())
+        .map(|index| {
+            let (name, first) = &inputs[0][index];
+            let mut tensor = first.clone();
+            tensor.dimensions[0] = inputs.len() as u32;
+            tensor.data = inputs
+                .iter()
+                .flat_map(|input| input[index].1.data.iter().copied())
+                .collect();
+            (name.clone(), tensor)
+        })
+        .collect();
+    let inputs = inputs.to_vec();
+    tokio::task::spawn_blocking(move || {
+        let mut context = graph.init_execution_context().unwrap();
+        let mut timed = |calls: &[NamedTensors]| {
+            let started = Instant::now();
+            for _ in 0..10 {
+                for call in calls {
+                    let outputs = context.compute(call.clone(), &Cancellation::default());
+                    std::hint::black_box(outputs.unwrap());
+                }
+            }
+            started.elapsed()
+        };
+        timed(&inputs);
+        timed(std::slice::from_ref(&joined));
+        let one_by_one = timed(&inputs);
+        let at_once = timed(std::slice::from_ref(&joined));
+        one_by_one.as_secs_f64() / at_once.as_secs_f64()
+    })
+    .await
+    .unwrap()
+}
+
+fn f32_tensor(dimensions: &[u32], values: &[f32]) -> tensorlet::nn::backend::Tensor {
+    tensorlet::nn::backend::Tensor {
+        dimensions: dimensions.to_vec(),
+        ty: tensorlet::nn::backend::TensorType::Fp32,
+        data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    }
+}
+
+struct ConcurrentComputes {
+    calls_per_sec: f64,
+    p95: Duration,
+    /// Each caller's last outputs.
+    outputs: Vec<NamedTensors>,
+}
+
+/// One caller per input, each computing on model `name` in a loop for BATCHING_SECONDS the way
+/// the wasi-nn host does: a compute slot per run unless the graph takes its own, the run on
+/// the blocking pool.
+async fn concurrent_computes(
+    node: &tensorlet::node::Node,
+    name: &str,
+    inputs: &[NamedTensors],
+) -> ConcurrentComputes {
+    let graph = node.models.graph_for(name, "default").unwrap();
+    let slots = node.models.backends().compute_slots().clone();
+    let deadline = Instant::now() + Duration::from_secs(BATCHING_SECONDS);
+    let callers: Vec<_> = inputs
+        .iter()
+        .cloned()
+        .map(|input| {
+            let (graph, slots) = (graph.clone(), slots.clone());
+            tokio::spawn(async move {
+                let context = Arc::new(std::sync::Mutex::new(
+                    graph.init_execution_context().unwrap(),
+                ));
+                let takes_slots = context.lock().unwrap().takes_compute_slots_itself();
+                let (mut latencies, mut last) = (Vec::new(), None);
+                while Instant::now() < deadline {
+                    let started = Instant::now();
+                    let slot = if takes_slots {
+                        None
+                    } else {
+                        Some(slots.acquire().await)
+                    };
+                    let (context, input) = (context.clone(), input.clone());
+                    let outputs = tokio::task::spawn_blocking(move || {
+                        let _slot = slot;
+                        context
+                            .lock()
+                            .unwrap()
+                            .compute(input, &Cancellation::default())
+                            .unwrap()
+                    })
+                    .await
+                    .unwrap();
+                    latencies.push(started.elapsed());
+                    last = Some(outputs);
+                }
+                (latencies, last.unwrap())
+            })
+        })
+        .collect();
+    let (mut all, mut outputs) = (Vec::new(), Vec::new());
+    for caller in callers {
+        let (latencies, last) = caller.await.unwrap();
+        all.extend(latencies);
+        outputs.push(last);
+    }
+    all.sort();
+    ConcurrentComputes {
+        calls_per_sec: all.len() as f64 / BATCHING_SECONDS as f64,
+        p95: percentile(&all, 0.95),
+        outputs,
+    }
 }
 
 /// A POST of `body` to the `openai` app's `/v1/completions`.

@@ -5,6 +5,7 @@ mod support;
 
 mod attacks;
 mod backends;
+mod batching;
 mod cluster;
 mod crash;
 mod deploy;

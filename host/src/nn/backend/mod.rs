@@ -457,6 +457,11 @@ impl ComputeSlots {
             .expect("the compute slots are never closed")
     }
 
+    /// Slots free now.
+    pub fn available(&self) -> usize {
+        self.0.available_permits()
+    }
+
     /// Waits for a slot from a thread of tokio's blocking pool.
     pub fn acquire_blocking(&self) -> tokio::sync::OwnedSemaphorePermit {
         tokio::runtime::Handle::current().block_on(self.acquire())
