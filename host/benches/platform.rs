@@ -438,47 +438,7 @@ async fn main() {
         component_p50.as_secs_f64() / native_p50.as_secs_f64()
     );
     println!();
-    // The platform's own share: a component that runs the model 20 times on a prepared
-    // tensor (no JSON), against 20 native runs.
-    let infer = deploy_with_model(&node, "infer", artifacts::MISBEHAVE, "text-orientation").await;
-    let infer_request = || {
-        let mut request = http::Request::new(Full::new(Bytes::new()));
-        *request.uri_mut() = "https://localhost/infer?iterations=20".parse().unwrap();
-        request
-    };
-    let zeros =
-        tract_onnx::prelude::Tensor::from_shape(&[1, 3, 48, 192], &vec![0f32; 3 * 48 * 192])
-            .unwrap();
-    let (mut component, mut native_samples) = (Vec::new(), Vec::new());
-    for round in 0..60 {
-        let started = Instant::now();
-        let response = node
-            .runtime
-            .invoke(infer.clone(), infer_request())
-            .await
-            .unwrap();
-        assert!(response.status().is_success());
-        response.into_body().collect().await.unwrap();
-        let elapsed = started.elapsed();
-        let started = Instant::now();
-        for _ in 0..20 {
-            std::hint::black_box(native.run(tvec![zeros.clone().into()]).unwrap());
-        }
-        if round >= 10 {
-            component.push(elapsed);
-            native_samples.push(started.elapsed());
-        }
-    }
-    let (component_p50, _) = summary(component);
-    let (native_p50, _) = summary(native_samples);
-    println!("wasi-nn compute from a component, 20 runs of the same model on a prepared tensor:");
-    println!(
-        "  component {:.0} µs, native {:.0} µs per run (p50): {:.2}x",
-        micros(component_p50) / 20.0,
-        micros(native_p50) / 20.0,
-        component_p50.as_secs_f64() / native_p50.as_secs_f64()
-    );
-    println!();
+    wasi_nn_from_component(&node, dir.path(), &native).await;
     if wanted("services") {
         services(&node).await;
     }
@@ -850,6 +810,125 @@ async fn onnx_backends(node: &tensorlet::node::Node, scratch: &std::path::Path) 
             micros(p99),
             p50.as_secs_f64() / baseline.as_secs_f64()
         );
+    }
+    println!();
+}
+
+/// The platform's own share of a compute: a component (`misbehave`'s `/infer`) runs the
+/// classifier 20 times on one prepared tensor, against 20 runs of the same tensorlet graph
+/// each sent to the node's inference threads as the host sends a guest's compute, 20 runs of
+/// it called directly on one thread (the backend's library and tensorlet's tensor conversion,
+/// no wasm) and, for tract, 20 runs of a plan of its own (tract alone). Rounds alternate so
+/// drift hits all alike.
+async fn wasi_nn_from_component(
+    node: &tensorlet::node::Node,
+    scratch: &std::path::Path,
+    native_tract: &Arc<TypedRunnableModel>,
+) {
+    use tensorlet::nn::backend::{Tensor, TensorType};
+    const RUNS: u32 = 20;
+    let model = artifacts::text_orientation_model();
+    let input = Tensor {
+        dimensions: vec![1, 3, 48, 192],
+        ty: TensorType::Fp32,
+        data: vec![0u8; 4 * 3 * 48 * 192],
+    };
+    let zeros =
+        tract_onnx::prelude::Tensor::from_shape(&[1, 3, 48, 192], &vec![0f32; 3 * 48 * 192])
+            .unwrap();
+    println!(
+        "wasi-nn compute from a component, PP-OCR classifier, {RUNS} runs on a prepared tensor, p50 per run:"
+    );
+    for backend in ["tract", "onnxruntime", "openvino"] {
+        let name = format!("nn-{backend}");
+        register_model(node, &name, Encoding::Onnx, Some(backend), &model, scratch).await;
+        let app = deploy_with_model(
+            node,
+            &format!("infer-{backend}"),
+            artifacts::MISBEHAVE,
+            &name,
+        )
+        .await;
+        let graph = node.models.graph_for(&name, "default").unwrap();
+        let context = Arc::new(std::sync::Mutex::new(
+            graph.init_execution_context().unwrap(),
+        ));
+        let (mut component, mut hopping, mut direct, mut alone) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for round in 0..60 {
+            let elapsed = timed_invoke(
+                node,
+                &app,
+                get(&format!("/infer?model={name}&iterations={RUNS}")),
+            )
+            .await;
+            // What the host does for a guest's compute, without the guest: each run goes to
+            // the node's inference threads and back.
+            let started = Instant::now();
+            for _ in 0..RUNS {
+                let (context, input) = (context.clone(), input.clone());
+                node.models
+                    .backends()
+                    .threads()
+                    .spawn(move || {
+                        let inputs = vec![("x".into(), input)];
+                        let mut context = context.lock().unwrap();
+                        std::hint::black_box(
+                            context.compute(inputs, &Cancellation::default()).unwrap(),
+                        );
+                    })
+                    .await
+                    .unwrap();
+            }
+            let hopping_elapsed = started.elapsed();
+            let (context, input) = (context.clone(), input.clone());
+            let direct_elapsed = tokio::task::spawn_blocking(move || {
+                let mut context = context.lock().unwrap();
+                let started = Instant::now();
+                for _ in 0..RUNS {
+                    let inputs = vec![("x".into(), input.clone())];
+                    std::hint::black_box(
+                        context.compute(inputs, &Cancellation::default()).unwrap(),
+                    );
+                }
+                started.elapsed()
+            })
+            .await
+            .unwrap();
+            let started = Instant::now();
+            if backend == "tract" {
+                for _ in 0..RUNS {
+                    std::hint::black_box(native_tract.run(tvec![zeros.clone().into()]).unwrap());
+                }
+            }
+            let alone_elapsed = started.elapsed();
+            if round >= 10 {
+                component.push(elapsed);
+                hopping.push(hopping_elapsed);
+                direct.push(direct_elapsed);
+                alone.push(alone_elapsed);
+            }
+        }
+        let per_run = |samples: Vec<Duration>| summary(samples).0 / RUNS;
+        let (component, hopping, direct) = (per_run(component), per_run(hopping), per_run(direct));
+        let ratio = |d: Duration| component.as_secs_f64() / d.as_secs_f64();
+        print!(
+            "  {backend:<12} component {:.0} µs; the graph with a hop to the inference threads per run {:.0} µs: {:.3}x; called directly {:.0} µs: {:.3}x",
+            micros(component),
+            micros(hopping),
+            ratio(hopping),
+            micros(direct),
+            ratio(direct)
+        );
+        if backend == "tract" {
+            let alone = per_run(alone);
+            print!(
+                "; tract alone {:.0} µs: {:.3}x",
+                micros(alone),
+                ratio(alone)
+            );
+        }
+        println!();
     }
     println!();
 }

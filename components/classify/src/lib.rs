@@ -11,7 +11,7 @@
 
 use serde::Deserialize;
 use tensorlet_sdk::http::{Request, Response};
-use tensorlet_sdk::nn::{ErrorCode, Graph, Tensor};
+use tensorlet_sdk::nn::{ErrorCode, Graph, TensorView};
 
 /// Input height and width of the model.
 pub const HEIGHT: usize = 48;
@@ -62,11 +62,9 @@ fn handle(request: Request) -> Response {
         }
         Err(error) => return Response::error(500, "model_error", &error.to_string()),
     };
-    let input = Tensor::from_f32(
-        &[1, 3, HEIGHT as u32, WIDTH as u32],
-        &to_input(&body.pixels),
-    );
-    let outputs = match graph.compute(vec![("x".to_string(), input)]) {
+    let input = to_input(&body.pixels);
+    let shape = [1, 3, HEIGHT as u32, WIDTH as u32];
+    let outputs = match graph.compute_views(&[("x", TensorView::f32(&shape, &input))]) {
         Ok(outputs) => outputs,
         Err(error) => return Response::error(500, "inference_failed", &error.to_string()),
     };

@@ -7,7 +7,8 @@
 //! - `/membomb`: allocates until memory runs out.
 //! - `/tensor-bomb`: creates wasi-nn tensors (host memory) in a loop and keeps them.
 //! - `/nn-missing`: loads a model that does not exist and reports the wasi-nn error code.
-//! - `/infer?model=M&iterations=N`: runs model M (input `x`, zeros [1,3,48,192]) N times.
+//! - `/infer?model=M&iterations=N`: runs model M N times on one prepared input `x` (zeros
+//!   [1,3,48,192], lent to each compute without a copy in the guest).
 //! - `POST /nn-load?target=cpu|gpu`: loads the ONNX model in the body through wasi-nn `load`
 //!   and runs it once on zeros; reports the output count or the wasi-nn error code.
 //! - `/config?key=K`: 200 with the value of config key K as text, or 404 `absent`.
@@ -41,7 +42,7 @@ use tensorlet_sdk::config;
 use tensorlet_sdk::http::{Request, Response};
 use tensorlet_sdk::kv::Bucket;
 use tensorlet_sdk::lease;
-use tensorlet_sdk::nn::{ExecutionTarget, Graph, GraphEncoding, Tensor};
+use tensorlet_sdk::nn::{ExecutionTarget, Graph, GraphEncoding, Tensor, TensorView};
 
 fn handle(request: Request) -> Response {
     match request.path() {
@@ -93,9 +94,10 @@ fn handle(request: Request) -> Response {
                 Ok(context) => context,
                 Err(error) => return Response::error(500, "model_error", &error.to_string()),
             };
+            let zeros = vec![0.0; 3 * 48 * 192];
+            let input = TensorView::f32(&[1, 3, 48, 192], &zeros);
             for _ in 0..iterations {
-                let input = Tensor::from_f32(&[1, 3, 48, 192], &vec![0.0; 3 * 48 * 192]);
-                if let Err(error) = context.compute(vec![("x".to_string(), input)]) {
+                if let Err(error) = context.compute_views(&[("x", input)]) {
                     return Response::error(500, "inference_failed", &error.to_string());
                 }
             }
