@@ -382,12 +382,31 @@ async fn a_flood_of_large_bodies_at_a_slow_app_is_shed_with_bounded_memory() {
         }
     }))
     .await;
+    // Each upload is refused at once (503), cut while it is still being sent, or, when it
+    // arrives as a queue place frees, waits and runs into the looping app's timeout (504).
+    // How many arrive in time for a freed place depends on the machine's speed, not on the
+    // node: the bound is that most are refused and memory stays bounded (below).
+    let outcomes: Vec<_> = flood
+        .iter()
+        .map(|o| o.as_ref().map(|(s, _, _)| *s))
+        .collect();
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| matches!(o, None | Some(503) | Some(504))),
+        "an upload was answered otherwise: {outcomes:?}"
+    );
     let shed: Vec<_> = flood
         .iter()
         .flatten()
         .filter(|(status, _, _)| *status == 503)
         .collect();
-    assert!(shed.len() >= 30, "only {} of 40 were shed", shed.len());
+    let refused = outcomes.iter().filter(|o| !matches!(o, Some(504))).count();
+    assert!(
+        shed.len() >= 20 && refused >= 30,
+        "{} of 40 shed, {refused} refused: {outcomes:?}",
+        shed.len()
+    );
     for (_, retry_after, text) in &shed {
         assert_eq!(error_code(text), "overloaded", "{text}");
         assert_eq!(retry_after.as_deref(), Some("1"), "{text}");
