@@ -443,7 +443,7 @@ async fn main() {
         services(&node).await;
     }
     if wanted("onnx") {
-        onnx_backends(&node, dir.path()).await;
+        onnx_backends(&node).await;
     }
     if wanted("embeddings") {
         embeddings(&node, dir.path()).await;
@@ -767,22 +767,35 @@ async fn llm(node: &tensorlet::node::Node, scratch: &std::path::Path) -> f64 {
     idle
 }
 
+/// The ONNX backends the bench compares, each with the PP-OCR classifier registered under
+/// [`classifier_on`]'s name by [`wasi_nn_from_component`].
+const ONNX_BACKENDS: [&str; 3] = ["tract", "onnxruntime", "openvino"];
+
+/// The name of the PP-OCR classifier registered for `backend`.
+fn classifier_on(backend: &str) -> String {
+    format!("nn-{backend}")
+}
+
+/// The classifier's input for the backend interface: zeros, 1x3x48x192.
+fn classifier_zeros() -> tensorlet::nn::backend::Tensor {
+    tensorlet::nn::backend::Tensor {
+        dimensions: vec![1, 3, 48, 192],
+        ty: tensorlet::nn::backend::TensorType::Fp32,
+        data: vec![0u8; 4 * 3 * 48 * 192],
+    }
+}
+
 /// The PP-OCR classifier on every ONNX backend, through the backend interface (what a
 /// component's `compute` reaches), same input, 200 runs each.
-async fn onnx_backends(node: &tensorlet::node::Node, scratch: &std::path::Path) {
-    use tensorlet::nn::backend::{Tensor, TensorType};
-    let model = artifacts::text_orientation_model();
-    let input = Tensor {
-        dimensions: vec![1, 3, 48, 192],
-        ty: TensorType::Fp32,
-        data: vec![0u8; 4 * 3 * 48 * 192],
-    };
+async fn onnx_backends(node: &tensorlet::node::Node) {
+    let input = classifier_zeros();
     println!("ONNX backends, PP-OCR text orientation 1x3x48x192, compute p50 over 200 runs:");
     let mut tract_p50 = None;
-    for backend in ["tract", "onnxruntime", "openvino"] {
-        let name = format!("on-{backend}");
-        register_model(node, &name, Encoding::Onnx, Some(backend), &model, scratch).await;
-        let graph = node.models.graph_for(&name, "default").unwrap();
+    for backend in ONNX_BACKENDS {
+        let graph = node
+            .models
+            .graph_for(&classifier_on(backend), "default")
+            .unwrap();
         let input = input.clone();
         let samples = tokio::task::spawn_blocking(move || {
             let mut context = graph.init_execution_context().unwrap();
@@ -825,22 +838,17 @@ async fn wasi_nn_from_component(
     scratch: &std::path::Path,
     native_tract: &Arc<TypedRunnableModel>,
 ) {
-    use tensorlet::nn::backend::{Tensor, TensorType};
     const RUNS: u32 = 20;
     let model = artifacts::text_orientation_model();
-    let input = Tensor {
-        dimensions: vec![1, 3, 48, 192],
-        ty: TensorType::Fp32,
-        data: vec![0u8; 4 * 3 * 48 * 192],
-    };
+    let input = classifier_zeros();
     let zeros =
         tract_onnx::prelude::Tensor::from_shape(&[1, 3, 48, 192], &vec![0f32; 3 * 48 * 192])
             .unwrap();
     println!(
         "wasi-nn compute from a component, PP-OCR classifier, {RUNS} runs on a prepared tensor, p50 per run:"
     );
-    for backend in ["tract", "onnxruntime", "openvino"] {
-        let name = format!("nn-{backend}");
+    for backend in ONNX_BACKENDS {
+        let name = classifier_on(backend);
         register_model(node, &name, Encoding::Onnx, Some(backend), &model, scratch).await;
         let app = deploy_with_model(
             node,
