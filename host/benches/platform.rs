@@ -21,9 +21,12 @@ use tract_onnx::prelude::*;
 
 const LOAD_SECONDS: u64 = 3;
 
+/// How the benchmark deploys an app that reuses its instances.
+const REUSE_MANIFEST: &str = "[scaling]\nrequests_per_instance = 10000\n";
+
 /// Whether a section runs: all do unless `TENSORLET_BENCH_ONLY` lists some (`services`,
-/// `onnx`, `embeddings`, `batching`, `llm`, `edge`, `http`, comma-separated); instantiation and classify always
-/// run.
+/// `interpreted`, `onnx`, `embeddings`, `batching`, `llm`, `edge`, `http`, comma-separated);
+/// instantiation and classify always run.
 fn wanted(section: &str) -> bool {
     std::env::var("TENSORLET_BENCH_ONLY")
         .map_or(true, |only| only.split(',').any(|s| s.trim() == section))
@@ -199,21 +202,37 @@ impl Drop for ServedNode {
     }
 }
 
-fn serve_hello(plain_http: bool) -> ServedNode {
+/// A node serving `component` as `<name>` (a fresh instance per request) and as
+/// `<name>-reuse` (instances reused), for each of `components`.
+fn serve_apps(plain_http: bool, components: &[(&str, &str)]) -> ServedNode {
     let dir = tempfile::tempdir().unwrap();
     let extra: &[&str] = if plain_http { &["--plain-http"] } else { &[] };
     let (child, url) = spawn_node(dir.path(), extra);
-    let deployed = Command::new(env!("CARGO_BIN_EXE_tensorlet"))
-        .arg("--data-dir")
-        .arg(dir.path())
-        .args(["deploy", "--public", "hello", artifacts::HELLO])
-        .output()
-        .unwrap();
-    assert!(
-        deployed.status.success(),
-        "{}",
-        String::from_utf8_lossy(&deployed.stderr)
-    );
+    for (name, component) in components {
+        for (app, settings) in [
+            (name.to_string(), ""),
+            (format!("{name}-reuse"), REUSE_MANIFEST),
+        ] {
+            let manifest = dir.path().join(format!("{app}.toml"));
+            std::fs::write(
+                &manifest,
+                format!("[app]\nname = {app:?}\ncomponent = {component:?}\n{settings}"),
+            )
+            .unwrap();
+            let deployed = Command::new(env!("CARGO_BIN_EXE_tensorlet"))
+                .arg("--data-dir")
+                .arg(dir.path())
+                .args(["deploy", "--public", "-f"])
+                .arg(&manifest)
+                .output()
+                .unwrap();
+            assert!(
+                deployed.status.success(),
+                "{}",
+                String::from_utf8_lossy(&deployed.stderr)
+            );
+        }
+    }
     let cert = (!plain_http).then(|| std::fs::read(dir.path().join("tls/cert.pem")).unwrap());
     ServedNode {
         child,
@@ -366,6 +385,18 @@ async fn main() {
         micros(p50),
         micros(p99)
     );
+    let reusing = deploy_hello(&node, "hello-reuse", REUSE_MANIFEST).await;
+    let mut samples = Vec::new();
+    for _ in 0..5000 {
+        samples.push(timed_invoke(&node, &reusing, get("/")).await);
+    }
+    let (reuse_p50, reuse_p99) = summary(samples);
+    println!(
+        "invoke hello in-process, instance reused (requests_per_instance = 10000): p50 {:.1} µs, p99 {:.1} µs ({:.2}x the fresh instance's requests/s at p50)",
+        micros(reuse_p50),
+        micros(reuse_p99),
+        p50.as_secs_f64() / reuse_p50.as_secs_f64()
+    );
     println!();
 
     // classify: component vs native.
@@ -442,6 +473,9 @@ async fn main() {
     if wanted("services") {
         services(&node).await;
     }
+    if wanted("interpreted") {
+        interpreted_components(&node).await;
+    }
     if wanted("onnx") {
         onnx_backends(&node).await;
     }
@@ -465,8 +499,18 @@ async fn main() {
     }
 
     // hello over loopback.
-    let https_node = serve_hello(false);
-    let http_node = serve_hello(true);
+    let interpreted = std::env::var("TENSORLET_INTERPRETED_COMPONENTS_DIR").ok();
+    let mut components = vec![("hello", artifacts::HELLO.to_string())];
+    if let Some(dir) = &interpreted {
+        components.push(("hello-py", format!("{dir}/hello-py.wasm")));
+        components.push(("hello-js", format!("{dir}/hello-js.wasm")));
+    }
+    let components: Vec<(&str, &str)> = components
+        .iter()
+        .map(|(name, path)| (*name, path.as_str()))
+        .collect();
+    let https_node = serve_apps(false, &components[..1]);
+    let http_node = serve_apps(true, &components);
     let identity =
         tensorlet::tls::load_or_generate(&Default::default(), https_node._dir.path()).unwrap();
     let native_https = serve_native(Some(identity.server_config().unwrap()));
@@ -476,8 +520,14 @@ async fn main() {
         "hello over loopback ({LOAD_SECONDS} s per row; client and server share the machine):"
     );
     println!(
-        "  {:<6} {:>5}  {:>22}  {:>22}  {:>9}",
-        "scheme", "conns", "tensorlet req/s p50 p99", "native req/s p50 p99", "ratio"
+        "  {:<6} {:>5}  {:>22}  {:>22}  {:>22}  {:>7} {:>7}",
+        "scheme",
+        "conns",
+        "tensorlet req/s p50 p99",
+        "reused req/s p50 p99",
+        "native req/s p50 p99",
+        "ratio",
+        "reused"
     );
     for (scheme, node_url, native_url, cert) in [
         ("https", &https_node.url, &native_https, cert.as_deref()),
@@ -485,19 +535,116 @@ async fn main() {
     ] {
         for connections in [1, 32] {
             let ours = load(&format!("{node_url}/apps/hello/"), connections, cert).await;
+            let reused = load(&format!("{node_url}/apps/hello-reuse/"), connections, cert).await;
             let theirs = load(&format!("{native_url}/apps/hello/"), connections, cert).await;
             println!(
-                "  {scheme:<6} {connections:>5}  {:>8.0} {:>6.0}µs {:>6.0}µs  {:>8.0} {:>6.0}µs {:>6.0}µs  {:>8.2}x",
-                ours.requests_per_sec,
-                micros(ours.p50),
-                micros(ours.p99),
-                theirs.requests_per_sec,
-                micros(theirs.p50),
-                micros(theirs.p99),
+                "  {scheme:<6} {connections:>5}  {}  {}  {}  {:>6.2}x {:>6.2}x",
+                load_row(&ours),
+                load_row(&reused),
+                load_row(&theirs),
                 ours.requests_per_sec / theirs.requests_per_sec,
+                reused.requests_per_sec / theirs.requests_per_sec,
             );
         }
     }
+    println!();
+    versus_wasmtime_serve(&http_node, &components).await;
+}
+
+/// `wasmtime serve` (the `wasmtime` on PATH, or `TENSORLET_BENCH_WASMTIME`) against tensorlet
+/// over plain HTTP: the same components, the same load driver, one after the other.
+async fn versus_wasmtime_serve(node: &ServedNode, components: &[(&str, &str)]) {
+    let wasmtime =
+        std::env::var("TENSORLET_BENCH_WASMTIME").unwrap_or_else(|_| "wasmtime".to_string());
+    let version = Command::new(&wasmtime)
+        .arg("--version")
+        .output()
+        .ok()
+        .filter(|output| output.status.success());
+    let Some(version) = version else {
+        println!("wasmtime serve: skipped (no `wasmtime`: `cargo install wasmtime-cli --locked --version 48.0.8`, or set TENSORLET_BENCH_WASMTIME)");
+        return;
+    };
+    println!(
+        "against `{} serve`, plain HTTP over loopback ({LOAD_SECONDS} s per row):",
+        String::from_utf8_lossy(&version.stdout).trim()
+    );
+    println!(
+        "  {:<9} {:>5}  {:>22}  {:>22}  {:>22}  {:>7} {:>7}",
+        "app",
+        "conns",
+        "wasmtime req/s p50 p99",
+        "tensorlet req/s p50 p99",
+        "reused req/s p50 p99",
+        "ratio",
+        "reused"
+    );
+    for (name, component) in components {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut server = Command::new(&wasmtime)
+            .args(["serve", "--addr", &format!("127.0.0.1:{port}"), component])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let url = format!("http://127.0.0.1:{port}/apps/{name}/");
+        let client = reqwest::Client::new();
+        let mut ready = false;
+        // It compiles the component before it listens.
+        for _ in 0..600 {
+            if let Ok(response) = client.get(&url).send().await {
+                ready = response.status().is_success();
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if !ready {
+            let _ = server.kill();
+            let output = server.wait_with_output().unwrap();
+            println!(
+                "  {name:<9} wasmtime serve did not serve it: {}",
+                String::from_utf8_lossy(&output.stderr)
+                    .lines()
+                    .last()
+                    .unwrap_or_default()
+            );
+            continue;
+        }
+        for connections in [1, 32] {
+            let theirs = load(&url, connections, None).await;
+            let ours = load(&format!("{}/apps/{name}/", node.url), connections, None).await;
+            let reused = load(
+                &format!("{}/apps/{name}-reuse/", node.url),
+                connections,
+                None,
+            )
+            .await;
+            println!(
+                "  {name:<9} {connections:>5}  {}  {}  {}  {:>6.2}x {:>6.2}x",
+                load_row(&theirs),
+                load_row(&ours),
+                load_row(&reused),
+                ours.requests_per_sec / theirs.requests_per_sec,
+                reused.requests_per_sec / theirs.requests_per_sec,
+            );
+        }
+        let _ = server.kill();
+        let _ = server.wait();
+    }
+}
+
+/// A load's requests/s, p50 and p99, as one table cell.
+fn load_row(load: &Load) -> String {
+    format!(
+        "{:>8.0} {:>6.0}µs {:>6.0}µs",
+        load.requests_per_sec,
+        micros(load.p50),
+        micros(load.p99)
+    )
 }
 
 /// Serves `request` on `app` in-process and reads the whole response; how long it took.
@@ -536,6 +683,61 @@ async fn deploy_hello(
         .await
         .unwrap();
     node.runtime.app(app).unwrap()
+}
+
+/// The hello example in Python and JavaScript (`components/build-interpreted`, into
+/// `TENSORLET_INTERPRETED_COMPONENTS_DIR`), in-process, one request after another: a fresh
+/// instance per request against instances reused, and against the Rust hello the same way.
+async fn interpreted_components(node: &tensorlet::node::Node) {
+    let Ok(dir) = std::env::var("TENSORLET_INTERPRETED_COMPONENTS_DIR") else {
+        println!("interpreted components: skipped (build them with `bash components/build-interpreted DIR` and set TENSORLET_INTERPRETED_COMPONENTS_DIR=DIR)");
+        println!();
+        return;
+    };
+    println!("hello in three languages, in-process, one request after another (whole request and response):");
+    println!(
+        "  {:<9} {:>22}  {:>22}  {:>8}",
+        "language", "fresh p50 p99", "reused p50 p99", "reused/fresh req/s"
+    );
+    for (language, component) in [
+        ("rust", artifacts::HELLO.to_string()),
+        ("python", format!("{dir}/hello-py.wasm")),
+        ("js", format!("{dir}/hello-js.wasm")),
+    ] {
+        let bytes = Bytes::from(std::fs::read(&component).unwrap());
+        let mut apps = Vec::new();
+        for (suffix, manifest) in [("fresh", ""), ("reused", REUSE_MANIFEST)] {
+            let name = format!("hello-{language}-{suffix}");
+            let spec: tensorlet::apps::DeploySpec = toml::from_str(manifest).unwrap();
+            node.runtime
+                .deploy(&name, Some(bytes.clone()), spec, Default::default())
+                .await
+                .unwrap();
+            apps.push(node.runtime.app(&name).unwrap());
+        }
+        let (mut fresh, mut reused) = (Vec::new(), Vec::new());
+        for round in 0..1200 {
+            let (fresh_time, reused_time) = (
+                timed_invoke(node, &apps[0], get("/?name=bench")).await,
+                timed_invoke(node, &apps[1], get("/?name=bench")).await,
+            );
+            // The first rounds warm both up (and compile nothing: deploy did).
+            if round >= 200 {
+                fresh.push(fresh_time);
+                reused.push(reused_time);
+            }
+        }
+        let ((fresh_p50, fresh_p99), (reused_p50, reused_p99)) = (summary(fresh), summary(reused));
+        println!(
+            "  {language:<9} {:>9.0}µs {:>9.0}µs  {:>9.0}µs {:>9.0}µs  {:>7.2}x",
+            micros(fresh_p50),
+            micros(fresh_p99),
+            micros(reused_p50),
+            micros(reused_p99),
+            fresh_p50.as_secs_f64() / reused_p50.as_secs_f64()
+        );
+    }
+    println!();
 }
 
 /// Apps as services, in-process, each figure against its baseline in the same run: a cold

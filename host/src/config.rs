@@ -116,6 +116,9 @@ pub struct LimitsConfig {
     pub max_rate_limited_clients: u32,
     /// Nested calls between apps (`http://<app>.internal/`) one request may make in depth.
     pub max_call_depth: u32,
+    /// Instances of apps that reuse them (`scaling.requests_per_instance` above 1) kept
+    /// between requests, node-wide; each holds its memory while it waits. 0 turns reuse off.
+    pub max_idle_instances: u32,
 }
 
 /// `[nn]`: models.
@@ -271,6 +274,7 @@ impl Default for LimitsConfig {
             response_cache_bytes: 64 << 20,
             max_rate_limited_clients: 10_000,
             max_call_depth: 4,
+            max_idle_instances: 32,
         }
     }
 }
@@ -331,6 +335,11 @@ impl Config {
             "limits.max_concurrent_instances",
             limits.max_concurrent_instances.into(),
             1..=100_000,
+        )?;
+        in_range(
+            "limits.max_idle_instances",
+            limits.max_idle_instances.into(),
+            0..=10_000,
         )?;
         in_range(
             "limits.app_idle_timeout_secs",

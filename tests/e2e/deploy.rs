@@ -131,6 +131,55 @@ async fn replaced_and_removed_components_leave_no_files_behind() {
     assert_eq!(blobs(), (Vec::new(), 0));
 }
 
+/// The hello example written in Python (componentize-py) and in JavaScript (componentize-js):
+/// components of other languages' toolchains deploy and serve unchanged, a fresh instance per
+/// request, or reusing their instances (each releases its request's resources, so each
+/// instance is kept). `.ci/test` builds them (`components/build-interpreted`) and runs this
+/// test with `TENSORLET_INTERPRETED_COMPONENTS_DIR` pointing at the output; it is ignored
+/// otherwise because it needs those toolchains.
+#[tokio::test]
+#[ignore = "needs componentize-py and componentize-js; run by .ci/test"]
+async fn examples_built_with_componentize_py_and_js_serve_fresh_or_reused() {
+    let dir = std::env::var("TENSORLET_INTERPRETED_COMPONENTS_DIR").expect(
+        "TENSORLET_INTERPRETED_COMPONENTS_DIR names the output of components/build-interpreted",
+    );
+    let node = TestNode::start();
+    for language in ["py", "js"] {
+        let component = format!("{dir}/hello-{language}.wasm");
+        let (fresh, reused) = (
+            format!("hello-{language}"),
+            format!("hello-{language}-reused"),
+        );
+        node.deploy_ok(&fresh, &component, "").await;
+        node.deploy_ok(&reused, &component, "requests_per_instance=100")
+            .await;
+        for app in [&fresh, &reused] {
+            for name in ["edge", "wasm", "again"] {
+                assert_eq!(
+                    node.get(&format!("/apps/{app}/?name={name}")).await,
+                    (200, format!("Hello, {name}!\n")),
+                    "{app}"
+                );
+            }
+        }
+        let reuses = |app: String| {
+            let node = &node;
+            async move {
+                node.admin_json(&format!("/v1/admin/apps/{app}")).await["app"]["revisions"][0]
+                    ["stats"]["instance_reuses"]
+                    .clone()
+            }
+        };
+        assert_eq!(reuses(fresh).await, 0);
+        assert_eq!(
+            reuses(reused).await,
+            2,
+            "hello-{language} reused its instance"
+        );
+    }
+    node.assert_healthy().await;
+}
+
 /// The examples also build with `cargo component build` (wasm32-wasip1 + the preview1
 /// adapter). `.ci/test` builds them that way and runs this test with
 /// `TENSORLET_CARGO_COMPONENT_DIR` pointing at the output; it is ignored otherwise because it

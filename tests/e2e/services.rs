@@ -730,3 +730,103 @@ async fn routes_serve_an_app_at_its_own_paths_and_cannot_be_taken_twice() {
         "a refused deploy was recorded"
     );
 }
+
+#[tokio::test]
+async fn an_app_that_reuses_instances_serves_requests_in_turn_and_never_reuses_a_spoiled_one() {
+    let node = TestNode::start();
+    let _reuses = deploy_manifest(
+        &node,
+        artifacts::MISBEHAVE,
+        "name = \"misbehave\"\n[limits]\ntimeout_secs = 2\n[scaling]\nrequests_per_instance = 5\n",
+    );
+    let _fresh = deploy_manifest(&node, artifacts::MISBEHAVE, "name = \"fresh\"\n");
+    // What `/count` says: the requests the instance that answered has served.
+    let counts = |app: &'static str, path: &'static str, times: usize| {
+        let node = &node;
+        async move {
+            let mut seen = Vec::new();
+            for _ in 0..times {
+                let (status, body) = node.get(&format!("/apps/{app}{path}")).await;
+                assert_eq!(status, 200, "{body}");
+                seen.push(body.parse::<u64>().expect("a count"));
+            }
+            seen
+        }
+    };
+    // One instance serves five requests in turn, then a fresh one takes over; an app that
+    // does not opt in (the same component) gets a fresh instance every time.
+    assert_eq!(
+        counts("misbehave", "/count", 7).await,
+        [1, 2, 3, 4, 5, 1, 2]
+    );
+    assert_eq!(counts("fresh", "/count", 3).await, [1, 1, 1]);
+    let revision = node.admin_json("/v1/admin/apps/misbehave").await["app"]["revisions"][0].clone();
+    assert_eq!(revision["idle_instances"], 1, "{revision}");
+    assert_eq!(revision["stats"]["instance_reuses"], 5, "{revision}");
+    let metrics = node
+        .client
+        .get(node.at("/metrics"))
+        .bearer_auth(&node.token)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for sample in [
+        "tensorlet_instances_idle 1",
+        r#"tensorlet_revision_instances_idle{app="misbehave",revision="1"} 1"#,
+        r#"tensorlet_instance_reuses_total{app="misbehave",revision="1"} 5"#,
+        r#"tensorlet_instance_reuses_total{app="fresh",revision="1"} 0"#,
+    ] {
+        assert!(metrics.contains(sample), "{sample} in:\n{metrics}");
+    }
+
+    // An instance that trapped, ran past its timeout, or holds an unfinished response body
+    // is never reused: the next request starts fresh.
+    assert_eq!(node.get("/apps/misbehave/trap").await.0, 500);
+    assert_eq!(counts("misbehave", "/count", 2).await, [1, 2]);
+    assert_eq!(node.get("/apps/misbehave/sleep?ms=5000").await.0, 504);
+    assert_eq!(counts("misbehave", "/count", 1).await, [1]);
+    assert_eq!(counts("misbehave", "/count?leak=1", 1).await, [2]);
+    assert_eq!(counts("misbehave", "/count", 2).await, [1, 2]);
+    // New secrets retire kept instances (a guest may hold the old ones in memory).
+    let set = node.cli_with_input(&["secret", "set", "misbehave", "API_KEY"], b"rotated");
+    assert!(
+        set.status.success(),
+        "{}",
+        String::from_utf8_lossy(&set.stderr)
+    );
+    assert_eq!(counts("misbehave", "/count", 1).await, [1]);
+
+    // Concurrent requests get instances of their own, each kept afterwards.
+    let concurrent = futures_util::future::join_all((0..3).map(|_| {
+        node.client
+            .get(node.at("/apps/misbehave/sleep?ms=1000"))
+            .send()
+    }))
+    .await;
+    assert!(concurrent
+        .iter()
+        .all(|r| r.as_ref().unwrap().status() == 200));
+    let revision = node.admin_json("/v1/admin/apps/misbehave").await["app"]["revisions"][0].clone();
+    assert_eq!(revision["idle_instances"], 3, "{revision}");
+
+    // Scaling to zero lets kept instances go with the prepared component.
+    let _idler = deploy_manifest(
+        &node,
+        artifacts::MISBEHAVE,
+        "name = \"idler\"\n[scaling]\nrequests_per_instance = 10\nidle_timeout_secs = 1\n",
+    );
+    assert_eq!(counts("idler", "/count", 2).await, [1, 2]);
+    loop {
+        let revision = node.admin_json("/v1/admin/apps/idler").await["app"]["revisions"][0].clone();
+        if revision["warm"] == false {
+            assert_eq!(revision["idle_instances"], 0, "{revision}");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(counts("idler", "/count", 1).await, [1]);
+    node.assert_healthy().await;
+}

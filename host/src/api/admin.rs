@@ -211,6 +211,8 @@ struct DeployQuery {
     timeout_secs: Option<u64>,
     memory_mib: Option<u64>,
     max_body_bytes: Option<u64>,
+    /// Requests one instance serves in turn (1: a fresh instance per request).
+    requests_per_instance: Option<u32>,
     /// Comma-separated names of the models the app may load.
     models: Option<String>,
     native_guest_models: Option<bool>,
@@ -230,6 +232,7 @@ impl DeployQuery {
         spec.limits.timeout_secs = self.timeout_secs;
         spec.limits.memory_mib = self.memory_mib;
         spec.limits.max_body_bytes = self.max_body_bytes;
+        spec.scaling.requests_per_instance = self.requests_per_instance;
         spec.app.models = comma_separated(self.models.as_deref());
         spec.app.buckets = comma_separated(self.buckets.as_deref());
         spec.app.native_guest_models = self.native_guest_models.unwrap_or(false);

@@ -92,6 +92,7 @@ impl LegacyAppRecord {
                 queue_timeout_secs: limits.queue_timeout_secs,
                 min_instances: 0,
                 idle_timeout_secs: limits.app_idle_timeout_secs,
+                requests_per_instance: 1,
                 models: self.models,
                 native_guest_models: self.native_guest_models,
                 buckets: None,

@@ -60,6 +60,7 @@ impl DeploySpec {
                 queue_timeout_secs: Some(revision.queue_timeout_secs),
                 min_instances: Some(revision.min_instances),
                 idle_timeout_secs: Some(revision.idle_timeout_secs),
+                requests_per_instance: Some(revision.requests_per_instance),
             },
             config: revision.config.clone(),
             outbound: OutboundSpec {
@@ -94,6 +95,9 @@ impl DeploySpec {
         self.scaling.min_instances = scaling.min_instances.or(self.scaling.min_instances);
         self.scaling.idle_timeout_secs =
             scaling.idle_timeout_secs.or(self.scaling.idle_timeout_secs);
+        self.scaling.requests_per_instance = scaling
+            .requests_per_instance
+            .or(self.scaling.requests_per_instance);
         if !changes.app.models.is_empty() {
             self.app.models = changes.app.models;
         }
@@ -243,6 +247,11 @@ pub struct ScalingSpec {
     /// Seconds without requests after which a revision with `min_instances = 0` lets go of
     /// its prepared component; its next request starts cold, from the compile cache.
     pub idle_timeout_secs: Option<u64>,
+    /// Requests one instance serves one after another before it is replaced (1, the default:
+    /// a fresh instance per request). Above 1 the app trades isolation for speed: what one
+    /// request leaves in the instance's memory, the next request of the same revision sees.
+    /// An instance that traps, times out, hits a limit or loses its client is never reused.
+    pub requests_per_instance: Option<u32>,
 }
 
 /// `[outbound]`: hosts the app may call over `wasi:http`.
@@ -321,6 +330,9 @@ pub struct RevisionSpec {
     pub queue_timeout_secs: u64,
     pub min_instances: u32,
     pub idle_timeout_secs: u64,
+    /// Records made before instance reuse existed: a fresh instance per request.
+    #[serde(default = "one_request_per_instance")]
+    pub requests_per_instance: u32,
     pub models: Vec<String>,
     pub native_guest_models: bool,
     /// Key-value buckets the app may open. `None` in revisions made before allow-lists
@@ -385,6 +397,10 @@ pub struct AppRecord {
     /// Seconds since the Unix epoch.
     pub created_at: u64,
     pub updated_at: u64,
+}
+
+fn one_request_per_instance() -> u32 {
+    1
 }
 
 fn operator_tenant() -> String {
@@ -485,6 +501,8 @@ impl AppRecord {
 const MAX_CONFIG_KEY: usize = 128;
 const MAX_CONFIG_VALUE: usize = 64 << 10;
 const MAX_CONFIG_KEYS: usize = 256;
+/// Most requests one reused instance may serve before it is replaced.
+const MAX_REQUESTS_PER_INSTANCE: u32 = 100_000;
 
 /// Whether `key` can name a config value or a secret: 1-128 ASCII letters, digits, `_`, `-`
 /// or `.`.
@@ -563,6 +581,18 @@ pub fn settle(spec: &DeploySpec, limits: &LimitsConfig) -> Result<RevisionSpec, 
             "scaling.idle_timeout_secs must be 1 to 30 days, not {idle_timeout}"
         ));
     }
+    let requests_per_instance = scaling.requests_per_instance.unwrap_or(1);
+    if !(1..=MAX_REQUESTS_PER_INSTANCE).contains(&requests_per_instance) {
+        return Err(format!(
+            "scaling.requests_per_instance must be 1-{MAX_REQUESTS_PER_INSTANCE}, not {requests_per_instance}"
+        ));
+    }
+    if requests_per_instance > 1 && limits.max_idle_instances == 0 {
+        return Err(
+            "scaling.requests_per_instance above 1 needs instances kept between requests, which this node turns off (limits.max_idle_instances = 0)"
+                .into(),
+        );
+    }
     if spec.config.len() > MAX_CONFIG_KEYS {
         return Err(format!("config may hold at most {MAX_CONFIG_KEYS} keys"));
     }
@@ -636,6 +666,7 @@ pub fn settle(spec: &DeploySpec, limits: &LimitsConfig) -> Result<RevisionSpec, 
         queue_timeout_secs: queue_timeout,
         min_instances,
         idle_timeout_secs: idle_timeout,
+        requests_per_instance,
         models,
         native_guest_models: spec.app.native_guest_models,
         buckets: Some(buckets),
@@ -697,11 +728,12 @@ mod tests {
             cpu in proptest::option::of(any::<u64>()),
             concurrency in proptest::option::of(any::<u32>()),
             queued in proptest::option::of(any::<u32>()),
+            reuse in proptest::option::of(any::<u32>()),
         ) {
             let limits = LimitsConfig::default();
             let spec = DeploySpec {
                 limits: LimitsSpec { timeout_secs: timeout, memory_mib: memory, max_body_bytes: body, cpu_ms: cpu },
-                scaling: ScalingSpec { max_concurrency: concurrency, max_queued: queued, ..ScalingSpec::default() },
+                scaling: ScalingSpec { max_concurrency: concurrency, max_queued: queued, requests_per_instance: reuse, ..ScalingSpec::default() },
                 ..DeploySpec::default()
             };
             if let Ok(settled) = settle(&spec, &limits) {
@@ -711,6 +743,7 @@ mod tests {
                 prop_assert!(settled.cpu_ms.is_none_or(|cpu| cpu <= settled.timeout_secs * 1000));
                 prop_assert!(settled.max_concurrency.is_none_or(|c| c >= 1 && c <= limits.max_concurrent_instances));
                 prop_assert!(settled.max_queued <= limits.max_queued_requests);
+                prop_assert!((1..=MAX_REQUESTS_PER_INSTANCE).contains(&settled.requests_per_instance));
             }
         }
     }
@@ -743,6 +776,42 @@ mod tests {
         assert!(settle(&bad_key, &limits)
             .unwrap_err()
             .contains("config key"));
+    }
+
+    #[test]
+    fn instances_are_reused_only_when_asked_and_the_node_allows_it() {
+        let limits = LimitsConfig::default();
+        assert_eq!(
+            settle(&DeploySpec::default(), &limits)
+                .unwrap()
+                .requests_per_instance,
+            1
+        );
+        let mut reuse = DeploySpec::default();
+        reuse.scaling.requests_per_instance = Some(500);
+        assert_eq!(settle(&reuse, &limits).unwrap().requests_per_instance, 500);
+        reuse.scaling.requests_per_instance = Some(0);
+        assert!(settle(&reuse, &limits)
+            .unwrap_err()
+            .contains("requests_per_instance must be 1-100000"));
+        reuse.scaling.requests_per_instance = Some(2);
+        let no_idle = LimitsConfig {
+            max_idle_instances: 0,
+            ..LimitsConfig::default()
+        };
+        assert!(settle(&reuse, &no_idle)
+            .unwrap_err()
+            .contains("limits.max_idle_instances = 0"));
+        let old: RevisionSpec = serde_json::from_value({
+            let mut value = serde_json::to_value(settle(&reuse, &limits).unwrap()).unwrap();
+            value
+                .as_object_mut()
+                .unwrap()
+                .remove("requests_per_instance");
+            value
+        })
+        .unwrap();
+        assert_eq!(old.requests_per_instance, 1, "records from before reuse");
     }
 
     #[test]

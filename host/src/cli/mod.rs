@@ -82,6 +82,10 @@ enum Command {
         /// Largest request body in bytes (default: the node's `limits.max_body_bytes`).
         #[arg(long)]
         max_body_bytes: Option<u64>,
+        /// Requests one instance serves in turn before a fresh one (default 1: a fresh
+        /// instance per request); above 1 trades isolation between requests for speed.
+        #[arg(long)]
+        requests_per_instance: Option<u32>,
         /// A model the app may load by name (repeat for several); others are refused.
         #[arg(long = "model")]
         models: Vec<String>,
@@ -422,6 +426,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             timeout_secs,
             memory_mib,
             max_body_bytes,
+            requests_per_instance,
             models,
             native_guest_models,
             buckets,
@@ -437,6 +442,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             limits.timeout_secs = timeout_secs.or(limits.timeout_secs);
             limits.memory_mib = memory_mib.or(limits.memory_mib);
             limits.max_body_bytes = max_body_bytes.or(limits.max_body_bytes);
+            spec.scaling.requests_per_instance =
+                requests_per_instance.or(spec.scaling.requests_per_instance);
             spec.app.models.extend(models);
             spec.app.native_guest_models |= native_guest_models;
             spec.app.buckets.extend(buckets);

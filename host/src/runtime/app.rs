@@ -1,10 +1,11 @@
 //! Deployed apps as the runtime serves them: an [`App`] routes each request to one of its
 //! [`Revision`]s (by tag, number, sticky key or the traffic split) and a revision holds what
 //! serving it needs: its concurrency gate, its prepared component while it is warm (dropped
-//! when it scales to zero) and its counters.
+//! when it scales to zero), the instances it keeps between requests when it reuses them, and
+//! its counters.
 
 use super::admission::Gate;
-use super::instance::InstanceState;
+use super::instance::{IdleInstance, InstanceState};
 use super::InvokeError;
 use crate::apps::rate::RateLimits;
 use crate::apps::traffic::{self, Split};
@@ -105,6 +106,8 @@ pub struct RevisionStats {
     pub cache_misses: AtomicU64,
     /// Requests answered by the app's fallback instead.
     pub fallbacks: AtomicU64,
+    /// Requests served by an instance an earlier request left (`requests_per_instance` > 1).
+    pub instance_reuses: AtomicU64,
 }
 
 /// What a revision's instances read through `wasi:config`: its config values and its app's
@@ -130,6 +133,9 @@ pub struct Revision {
     pub cache_scope: String,
     /// The prepared component while warm; `None` once scaled to zero.
     prepared: tokio::sync::Mutex<Option<ProxyPre<InstanceState>>>,
+    /// Instances that served a request and wait for the next (`requests_per_instance` > 1),
+    /// the most recently used last.
+    idle: std::sync::Mutex<Vec<IdleInstance>>,
     config: RwLock<Arc<RevisionConfig>>,
     /// The hold on the component's blob, let go when the revision goes once retired.
     hold: Option<Held>,
@@ -193,6 +199,7 @@ impl Revision {
             tenant: tenant.to_string(),
             gate,
             prepared: tokio::sync::Mutex::new(prepared),
+            idle: std::sync::Mutex::new(Vec::new()),
             last_used_ms: AtomicU64::new(0),
             born: Instant::now(),
             stats: RevisionStats::default(),
@@ -204,13 +211,50 @@ impl Revision {
         self.config.read().expect("config lock").clone()
     }
 
-    /// Gives the revision its app's new secrets.
+    /// Gives the revision its app's new secrets. Kept instances go: a guest may have read
+    /// the old ones into its memory.
     pub fn set_secrets(&self, secrets: &[(String, String)]) {
         let mut config = self.config.write().expect("config lock");
         *config = Arc::new(RevisionConfig {
             generation: config.generation + 1,
             variables: Arc::new(config_variables(&self.record, secrets)),
         });
+        drop(config);
+        self.drop_idle();
+    }
+
+    fn idle_instances(&self) -> std::sync::MutexGuard<'_, Vec<IdleInstance>> {
+        self.idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The instance that served this revision's last request and waits for the next, if any.
+    pub fn take_idle(&self) -> Option<IdleInstance> {
+        let instance = self.idle_instances().pop();
+        if instance.is_some() {
+            self.stats.instance_reuses.fetch_add(1, Ordering::Relaxed);
+        }
+        instance
+    }
+
+    /// Instances kept for the next requests now.
+    pub fn idle_count(&self) -> usize {
+        self.idle_instances().len()
+    }
+
+    /// Keeps `instance` for a next request while the revision is warm (else it goes).
+    pub fn keep_idle(&self, instance: IdleInstance) {
+        if self.is_warm() {
+            self.idle_instances().push(instance);
+        }
+    }
+
+    /// Drops every kept instance (outside the lock: dropping a store runs the destructors
+    /// of the guest's resources).
+    fn drop_idle(&self) {
+        let idle = std::mem::take(&mut *self.idle_instances());
+        drop(idle);
     }
 
     /// Marks the revision's record deleted: when the last request using it ends, its
@@ -276,10 +320,14 @@ impl Revision {
     /// Lets go of the prepared component now (unless a cold start holds it); whether the
     /// revision was warm. Its next request starts cold.
     pub fn scale_to_zero(&self) -> bool {
-        match self.prepared.try_lock() {
+        let scaled = match self.prepared.try_lock() {
             Ok(mut slot) => slot.take().is_some(),
             Err(_) => false,
+        };
+        if scaled {
+            self.drop_idle();
         }
+        scaled
     }
 
     /// What the admin API shows of the revision: its record, whether it is warm, its load and
@@ -290,6 +338,7 @@ impl Revision {
         value["warm"] = self.is_warm().into();
         value["running"] = self.gate.as_ref().map_or(0, Gate::running).into();
         value["queued"] = self.gate.as_ref().map_or(0, Gate::queued).into();
+        value["idle_instances"] = self.idle_count().into();
         value["stats"] = stats;
         value
     }

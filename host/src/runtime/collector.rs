@@ -43,15 +43,22 @@ impl Collector for RuntimeCollector {
                 "Requests waiting for a slot of the node's now",
                 runtime.queued_requests(),
             ),
+            (
+                "instances_idle",
+                "Instances kept between requests of apps that reuse them, on the whole node",
+                runtime.resources.idle.kept() as usize,
+            ),
         ] {
             let metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
             ConstGauge::new(value as i64).encode(metric)?;
         }
 
         type Read = fn(&super::app::Revision) -> u64;
-        let per_revision: [(&str, &str, MetricType, Read); 7] = [
+        let per_revision: [(&str, &str, MetricType, Read); 9] = [
             ("revision_instances_running", "Instances of the revision running now (revisions with max_concurrency)", MetricType::Gauge, |r| r.gate.as_ref().map_or(0, |g| g.running() as u64)),
             ("revision_requests_queued", "Requests waiting for the revision's max_concurrency now", MetricType::Gauge, |r| r.gate.as_ref().map_or(0, |g| g.queued() as u64)),
+            ("revision_instances_idle", "Instances of the revision kept for its next requests now (requests_per_instance above 1)", MetricType::Gauge, |r| r.idle_count() as u64),
+            ("instance_reuses", "Requests served by an instance an earlier request of the revision left", MetricType::Counter, |r| r.stats.instance_reuses.load(Ordering::Relaxed)),
             ("warm_starts", "Requests that found the revision's component prepared", MetricType::Counter, |r| r.stats.warm_starts.load(Ordering::Relaxed)),
             ("cold_starts", "Requests that prepared the revision's component first (after scaling to zero or a start)", MetricType::Counter, |r| r.stats.cold_starts.load(Ordering::Relaxed)),
             ("cache_hits", "Responses served from the revision's response cache", MetricType::Counter, |r| r.stats.cache_hits.load(Ordering::Relaxed)),

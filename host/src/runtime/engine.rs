@@ -17,13 +17,14 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
 /// Builds the engine. Pool sizes follow the node's instance limit, times the depth of calls
-/// between apps (a callee runs in the slot of its caller); each memory slot is sized for the
-/// largest memory limit an app may ask for.
+/// between apps (a callee runs in the slot of its caller), plus the instances kept idle for
+/// reuse; each memory slot is sized for the largest memory limit an app may ask for.
 pub fn build_engine(limits: &LimitsConfig) -> wasmtime::Result<Engine> {
     let instances = limits
         .max_concurrent_instances
         .max(1)
-        .saturating_mul(1 + limits.max_call_depth);
+        .saturating_mul(1 + limits.max_call_depth)
+        .saturating_add(limits.max_idle_instances);
     let mut pool = PoolingAllocationConfig::default();
     pool.total_component_instances(instances)
         .total_core_instances(instances * 8)

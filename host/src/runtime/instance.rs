@@ -1,5 +1,7 @@
 //! One request's instance: its store state, its limits, and running the component's
-//! `wasi:http/incoming-handler` on a request with a deadline.
+//! `wasi:http/incoming-handler` on a request with a deadline. An app that opts into reuse
+//! (`scaling.requests_per_instance`) has its instances kept between requests, while they end
+//! cleanly, against a node-wide bound ([`IdleBudget`]).
 
 use super::admission::Slot;
 use super::app::Revision;
@@ -14,7 +16,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -23,8 +25,9 @@ use wasmtime::{ResourceLimiter, Store, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_config::{WasiConfig, WasiConfigVariables};
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
-use wasmtime_wasi_http::p2::bindings::ProxyPre;
-use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
+use wasmtime_wasi_http::p2::bindings::{Proxy, ProxyPre};
+use wasmtime_wasi_http::p2::body::{HostIncomingBody, HostOutgoingBody, HyperOutgoingBody};
+use wasmtime_wasi_http::p2::types::{HostIncomingRequest, HostResponseOutparam};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 /// Everything one instance's host functions reach.
@@ -53,11 +56,106 @@ pub struct InstanceState {
 
 impl Drop for InstanceState {
     fn drop(&mut self) {
-        if self.cpu_ticks_used > 0 {
-            let ticks = u32::try_from(self.cpu_ticks_used).unwrap_or(u32::MAX);
+        self.meter_cpu();
+    }
+}
+
+impl InstanceState {
+    /// Meters the guest CPU time not metered yet.
+    fn meter_cpu(&mut self) {
+        let ticks = std::mem::take(&mut self.cpu_ticks_used);
+        if ticks > 0 {
+            let ticks = u32::try_from(ticks).unwrap_or(u32::MAX);
             self.meter.cpu_used(super::engine::EPOCH_TICK * ticks);
         }
     }
+
+    /// A kept instance takes its next request: that request's id, config and outgoing
+    /// policy, and a whole CPU budget and log budget again.
+    fn begin_request(
+        &mut self,
+        spec: &crate::apps::RevisionSpec,
+        request_id: &str,
+        config: Arc<WasiConfigVariables>,
+        outgoing: OutgoingPolicy,
+    ) {
+        self.log.begin_request(request_id);
+        self.config = config;
+        self.outgoing = outgoing;
+        self.cpu_ticks_left = cpu_budget_ticks(spec);
+        self.last_epoch = self.epoch.load(Ordering::Relaxed);
+        self.limiter.hit.store(false, Ordering::Relaxed);
+    }
+
+    /// Whether the instance may serve another request: not while it holds a part of the
+    /// request it answered — the request, its body, the response's outparam or body. A
+    /// response body it never finished would keep its client waiting as long as the instance
+    /// waits, and a request it kept holds that request's headers and unread body in the
+    /// host's memory (componentize-js's `fetch` event handlers keep theirs, and could not
+    /// serve a second request anyway).
+    fn may_serve_again(&mut self) -> bool {
+        !self.table.iter_mut().any(|entry| {
+            entry.is::<HostOutgoingBody>()
+                || entry.is::<HostResponseOutparam>()
+                || entry.is::<HostIncomingRequest>()
+                || entry.is::<HostIncomingBody>()
+        })
+    }
+}
+
+/// The CPU budget of one request of a revision with `spec`, in epoch ticks.
+fn cpu_budget_ticks(spec: &crate::apps::RevisionSpec) -> Option<u64> {
+    spec.cpu_ms
+        .map(|ms| ms.div_ceil(super::engine::EPOCH_TICK.as_millis() as u64))
+}
+
+/// How many instances are kept between requests, node-wide (`limits.max_idle_instances`):
+/// each holds its memory and a slot of the engine's pool while it waits.
+pub struct IdleBudget {
+    kept: AtomicU32,
+    max: u32,
+}
+
+impl IdleBudget {
+    pub fn new(max: u32) -> Arc<Self> {
+        Arc::new(Self {
+            kept: AtomicU32::new(0),
+            max,
+        })
+    }
+
+    /// A place for one more kept instance, if the bound leaves one.
+    fn reserve(self: &Arc<Self>) -> Option<IdlePlace> {
+        self.kept
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |kept| {
+                (kept < self.max).then_some(kept + 1)
+            })
+            .ok()
+            .map(|_| IdlePlace(self.clone()))
+    }
+
+    /// Instances kept now.
+    pub fn kept(&self) -> u32 {
+        self.kept.load(Ordering::Acquire)
+    }
+}
+
+/// One kept instance's place in the [`IdleBudget`], given back when it goes.
+struct IdlePlace(Arc<IdleBudget>);
+
+impl Drop for IdlePlace {
+    fn drop(&mut self) {
+        self.0.kept.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// An instance of a revision that reuses instances, between two of its requests.
+pub struct IdleInstance {
+    store: Store<InstanceState>,
+    proxy: Proxy,
+    /// Requests it has served.
+    served: u32,
+    _place: IdlePlace,
 }
 
 impl WasiView for InstanceState {
@@ -278,6 +376,8 @@ pub struct InstanceResources {
     /// This node's id in its cluster ("" outside one): what its changes (apps, replicated
     /// key-value writes) are stamped with.
     pub node_id: Arc<str>,
+    /// Instances kept between requests, over all apps.
+    pub idle: Arc<IdleBudget>,
 }
 
 /// A fresh store for one instance of `revision`, with its limits and its yield-on-tick policy.
@@ -344,9 +444,7 @@ fn new_store(
             max_bytes: (spec.memory_mib as usize) << 20,
             hit: memory_hit,
         },
-        cpu_ticks_left: spec
-            .cpu_ms
-            .map(|ms| ms.div_ceil(super::engine::EPOCH_TICK.as_millis() as u64)),
+        cpu_ticks_left: cpu_budget_ticks(spec),
         last_epoch: resources.epoch.load(Ordering::Relaxed),
         epoch: resources.epoch.clone(),
         cpu_ticks_used: 0,
@@ -403,6 +501,36 @@ pub async fn instantiate_only(
         .map_err(|e| InvokeError::Instantiate(format!("{e:#}")))
 }
 
+/// Keeps an instance that answered its request cleanly for its revision's next request, when
+/// the revision reuses instances, it has served fewer than their count, it did not hit its
+/// memory limit, [may serve again](InstanceState::may_serve_again), the revision is still
+/// warm and the node's bound leaves a place; else drops it.
+fn keep_if_clean(
+    mut store: Store<InstanceState>,
+    proxy: Proxy,
+    served: u32,
+    revision: &super::app::Revision,
+    idle: &Arc<IdleBudget>,
+) {
+    let state = store.data_mut();
+    state.meter_cpu();
+    if served >= revision.record.spec.requests_per_instance
+        || state.limiter.hit.load(Ordering::Relaxed)
+        || !state.may_serve_again()
+    {
+        return;
+    }
+    let Some(place) = idle.reserve() else {
+        return;
+    };
+    revision.keep_idle(IdleInstance {
+        store,
+        proxy,
+        served,
+        _place: place,
+    });
+}
+
 /// What an instance's run ends with: `Err` if it ran past its deadline.
 type Outcome = Result<wasmtime::Result<()>, tokio::time::error::Elapsed>;
 
@@ -429,22 +557,40 @@ pub async fn invoke(
         config,
         outgoing,
     } = launch;
-    let memory_hit = Arc::new(AtomicBool::new(false));
     let request_id = request
         .headers()
         .get(crate::telemetry::REQUEST_ID_HEADER)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_string();
-    let mut store = new_store(
-        &pre,
-        &revision,
-        resources,
-        memory_hit.clone(),
-        config,
-        outgoing,
-        &request_id,
-    );
+    let reuses = revision.record.spec.requests_per_instance > 1;
+    let (mut store, kept_proxy, served) = match reuses.then(|| revision.take_idle()).flatten() {
+        Some(IdleInstance {
+            mut store,
+            proxy,
+            served,
+            ..
+        }) => {
+            store
+                .data_mut()
+                .begin_request(&revision.record.spec, &request_id, config, outgoing);
+            store.set_epoch_deadline(1);
+            (store, Some(proxy), served)
+        }
+        None => {
+            let store = new_store(
+                &pre,
+                &revision,
+                resources,
+                Arc::new(AtomicBool::new(false)),
+                config,
+                outgoing,
+                &request_id,
+            );
+            (store, None, 0)
+        }
+    };
+    let memory_hit = store.data().limiter.hit.clone();
 
     let (sender, mut receiver) = tokio::sync::oneshot::channel();
     let scheme = if request.uri().scheme() == Some(&http::uri::Scheme::HTTP) {
@@ -465,17 +611,29 @@ pub async fn invoke(
 
     let timeout_secs = revision.record.spec.timeout_secs;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout_secs);
+    let (owner, idle) = (revision.clone(), resources.idle.clone());
     let mut instance: RunningInstance = Box::pin(async move {
         let run = async {
-            let proxy = pre.instantiate_async(&mut store).await?;
+            let proxy = match kept_proxy {
+                Some(proxy) => proxy,
+                None => pre.instantiate_async(&mut store).await?,
+            };
             proxy
                 .wasi_http_incoming_handler()
                 .call_handle(&mut store, incoming, outparam)
-                .await
+                .await?;
+            Ok(proxy)
         };
-        let outcome = tokio::time::timeout_at(deadline, run).await;
-        drop(store);
-        outcome
+        match tokio::time::timeout_at(deadline, run).await {
+            Ok(Ok(proxy)) => {
+                keep_if_clean(store, proxy, served + 1, &owner, &idle);
+                Ok(Ok(()))
+            }
+            failed => {
+                drop(store);
+                failed.map(|run| run.map(drop))
+            }
+        }
     });
 
     let head = std::future::poll_fn(|cx| {

@@ -9,7 +9,7 @@ use crate::telemetry::logs::{AppLogs, Level, LogLine, Source};
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use tokio::io::AsyncWrite;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
@@ -26,7 +26,8 @@ pub struct InstanceLog {
     logs: AppLogs,
     app: Arc<str>,
     revision: u64,
-    request_id: Arc<str>,
+    /// The request the instance serves now (a reused instance serves several in turn).
+    request_id: Arc<RwLock<Arc<str>>>,
     /// Bytes this instance may still log, shared by all its outputs.
     left: Arc<AtomicUsize>,
     /// Whether the instance was told that its wasi:logging lines are being dropped.
@@ -39,10 +40,21 @@ impl InstanceLog {
             logs,
             app: app.into(),
             revision: revision.into(),
-            request_id: request_id.into(),
+            request_id: Arc::new(RwLock::new(request_id.into())),
             left: Arc::new(AtomicUsize::new(MAX_BYTES_PER_INSTANCE)),
             warned: Arc::default(),
         }
+    }
+
+    /// A reused instance starts serving `request_id`: its lines are tagged with it, and it
+    /// gets a whole log budget again.
+    pub fn begin_request(&self, request_id: &str) {
+        *self
+            .request_id
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = request_id.into();
+        self.left.store(MAX_BYTES_PER_INSTANCE, Ordering::Relaxed);
+        self.warned.store(false, Ordering::Relaxed);
     }
 
     /// Takes up to `wanted` bytes of the instance's budget; how many it got.
@@ -57,10 +69,15 @@ impl InstanceLog {
 
     fn append(&self, level: Level, source: Source, message: String) {
         tracing::debug!(target: "tensorlet::guest", app = %self.app, ?source, "{message}");
+        let request_id = self
+            .request_id
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
         self.logs.append(LogLine::new(
             &*self.app,
             self.revision,
-            &*self.request_id,
+            &*request_id,
             level,
             source,
             message,

@@ -33,9 +33,13 @@
 //!   with the error.
 //! - `/send?queue=Q&text=T`: sends T to queue Q; 200 with the delivering job's id, or 500
 //!   with the error.
+//! - `/count`: how many requests this instance has served, this one included (1 unless the
+//!   app reuses instances). `/count?leak=1` also leaves a response body it never finishes
+//!   in the instance's resources (an instance that holds one must not be reused).
 //! - `POST /queues/Q` (a queue message): stores `<body> from <producer>` at key
 //!   `received/Q` (bucket `orders`), 200.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tensorlet_sdk::bindings::wasi::clocks::monotonic_clock;
 use tensorlet_sdk::config;
@@ -194,6 +198,16 @@ fn handle(request: Request) -> Response {
             }
         }
         "/order" => order(&request),
+        "/count" => {
+            static SERVED: AtomicU64 = AtomicU64::new(0);
+            if request.query("leak") == Some("1") {
+                use tensorlet_sdk::bindings::wasi::http::types::{Fields, OutgoingResponse};
+                let response = OutgoingResponse::new(Fields::new());
+                std::mem::forget(response.body());
+                std::mem::forget(response);
+            }
+            Response::text(200, (SERVED.fetch_add(1, Ordering::Relaxed) + 1).to_string())
+        }
         "/send" => {
             let queue = request.query("queue").unwrap_or_default();
             let text = percent_decode(request.query("text").unwrap_or_default());
