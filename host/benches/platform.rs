@@ -586,7 +586,14 @@ async fn versus_wasmtime_serve(node: &ServedNode, components: &[(&str, &str)]) {
             .unwrap()
             .port();
         let mut server = Command::new(&wasmtime)
-            .args(["serve", "--addr", &format!("127.0.0.1:{port}"), component])
+            // `-Scli`: the wasi:cli interfaces (stdout, environment) the components import.
+            .args([
+                "serve",
+                "-Scli",
+                "--addr",
+                &format!("127.0.0.1:{port}"),
+                component,
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -609,7 +616,7 @@ async fn versus_wasmtime_serve(node: &ServedNode, components: &[(&str, &str)]) {
                 "  {name:<9} wasmtime serve did not serve it: {}",
                 String::from_utf8_lossy(&output.stderr)
                     .lines()
-                    .last()
+                    .next()
                     .unwrap_or_default()
             );
             continue;
@@ -696,8 +703,8 @@ async fn interpreted_components(node: &tensorlet::node::Node) {
     };
     println!("hello in three languages, in-process, one request after another (whole request and response):");
     println!(
-        "  {:<9} {:>22}  {:>22}  {:>8}",
-        "language", "fresh p50 p99", "reused p50 p99", "reused/fresh req/s"
+        "  {:<9} {:>22}  {:>22}  {:>8}  {:>16}",
+        "language", "fresh p50 p99", "reused p50 p99", "reused/fresh req/s", "instantiate p50"
     );
     for (language, component) in [
         ("rust", artifacts::HELLO.to_string()),
@@ -728,13 +735,22 @@ async fn interpreted_components(node: &tensorlet::node::Node) {
             }
         }
         let ((fresh_p50, fresh_p99), (reused_p50, reused_p99)) = (summary(fresh), summary(reused));
+        // What a fresh instance costs before its handler runs.
+        let revision = apps[0].revisions[&apps[0].record.latest].clone();
+        let mut instantiations = Vec::new();
+        for _ in 0..500 {
+            let started = Instant::now();
+            node.runtime.instantiate_only(&revision).await.unwrap();
+            instantiations.push(started.elapsed());
+        }
         println!(
-            "  {language:<9} {:>9.0}µs {:>9.0}µs  {:>9.0}µs {:>9.0}µs  {:>7.2}x",
+            "  {language:<9} {:>9.0}µs {:>9.0}µs  {:>9.0}µs {:>9.0}µs  {:>17.2}x  {:>14.0}µs",
             micros(fresh_p50),
             micros(fresh_p99),
             micros(reused_p50),
             micros(reused_p99),
-            fresh_p50.as_secs_f64() / reused_p50.as_secs_f64()
+            fresh_p50.as_secs_f64() / reused_p50.as_secs_f64(),
+            micros(summary(instantiations).0)
         );
     }
     println!();

@@ -3,7 +3,7 @@
 //! through wasi:config; per-revision concurrency and CPU budgets; scale to zero; rate limits
 //! and fallbacks; calls between apps and to allowed hosts only; response caching.
 
-use crate::support::{artifacts, error_code, TestNode};
+use crate::support::{artifacts, config_file, error_code, TestNode};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -829,4 +829,51 @@ async fn an_app_that_reuses_instances_serves_requests_in_turn_and_never_reuses_a
     }
     assert_eq!(counts("idler", "/count", 1).await, [1]);
     node.assert_healthy().await;
+}
+
+#[tokio::test]
+async fn kept_instances_stay_within_the_node_bound_and_the_longest_waiting_goes_first() {
+    let config = config_file("[limits]\nmax_idle_instances = 2\n");
+    let node = TestNode::start_with(&["--config", config.path().to_str().unwrap()]);
+    let reuse = "[scaling]\nrequests_per_instance = 100\n";
+    let _first = deploy_manifest(
+        &node,
+        artifacts::MISBEHAVE,
+        &format!("name = \"first\"\n{reuse}"),
+    );
+    let _second = deploy_manifest(
+        &node,
+        artifacts::MISBEHAVE,
+        &format!("name = \"second\"\n{reuse}"),
+    );
+    let idle = |app: &'static str| {
+        let node = &node;
+        async move {
+            node.admin_json(&format!("/v1/admin/apps/{app}")).await["app"]["revisions"][0]
+                ["idle_instances"]
+                .clone()
+        }
+    };
+    // Two at once: `first` keeps both instances, which fills the node's places.
+    let both = futures_util::future::join_all(
+        (0..2).map(|_| node.client.get(node.at("/apps/first/sleep?ms=1000")).send()),
+    )
+    .await;
+    assert!(both.iter().all(|r| r.as_ref().unwrap().status() == 200));
+    assert_eq!(
+        (idle("first").await, idle("second").await),
+        (2.into(), 0.into())
+    );
+    // `second` gets a place: the instance of `first` that has waited longest goes.
+    assert_eq!(node.get("/apps/second/count").await, (200, "1".to_string()));
+    assert_eq!(
+        (idle("first").await, idle("second").await),
+        (1.into(), 1.into())
+    );
+    assert_eq!(node.get("/apps/second/count").await, (200, "2".to_string()));
+    assert_eq!(node.get("/apps/first/count").await.0, 200);
+    assert_eq!(
+        (idle("first").await, idle("second").await),
+        (1.into(), 1.into())
+    );
 }

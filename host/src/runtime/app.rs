@@ -243,11 +243,22 @@ impl Revision {
         self.idle_instances().len()
     }
 
-    /// Keeps `instance` for a next request while the revision is warm (else it goes).
-    pub fn keep_idle(&self, instance: IdleInstance) {
-        if self.is_warm() {
-            self.idle_instances().push(instance);
+    /// Keeps `instance` for a next request while the revision is warm (else hands it back).
+    pub fn keep_idle(&self, instance: IdleInstance) -> Result<(), IdleInstance> {
+        if !self.is_warm() {
+            return Err(instance);
         }
+        self.idle_instances().push(instance);
+        Ok(())
+    }
+
+    /// Takes out the kept instance of `number` (to let it go), if it still waits here.
+    pub fn remove_idle(&self, number: u64) -> Option<IdleInstance> {
+        let mut idle = self.idle_instances();
+        let index = idle
+            .iter()
+            .position(|instance| instance.number() == number)?;
+        Some(idle.remove(index))
     }
 
     /// Drops every kept instance (outside the lock: dropping a store runs the destructors

@@ -46,7 +46,7 @@ impl Collector for RuntimeCollector {
             (
                 "instances_idle",
                 "Instances kept between requests of apps that reuse them, on the whole node",
-                runtime.resources.idle.kept() as usize,
+                runtime.resources.idle.kept(),
             ),
         ] {
             let metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;

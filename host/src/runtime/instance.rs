@@ -1,7 +1,7 @@
 //! One request's instance: its store state, its limits, and running the component's
 //! `wasi:http/incoming-handler` on a request with a deadline. An app that opts into reuse
 //! (`scaling.requests_per_instance`) has its instances kept between requests, while they end
-//! cleanly, against a node-wide bound ([`IdleBudget`]).
+//! cleanly, within a node-wide bound ([`IdleInstances`]).
 
 use super::admission::Slot;
 use super::app::Revision;
@@ -16,7 +16,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -109,43 +109,103 @@ fn cpu_budget_ticks(spec: &crate::apps::RevisionSpec) -> Option<u64> {
         .map(|ms| ms.div_ceil(super::engine::EPOCH_TICK.as_millis() as u64))
 }
 
-/// How many instances are kept between requests, node-wide (`limits.max_idle_instances`):
-/// each holds its memory and a slot of the engine's pool while it waits.
-pub struct IdleBudget {
-    kept: AtomicU32,
-    max: u32,
+/// The instances kept between requests, node-wide (`limits.max_idle_instances`; each holds
+/// its memory and a slot of the engine's pool while it waits), in the order they were kept:
+/// when the bound is reached, the one that has waited longest goes, whichever app it serves,
+/// so an app that was busy once cannot hold every place while others are busy now. Each
+/// instance itself waits in its revision ([`Revision::take_idle`]).
+pub struct IdleInstances {
+    max: usize,
+    order: Mutex<IdleOrder>,
 }
 
-impl IdleBudget {
+struct IdleOrder {
+    next: u64,
+    /// Every kept instance by the number it was kept under, with the revision it waits in.
+    kept: std::collections::BTreeMap<u64, Weak<Revision>>,
+}
+
+impl IdleInstances {
     pub fn new(max: u32) -> Arc<Self> {
         Arc::new(Self {
-            kept: AtomicU32::new(0),
-            max,
+            max: max as usize,
+            order: Mutex::new(IdleOrder {
+                next: 0,
+                kept: Default::default(),
+            }),
         })
     }
 
-    /// A place for one more kept instance, if the bound leaves one.
-    fn reserve(self: &Arc<Self>) -> Option<IdlePlace> {
-        self.kept
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |kept| {
-                (kept < self.max).then_some(kept + 1)
-            })
-            .ok()
-            .map(|_| IdlePlace(self.clone()))
+    fn order(&self) -> std::sync::MutexGuard<'_, IdleOrder> {
+        self.order
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Instances kept now.
-    pub fn kept(&self) -> u32 {
-        self.kept.load(Ordering::Acquire)
+    pub fn kept(&self) -> usize {
+        self.order().kept.len()
+    }
+
+    /// Keeps an instance of `revision` for its next request, letting the longest-waiting
+    /// instances go while the bound is reached. Whatever goes is dropped outside the lock
+    /// (dropping a store runs the guest's resources' destructors, and a dropped revision its
+    /// own kept instances').
+    fn keep(
+        self: &Arc<Self>,
+        revision: &Arc<Revision>,
+        store: Store<InstanceState>,
+        proxy: Proxy,
+        served: u32,
+    ) {
+        if self.max == 0 {
+            return;
+        }
+        let mut gone = Vec::new();
+        let mut order = self.order();
+        while order.kept.len() >= self.max {
+            let Some((number, owner)) = order.kept.pop_first() else {
+                break;
+            };
+            if let Some(owner) = owner.upgrade() {
+                let instance = owner.remove_idle(number);
+                gone.push((owner, instance));
+            }
+        }
+        let number = order.next;
+        order.next += 1;
+        let instance = IdleInstance {
+            store,
+            proxy,
+            served,
+            place: IdlePlace {
+                number,
+                pool: self.clone(),
+            },
+        };
+        let refused = match revision.keep_idle(instance) {
+            Ok(()) => {
+                order.kept.insert(number, Arc::downgrade(revision));
+                None
+            }
+            Err(instance) => Some(instance),
+        };
+        drop(order);
+        drop(gone);
+        drop(refused);
     }
 }
 
-/// One kept instance's place in the [`IdleBudget`], given back when it goes.
-struct IdlePlace(Arc<IdleBudget>);
+/// One kept instance's place among the [`IdleInstances`], given up when it goes (taken for a
+/// request, or dropped).
+struct IdlePlace {
+    number: u64,
+    pool: Arc<IdleInstances>,
+}
 
 impl Drop for IdlePlace {
     fn drop(&mut self) {
-        self.0.kept.fetch_sub(1, Ordering::AcqRel);
+        self.pool.order().kept.remove(&self.number);
     }
 }
 
@@ -155,7 +215,14 @@ pub struct IdleInstance {
     proxy: Proxy,
     /// Requests it has served.
     served: u32,
-    _place: IdlePlace,
+    place: IdlePlace,
+}
+
+impl IdleInstance {
+    /// The number it was kept under.
+    pub fn number(&self) -> u64 {
+        self.place.number
+    }
 }
 
 impl WasiView for InstanceState {
@@ -377,7 +444,7 @@ pub struct InstanceResources {
     /// key-value writes) are stamped with.
     pub node_id: Arc<str>,
     /// Instances kept between requests, over all apps.
-    pub idle: Arc<IdleBudget>,
+    pub idle: Arc<IdleInstances>,
 }
 
 /// A fresh store for one instance of `revision`, with its limits and its yield-on-tick policy.
@@ -503,32 +570,22 @@ pub async fn instantiate_only(
 
 /// Keeps an instance that answered its request cleanly for its revision's next request, when
 /// the revision reuses instances, it has served fewer than their count, it did not hit its
-/// memory limit, [may serve again](InstanceState::may_serve_again), the revision is still
-/// warm and the node's bound leaves a place; else drops it.
+/// memory limit and [may serve again](InstanceState::may_serve_again); else drops it.
 fn keep_if_clean(
     mut store: Store<InstanceState>,
     proxy: Proxy,
     served: u32,
-    revision: &super::app::Revision,
-    idle: &Arc<IdleBudget>,
+    revision: &Arc<Revision>,
+    idle: &Arc<IdleInstances>,
 ) {
     let state = store.data_mut();
     state.meter_cpu();
-    if served >= revision.record.spec.requests_per_instance
-        || state.limiter.hit.load(Ordering::Relaxed)
-        || !state.may_serve_again()
+    if served < revision.record.spec.requests_per_instance
+        && !state.limiter.hit.load(Ordering::Relaxed)
+        && state.may_serve_again()
     {
-        return;
+        idle.keep(revision, store, proxy, served);
     }
-    let Some(place) = idle.reserve() else {
-        return;
-    };
-    revision.keep_idle(IdleInstance {
-        store,
-        proxy,
-        served,
-        _place: place,
-    });
 }
 
 /// What an instance's run ends with: `Err` if it ran past its deadline.

@@ -111,7 +111,7 @@ impl Runtime {
         let runtime = Arc::new(Self {
             admission: admission::Admission::new(&config.limits),
             resources: InstanceResources {
-                idle: instance::IdleBudget::new(config.limits.max_idle_instances),
+                idle: instance::IdleInstances::new(config.limits.max_idle_instances),
                 kv_usage: Arc::new(
                     crate::kv::KvUsage::open(
                         &store,
