@@ -519,16 +519,7 @@ async fn main() {
     println!(
         "hello over loopback ({LOAD_SECONDS} s per row; client and server share the machine):"
     );
-    println!(
-        "  {:<6} {:>5}  {:>22}  {:>22}  {:>22}  {:>7} {:>7}",
-        "scheme",
-        "conns",
-        "tensorlet req/s p50 p99",
-        "reused req/s p50 p99",
-        "native req/s p50 p99",
-        "ratio",
-        "reused"
-    );
+    print_versus_header("scheme", "native");
     for (scheme, node_url, native_url, cert) in [
         ("https", &https_node.url, &native_https, cert.as_deref()),
         ("http", &http_node.url, &native_http, None),
@@ -537,14 +528,7 @@ async fn main() {
             let ours = load(&format!("{node_url}/apps/hello/"), connections, cert).await;
             let reused = load(&format!("{node_url}/apps/hello-reuse/"), connections, cert).await;
             let theirs = load(&format!("{native_url}/apps/hello/"), connections, cert).await;
-            println!(
-                "  {scheme:<6} {connections:>5}  {}  {}  {}  {:>6.2}x {:>6.2}x",
-                load_row(&ours),
-                load_row(&reused),
-                load_row(&theirs),
-                ours.requests_per_sec / theirs.requests_per_sec,
-                reused.requests_per_sec / theirs.requests_per_sec,
-            );
+            print_versus_row(scheme, connections, &ours, &reused, &theirs);
         }
     }
     println!();
@@ -569,16 +553,7 @@ async fn versus_wasmtime_serve(node: &ServedNode, components: &[(&str, &str)]) {
         "against `{} serve`, plain HTTP over loopback ({LOAD_SECONDS} s per row):",
         String::from_utf8_lossy(&version.stdout).trim()
     );
-    println!(
-        "  {:<9} {:>5}  {:>22}  {:>22}  {:>22}  {:>7} {:>7}",
-        "app",
-        "conns",
-        "wasmtime req/s p50 p99",
-        "tensorlet req/s p50 p99",
-        "reused req/s p50 p99",
-        "ratio",
-        "reused"
-    );
+    print_versus_header("app", "wasmtime");
     for (name, component) in components {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -630,28 +605,45 @@ async fn versus_wasmtime_serve(node: &ServedNode, components: &[(&str, &str)]) {
                 None,
             )
             .await;
-            println!(
-                "  {name:<9} {connections:>5}  {}  {}  {}  {:>6.2}x {:>6.2}x",
-                load_row(&theirs),
-                load_row(&ours),
-                load_row(&reused),
-                ours.requests_per_sec / theirs.requests_per_sec,
-                reused.requests_per_sec / theirs.requests_per_sec,
-            );
+            print_versus_row(name, connections, &ours, &reused, &theirs);
         }
         let _ = server.kill();
         let _ = server.wait();
     }
 }
 
-/// A load's requests/s, p50 and p99, as one table cell.
-fn load_row(load: &Load) -> String {
-    format!(
-        "{:>8.0} {:>6.0}µs {:>6.0}µs",
-        load.requests_per_sec,
-        micros(load.p50),
-        micros(load.p99)
-    )
+/// The heading of a table of loads on tensorlet, fresh and reused, against `baseline`.
+fn print_versus_header(label: &str, baseline: &str) {
+    println!(
+        "  {label:<9} {:>5}  {:>22}  {:>22}  {:>22}  {:>7} {:>7}",
+        "conns",
+        "tensorlet req/s p50 p99",
+        "reused req/s p50 p99",
+        format!("{baseline} req/s p50 p99"),
+        "ratio",
+        "reused"
+    );
+}
+
+/// One row of that table: each load's requests/s, p50 and p99, then tensorlet's requests/s,
+/// fresh and reused, as ratios to the baseline's.
+fn print_versus_row(label: &str, connections: usize, ours: &Load, reused: &Load, baseline: &Load) {
+    let cell = |load: &Load| {
+        format!(
+            "{:>8.0} {:>6.0}µs {:>6.0}µs",
+            load.requests_per_sec,
+            micros(load.p50),
+            micros(load.p99)
+        )
+    };
+    println!(
+        "  {label:<9} {connections:>5}  {}  {}  {}  {:>6.2}x {:>6.2}x",
+        cell(ours),
+        cell(reused),
+        cell(baseline),
+        ours.requests_per_sec / baseline.requests_per_sec,
+        reused.requests_per_sec / baseline.requests_per_sec,
+    );
 }
 
 /// Serves `request` on `app` in-process and reads the whole response; how long it took.

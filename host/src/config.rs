@@ -119,6 +119,12 @@ pub struct LimitsConfig {
     /// Instances of apps that reuse them (`scaling.requests_per_instance` above 1) kept
     /// between requests, node-wide; each holds its memory while it waits. 0 turns reuse off.
     pub max_idle_instances: u32,
+    /// Memory an instance dirtied that its pool slot keeps after it ends, MiB: reset in place
+    /// to the component's image (only the written pages, found with Linux's `PAGEMAP_SCAN`)
+    /// instead of handed back to the kernel, so the next instance in that slot takes no page
+    /// faults. Costs up to this much resident memory per slot in use; 0, or a kernel without
+    /// `PAGEMAP_SCAN` (before 6.7), hands every page back.
+    pub memory_keep_resident_mib: u64,
 }
 
 /// `[nn]`: models.
@@ -275,6 +281,7 @@ impl Default for LimitsConfig {
             max_rate_limited_clients: 10_000,
             max_call_depth: 4,
             max_idle_instances: 32,
+            memory_keep_resident_mib: 16,
         }
     }
 }
@@ -340,6 +347,11 @@ impl Config {
             "limits.max_idle_instances",
             limits.max_idle_instances.into(),
             0..=10_000,
+        )?;
+        in_range(
+            "limits.memory_keep_resident_mib",
+            limits.memory_keep_resident_mib,
+            0..=limits.max_memory_mib,
         )?;
         in_range(
             "limits.app_idle_timeout_secs",
@@ -566,6 +578,7 @@ mod tests {
                         "limits.max_body_bytes", "limits.max_concurrent_instances",
                         "limits.max_queued_requests", "limits.queue_timeout_secs",
                         "limits.max_buffered_body_bytes", "limits.kv_max_buckets_per_app",
+                        "limits.memory_keep_resident_mib",
                         "server.max_connections", "server.idle_timeout_secs",
                         "server.max_header_bytes", "server.http2_stream_window_bytes",
                         "nn.threads", "nn.max_context_tokens", "nn.llm_batch_sequences",

@@ -1,64 +1,10 @@
 //! Operating a node, against a real daemon: Prometheus metrics read by the official Python
 //! client's parser, request ids, per-app logs, metering, async jobs that survive SIGKILL.
 
-use crate::support::{artifacts, error_code, http_sink, TestNode};
+use crate::support::{artifacts, error_code, http_sink, sample, scrape, TestNode};
 use serde_json::Value;
 use std::io::Write;
 use std::process::{Command, Stdio};
-
-/// Scrapes `/metrics` with the admin token and parses it with `prometheus_client`'s parser;
-/// returns every sample.
-async fn scrape(node: &TestNode) -> Vec<Value> {
-    let response = node
-        .client
-        .get(node.at("/metrics"))
-        .bearer_auth(&node.token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    assert!(response.headers()["content-type"]
-        .to_str()
-        .unwrap()
-        .starts_with("text/plain; version=0.0.4"));
-    let text = response.text().await.unwrap();
-    let mut parser = Command::new("python3")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../tests/e2e/parse_metrics.py"
-        ))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python3 runs");
-    parser
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let output = parser.wait_with_output().unwrap();
-    assert!(
-        output.status.success(),
-        "the Prometheus parser refused the exposition:\n{}\n{text}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice::<Vec<Value>>(&output.stdout).unwrap()
-}
-
-/// The value of the sample `name` whose labels include `labels`.
-fn sample(samples: &[Value], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    samples
-        .iter()
-        .find(|s| {
-            s["name"] == name
-                && labels
-                    .iter()
-                    .all(|(key, value)| s["labels"][key].as_str() == Some(value))
-        })
-        .map(|s| s["value"].as_f64().unwrap())
-}
 
 #[tokio::test]
 async fn metrics_parse_with_prometheus_own_parser_and_count_what_happened() {

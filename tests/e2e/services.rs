@@ -3,7 +3,7 @@
 //! through wasi:config; per-revision concurrency and CPU budgets; scale to zero; rate limits
 //! and fallbacks; calls between apps and to allowed hosts only; response caching.
 
-use crate::support::{artifacts, config_file, error_code, TestNode};
+use crate::support::{artifacts, config_file, error_code, sample, scrape, TestNode};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -763,23 +763,30 @@ async fn an_app_that_reuses_instances_serves_requests_in_turn_and_never_reuses_a
     let revision = node.admin_json("/v1/admin/apps/misbehave").await["app"]["revisions"][0].clone();
     assert_eq!(revision["idle_instances"], 1, "{revision}");
     assert_eq!(revision["stats"]["instance_reuses"], 5, "{revision}");
-    let metrics = node
-        .client
-        .get(node.at("/metrics"))
-        .bearer_auth(&node.token)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    for sample in [
-        "tensorlet_instances_idle 1",
-        r#"tensorlet_revision_instances_idle{app="misbehave",revision="1"} 1"#,
-        r#"tensorlet_instance_reuses_total{app="misbehave",revision="1"} 5"#,
-        r#"tensorlet_instance_reuses_total{app="fresh",revision="1"} 0"#,
+    let samples = scrape(&node).await;
+    for (name, labels, value) in [
+        ("tensorlet_instances_idle", &[][..], 1.0),
+        (
+            "tensorlet_revision_instances_idle",
+            &[("app", "misbehave"), ("revision", "1")],
+            1.0,
+        ),
+        (
+            "tensorlet_instance_reuses_total",
+            &[("app", "misbehave"), ("revision", "1")],
+            5.0,
+        ),
+        (
+            "tensorlet_instance_reuses_total",
+            &[("app", "fresh"), ("revision", "1")],
+            0.0,
+        ),
     ] {
-        assert!(metrics.contains(sample), "{sample} in:\n{metrics}");
+        assert_eq!(
+            sample(&samples, name, labels),
+            Some(value),
+            "{name} {labels:?}"
+        );
     }
 
     // An instance that trapped, ran past its timeout, or holds an unfinished response body

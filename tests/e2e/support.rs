@@ -2,7 +2,7 @@
 //! loopback port with a temporary data dir, and talk to it over HTTPS with a rustls client
 //! that trusts the certificate the node generated.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
@@ -460,4 +460,58 @@ pub async fn http_sink(
         }
     });
     (format!("http://{address}"), receiver)
+}
+
+/// Scrapes `/metrics` with the admin token and parses it with `prometheus_client`'s parser;
+/// returns every sample.
+pub async fn scrape(node: &TestNode) -> Vec<serde_json::Value> {
+    let response = node
+        .client
+        .get(node.at("/metrics"))
+        .bearer_auth(&node.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain; version=0.0.4"));
+    let text = response.text().await.unwrap();
+    let mut parser = Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/e2e/parse_metrics.py"
+        ))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    parser
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let output = parser.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "the Prometheus parser refused the exposition:\n{}\n{text}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice::<Vec<serde_json::Value>>(&output.stdout).unwrap()
+}
+
+/// The value of the sample `name` whose labels include `labels`.
+pub fn sample(samples: &[serde_json::Value], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    samples
+        .iter()
+        .find(|s| {
+            s["name"] == name
+                && labels
+                    .iter()
+                    .all(|(key, value)| s["labels"][key].as_str() == Some(value))
+        })
+        .map(|s| s["value"].as_f64().unwrap())
 }
