@@ -1,10 +1,9 @@
 //! Operating a node, against a real daemon: Prometheus metrics read by the official Python
 //! client's parser, request ids, per-app logs, metering, async jobs that survive SIGKILL.
 
-use crate::support::{artifacts, error_code, http_sink, sample, scrape, TestNode};
+use crate::support::{artifacts, error_code, http_sink, python, sample, scrape, TestNode};
 use serde_json::Value;
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 #[tokio::test]
 async fn metrics_parse_with_prometheus_own_parser_and_count_what_happened() {
@@ -512,31 +511,6 @@ async fn accepted_jobs_survive_sigkill_and_each_completes_once() {
     assert_eq!(jobs["total"]["queued"], 0);
     assert_eq!(jobs["total"]["running"], 0);
     assert_eq!(jobs["total"]["dead"], 0);
-}
-
-/// Runs `script` (in tests/e2e) with `args`, feeding it `input`; its stdout, or a panic with
-/// its stderr.
-fn python(script: &str, args: &[&str], input: &[u8]) -> Vec<u8> {
-    let mut child = Command::new("python3")
-        .arg(format!(
-            "{}/../tests/e2e/{script}",
-            env!("CARGO_MANIFEST_DIR")
-        ))
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python3 runs");
-    child.stdin.take().unwrap().write_all(input).unwrap();
-    let output = child.wait_with_output().unwrap();
-    assert!(
-        output.status.success(),
-        "{script} failed:\n{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output.stdout
 }
 
 #[tokio::test]

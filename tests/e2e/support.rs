@@ -478,29 +478,8 @@ pub async fn scrape(node: &TestNode) -> Vec<serde_json::Value> {
         .unwrap()
         .starts_with("text/plain; version=0.0.4"));
     let text = response.text().await.unwrap();
-    let mut parser = Command::new("python3")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../tests/e2e/parse_metrics.py"
-        ))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python3 runs");
-    parser
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let output = parser.wait_with_output().unwrap();
-    assert!(
-        output.status.success(),
-        "the Prometheus parser refused the exposition:\n{}\n{text}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice::<Vec<serde_json::Value>>(&output.stdout).unwrap()
+    let samples = python("parse_metrics.py", &[], text.as_bytes());
+    serde_json::from_slice::<Vec<serde_json::Value>>(&samples).unwrap()
 }
 
 /// The value of the sample `name` whose labels include `labels`.
@@ -514,4 +493,29 @@ pub fn sample(samples: &[serde_json::Value], name: &str, labels: &[(&str, &str)]
                     .all(|(key, value)| s["labels"][key].as_str() == Some(value))
         })
         .map(|s| s["value"].as_f64().unwrap())
+}
+
+/// Runs `script` (in tests/e2e) with `args`, feeding it `input`; its stdout, or a panic with
+/// its stderr.
+pub fn python(script: &str, args: &[&str], input: &[u8]) -> Vec<u8> {
+    let mut child = Command::new("python3")
+        .arg(format!(
+            "{}/../tests/e2e/{script}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "{script} failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output.stdout
 }
