@@ -792,7 +792,7 @@ async fn item_keys(node: &TestNode, app: &str) -> Vec<String> {
 }
 
 #[tokio::test]
-async fn a_replicated_bucket_reaches_every_node_and_a_restarted_node_catches_up() {
+async fn replicated_buckets_and_secrets_reach_every_node_and_a_restarted_node_catches_up() {
     let dir = tempfile::tempdir().unwrap();
     let ca = ClusterCa::init(&dir.path().join("ca"), "edge").unwrap();
     let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
@@ -843,8 +843,24 @@ async fn a_replicated_bucket_reaches_every_node_and_a_restarted_node_catches_up(
         (200, "stays on a".into())
     );
 
-    // B dies; A takes writes and C deletes a key while it is down. Back, B catches up.
+    // A secret set on A reaches the app on C (the app's change carries it).
+    a.cli_ok(&["deploy", "--public", "misbehave", artifacts::MISBEHAVE]);
+    let set = a.cli_with_input(&["secret", "set", "misbehave", "API_KEY"], b"first");
+    assert!(
+        set.status.success(),
+        "{}",
+        String::from_utf8_lossy(&set.stderr)
+    );
+    eventually("A's secret to reach C", || async {
+        c.get("/apps/misbehave/config?key=API_KEY").await == (200, "first".to_string())
+    })
+    .await;
+
+    // B dies; A takes writes, C deletes a key and rotates the secret while it is down. Back,
+    // B catches up.
     b.kill();
+    let rotated = c.cli_with_input(&["secret", "set", "misbehave", "API_KEY"], b"rotated");
+    assert!(rotated.status.success());
     let written: Vec<String> = (0..40).map(|i| format!("key-{i:02}")).collect();
     for key in &written {
         put_item(&a, "shared", key, &format!("value of {key}")).await;
@@ -871,6 +887,24 @@ async fn a_replicated_bucket_reaches_every_node_and_a_restarted_node_catches_up(
         b.get("/apps/shared/items/key-07").await,
         (200, "value of key-07".to_string())
     );
+    eventually("the rotated secret to reach every node", || async {
+        for node in [&a, &b] {
+            if node.get("/apps/misbehave/config?key=API_KEY").await != (200, "rotated".into()) {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    assert_eq!(
+        b.cli_ok(&["secret", "remove", "misbehave", "API_KEY"])
+            .trim(),
+        "removed secret API_KEY of misbehave"
+    );
+    eventually("the removal of the secret to reach A", || async {
+        a.get("/apps/misbehave/config?key=API_KEY").await.0 == 404
+    })
+    .await;
 
     // A and C write one key at once: every node ends with the same one of the two values.
     tokio::join!(

@@ -121,9 +121,10 @@ async fn state(State(peers): State<Peers>) -> Result<Json<PeerState>, ApiError> 
     }))
 }
 
-/// `GET /cluster/v1/apps/<name>`: the app's record and revisions, as stored here.
+/// `GET /cluster/v1/apps/<name>`: the app's record and revisions, as stored here, and its
+/// secrets (for members only, as every route here).
 async fn app(State(peers): State<Peers>, Path(name): Path<String>) -> Result<Response, ApiError> {
-    match peers.node.runtime.stored_app(&name)? {
+    match peers.node.runtime.replica_of(&name)? {
         Some(app) => Ok(Json(app).into_response()),
         None => Err(ApiError::new(
             StatusCode::NOT_FOUND,

@@ -136,18 +136,54 @@ impl Secrets {
     /// UTF-8 and at most [`MAX_VALUE_BYTES`]; a refused value changes nothing. Not yet durable:
     /// the caller calls [`Store::make_durable`] before acknowledging.
     pub fn set(&self, app: &str, name: &str, value: &[u8]) -> Result<(), SecretsError> {
-        let key = entry_key(app, name)?;
-        if value.len() > MAX_VALUE_BYTES {
-            return Err(SecretsError::ValueTooLarge {
-                name: name.to_string(),
-                len: value.len(),
-            });
+        let (key, sealed) = self.seal(app, name, value)?;
+        self.tree.insert(key.as_bytes(), sealed)?;
+        Ok(())
+    }
+
+    /// Makes `app`'s secrets exactly `values` (as a peer has them), in one atomic batch; says
+    /// whether they differ from what this node had. Every name and value is checked first: one
+    /// that [`Secrets::set`] would refuse refuses all, changing nothing. Not yet durable: the
+    /// caller calls [`Store::make_durable`].
+    pub fn replace_app(
+        &self,
+        app: &str,
+        values: &[(String, String)],
+    ) -> Result<bool, SecretsError> {
+        let mut sorted = values.to_vec();
+        sorted.sort();
+        sorted.dedup_by(|a, b| a.0 == b.0);
+        let sealed = sorted
+            .iter()
+            .map(|(name, value)| self.seal(app, name, value.as_bytes()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let before = self.values(app).ok();
+        if before.as_ref() == Some(&sorted) {
+            return Ok(false);
         }
-        if std::str::from_utf8(value).is_err() {
-            return Err(SecretsError::NotUtf8 {
-                name: name.to_string(),
-            });
+        let mut batch = sled::Batch::default();
+        for key in self.tree.scan_prefix(app_prefix(app)?.as_bytes()).keys() {
+            batch.remove(key?);
         }
+        for (key, value) in sealed {
+            batch.insert(key.as_bytes(), value);
+        }
+        self.tree.apply_batch(batch)?;
+        Ok(true)
+    }
+
+    /// Checks every `(name, value)` of `values` as [`Secrets::set`] would, writing nothing.
+    pub fn check_all(&self, app: &str, values: &[(String, String)]) -> Result<(), SecretsError> {
+        for (name, value) in values {
+            checked_key(app, name, value.as_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// The tree key of secret `name` of `app` and `value` encrypted under it, once both are
+    /// checked ([`checked_key`]).
+    fn seal(&self, app: &str, name: &str, value: &[u8]) -> Result<(String, Vec<u8>), SecretsError> {
+        let key = checked_key(app, name, value)?;
         let mut nonce = [0u8; NONCE_BYTES];
         rand::rngs::OsRng.fill_bytes(&mut nonce);
         let ciphertext = self
@@ -160,11 +196,10 @@ impl Secrets {
                 },
             )
             .expect("XChaCha20-Poly1305 encrypts any message under 256 GiB");
-        let mut stored = Vec::with_capacity(NONCE_BYTES + ciphertext.len());
-        stored.extend_from_slice(&nonce);
-        stored.extend_from_slice(&ciphertext);
-        self.tree.insert(key.as_bytes(), stored)?;
-        Ok(())
+        let mut sealed = Vec::with_capacity(NONCE_BYTES + ciphertext.len());
+        sealed.extend_from_slice(&nonce);
+        sealed.extend_from_slice(&ciphertext);
+        Ok((key, sealed))
     }
 
     /// Removes secret `name` of `app`; says whether it was there. Not yet durable: the caller
@@ -257,6 +292,24 @@ fn entry_key(app: &str, name: &str) -> Result<String, SecretsError> {
         return Err(SecretsError::InvalidName(name.to_string()));
     }
     Ok(prefix + name)
+}
+
+/// The tree key of secret `name` of `app` set to `value`, if all three may be stored: valid
+/// names, a UTF-8 value of at most [`MAX_VALUE_BYTES`].
+fn checked_key(app: &str, name: &str, value: &[u8]) -> Result<String, SecretsError> {
+    let key = entry_key(app, name)?;
+    if value.len() > MAX_VALUE_BYTES {
+        return Err(SecretsError::ValueTooLarge {
+            name: name.to_string(),
+            len: value.len(),
+        });
+    }
+    if std::str::from_utf8(value).is_err() {
+        return Err(SecretsError::NotUtf8 {
+            name: name.to_string(),
+        });
+    }
+    Ok(key)
 }
 
 /// The secret name in tree key `key` under `prefix` (keys are written from valid names).
@@ -466,6 +519,45 @@ mod tests {
             assert_eq!(secrets.names(app).unwrap(), vec!["one", "two"], "{app}");
         }
         assert_eq!(secrets.remove_app("a").unwrap(), 0);
+    }
+
+    #[test]
+    fn replace_app_makes_an_apps_secrets_exactly_a_peers_or_changes_nothing() {
+        let store = TempStore::default();
+        let secrets = open(&store);
+        secrets.set("a", "old", b"1").unwrap();
+        secrets.set("a", "kept", b"2").unwrap();
+        secrets.set("ab", "other", b"3").unwrap();
+        let theirs = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(name, value)| (name.to_string(), value.to_string()))
+                .collect()
+        };
+
+        let peer = theirs(&[("new", "4"), ("kept", "2")]);
+        assert!(secrets.replace_app("a", &peer).unwrap());
+        assert_eq!(
+            secrets.values("a").unwrap(),
+            theirs(&[("kept", "2"), ("new", "4")])
+        );
+        assert!(!secrets.replace_app("a", &peer).unwrap(), "nothing changed");
+        assert_eq!(secrets.values("ab").unwrap(), theirs(&[("other", "3")]));
+
+        let big = "x".repeat(MAX_VALUE_BYTES + 1);
+        for refused in [
+            theirs(&[("fine", "v"), ("bad name", "v")]),
+            theirs(&[("fine", "v"), ("big", &big)]),
+        ] {
+            assert!(secrets.replace_app("a", &refused).is_err());
+            assert_eq!(
+                secrets.values("a").unwrap(),
+                theirs(&[("kept", "2"), ("new", "4")])
+            );
+        }
+        assert!(secrets.replace_app("a", &[]).unwrap());
+        assert!(secrets.names("a").unwrap().is_empty());
+        assert_eq!(store.store.tree("secrets").unwrap().len(), 1);
     }
 
     #[test]

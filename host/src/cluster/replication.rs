@@ -7,7 +7,8 @@
 //! A CRL of the cluster CA issued after the one in use travels the same way
 //! (`GET /cluster/v1/crl`): revoking a node on one node revokes it on all. Last writer wins per app. A node that was down
 //! catches up at its first round after it rejoins; a change travels on from node to node, so
-//! the node where it was made need not stay up.
+//! the node where it was made need not stay up. An app's secrets come with it, in the
+//! mutual-TLS channel, and are encrypted here with this node's own key.
 //!
 //! The replicated key-value buckets of the apps that run here are read from each peer that
 //! runs the app too, from where this node left off in that peer's feed
@@ -17,10 +18,10 @@
 use super::client;
 use super::fleet::{Fleet, PeerState};
 use super::Member;
-use crate::apps::StoredApp;
+use crate::apps::spec::RevisionRecord;
 use crate::kv::feed::{FeedPage, MAX_PAGE_BYTES, TOMBSTONE_RETENTION};
 use crate::nn::{ModelRecord, ModelRegistry, Upload};
-use crate::runtime::{ReplicatedBucket, Runtime};
+use crate::runtime::{AppReplica, ReplicatedBucket, Runtime};
 use crate::store::blobs::{self, Blobs, Held};
 use crate::store::Store;
 use crate::tenancy::{SharedTenancy, Tenancy};
@@ -28,6 +29,7 @@ use crate::tls::peer::PeerTls;
 use futures_util::StreamExt;
 use rand::seq::SliceRandom;
 use serde::de::DeserializeOwned;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -287,22 +289,25 @@ impl Replicator {
 
     /// Fetches app `name` from `peer` with the components this node lacks, and applies it.
     async fn take_app(&self, peer: &Member, name: &str) -> Result<(), String> {
-        let app: StoredApp = self
+        let replica: AppReplica = self
             .get_json(peer, &format!("/cluster/v1/apps/{name}"), REQUEST_TIMEOUT)
             .await?;
-        if app.record.name != name {
-            return Err(format!("the peer answered with app {:?}", app.record.name));
+        if replica.record.name != name {
+            return Err(format!(
+                "the peer answered with app {:?}",
+                replica.record.name
+            ));
         }
-        if self.runtime.places(&app.record) {
-            self.take_models(peer, &app).await?;
+        if self.runtime.places(&replica.record) {
+            self.take_models(peer, &replica.revisions).await?;
         }
         let mut fetched = Vec::new();
-        for (digest, size) in self.runtime.missing_components(&app) {
+        for (digest, size) in self.runtime.missing_components(&replica.revisions) {
             fetched.push(self.fetch_component(peer, &digest, size).await?);
         }
         let applied = self
             .runtime
-            .apply_replica(app, fetched)
+            .apply_replica(replica, fetched)
             .await
             .map_err(|e| e.to_string())?;
         if applied {
@@ -311,10 +316,13 @@ impl Replicator {
         Ok(())
     }
 
-    /// Registers the models that `app` names and this node lacks, as `peer` has them.
-    async fn take_models(&self, peer: &Member, app: &StoredApp) -> Result<(), String> {
-        let mut wanted: Vec<&String> = app
-            .revisions
+    /// Registers the models that `revisions` name and this node lacks, as `peer` has them.
+    async fn take_models(
+        &self,
+        peer: &Member,
+        revisions: &BTreeMap<u32, RevisionRecord>,
+    ) -> Result<(), String> {
+        let mut wanted: Vec<&String> = revisions
             .values()
             .flat_map(|revision| &revision.spec.models)
             .collect();

@@ -411,19 +411,27 @@ impl Runtime {
         after.stamp = self.next_stamp(&stored.record)?;
         self.records.commit(&after, None, &[])?;
         self.store.make_durable().await?;
-        let current = self
-            .app(name)
-            .ok_or_else(|| DeployError::NotFound(name.to_string()))?;
-        self.apps.write().expect("apps lock").insert(
-            name.to_string(),
-            Arc::new(App::new(
-                after.clone(),
-                current.revisions.clone(),
-                current.rate.clone(),
-                current.placed,
-            )),
-        );
+        self.serve_record(after.clone())?;
         Ok(after)
+    }
+
+    /// Serves `record` as its app's record, with the revisions, rate limits and placement the
+    /// app has now (a change of its settings, not of its revisions).
+    fn serve_record(&self, record: AppRecord) -> Result<Arc<App>, DeployError> {
+        let current = self
+            .app(&record.name)
+            .ok_or_else(|| DeployError::NotFound(record.name.clone()))?;
+        let app = Arc::new(App::new(
+            record,
+            current.revisions.clone(),
+            current.rate.clone(),
+            current.placed,
+        ));
+        self.apps
+            .write()
+            .expect("apps lock")
+            .insert(app.record.name.clone(), app.clone());
+        Ok(app)
     }
 
     /// Sends all of `name`'s traffic to `revision`, or, without one, to the revision before
@@ -538,27 +546,44 @@ impl Runtime {
         Ok(Stamp::next(&self.resources.node_id, last.as_ref()))
     }
 
-    /// Sets secret `key` of app `name` (stored encrypted); its next requests see it.
+    /// Sets secret `key` of app `name` (stored encrypted); its next requests see it. A change
+    /// of the app: the fleet's other nodes take the secret with it.
     pub async fn set_secret(&self, name: &str, key: &str, value: &[u8]) -> Result<(), DeployError> {
         let _changing = self.changes.lock().await;
-        let app = self
-            .app(name)
+        self.app(name)
             .ok_or_else(|| DeployError::NotFound(name.to_string()))?;
         self.secrets.set(name, key, value)?;
-        self.store.make_durable().await?;
-        self.give_secrets(&app)
+        self.secrets_changed(name).await
     }
 
-    /// Removes secret `key` of app `name`; whether it was there.
+    /// Removes secret `key` of app `name`; whether it was there. A change of the app, as
+    /// [`Runtime::set_secret`].
     pub async fn remove_secret(&self, name: &str, key: &str) -> Result<bool, DeployError> {
         let _changing = self.changes.lock().await;
-        let app = self
-            .app(name)
+        self.app(name)
             .ok_or_else(|| DeployError::NotFound(name.to_string()))?;
         let removed = self.secrets.remove(name, key)?;
-        self.store.make_durable().await?;
-        self.give_secrets(&app)?;
+        if removed {
+            self.secrets_changed(name).await?;
+        }
         Ok(removed)
+    }
+
+    /// Stamps app `name` with a change made here now (its secrets were written first, so a
+    /// peer that reads the new stamp reads the new secrets), makes both durable, and gives the
+    /// app's revisions their new secrets; the caller holds `changes`.
+    async fn secrets_changed(&self, name: &str) -> Result<(), DeployError> {
+        let stored = self
+            .records
+            .get(name)?
+            .ok_or_else(|| DeployError::NotFound(name.to_string()))?;
+        let mut after = stored.record.clone();
+        after.updated_at = store::unix_now();
+        after.stamp = self.next_stamp(&stored.record)?;
+        self.records.commit(&after, None, &[])?;
+        self.store.make_durable().await?;
+        let app = self.serve_record(after)?;
+        self.give_secrets(&app)
     }
 
     /// The names (never the values) of app `name`'s secrets.
@@ -567,7 +592,7 @@ impl Runtime {
     }
 
     /// Gives `app`'s revisions its secrets as they are now.
-    fn give_secrets(&self, app: &App) -> Result<(), DeployError> {
+    pub(super) fn give_secrets(&self, app: &App) -> Result<(), DeployError> {
         let secrets = self.secrets.values(&app.record.name)?;
         for revision in app.revisions.values() {
             revision.set_secrets(&secrets);

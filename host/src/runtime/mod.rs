@@ -21,7 +21,7 @@ pub use app::{App, Revision, RevisionConfig};
 pub use deploy::{DeployError, DeployOptions, Deployed};
 pub use dispatch::ServedBody;
 pub use instance::{InstanceBody, InstanceResources, InvokeError};
-pub use replica::{AppVersion, DesiredState, Load, ReplicatedBucket};
+pub use replica::{AppReplica, AppVersion, DesiredState, Load, ReplicatedBucket};
 
 use crate::apps::rate::RateLimits;
 use crate::apps::secrets::Secrets;

@@ -2,12 +2,14 @@
 //! the removals it keeps, the apps it serves), and applying what a peer has when it is newer
 //! (last-writer-wins per app: the whole app, its record and revisions, as the newest change
 //! left it). The components of a peer's revisions must be in the blob store before its app is
-//! applied; `cluster::replication` fetches them.
+//! applied; `cluster::replication` fetches them. An app's secrets travel with it
+//! ([`AppReplica`]), and each node keeps them encrypted with its own key.
 
 use super::app::App;
 use super::deploy::{retire, DeployError};
 use super::Runtime;
 use crate::apps::placement::Stamp;
+use crate::apps::spec::{AppRecord, RevisionRecord};
 use crate::apps::{self, Removal, StoredApp};
 use crate::store::blobs::{self, Held};
 use serde::{Deserialize, Serialize};
@@ -19,6 +21,21 @@ use std::sync::Arc;
 pub struct AppVersion {
     pub name: String,
     pub stamp: Stamp,
+}
+
+/// An app as a node hands it to a peer: its record and revisions as stored (the fields of
+/// [`StoredApp`], which a node of an older version reads), and its secrets in plain text,
+/// which only a member of the cluster reads (the node port is mutual TLS) and which it
+/// encrypts again with its own key. No `Debug`: it holds the secrets. (Not a flattened
+/// `StoredApp`: serde's flatten cannot read the revisions' numeric keys from JSON.)
+#[derive(Serialize, Deserialize)]
+pub struct AppReplica {
+    pub record: AppRecord,
+    pub revisions: BTreeMap<u32, RevisionRecord>,
+    /// The app's secrets as `(name, value)`; absent from a node of a version that does not
+    /// send them, whose change then leaves this node's secrets as they are.
+    #[serde(default)]
+    pub secrets: Option<Vec<(String, String)>>,
 }
 
 /// What a node has: every app with its stamp, the removals it keeps (by app name), and the
@@ -140,15 +157,27 @@ impl Runtime {
         Ok(record.max(removed))
     }
 
-    /// App `name` as stored here, with its revisions, for a peer.
-    pub fn stored_app(&self, name: &str) -> Result<Option<StoredApp>, DeployError> {
-        Ok(self.records.get(name)?)
+    /// App `name` as stored here, with its revisions and secrets, for a peer. The record is
+    /// read before the secrets, and a change of secrets writes them before the record: secrets
+    /// are never older than the stamp they come with.
+    pub fn replica_of(&self, name: &str) -> Result<Option<AppReplica>, DeployError> {
+        let Some(StoredApp { record, revisions }) = self.records.get(name)? else {
+            return Ok(None);
+        };
+        let secrets = self.secrets.values(name)?;
+        Ok(Some(AppReplica {
+            record,
+            revisions,
+            secrets: Some(secrets),
+        }))
     }
 
-    /// The components of `app` that the blob store lacks: digest and size.
-    pub fn missing_components(&self, app: &StoredApp) -> Vec<(String, u64)> {
-        let mut missing: Vec<(String, u64)> = app
-            .revisions
+    /// The components of `revisions` that the blob store lacks: digest and size.
+    pub fn missing_components(
+        &self,
+        revisions: &BTreeMap<u32, RevisionRecord>,
+    ) -> Vec<(String, u64)> {
+        let mut missing: Vec<(String, u64)> = revisions
             .values()
             .filter(|revision| !self.blobs.path(&revision.digest).is_file())
             .map(|revision| (revision.digest.clone(), revision.size_bytes))
@@ -158,16 +187,23 @@ impl Runtime {
         missing
     }
 
-    /// Makes a peer's `app` this node's, when it is newer than what this node knows of it
-    /// (its record or its removal); whether it did. Its components must be in the blob store
-    /// (`fetched` holds those just fetched until its revisions hold them). The app's secrets,
-    /// keys and the data of its local key-value buckets stay this node's own. Requests already running finish on their
-    /// revisions.
+    /// Makes a peer's app this node's, when it is newer than what this node knows of it (its
+    /// record or its removal); whether it did. Its components must be in the blob store
+    /// (`fetched` holds those just fetched until its revisions hold them). Its secrets, when the
+    /// peer sent them, replace this node's (checked first: a bad one changes nothing), and
+    /// revisions kept from before get them; the data of its local key-value buckets stays
+    /// this node's own. Requests already running finish on their revisions.
     pub async fn apply_replica(
         self: &Arc<Self>,
-        app: StoredApp,
+        replica: AppReplica,
         fetched: Vec<Held>,
     ) -> Result<bool, DeployError> {
+        let AppReplica {
+            record,
+            revisions,
+            secrets,
+        } = replica;
+        let app = StoredApp { record, revisions };
         check_replica(&app)?;
         let name = app.record.name.clone();
         let _changing = self.changes.lock().await;
@@ -177,13 +213,20 @@ impl Runtime {
         {
             return Ok(false);
         }
-        if let Some((digest, _)) = self.missing_components(&app).first() {
+        if let Some((digest, _)) = self.missing_components(&app.revisions).first() {
             return Err(DeployError::Invalid(format!(
                 "component {digest} of app {name:?} is not on this node"
             )));
         }
         self.check_claims(&app.record)?;
+        if let Some(secrets) = &secrets {
+            self.secrets.check_all(&name, secrets)?;
+        }
         self.records.replace(&app)?;
+        let secrets_changed = match &secrets {
+            Some(secrets) => self.secrets.replace_app(&name, secrets)?,
+            None => false,
+        };
         self.store.make_durable().await?;
         let current = self.app(&name);
         let (runtime, kept) = (self.clone(), current.clone());
@@ -229,10 +272,15 @@ impl Runtime {
             .forget_revisions(&name, forgotten);
         let placed = self.places(&app.record);
         tracing::info!(app = %name, node = %app.record.stamp.node, placed, "took a peer's change of an app");
-        self.apps.write().expect("apps lock").insert(
-            name,
-            Arc::new(App::new(app.record, revisions, rate, placed)),
-        );
+        let app = Arc::new(App::new(app.record, revisions, rate, placed));
+        self.apps
+            .write()
+            .expect("apps lock")
+            .insert(name, app.clone());
+        if secrets_changed {
+            // Revisions kept from before hold the secrets they were built with.
+            self.give_secrets(&app)?;
+        }
         drop(current);
         retire(retired).await;
         Ok(true)
@@ -348,6 +396,30 @@ mod tests {
         let mut bad_route = replica();
         bad_route.record.routes = vec!["/v1/admin".into()];
         assert!(check_replica(&bad_route).is_err());
+    }
+
+    #[test]
+    fn an_app_with_its_secrets_reads_as_an_app_and_an_app_as_one_without_secrets() {
+        let StoredApp { record, revisions } = replica();
+        let sent = AppReplica {
+            record,
+            revisions,
+            secrets: Some(vec![("API_KEY".into(), "value".into())]),
+        };
+        let json = serde_json::to_vec(&sent).unwrap();
+        let read: StoredApp = serde_json::from_slice(&json).unwrap();
+        assert_eq!(read.record, sent.record);
+        assert_eq!(read.revisions, sent.revisions);
+        let read: AppReplica = serde_json::from_slice(&json).unwrap();
+        assert_eq!(read.secrets, sent.secrets);
+
+        let older = serde_json::to_vec(&replica()).unwrap();
+        let read: AppReplica = serde_json::from_slice(&older).unwrap();
+        assert!(
+            read.secrets.is_none(),
+            "an older node's app leaves secrets as they are"
+        );
+        assert_eq!(read.revisions, replica().revisions);
     }
 
     #[test]
