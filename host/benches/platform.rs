@@ -4,7 +4,10 @@
 //! 1. Instantiation of the `hello` component (store + `InstancePre::instantiate`), p50/p99.
 //! 2. `hello` through a real `tensorlet serve` process over HTTPS and plain HTTP on loopback at
 //!    1 and 32 connections, against a native axum handler answering the same bytes over the
-//!    same TLS stack in another process-like runtime.
+//!    same TLS stack in another process-like runtime; then the same components (Rust, and
+//!    Python and JavaScript when built) against `wasmtime serve`, and with the pages their
+//!    instances write kept resident in the pool (`memory_keep_resident_mib`) against without,
+//!    requests/s and the node's resident memory.
 //! 3. `classify` through the component (instantiate, JSON, wasi-nn, response) against the same
 //!    model and preprocessing run natively with tract.
 
@@ -202,12 +205,17 @@ impl Drop for ServedNode {
     }
 }
 
-/// A node serving `component` as `<name>` (a fresh instance per request) and as
-/// `<name>-reuse` (instances reused), for each of `components`.
-fn serve_apps(plain_http: bool, components: &[(&str, &str)]) -> ServedNode {
+/// A node with `config` (TOML) serving `component` as `<name>` (a fresh instance per request)
+/// and as `<name>-reuse` (instances reused), for each of `components`.
+fn serve_apps(plain_http: bool, config: &str, components: &[(&str, &str)]) -> ServedNode {
     let dir = tempfile::tempdir().unwrap();
-    let extra: &[&str] = if plain_http { &["--plain-http"] } else { &[] };
-    let (child, url) = spawn_node(dir.path(), extra);
+    let config_file = dir.path().join("config.toml");
+    std::fs::write(&config_file, config).unwrap();
+    let mut extra = vec!["--config", config_file.to_str().unwrap()];
+    if plain_http {
+        extra.push("--plain-http");
+    }
+    let (child, url) = spawn_node(dir.path(), &extra);
     for (name, component) in components {
         for (app, settings) in [
             (name.to_string(), ""),
@@ -509,8 +517,8 @@ async fn main() {
         .iter()
         .map(|(name, path)| (*name, path.as_str()))
         .collect();
-    let https_node = serve_apps(false, &components[..1]);
-    let http_node = serve_apps(true, &components);
+    let https_node = serve_apps(false, "", &components[..1]);
+    let http_node = serve_apps(true, "", &components);
     let identity =
         tensorlet::tls::load_or_generate(&Default::default(), https_node._dir.path()).unwrap();
     let native_https = serve_native(Some(identity.server_config().unwrap()));
@@ -533,6 +541,34 @@ async fn main() {
     }
     println!();
     versus_wasmtime_serve(&http_node, &components).await;
+    drop(http_node);
+    println!();
+    kept_pages(&components).await;
+}
+
+/// What keeping the pages an instance wrote resident in its slot gains and costs: a node
+/// serving each component fresh at 32 connections with `[limits] memory_keep_resident_mib` at
+/// its default (16) and at 0 (off): requests/s, and the node's resident memory after the load.
+async fn kept_pages(components: &[(&str, &str)]) {
+    println!(
+        "pages kept resident in instance slots, plain HTTP, 32 connections ({LOAD_SECONDS} s per row):"
+    );
+    println!(
+        "  {:<9} {:>8}  {:>22}  {:>12}",
+        "app", "kept MiB", "req/s p50 p99", "node RSS MiB"
+    );
+    for (name, component) in components {
+        for kept in [16, 0] {
+            let config = format!("[limits]\nmemory_keep_resident_mib = {kept}\n");
+            let node = serve_apps(true, &config, &[(name, component)]);
+            let load = load(&format!("{}/apps/{name}/", node.url), 32, None).await;
+            let rss_mib = proc_status_kib(node.child.id(), "VmRSS") as f64 / 1024.0;
+            println!(
+                "  {name:<9} {kept:>8}  {}  {rss_mib:>12.1}",
+                load_cell(&load)
+            );
+        }
+    }
 }
 
 /// `wasmtime serve` (the `wasmtime` on PATH, or `TENSORLET_BENCH_WASMTIME`) against tensorlet
@@ -628,22 +664,24 @@ fn print_versus_header(label: &str, baseline: &str) {
 /// One row of that table: each load's requests/s, p50 and p99, then tensorlet's requests/s,
 /// fresh and reused, as ratios to the baseline's.
 fn print_versus_row(label: &str, connections: usize, ours: &Load, reused: &Load, baseline: &Load) {
-    let cell = |load: &Load| {
-        format!(
-            "{:>8.0} {:>6.0}µs {:>6.0}µs",
-            load.requests_per_sec,
-            micros(load.p50),
-            micros(load.p99)
-        )
-    };
     println!(
         "  {label:<9} {connections:>5}  {}  {}  {}  {:>6.2}x {:>6.2}x",
-        cell(ours),
-        cell(reused),
-        cell(baseline),
+        load_cell(ours),
+        load_cell(reused),
+        load_cell(baseline),
         ours.requests_per_sec / baseline.requests_per_sec,
         reused.requests_per_sec / baseline.requests_per_sec,
     );
+}
+
+/// A load's requests/s, p50 and p99, as one table cell.
+fn load_cell(load: &Load) -> String {
+    format!(
+        "{:>8.0} {:>6.0}µs {:>6.0}µs",
+        load.requests_per_sec,
+        micros(load.p50),
+        micros(load.p99)
+    )
 }
 
 /// Serves `request` on `app` in-process and reads the whole response; how long it took.
