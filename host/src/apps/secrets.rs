@@ -153,14 +153,13 @@ impl Secrets {
         let mut sorted = values.to_vec();
         sorted.sort();
         sorted.dedup_by(|a, b| a.0 == b.0);
+        if self.values(app).ok().as_ref() == Some(&sorted) {
+            return Ok(false);
+        }
         let sealed = sorted
             .iter()
             .map(|(name, value)| self.seal(app, name, value.as_bytes()))
             .collect::<Result<Vec<_>, _>>()?;
-        let before = self.values(app).ok();
-        if before.as_ref() == Some(&sorted) {
-            return Ok(false);
-        }
         let mut batch = sled::Batch::default();
         for key in self.tree.scan_prefix(app_prefix(app)?.as_bytes()).keys() {
             batch.remove(key?);

@@ -407,22 +407,27 @@ impl Runtime {
         after
             .validate(&numbers)
             .map_err(DeployError::InvalidSetting)?;
-        after.updated_at = store::unix_now();
-        after.stamp = self.next_stamp(&stored.record)?;
-        self.records.commit(&after, None, &[])?;
-        self.store.make_durable().await?;
-        self.serve_record(after.clone())?;
-        Ok(after)
+        let app = self.commit_record(&stored.record, after).await?;
+        Ok(app.record.clone())
     }
 
-    /// Serves `record` as its app's record, with the revisions, rate limits and placement the
-    /// app has now (a change of its settings, not of its revisions).
-    fn serve_record(&self, record: AppRecord) -> Result<Arc<App>, DeployError> {
+    /// Makes `after` app `before`'s record, as a change made here now (a change of its
+    /// settings, not of its revisions): stamped, durable, then served with the revisions, rate
+    /// limits and placement the app has. The caller holds `changes`.
+    async fn commit_record(
+        &self,
+        before: &AppRecord,
+        mut after: AppRecord,
+    ) -> Result<Arc<App>, DeployError> {
+        after.updated_at = store::unix_now();
+        after.stamp = self.next_stamp(before)?;
+        self.records.commit(&after, None, &[])?;
+        self.store.make_durable().await?;
         let current = self
-            .app(&record.name)
-            .ok_or_else(|| DeployError::NotFound(record.name.clone()))?;
+            .app(&after.name)
+            .ok_or_else(|| DeployError::NotFound(after.name.clone()))?;
         let app = Arc::new(App::new(
-            record,
+            after,
             current.revisions.clone(),
             current.rate.clone(),
             current.placed,
@@ -577,12 +582,9 @@ impl Runtime {
             .records
             .get(name)?
             .ok_or_else(|| DeployError::NotFound(name.to_string()))?;
-        let mut after = stored.record.clone();
-        after.updated_at = store::unix_now();
-        after.stamp = self.next_stamp(&stored.record)?;
-        self.records.commit(&after, None, &[])?;
-        self.store.make_durable().await?;
-        let app = self.serve_record(after)?;
+        let app = self
+            .commit_record(&stored.record, stored.record.clone())
+            .await?;
         self.give_secrets(&app)
     }
 
