@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio::sync::oneshot::error::TryRecvError;
 use wasmtime::component::{Linker, ResourceTable};
 use wasmtime::{ResourceLimiter, Store, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
@@ -693,35 +694,34 @@ pub async fn invoke(
         }
     });
 
+    // The head can only be set while the instance runs, that is within its poll, so it is
+    // looked for after each poll instead of waited for: a task woken while it runs is
+    // scheduled again, and that wakes another worker thread for nothing on every request.
+    let mut finished = None;
     let head = std::future::poll_fn(|cx| {
-        if let Poll::Ready(head) = Pin::new(&mut receiver).poll(cx) {
-            return Poll::Ready(Ok(head));
+        if let Poll::Ready(outcome) = instance.as_mut().poll(cx) {
+            finished = Some(outcome);
         }
-        instance.as_mut().poll(cx).map(Err)
+        match receiver.try_recv() {
+            Err(TryRecvError::Empty) if finished.is_none() => Poll::Pending,
+            head => Poll::Ready(head),
+        }
     })
     .await;
-    let (head, instance) = match head {
-        Ok(head) => (head, Some(instance)),
-        // The instance finished; it may have set the response just before.
-        Err(outcome) => match receiver.try_recv() {
-            Ok(head) => (Ok(head), None),
-            Err(_) => {
-                return Err(match outcome {
-                    Err(_elapsed) => InvokeError::Timeout(timeout_secs),
-                    Ok(Ok(())) => InvokeError::NoResponse,
-                    Ok(Err(error)) => {
-                        classify(error, memory_hit.load(Ordering::Relaxed), &revision)
-                    }
-                })
-            }
-        },
+    let Ok(head) = head else {
+        return Err(match finished {
+            None | Some(Ok(Ok(()))) => InvokeError::NoResponse,
+            Some(Err(_elapsed)) => InvokeError::Timeout(timeout_secs),
+            Some(Ok(Err(error))) => classify(error, memory_hit.load(Ordering::Relaxed), &revision),
+        });
     };
     match head {
-        Ok(Ok(response)) => {
+        Ok(response) => {
+            let running = finished.is_none().then_some(instance);
             let running = Arc::new(Mutex::new(Running {
-                permit: instance.is_some().then_some(permit),
-                instance,
-                reaped: false,
+                permit: running.is_some().then_some(permit),
+                instance: running,
+                cut_short: finished.and_then(failure_of),
                 reaper: None,
             }));
             let mut state = lock(&running);
@@ -732,8 +732,7 @@ pub async fn invoke(
             drop(state);
             Ok(response.map(|body| InstanceBody { body, running }))
         }
-        Ok(Err(code)) => Err(InvokeError::AppError(format!("{code:?}"))),
-        Err(_) => Err(InvokeError::NoResponse),
+        Err(code) => Err(InvokeError::AppError(format!("{code:?}"))),
     }
 }
 
@@ -741,8 +740,9 @@ pub async fn invoke(
 struct Running {
     instance: Option<RunningInstance>,
     permit: Option<Slot>,
-    /// The deadline passed while the instance was still running, and it was dropped.
-    reaped: bool,
+    /// Why the body ends in an error at its next frame: the instance failed after it set its
+    /// response, or it was dropped at its deadline.
+    cut_short: Option<String>,
     /// The timer task that enforces the deadline; stopped once the instance is gone.
     reaper: Option<tokio::task::AbortHandle>,
 }
@@ -792,7 +792,7 @@ async fn reap_at(deadline: tokio::time::Instant, running: Weak<Mutex<Running>>) 
         if state.instance.is_none() {
             return;
         }
-        state.reaped = true;
+        state.cut_short = Some(TIMED_OUT_SENDING.to_string());
         state.reaper = None;
         (state.instance.take(), state.permit.take())
     };
@@ -800,6 +800,19 @@ async fn reap_at(deadline: tokio::time::Instant, running: Weak<Mutex<Running>>) 
     // Dropped outside the lock: dropping a store runs destructors of the guest's resources.
     drop(instance);
     drop(permit);
+}
+
+const TIMED_OUT_SENDING: &str = "the app ran past its timeout while sending its response";
+
+/// What went wrong with an instance that ended after it set its response, if anything.
+fn failure_of(outcome: Outcome) -> Option<String> {
+    match outcome {
+        Ok(Ok(())) => None,
+        Ok(Err(error)) => Some(format!(
+            "the app failed while sending its response: {error:#}"
+        )),
+        Err(_elapsed) => Some(TIMED_OUT_SENDING.to_string()),
+    }
 }
 
 /// A response body that also drives the instance producing it.
@@ -830,30 +843,13 @@ impl hyper::body::Body for InstanceBody {
     ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
         let failure = {
             let mut running = lock(&self.running);
-            let outcome = match running.instance.as_mut() {
-                Some(instance) => instance.as_mut().poll(cx),
-                None => Poll::Pending,
-            };
-            let failure = match outcome {
-                Poll::Ready(outcome) => {
+            if let Some(instance) = running.instance.as_mut() {
+                if let Poll::Ready(outcome) = instance.as_mut().poll(cx) {
                     running.finish();
-                    match outcome {
-                        Ok(Ok(())) => None,
-                        Ok(Err(error)) => Some(format!(
-                            "the app failed while sending its response: {error:#}"
-                        )),
-                        Err(_elapsed) => Some(
-                            "the app ran past its timeout while sending its response".to_string(),
-                        ),
-                    }
+                    running.cut_short = failure_of(outcome);
                 }
-                Poll::Pending if running.reaped => {
-                    running.reaped = false;
-                    Some("the app ran past its timeout while sending its response".to_string())
-                }
-                Poll::Pending => None,
-            };
-            failure
+            }
+            running.cut_short.take()
         };
         if let Some(message) = failure {
             tracing::warn!(%message, "response body cut short");
@@ -865,7 +861,8 @@ impl hyper::body::Body for InstanceBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        lock(&self.running).instance.is_none() && self.body.is_end_stream()
+        let running = lock(&self.running);
+        running.instance.is_none() && running.cut_short.is_none() && self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
