@@ -717,10 +717,10 @@ pub async fn invoke(
     };
     match head {
         Ok(response) => {
-            let running = finished.is_none().then_some(instance);
+            let still_running = finished.is_none().then_some(instance);
             let running = Arc::new(Mutex::new(Running {
-                permit: running.is_some().then_some(permit),
-                instance: running,
+                permit: still_running.is_some().then_some(permit),
+                instance: still_running,
                 cut_short: finished.and_then(failure_of),
                 reaper: None,
             }));
