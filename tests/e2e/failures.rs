@@ -147,6 +147,21 @@ async fn traps_loops_and_memory_bombs_fail_only_their_own_request() {
         "{body}"
     );
 
+    // A trap after the head was sent cannot change the status any more: the body ends in an
+    // error, so the client never takes the part it got for the whole answer.
+    let response = node
+        .client
+        .get(node.at("/apps/misbehave/trap-after-head"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.bytes().await.is_err(),
+        "a body cut short by a trap read as complete"
+    );
+    node.assert_healthy().await;
+
     let (status, body) = node.get("/apps/misbehave/membomb").await;
     assert_eq!(
         (status, error_code(&body).as_str()),

@@ -3,6 +3,7 @@
 //! capabilities (config, outgoing HTTP, clocks) give it.
 //!
 //! - `/trap`: panics (a wasm trap).
+//! - `/trap-after-head`: answers 200, sends one chunk of its body, then panics.
 //! - `/loop`: never returns.
 //! - `/membomb`: allocates until memory runs out.
 //! - `/tensor-bomb`: creates wasi-nn tensors (host memory) in a loop and keeps them.
@@ -51,6 +52,11 @@ use tensorlet_sdk::nn::{ExecutionTarget, Graph, GraphEncoding, Tensor, TensorVie
 fn handle(request: Request) -> Response {
     match request.path() {
         "/trap" => panic!("misbehave: deliberate trap"),
+        "/trap-after-head" => Response::stream(
+            200,
+            std::iter::once(b"partial".to_vec())
+                .chain(std::iter::from_fn(|| panic!("misbehave: trap after the head"))),
+        ),
         "/loop" => {
             let mut counter = 0u64;
             loop {
