@@ -411,9 +411,9 @@ impl Runtime {
         Ok(app.record.clone())
     }
 
-    /// Makes `after` app `before`'s record, as a change made here now (a change of its
-    /// settings, not of its revisions): stamped, durable, then served with the revisions, rate
-    /// limits and placement the app has. The caller holds `changes`.
+    /// Stores `after` as the new record of the app `before` describes, as a change made here
+    /// now (of its settings, not of its revisions): stamped, durable, then served with the
+    /// revisions, rate limits and placement the app has. The caller holds `changes`.
     async fn commit_record(
         &self,
         before: &AppRecord,
